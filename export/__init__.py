@@ -1,0 +1,1 @@
+"""How the model becomes ONNX graphs and TensorRT engines."""

@@ -1,0 +1,109 @@
+"""Checkpoints: a folder with ``config.json`` and ``model.safetensors``. Never unpickles."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import BadInputError, IncompatibleArtifactError
+from .config import InfiniConfig
+from .model import InfiniTransformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place."""
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise BadInputError(f"{out} exists; choose a new folder or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        # tied weights are stored once (safetensors refuses shared storage)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_config(path: str | os.PathLike) -> InfiniConfig:
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise BadInputError(f"{path} is not a checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
+    try:
+        return InfiniConfig.from_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise IncompatibleArtifactError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except TypeError as e:
+        raise IncompatibleArtifactError(f"{file}: bad config ({e})") from None
+
+
+def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTransformer:
+    """Load and check a checkpoint: every tensor the config implies, with the right shape, no others."""
+    config = load_config(path)
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BadInputError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(str(weights), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise IncompatibleArtifactError(f"{weights} is corrupt or truncated: {e}") from None
+    model = InfiniTransformer(config)
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (config.tie_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise IncompatibleArtifactError(
+            f"{weights} does not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for name, ref in expected.items():
+        if tuple(tensors[name].shape) != tuple(ref.shape):
+            raise IncompatibleArtifactError(
+                f"{weights}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                f"config.json implies {tuple(ref.shape)}")
+        if not tensors[name].is_floating_point():
+            raise IncompatibleArtifactError(f"{weights}: tensor {name} has dtype {tensors[name].dtype}, expected float")
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    return model.to(device).eval()
+
+
+def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:
+    """A randomly initialised model, deterministic for a seed."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return InfiniTransformer(config).eval()
+    finally:
+        torch.random.set_rng_state(gen_state)
+
+
+def resolve_model(name_or_path: str, seed: int = 0, update: str | None = None) -> InfiniTransformer:
+    """A checkpoint folder, or a preset name (freshly initialised with ``seed``)."""
+    from .config import PRESETS, preset
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        if update is not None:
+            raise BadInputError("--update applies to presets only; a checkpoint's rule is in its config.json")
+        return load_checkpoint(path)
+    if name_or_path in PRESETS:
+        return init_model(preset(name_or_path, **({"update": update} if update else {})), seed)
+    raise BadInputError(f"model {name_or_path!r} is neither a checkpoint folder nor a preset "
+                        f"({', '.join(PRESETS)})")

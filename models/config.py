@@ -1,0 +1,90 @@
+"""The model configuration: one typed, serialisable dataclass and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ..errors import BadInputError
+
+UPDATE_RULES = ("linear", "delta")
+
+
+@dataclass(frozen=True)
+class InfiniConfig:
+    vocab_size: int = 260        # byte-level: 256 bytes + 4 special tokens (models/tokenizer.py)
+    n_layer: int = 2             # transformer blocks, each with one Infini-attention
+    n_head: int = 2              # heads per layer; one M, z and beta per head
+    d_head: int = 16             # d = d_key = d_value; M is [d, d], z is [d]
+    d_model: int = 32            # residual width
+    d_ff: int = 96               # SwiGLU hidden width
+    segment_len: int = 64        # N: tokens per segment; the step takes n <= N
+    update: str = "linear"       # memory update rule: "linear" (Eq 8) or "delta" (Eq 9)
+    eps: float = 1e-6            # retrieval denominator; keeps segment 1 finite (M = z = 0)
+    rope_theta: float = 10000.0  # RoPE base, local attention only, positions 0..n-1
+    norm_eps: float = 1e-5       # RMSNorm epsilon
+    tie_embeddings: bool = True  # lm_head shares the token embedding
+
+    def __post_init__(self):
+        if self.update not in UPDATE_RULES:
+            raise BadInputError(f"update rule {self.update!r} is not known; expected one of: {', '.join(UPDATE_RULES)}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_ff", "segment_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise BadInputError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.d_head % 2:
+            raise BadInputError(f"d_head must be even for RoPE, got {self.d_head}")
+
+    # State sizes: the whole point of the model is that these do not depend on stream length.
+    @property
+    def memory_shape(self) -> tuple[int, ...]:
+        """Shape of the stacked memory for batch 1: [L, 1, H, d, d]."""
+        return (self.n_layer, 1, self.n_head, self.d_head, self.d_head)
+
+    def state_bytes(self, batch: int = 1) -> int:
+        """Bytes of (M, z) in float32: d x (d + 1) x H x L numbers per stream."""
+        return 4 * batch * self.n_layer * self.n_head * self.d_head * (self.d_head + 1)
+
+    def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
+        """Bytes a full-attention model of the same shape would hold for `tokens` of context."""
+        return 2 * batch * self.n_layer * self.n_head * self.d_head * tokens * bytes_per_value
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON: names a model in manifests and snapshots."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "InfiniConfig":
+        if not isinstance(data, dict):
+            raise BadInputError(f"a model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise BadInputError(f"unknown config fields {unknown}; expected only: {', '.join(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, InfiniConfig] = {
+    # Fast enough for 10,000-segment tests on a 2-core CPU.
+    "tiny": InfiniConfig(),
+    # The CPU anchor's layer shape (shared/ANCHORS.md): d_model 256, 4 heads of 64, segment 256.
+    "small": InfiniConfig(n_layer=4, n_head=4, d_head=64, d_model=256, d_ff=768, segment_len=256),
+    # The paper's LM setup (arXiv 2404.07143, section 4.1): 12 layers, 8 heads of 128,
+    # FFN 4096, segment 2048. The paper used a 32K SentencePiece vocabulary; ours is bytes.
+    "paper-lm": InfiniConfig(n_layer=12, n_head=8, d_head=128, d_model=1024, d_ff=4096, segment_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> InfiniConfig:
+    """A preset config, optionally with fields replaced (e.g. ``update="delta"``)."""
+    if name not in PRESETS:
+        raise BadInputError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)

@@ -1,0 +1,156 @@
+"""The Infini-Transformer: a Llama-style decoder whose every layer uses Infini-attention.
+
+Read in order: RMSNorm -> RoPE -> InfiniAttention -> MLP -> Block -> InfiniTransformer.
+The deployable unit is :meth:`InfiniTransformer.step`, a pure function of
+(tokens, memory, norm); the module holds weights and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import InfiniConfig
+from .memory import memory_op
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (Llama's rotate-half layout) at segment-local positions 0..n-1.
+
+    x: (B, H, n, d). Positions restart every segment, so the step is the same
+    function for every segment.
+    """
+    n, d = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (n, d/2)
+    angles = torch.cat((angles, angles), dim=-1)                                          # (n, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
+
+
+class InfiniAttention(nn.Module):
+    """Causal softmax attention inside the segment, mixed with retrieval from a compressive memory."""
+
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.config = config
+        inner = config.n_head * config.d_head
+        self.q_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.v_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.d_model, bias=False)
+        self.beta = nn.Parameter(torch.zeros(config.n_head))  # gate logits; sigmoid(0) = 0.5 at init
+
+    def forward(self, x, memory, norm):
+        """x: (B, n, D); memory: (B, H, d, d) f32; norm: (B, H, d) f32 -> (y, memory', norm')."""
+        cfg = self.config
+        B, n, _ = x.shape
+        q, k, v = (proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)   # (B, H, n, d)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # RoPE on the local path only: the memory has no positions.
+        a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
+                                               is_causal=True)
+        a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
+                                    cfg.update == "delta", cfg.eps)
+        y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
+        return y, memory, norm
+
+
+class MLP(nn.Module):
+    """SwiGLU, with Llama's parameter names."""
+
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.self_attn = InfiniAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, memory, norm):
+        h, memory, norm = self.self_attn(self.input_layernorm(x), memory, norm)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), memory, norm
+
+
+class InfiniTransformer(nn.Module):
+    def __init__(self, config: InfiniConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual projections by depth
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def initial_state(self, batch: int = 1, device=None):
+        """Zero state (M = 0, z = 0), float32: memory (L, B, H, d, d), norm (L, B, H, d)."""
+        cfg = self.config
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.d_head)
+        device = device if device is not None else self.embed_tokens.weight.device
+        return (torch.zeros(*shape, cfg.d_head, device=device, dtype=torch.float32),
+                torch.zeros(*shape, device=device, dtype=torch.float32))
+
+    def step(self, tokens, memory, norm):
+        """The segment step, a pure function.
+
+        tokens: (B, n) int64, n <= segment_len; memory: (L, B, H, d, d) f32; norm: (L, B, H, d) f32.
+        Returns logits (B, n, V) in the weights' dtype, memory_out and norm_out (float32, new tensors).
+        Inputs are not checked here (it is traced for export): runners check them.
+        """
+        x = self.embed_tokens(tokens)
+        memories, norms = [], []
+        for i, layer in enumerate(self.layers):
+            x, m, z = layer(x, memory[i], norm[i])
+            memories.append(m)
+            norms.append(z)
+        logits = self.lm_head(self.norm(x))
+        return logits, torch.stack(memories), torch.stack(norms)
+
+    def forward(self, tokens, memory=None, norm=None):
+        """Training forward over a sequence of any length: split into segments, carry the
+        state, backpropagate through the memory. tokens: (B, T) -> (logits (B, T, V), memory, norm)."""
+        if memory is None:
+            memory, norm = self.initial_state(tokens.shape[0], tokens.device)
+        logits = []
+        for start in range(0, tokens.shape[1], self.config.segment_len):
+            out, memory, norm = self.step(tokens[:, start:start + self.config.segment_len], memory, norm)
+            logits.append(out)
+        return torch.cat(logits, dim=1), memory, norm

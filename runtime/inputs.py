@@ -1,0 +1,80 @@
+"""Token sources: a text or token file read in chunks, so any length streams in bounded memory."""
+
+from __future__ import annotations
+
+import codecs
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import BadInputError
+
+CHUNK = 1 << 16  # tokens (bytes, for text) read per chunk
+
+
+def count_tokens(path: str | os.PathLike) -> int:
+    """Tokens in a file without reading it: bytes for text, elements for .npy."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return int(_load_npy(path).shape[0])
+    return path.stat().st_size
+
+
+def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+    """Yield int64 chunks of a file's tokens; with ``limit``, exactly that many, cycling the file.
+
+    A ``.npy`` file holds a 1-D integer array of token ids; any other file is
+    UTF-8 text, tokenised as bytes (models/tokenizer.py).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"input file {path} does not exist")
+    if count_tokens(path) == 0:
+        raise BadInputError(f"input file {path} is empty; expected text or a .npy token array")
+    remaining = limit
+    while remaining is None or remaining > 0:
+        for piece in (_iter_npy(path, chunk) if path.suffix == ".npy" else _iter_text(path, chunk)):
+            if remaining is not None:
+                piece = piece[:remaining]
+                remaining -= len(piece)
+            yield piece
+            if remaining == 0:
+                return
+        if remaining is None:
+            return
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise BadInputError(f"{path} is not a plain .npy array ({e})") from None
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise BadInputError(f"{path} holds a {arr.dtype} array of shape {arr.shape}; expected 1-D integer token ids")
+    return arr
+
+
+def _iter_npy(path: Path, chunk: int) -> Iterator[np.ndarray]:
+    arr = _load_npy(path)
+    for start in range(0, arr.shape[0], chunk):
+        yield np.asarray(arr[start:start + chunk], dtype=np.int64)
+
+
+def _iter_text(path: Path, chunk: int) -> Iterator[np.ndarray]:
+    check = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    offset = 0
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            try:
+                check.decode(data)
+            except UnicodeDecodeError as e:
+                raise BadInputError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); "
+                                    "give a UTF-8 file or a .npy token file") from None
+            offset += len(data)
+            yield np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+        try:
+            check.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise BadInputError(f"{path} ends inside a UTF-8 character; the file is truncated") from None

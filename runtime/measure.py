@@ -1,0 +1,53 @@
+"""Measurements shared by `infini run` and the benchmarks: throughput, memory, state size."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+from .stream import Stream
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the peak
+        return peak_rss_bytes()
+
+
+def stream_throughput(stream: Stream, chunks, total: int | None = None, progress: bool = False) -> dict:
+    """Feed ``chunks`` through ``stream`` and report tokens/s, RSS and the state against a KV cache."""
+    cfg = stream.config
+    rss_before = current_rss_bytes()
+    start = time.perf_counter()
+    stream.feed_chunks(chunks, keep="none", total=total, progress=progress)
+    stream.flush()
+    seconds = time.perf_counter() - start
+    tokens = stream.position * stream.batch
+    return {
+        "tokens": tokens,
+        "segments": stream.segments,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
+        "rss_before_bytes": rss_before,
+        "rss_after_bytes": current_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "state_bytes": cfg.state_bytes(stream.batch),
+        "kv_cache_bytes_fp32": cfg.kv_cache_bytes(stream.position, stream.batch, 4),
+        "kv_cache_bytes_fp16": cfg.kv_cache_bytes(stream.position, stream.batch, 2),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,125 @@
+"""The runner interface: run one graph on one backend, holding no stream state.
+
+Polygraphy's shape: public ``activate / infer / deactivate`` guard the
+lifecycle and check inputs against the step's spec; subclasses override the
+``*_impl`` hooks. Arrays are torch tensors on every backend (numpy arrays are
+accepted and converted), so state can stay on a GPU between calls.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import BadInputError, InfiniError
+from ..models.config import InfiniConfig
+from ..models.spec import TensorSpec
+
+TORCH_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32,
+                "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BaseRunner:
+    """Runs the segment step of one model on one backend.
+
+    Subclasses set ``self.config``, ``self.input_specs``, ``self.output_specs`` and
+    ``self.device`` in ``__init__`` and implement ``activate_impl``, ``infer_impl``
+    and ``deactivate_impl``.
+    """
+
+    name = "base"
+
+    def __init__(self, config: InfiniConfig, input_specs: list[TensorSpec], output_specs: list[TensorSpec],
+                 device: str = "cpu"):
+        self.config = config
+        self.input_specs = list(input_specs)
+        self.output_specs = list(output_specs)
+        self.device = torch.device(device)
+        self.is_active = False
+
+    # -- public API -----------------------------------------------------------------------------
+    def activate(self) -> "BaseRunner":
+        if self.is_active:
+            raise InfiniError(f"{self.name} runner is already active")
+        self.activate_impl()
+        self.is_active = True
+        return self
+
+    def infer(self, feed: dict, check: bool = True) -> dict[str, torch.Tensor]:
+        """feed: input name -> tensor. Returns output name -> tensor (on ``self.device``)."""
+        if not self.is_active:
+            raise InfiniError(f"{self.name} runner is not active: use `with runner:` or call activate() first")
+        feed = {name: _as_tensor(name, value) for name, value in feed.items()}
+        if check:
+            check_feed(feed, self.input_specs)
+        return self.infer_impl(feed)
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self.deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self):
+        return self.activate()
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def activate_impl(self) -> None:
+        pass
+
+    def infer_impl(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise BadInputError(f"input {name!r} must be a torch.Tensor or numpy array, got {type(value).__name__}")
+
+
+def check_feed(feed: dict[str, torch.Tensor], specs: list[TensorSpec]) -> None:
+    """Names, dtypes, ranks, fixed and symbolic dims (consistent, within limits), integer ranges."""
+    expected = [s.name for s in specs]
+    if sorted(feed) != sorted(expected):
+        raise BadInputError(f"inputs {sorted(feed)} given; expected exactly {expected}")
+    bound: dict[str, tuple[int, str]] = {}
+    for spec in specs:
+        t = feed[spec.name]
+        if t.dtype != TORCH_DTYPES[spec.dtype]:
+            raise BadInputError(f"input {spec.name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                                f"expected {spec.dtype}")
+        if t.dim() != len(spec.shape):
+            raise BadInputError(f"input {spec.name!r} has shape {tuple(t.shape)}, expected {_fmt(spec.shape)}")
+        for axis, (size, dim) in enumerate(zip(t.shape, spec.shape)):
+            if isinstance(dim, int):
+                if size != dim:
+                    raise BadInputError(f"input {spec.name!r} has shape {tuple(t.shape)}, "
+                                        f"expected {_fmt(spec.shape)} (axis {axis} must be {dim})")
+                continue
+            if size < 1:
+                raise BadInputError(f"input {spec.name!r} is empty along {dim!r}; expected at least 1")
+            limit = spec.max_dims.get(dim)
+            if limit is not None and size > limit:
+                raise BadInputError(f"input {spec.name!r} has {dim}={size}, more than the limit {limit}"
+                                    + (" (the segment length)" if spec.name == "tokens" else ""))
+            if dim in bound and bound[dim][0] != size:
+                raise BadInputError(f"input {spec.name!r} has {dim}={size} but {bound[dim][1]!r} has "
+                                    f"{dim}={bound[dim][0]}; they must agree")
+            bound.setdefault(dim, (size, spec.name))
+        if spec.value_range is not None and t.numel():
+            lo, hi = spec.value_range
+            bad = (t < lo) | (t > hi)
+            if bool(bad.any()):
+                raise BadInputError(f"input {spec.name!r} holds id {int(t[bad][0])}, outside the vocabulary "
+                                    f"[{lo}, {hi}]")
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

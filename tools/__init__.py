@@ -1,0 +1,1 @@
+"""The command line (`infini`): thin wiring of arguments to the API."""

@@ -1,0 +1,38 @@
+"""The ``infini`` command: wires arguments to the API, nothing more.
+
+Errors a user can cause (subclasses of InfiniError) become one line on stderr
+and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import click
+
+from ..errors import InfiniError
+from .init_run import init, run
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class InfiniGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InfiniError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=InfiniGroup)
+@click.version_option(package_name="infini-deploy")
+def cli():
+    """Export, build and stream Infini-attention transformers."""
+
+
+cli.add_command(init)
+cli.add_command(run)
+
+
+def main():
+    cli(prog_name="infini")
