@@ -57,7 +57,10 @@ class Stream:
         return self.memory, self.norm
 
     def feed(self, tokens, keep: str = "last"):
-        """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring."""
+        """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring.
+
+        All or nothing: if any segment fails (a bad id, a NaN state), the stream is left as it was.
+        """
         if keep not in KEEP:
             raise BadInputError(f"keep={keep!r}; expected one of: {', '.join(KEEP)}")
         tokens = self._as_tokens(tokens)
@@ -68,18 +71,22 @@ class Stream:
         buf = torch.cat([self.pending, tokens], dim=1)
         n_old = buf.shape[1] - n_new
         n_full = buf.shape[1] // N * N
-        kept = []
-        for start in range(0, n_full, N):
-            logits = self._commit(buf[:, start:start + N])
+        memory, norm, kept = self.memory, self.norm, []
+        for i, start in enumerate(range(0, n_full, N)):
+            logits, memory, norm = self._run(buf[:, start:start + N], memory, norm)
+            if self.check_finite:
+                check_state_finite(memory, norm, self.segments + i)
             if keep == "all":
                 kept.append(logits[:, max(n_old - start, 0):])
             elif keep == "last" and start + N == buf.shape[1]:
                 kept.append(logits[:, -1])
-        self.pending = buf[:, n_full:]
-        self.position += n_new
-        if keep != "none" and self.pending.shape[1] and (keep == "all" or not kept):
-            logits = self._run(self.pending)[0]  # not committed: the segment is unfinished
+        pending = buf[:, n_full:]
+        if keep != "none" and pending.shape[1] and (keep == "all" or not kept):
+            logits = self._run(pending, memory, norm)[0]  # not committed: the segment is unfinished
             kept.append(logits[:, max(n_old - n_full, 0):] if keep == "all" else logits[:, -1])
+        self.memory, self.norm, self.pending = memory, norm, pending
+        self.segments += n_full // N
+        self.position += n_new
         if keep == "none":
             return None
         return torch.cat(kept, dim=1) if keep == "all" else kept[-1]
@@ -111,28 +118,25 @@ class Stream:
         """
         if not self.pending.shape[1]:
             return None
-        logits = self._commit(self.pending)
-        self.pending = self.pending[:, :0]
+        logits, memory, norm = self._run(self.pending, self.memory, self.norm)
+        if self.check_finite:
+            check_state_finite(memory, norm, self.segments)
+        self.memory, self.norm, self.pending = memory, norm, self.pending[:, :0]
+        self.segments += 1
         return logits
 
     # -- internals ------------------------------------------------------------------------------
-    def _run(self, segment: torch.Tensor):
-        out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: self.memory, spec.NORM: self.norm})
+    def _run(self, segment: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
+        out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: memory, spec.NORM: norm})
         return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
-
-    def _commit(self, segment: torch.Tensor) -> torch.Tensor:
-        logits, memory, norm = self._run(segment)
-        if self.check_finite:
-            check_state_finite(memory, norm, self.segments)
-        self.memory, self.norm = memory, norm
-        self.segments += 1
-        return logits
 
     def _as_tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             t = tokens
         else:
             arr = np.asarray(tokens)
+            if not arr.flags.writeable:
+                arr = arr.copy()
             if arr.size == 0:
                 arr = arr.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(arr))
