@@ -195,7 +195,7 @@ def correctness_cases(dry):
             ("partial1000_bf16_delta", 1, 16, 1000, 128, bf16, True),
             ("d64_b2_fp16_linear", 2, 8, 1024, 64, fp16, False), ("d64_b2_bf16_delta", 2, 8, 1024, 64, bf16, True),
             ("d32_b2_fp16_delta_partial", 2, 4, 300, 32, fp16, True), ("d16_b3_bf16_linear", 3, 2, 77, 16, bf16, False),
-            ("d128_fp32_linear_tf32", 1, 4, 256, 128, torch.float32, False)]
+            ("d128_fp32_linear", 1, 4, 256, 128, torch.float32, False)]
 
 
 def section_correctness(s, device, dry):
