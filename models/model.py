@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import InfiniConfig
+from .kernels.ops import attention_op
 from .memory import memory_op
 
 
@@ -63,11 +64,16 @@ class InfiniAttention(nn.Module):
         B, n, _ = x.shape
         q, k, v = (proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)   # (B, H, n, d)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # RoPE on the local path only: the memory has no positions.
-        a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
-                                               is_causal=True)
-        a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
-                                    cfg.update == "delta", cfg.eps)
+        if q.is_cuda and not torch.onnx.is_in_onnx_export():
+            # the same function as below as one op: the fused Triton kernel (models/kernels/)
+            a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
+                                           cfg.eps, cfg.rope_theta)
+        else:
+            # RoPE on the local path only: the memory has no positions.
+            a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
+                                                   is_causal=True)
+            a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
+                                        cfg.update == "delta", cfg.eps)
         y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
         return y, memory, norm
 
