@@ -30,16 +30,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (Llama's rotate-half layout) at segment-local positions 0..n-1.
 
     x: (B, H, n, d). Positions restart every segment, so the step is the same
-    function for every segment.
+    function for every segment. ``positions`` (B,) int64 gives one position per
+    row instead, for the decode step's single token (n = 1).
     """
     n, d = x.shape[-2], x.shape[-1]
     inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (n, d/2)
-    angles = torch.cat((angles, angles), dim=-1)                                          # (n, d)
+    if positions is None:
+        pos = torch.arange(n, device=x.device, dtype=torch.float32)[:, None]                 # (n, 1)
+    else:
+        pos = positions.to(torch.float32).view(-1, 1, 1, 1)                                   # (B, 1, 1, 1)
+    angles = pos * inv_freq                                                                   # (n | B,1,1, d/2)
+    angles = torch.cat((angles, angles), dim=-1)                                              # (..., d)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)

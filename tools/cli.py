@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from ..errors import InfiniError
+from .generate import generate, passkey
 from .init_run import init, run
 
 
@@ -32,6 +33,8 @@ def cli():
 
 cli.add_command(init)
 cli.add_command(run)
+cli.add_command(generate)
+cli.add_command(passkey)
 
 
 def main():
