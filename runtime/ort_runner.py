@@ -44,8 +44,12 @@ def check_provider(provider: str) -> str:
     return PROVIDERS[provider]
 
 
-def session_from_onnx(path: Path, provider: str, threads: int | None = None, profile: str | None = None):
-    """An InferenceSession, or IncompatibleArtifactError when onnxruntime cannot load the file."""
+def session_from_onnx(path: Path, provider: str, threads: int | None = None, profile: str | None = None,
+                      emulate_bf16: bool = False):
+    """An InferenceSession, or IncompatibleArtifactError when onnxruntime cannot load the file.
+
+    ``emulate_bf16``: run a bf16 graph on a provider without bf16 kernels (export/emulate.py).
+    """
     ort = _ort()
     options = ort.SessionOptions()
     if threads:
@@ -55,10 +59,19 @@ def session_from_onnx(path: Path, provider: str, threads: int | None = None, pro
         options.enable_profiling = True
         options.profile_file_prefix = profile
     try:
-        return ort.InferenceSession(str(path), options, providers=[provider])
+        model = _emulated(path) if emulate_bf16 else str(path)
+        return ort.InferenceSession(model, options, providers=[provider])
     except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, NotImplemented)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise IncompatibleArtifactError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def _emulated(path: Path) -> bytes:
+    import onnx
+
+    from ..export.emulate import emulate_bfloat16
+
+    return emulate_bfloat16(onnx.load(str(path))).SerializeToString()
 
 
 class OrtRunner(BaseRunner):
@@ -80,7 +93,8 @@ class OrtRunner(BaseRunner):
         self.session = None
 
     def activate_impl(self):
-        self.session = session_from_onnx(self.path, self.provider, self.threads)
+        emulate = self.manifest.precision == "bf16" and self.device.type == "cpu"
+        self.session = session_from_onnx(self.path, self.provider, self.threads, emulate_bf16=emulate)
         self._binding = _CudaBinding(self) if self.device.type == "cuda" else None
 
     def infer_impl(self, feed):
@@ -88,7 +102,9 @@ class OrtRunner(BaseRunner):
             return self._binding.run(feed)
         arrays = {s.name: feed[s.name].detach().cpu().numpy() for s in self.input_specs}
         outputs = self.session.run([s.name for s in self.output_specs], arrays)
-        return {s.name: torch.from_numpy(np.ascontiguousarray(a)) for s, a in zip(self.output_specs, outputs)}
+        # bf16 logits come back as float32 from the emulated graph: exact bf16 values, so the cast is lossless
+        return {s.name: torch.from_numpy(np.ascontiguousarray(a)).to(TORCH_DTYPES[s.dtype])
+                for s, a in zip(self.output_specs, outputs)}
 
     def deactivate_impl(self):
         self.session = None

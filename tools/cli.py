@@ -9,6 +9,8 @@ from __future__ import annotations
 import click
 
 from ..errors import InfiniError
+from .bench import bench
+from .export_verify import export, verify
 from .init_run import init, run
 
 
@@ -32,6 +34,9 @@ def cli():
 
 cli.add_command(init)
 cli.add_command(run)
+cli.add_command(export)
+cli.add_command(verify)
+cli.add_command(bench)
 
 
 def main():
