@@ -122,9 +122,15 @@ def is_memory_function(function: ir.Function) -> bool:
 
 
 def name_function_nodes(function: ir.Function) -> None:
-    """Name body nodes ``<stage>/<OpType>_<what>`` from the stage prefix of their first output."""
+    """Name body nodes ``<stage>/<OpType>_<what>`` from the stage prefix of their first output;
+    helper constants (list literals such as axes) take the stage of their first consumer."""
     for node in function:
         value = node.outputs[0].name or ""
         stage, _, what = value.partition("_")
         if stage in STAGES:
             node.name = f"{stage}/{node.op_type}_{what}"
+    for node in function:
+        if node.name.split("/")[0] not in STAGES:
+            users = [user for user, _ in node.outputs[0].uses()]
+            stage = users[0].name.split("/")[0] if users else "retrieve"
+            node.name = f"{stage}/{node.op_type}_{node.outputs[0].name}"
