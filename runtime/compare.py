@@ -23,11 +23,12 @@ class Tolerance:
     state_rel: float    # max |state - reference| / max |reference|, memory and norm
 
 
-# Measured on the tiny preset, 1,000 segments (docs/onnx.md), with headroom.
+# Against torch fp32. Measured worst over 1,000 segments of the tiny preset (docs/onnx.md):
+# fp32 3.6e-7 / 2.6e-7, fp16 3.3e-4 / 4.7e-4, bf16 3.6e-3 / 4.0e-3 (logits abs / state rel).
 TOLERANCES = {
-    "fp32": Tolerance(logits_abs=1e-4, state_rel=1e-5),
-    "fp16": Tolerance(logits_abs=2e-2, state_rel=1e-2),
-    "bf16": Tolerance(logits_abs=1.5e-1, state_rel=5e-2),
+    "fp32": Tolerance(logits_abs=1e-4, state_rel=1e-5),    # the project's accuracy goal (shared/ANCHORS.md)
+    "fp16": Tolerance(logits_abs=5e-3, state_rel=5e-3),    # about 10x the measured worst
+    "bf16": Tolerance(logits_abs=4e-2, state_rel=2e-2),    # bf16 has 3 fewer mantissa bits than fp16
 }
 
 
