@@ -60,9 +60,9 @@ def set_opset(model: ir.Model, opset: int) -> None:
     model.opset_imports[""] = opset
     for function in model.functions.values():
         function.opset_imports[""] = opset
-    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain == "":
-            node.version = None
+            node.version = None   # follow the model's import
 
 
 @contextlib.contextmanager
