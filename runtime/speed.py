@@ -27,3 +27,30 @@ def compare_throughput(runners: dict[str, BaseRunner], tokens: np.ndarray, repea
             runs[name].append(result["tokens_per_s"])
     return {name: {"tokens_per_s": max(r), "tokens_per_s_median": statistics.median(r), "runs": r}
             for name, r in runs.items()}
+
+
+def profile_onnxruntime(export_dir, tokens: np.ndarray, threads: int, prefix: str) -> dict:
+    """Per-op time of one stream through onnxruntime's CPU provider (its built-in profiler).
+
+    Returns {"by_op_type": {op: ms}, "by_node": top 15 {node name: ms}, "total_ms", "profile": file}.
+    Node names are the graph's hierarchical names, so the figures map back to code.
+    """
+    import json
+    from collections import Counter
+
+    from .ort_runner import OrtRunner, session_from_onnx
+
+    runner = OrtRunner(export_dir, "cpu", threads)
+    runner.activate()
+    runner.session = session_from_onnx(runner.path, runner.provider, threads, profile=prefix,
+                                       emulate_bf16=runner.manifest.precision == "bf16")
+    Stream(runner, tokens.shape[0]).feed(tokens, keep="none")
+    path = runner.session.end_profiling()
+    runner.deactivate()
+    by_op, by_node = Counter(), Counter()
+    for event in json.load(open(path)):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"] / 1e3
+            by_node[event["name"].removesuffix("_kernel_time")] += event["dur"] / 1e3
+    return {"by_op_type": dict(by_op.most_common()), "by_node": dict(by_node.most_common(15)),
+            "total_ms": sum(by_op.values()), "profile": path}

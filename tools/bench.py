@@ -27,8 +27,10 @@ def bench():
               help="Precision of the export when MODEL is not an export folder.")
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", "profile_prefix", default=None,
+              help="Also profile onnxruntime per op (its profiler's JSON goes to PREFIX*.json).")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def runners(model, count, batch, threads, precision, repeat, seed, json_out):
+def runners(model, count, batch, threads, precision, repeat, seed, profile_prefix, json_out):
     """Tokens/s of torch (eager, fp32) and onnxruntime (CPU) on MODEL: preset, checkpoint or export folder."""
     import torch
 
@@ -40,6 +42,8 @@ def runners(model, count, batch, threads, precision, repeat, seed, json_out):
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
         result = _measure(export_dir, tokens, threads, repeat, compare_throughput)
+        if profile_prefix:
+            result["onnxruntime_profile"] = _profile(export_dir, tokens, threads, profile_prefix)
     result.update(model=model, tokens=int(tokens.size), batch=batch, threads=threads, repeat=repeat)
     for name in ("torch", "onnxruntime"):
         r = result["runners"][name]
@@ -49,6 +53,15 @@ def runners(model, count, batch, threads, precision, repeat, seed, json_out):
                f"{result['tokens']:,} tokens)")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _profile(export_dir: Path, tokens, threads: int, prefix: str) -> dict:
+    from ..runtime.speed import profile_onnxruntime
+
+    profile = profile_onnxruntime(export_dir, tokens, threads, prefix)
+    top = ", ".join(f"{op} {ms:.0f} ms" for op, ms in list(profile["by_op_type"].items())[:6])
+    click.echo(f"onnxruntime per op type ({profile['total_ms']:.0f} ms of kernels): {top}")
+    return profile
 
 
 def _export(model: str, out: Path, precision: str, seed: int) -> Path:

@@ -69,8 +69,11 @@ def test_run_streams_an_export_folder_on_onnxruntime(exported):
 
 def test_bench_runners_writes_both_backends(exported, tmp_path):
     out = tmp_path / "bench.json"
-    result = invoke("bench", "runners", exported, "--tokens", 256, "--repeat", 1, "--threads", 1, "--json-out", out)
+    result = invoke("bench", "runners", exported, "--tokens", 256, "--repeat", 1, "--threads", 1,
+                    "--profile", tmp_path / "ort", "--json-out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
+    assert report["onnxruntime_profile"]["by_op_type"]["MatMul"] > 0
+    assert any(name.startswith("/layers.0/") for name in report["onnxruntime_profile"]["by_node"])
     assert set(report["runners"]) == {"torch", "onnxruntime"} and report["ratio"] > 0
     assert report["tokens"] == 256 and report["threads"] == 1
