@@ -108,10 +108,9 @@ def summary_rows(rows: list[dict], every: int | None = None, limit: int = 20) ->
 
 
 def format_table(name: str, rows: list[dict]) -> str:
-    head = f"{'segment':>7} {'n':>5} {'logits max':>11} {'logits mean':>11} {'memory max':>11} " \
-           f"{'norm max':>11} {'state rel':>10}"
-    lines = [f"{name}:", head]
+    """Max and mean absolute differences per segment, and the state's relative difference."""
+    cols = ("logits_max", "logits_mean", "memory_max", "memory_mean", "norm_max", "norm_mean", "state_rel")
+    lines = [f"{name}:", f"{'segment':>7} {'n':>4} " + " ".join(f"{c.replace('_', ' '):>11}" for c in cols)]
     for r in rows:
-        lines.append(f"{r['segment']:>7} {r['n']:>5} {r['logits_max']:>11.3e} {r['logits_mean']:>11.3e} "
-                     f"{r['memory_max']:>11.3e} {r['norm_max']:>11.3e} {r['state_rel']:>10.3e}")
+        lines.append(f"{r['segment']:>7} {r['n']:>4} " + " ".join(f"{r[c]:>11.3e}" for c in cols))
     return "\n".join(lines)
