@@ -24,7 +24,7 @@ class Tolerance:
 
 
 # Against torch fp32. Measured worst over 1,000 segments of the tiny preset (docs/onnx.md):
-# fp32 3.6e-7 / 2.6e-7, fp16 3.3e-4 / 4.7e-4, bf16 3.6e-3 / 4.0e-3 (logits abs / state rel).
+# fp32 3.6e-7 / 2.6e-7, fp16 3.7e-4 / 5.1e-4, bf16 4.5e-3 / 4.4e-3 (logits abs / state rel).
 TOLERANCES = {
     "fp32": Tolerance(logits_abs=1e-4, state_rel=1e-5),    # the project's accuracy goal (shared/ANCHORS.md)
     "fp16": Tolerance(logits_abs=5e-3, state_rel=5e-3),    # about 10x the measured worst
