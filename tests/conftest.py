@@ -8,7 +8,7 @@ from infini_deploy.models import init_model, preset
 
 
 @pytest.fixture(scope="session")
-def tiny_model():
+def tiny_linear_model():
     return init_model(preset("tiny"), seed=0)
 
 
