@@ -1,1 +1,4 @@
-"""How the model becomes ONNX graphs and TensorRT engines."""
+"""How it becomes ONNX (and, later, engines): the segment graph, its manifest, the export stage.
+
+``export_model`` (exporter.py) is the entry point; docs/onnx.md describes the graph and the folder.
+"""

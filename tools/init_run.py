@@ -55,25 +55,28 @@ def init(preset_name, out_dir, update, seed, force):
               help="UTF-8 text or a .npy array of token ids [default: a bundled text].")
 @click.option("--tokens", "limit", default=None, help="Stream exactly this many tokens, cycling the input (64k, 1m).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="auto: onnxruntime for an export folder (infini.json), torch otherwise.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def run(model, input_file, limit, device, threads, seed, json_out, progress):
-    """Stream a file through MODEL (a checkpoint folder or a preset name) in constant memory."""
+def run(model, input_file, limit, device, backend, threads, seed, json_out, progress):
+    """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
     if threads:
         torch.set_num_threads(threads)
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
     total = limit or count_tokens(path) if path.is_file() else None
-    with TorchRunner(resolve_model(model, seed), device=device) as runner:
+    runner, backend = make_runner(model, backend, device, threads, seed)
+    with runner:
         stream = Stream(runner)
         result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress)
     cfg = runner.config
-    result.update(model=model, input=str(path), backend="torch", device=device,
+    result.update(model=model, input=str(path), backend=backend, device=device,
                   threads=torch.get_num_threads(), config=cfg.to_dict())
     click.echo(f"streamed {result['tokens']:,} tokens in {result['segments']:,} segments of {cfg.segment_len} "
-               f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({device}, "
+               f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({backend}, {device}, "
                f"{result['threads']} threads)")
     click.echo(f"peak RSS {human_bytes(result['peak_rss_bytes'])}; "
                f"RSS before/after streaming {human_bytes(result['rss_before_bytes'])} / "
@@ -83,3 +86,24 @@ def run(model, input_file, limit, device, threads, seed, json_out, progress):
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int):
+    """(runner, backend name): an export folder runs on onnxruntime unless --backend torch is asked for."""
+    from ..export.manifest import is_export_dir
+
+    exported = is_export_dir(model)
+    if backend == "auto":
+        backend = "onnxruntime" if exported else "torch"
+    if backend == "onnxruntime":
+        if not exported:
+            raise BadInputError(f"--backend onnxruntime needs an export folder (with infini.json); {model!r} is "
+                                "not one: make one with `infini export`")
+        from ..runtime.ort_runner import OrtRunner
+
+        return OrtRunner(model, provider=device, threads=threads), backend
+    if exported:
+        from .export_verify import load_export
+
+        return TorchRunner(load_export(Path(model))[1], device=device), backend
+    return TorchRunner(resolve_model(model, seed), device=device), backend

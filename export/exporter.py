@@ -1,0 +1,93 @@
+"""``export_model``: checkpoint -> segment.onnx + infini.json, validated, written atomically.
+
+Stages, each with its artifact in a temp folder next to OUT_DIR: the checkpoint
+(weights for `infini verify`), the graph, the manifest; then the graph runs in
+onnxruntime against the torch model (batch 2, full segments and a partial one)
+and only a graph that matches is renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import torch
+
+from .. import __version__
+from ..errors import BadInputError
+from ..models import spec
+from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from ..models.model import InfiniTransformer
+from . import attention, memory_function
+from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_segment
+from .manifest import GraphEntry, Manifest, sha256_file
+
+SEGMENT_FILE = "segment.onnx"
+CHECKPOINT_DIR = "checkpoint"
+VALIDATION = {"segments": 3, "batch": 2}   # two full segments, then a partial one
+
+
+def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                 force: bool = False, validate: bool = True) -> Manifest:
+    """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees."""
+    out = Path(out_dir)
+    check_precision(precision, opset)
+    if out.exists() and not force:
+        raise BadInputError(f"{out} exists; choose a new folder or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; an export folder is meant to be shared
+        manifest = _write(model.eval(), tmp, precision, opset)
+        if validate:
+            manifest = _validate(model, tmp, manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -> Manifest:
+    save_checkpoint(model, folder / CHECKPOINT_DIR).chmod(0o755)
+    export_segment(model, folder / SEGMENT_FILE, precision, opset)
+    cfg = model.config
+    entry = GraphEntry(SEGMENT_FILE, spec.segment_inputs(cfg), spec.segment_outputs(cfg, PRECISIONS[precision]))
+    names = [SEGMENT_FILE, f"{CHECKPOINT_DIR}/{CONFIG_FILE}", f"{CHECKPOINT_DIR}/{WEIGHTS_FILE}"]
+    op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
+    manifest = Manifest(
+        config=cfg, precision=precision, opset=opset, graphs={"segment": entry},
+        files={name: sha256_file(folder / name) for name in names},
+        attention="Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
+        memory_op={"domain": memory_function.DOMAIN, "op_type": op_type, "version": memory_function.DOMAIN_VERSION},
+        versions=tool_versions())
+    manifest.write(folder)
+    return manifest
+
+
+def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
+    from ..runtime.compare import TOLERANCES, check_tolerance, drift, worst
+    from ..runtime.ort_runner import OrtRunner
+    from ..runtime.torch_runner import TorchRunner
+
+    with TorchRunner(model) as reference, OrtRunner(folder) as ort_runner:
+        rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION)["onnxruntime"]
+    check_tolerance(f"the exported graph ({manifest.precision}, onnxruntime CPU)", rows,
+                    TOLERANCES[manifest.precision])
+    validated = Manifest(**{**manifest.__dict__, "validation": {
+        **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows)}})
+    validated.write(folder)
+    return validated
+
+
+def tool_versions() -> dict:
+    import onnxruntime
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__, "infini_deploy": __version__}

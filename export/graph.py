@@ -1,0 +1,158 @@
+"""The segment step as an ONNX graph: trace, translate, tidy, name, check.
+
+``export_segment(model, path, precision, opset)`` is the whole stage; the
+helpers below it are its steps, in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
+import torch
+
+from ..errors import BadInputError, IncompatibleArtifactError
+from ..models import spec
+from ..models.model import InfiniTransformer
+from ..runtime.runner import TORCH_DTYPES
+from . import attention, memory_function, workarounds
+
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DEFAULT_OPSET = 23
+MIN_OPSET = {"fp32": 18, "fp16": 23, "bf16": 23}   # the Attention op needs 23
+
+
+class SegmentStep(torch.nn.Module):
+    """``model.step`` as a module with the spec's inputs, for torch.onnx.export."""
+
+    def __init__(self, model: InfiniTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, memory, norm):
+        return self.model.step(tokens, memory, norm)
+
+
+def check_precision(precision: str, opset: int) -> None:
+    if precision not in PRECISIONS:
+        raise BadInputError(f"precision {precision!r} is not known; expected one of: {', '.join(PRECISIONS)}")
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET[precision] <= opset <= newest:
+        raise BadInputError(f"opset {opset} cannot export {precision}: expected {MIN_OPSET[precision]} to {newest} "
+                            f"(the installed onnx {onnx.__version__} knows up to {newest})")
+
+
+def cast_model(model: InfiniTransformer, precision: str) -> InfiniTransformer:
+    """A copy of ``model`` with weights in the precision's dtype (state stays float32 in step)."""
+    return copy.deepcopy(model).to(TORCH_DTYPES[PRECISIONS[precision]]).eval()
+
+
+def export_segment(model: InfiniTransformer, path: Path, precision: str = "fp32",
+                   opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Write the segment step of ``model`` (float32 weights) to ``path`` in ``precision``.
+
+    Inputs tokens int64 [batch, n], memory/norm float32 [L, batch, ...]; outputs
+    logits (precision dtype) and memory_out/norm_out (float32). Returns the saved proto.
+    """
+    check_precision(precision, opset)
+    program = _trace(cast_model(model, precision), precision, opset)
+    ir_model = program.model
+    _tidy(ir_model, opset)
+    _name_nodes(ir_model)
+    proto = ir.serde.serialize_model(ir_model)
+    proto.producer_name = "infini-deploy"
+    check_graph(proto)
+    check_io(proto, spec.segment_inputs(model.config), spec.segment_outputs(model.config, PRECISIONS[precision]))
+    onnx.save(proto, str(path))
+    return proto
+
+
+def _trace(model: InfiniTransformer, precision: str, opset: int):
+    cfg = model.config
+    inputs = spec.segment_inputs(cfg)
+    batch = torch.export.Dim(spec.BATCH, min=1, max=1 << 16)
+    seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
+    dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
+    memory, norm = model.initial_state(batch=2)
+    args = (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
+    table = {torch.ops.infini.memory.default: memory_function.translate_memory,
+             **attention.translations(PRECISIONS[precision])}
+    with torch.no_grad(), workarounds.keep_local_functions(), workarounds.quiet_exporter():
+        return torch.onnx.export(
+            SegmentStep(model), args, dynamo=True, opset_version=opset, optimize=False, verbose=False,
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in spec.segment_outputs(cfg)],
+            dynamic_shapes=tuple(dims[s.name] for s in inputs), custom_translation_table=table)
+
+
+def _tidy(model: ir.Model, opset: int) -> None:
+    """Inline torchlib helpers, keep the memory functions, declare the opset, fold constants."""
+    workarounds.inline_helpers(model, keep=memory_function.is_memory_function)
+    workarounds.set_opset(model, opset)
+    onnxscript.optimizer.optimize_ir(model, inline=False)
+    for function in model.functions.values():
+        memory_function.name_function_nodes(function)
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Hierarchical names from the module path: ``/layers.0/self_attn/q_proj/MatMul``, unique."""
+    seen = Counter()
+    for node in model.graph:
+        name = f"/{_module_path(node)}/{_op_label(node)}".replace("//", "/")
+        seen[name] += 1
+        node.name = name if seen[name] == 1 else f"{name}_{seen[name] - 1}"
+
+
+def _module_path(node: ir.Node) -> str:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return ""
+    modules = [s for s in eval_list(scopes)[:-1] if s and not s.startswith("_")]  # drop the aten op
+    path = modules[-1].removeprefix("model.") if modules else ""
+    if node.domain == memory_function.DOMAIN:
+        path += "/infini"
+    # "layers.0.self_attn.q_proj" -> "layers.0/self_attn/q_proj"
+    return re.sub(r"\.(?!\d)", "/", path)
+
+
+def _op_label(node: ir.Node) -> str:
+    return node.op_type if node.domain in ("", memory_function.DOMAIN) else f"{node.domain}.{node.op_type}"
+
+
+def eval_list(text: str) -> list[str]:
+    """The exporter stores name scopes as a Python list literal of strings."""
+    return re.findall(r"'([^']*)'", text)
+
+
+def check_graph(proto: onnx.ModelProto) -> None:
+    """ONNX checker (full, with strict shape inference) and the local memory function present."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise IncompatibleArtifactError(f"the exported graph fails the ONNX checker: {e}") from None
+    ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    functions = {(f.domain, f.name) for f in proto.functions}
+    memory_ops = {(d, o) for d, o in ops if d == memory_function.DOMAIN}
+    if not memory_ops or not memory_ops <= functions:
+        raise IncompatibleArtifactError(f"the exported graph lacks the {memory_function.DOMAIN} memory node "
+                                        f"or its local function (nodes {sorted(memory_ops)}, functions "
+                                        f"{sorted(functions)})")
+
+
+ONNX_DTYPES = {"int64": onnx.TensorProto.INT64, "float32": onnx.TensorProto.FLOAT,
+               "float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
+
+
+def check_io(proto: onnx.ModelProto, inputs: list, outputs: list) -> None:
+    """The graph's inputs and outputs are exactly the spec's: names, order, dtypes, dims (symbolic by name)."""
+    for kind, values, specs in (("input", proto.graph.input, inputs), ("output", proto.graph.output, outputs)):
+        got = [(v.name, v.type.tensor_type.elem_type,
+                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)) for v in values]
+        want = [(s.name, ONNX_DTYPES[s.dtype], tuple(s.shape)) for s in specs]
+        if got != want:
+            raise IncompatibleArtifactError(f"exported graph {kind}s {got} do not match the spec {want}")

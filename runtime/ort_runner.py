@@ -1,0 +1,155 @@
+"""The onnxruntime backend: an export folder's segment graph in an InferenceSession.
+
+CPU provider by default. With onnxruntime-gpu and a GPU, ``provider="cuda"``
+binds inputs and outputs to device memory (I/O binding) so the state stays on
+the GPU between segments, writing into one of two state buffers per parity
+(never the buffer it reads). That path is written against the documented API
+and is not exercised by the tests (no onnxruntime-gpu on the CPU machines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import IncompatibleArtifactError, MissingBackendError
+from ..export.manifest import load_manifest
+from ..models import spec
+from .runner import TORCH_DTYPES, BaseRunner
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingBackendError("onnxruntime is not installed: pip install onnxruntime "
+                                  "(or onnxruntime-gpu for the CUDA provider)") from None
+    return onnxruntime
+
+
+def check_provider(provider: str) -> str:
+    """The onnxruntime provider name for ``cpu``/``cuda``, or a clear error naming the available ones."""
+    available = _ort().get_available_providers()
+    short = {v: k for k, v in PROVIDERS.items()}
+    names = ", ".join(short.get(p, p) for p in available)
+    if provider not in PROVIDERS:
+        raise MissingBackendError(f"requested provider {provider!r}; available: {names}")
+    if PROVIDERS[provider] not in available:
+        hint = " (install onnxruntime-gpu and use a machine with a CUDA GPU)" if provider == "cuda" else ""
+        raise MissingBackendError(f"requested provider {provider!r}{hint}; available: {names}")
+    return PROVIDERS[provider]
+
+
+def session_from_onnx(path: Path, provider: str, threads: int | None = None, profile: str | None = None,
+                      emulate_bf16: bool = False):
+    """An InferenceSession, or IncompatibleArtifactError when onnxruntime cannot load the file.
+
+    ``emulate_bf16``: run a bf16 graph on a provider without bf16 kernels (export/emulate.py).
+    """
+    ort = _ort()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    try:
+        model = _emulated(path) if emulate_bf16 else str(path)
+        return ort.InferenceSession(model, options, providers=[provider])
+    except Exception as e:  # onnxruntime raises its own pybind types (InvalidProtobuf, Fail, NotImplemented)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IncompatibleArtifactError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def _emulated(path: Path) -> bytes:
+    import onnx
+
+    from ..export.emulate import emulate_bfloat16
+
+    return emulate_bfloat16(onnx.load(str(path))).SerializeToString()
+
+
+class OrtRunner(BaseRunner):
+    """Runs the ``segment`` graph of an export folder; names, dtypes and shapes come from its manifest."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir, provider: str = "cpu", threads: int | None = None, graph: str = "segment"):
+        self.export_dir = Path(export_dir)
+        self.manifest = load_manifest(self.export_dir)
+        if graph not in self.manifest.graphs:
+            raise IncompatibleArtifactError(f"{self.export_dir} has no {graph!r} graph; it has: "
+                                            f"{', '.join(self.manifest.graphs)}")
+        entry = self.manifest.graphs[graph]
+        self.provider = check_provider(provider)
+        super().__init__(self.manifest.config, entry.inputs, entry.outputs, "cuda" if provider == "cuda" else "cpu")
+        self.path = self.manifest.verify(self.export_dir, entry.file)
+        self.threads = threads
+        self.session = None
+
+    def activate_impl(self):
+        emulate = self.manifest.precision == "bf16" and self.device.type == "cpu"
+        self.session = session_from_onnx(self.path, self.provider, self.threads, emulate_bf16=emulate)
+        self._binding = _CudaBinding(self) if self.device.type == "cuda" else None
+
+    def infer_impl(self, feed):
+        if self._binding is not None:
+            return self._binding.run(feed)
+        arrays = {s.name: feed[s.name].detach().cpu().numpy() for s in self.input_specs}
+        outputs = self.session.run([s.name for s in self.output_specs], arrays)
+        # bf16 logits come back as float32 from the emulated graph: exact bf16 values, so the cast is lossless
+        return {s.name: torch.from_numpy(np.ascontiguousarray(a)).to(TORCH_DTYPES[s.dtype])
+                for s, a in zip(self.output_specs, outputs)}
+
+    def deactivate_impl(self):
+        self.session = None
+        self._binding = None
+
+
+class _CudaBinding:
+    """I/O binding on the CUDA provider: torch CUDA tensors in and out, no host copies.
+
+    The state outputs go into one of two preallocated buffer pairs, alternating
+    per call, so a call never writes the buffer it reads (the stream feeds the
+    previous outputs back as inputs). Not exercised by the tests (see module docstring).
+    """
+
+    def __init__(self, runner: OrtRunner):
+        self.runner = runner
+        self.buffers: dict[tuple, list[dict[str, torch.Tensor]]] = {}
+        self.parity = 0
+
+    def run(self, feed):
+        session, device = self.runner.session, self.runner.device
+        binding = session.io_binding()
+        for s in self.runner.input_specs:
+            t = feed[s.name].to(device).contiguous()
+            feed[s.name] = t
+            binding.bind_input(s.name, "cuda", device.index or 0, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        outs = self._outputs(feed)
+        for name, t in outs.items():
+            binding.bind_output(name, "cuda", device.index or 0, _np_dtype(t.dtype), tuple(t.shape), t.data_ptr())
+        session.run_with_iobinding(binding)
+        return outs
+
+    def _outputs(self, feed) -> dict[str, torch.Tensor]:
+        tokens = feed[spec.TOKENS]
+        key = tuple(tokens.shape)
+        if key not in self.buffers:
+            self.buffers = {key: [self._allocate(tokens.shape) for _ in range(2)]}  # one shape at a time
+        self.parity ^= 1
+        return self.buffers[key][self.parity]
+
+    def _allocate(self, token_shape) -> dict[str, torch.Tensor]:
+        sizes = {spec.BATCH: token_shape[0], spec.SEQ: token_shape[1]}
+        return {s.name: torch.empty([sizes.get(d, d) for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
+                                    device=self.runner.device) for s in self.runner.output_specs}
+
+
+def _np_dtype(dtype: torch.dtype):
+    return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}.get(dtype, np.float32)

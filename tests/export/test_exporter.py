@@ -1,0 +1,69 @@
+"""export_model: the folder it writes, the manifest, atomicity and validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from infini_deploy.errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
+from infini_deploy.export.exporter import SEGMENT_FILE, export_model
+from infini_deploy.export.manifest import MANIFEST_FILE, load_manifest, sha256_file
+from infini_deploy.models import spec
+from infini_deploy.runtime.compare import Tolerance
+
+
+def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
+    manifest = load_manifest(tiny_fp32)
+    assert manifest.config == tiny_linear_model.config and manifest.precision == "fp32" and manifest.opset == 23
+    segment = manifest.graphs["segment"]
+    assert [s.name for s in segment.inputs] == [spec.TOKENS, spec.MEMORY, spec.NORM]
+    assert [s.name for s in segment.outputs] == [spec.LOGITS, spec.MEMORY_OUT, spec.NORM_OUT]
+    assert segment.inputs[0].shape == (spec.BATCH, spec.SEQ) and segment.inputs[0].max_dims == {spec.SEQ: 64}
+    for name, digest in manifest.files.items():
+        assert sha256_file(tiny_fp32 / name) == digest
+    assert set(manifest.files) == {SEGMENT_FILE, "checkpoint/config.json", "checkpoint/model.safetensors"}
+    assert {"torch", "onnx", "onnxruntime", "infini_deploy"} <= set(manifest.versions)
+    assert manifest.validation["batch"] == 2 and manifest.validation["worst"]["logits_max"] < 1e-4
+    assert manifest.memory_op == {"domain": "infini", "op_type": "Memory", "version": 1}
+
+
+def test_existing_folder_refused_without_force(tiny_linear_model, tmp_path):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(BadInputError, match="exists; choose a new folder or pass --force"):
+        export_model(tiny_linear_model, out, validate=False)
+    export_model(tiny_linear_model, out, validate=False, force=True)
+    assert not (out / "keep.txt").exists() and (out / SEGMENT_FILE).is_file()
+
+
+def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):
+    import infini_deploy.runtime.compare as compare
+
+    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_abs=-1.0, state_rel=-1.0))
+    with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):
+        export_model(tiny_linear_model, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
+
+
+def test_manifest_hash_and_format_checked(tiny_fp32, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(tiny_fp32, folder)
+    manifest = load_manifest(folder)
+    with open(folder / SEGMENT_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(IncompatibleArtifactError, match="segment.onnx does not match its manifest: sha256"):
+        manifest.verify(folder, SEGMENT_FILE)
+    data = json.loads((folder / MANIFEST_FILE).read_text())
+    (folder / MANIFEST_FILE).write_text(json.dumps({**data, "format_version": 99}))
+    with pytest.raises(IncompatibleArtifactError, match="format version 99; this infini-deploy reads version 1"):
+        load_manifest(folder)
+    (folder / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(IncompatibleArtifactError, match="is not valid JSON"):
+        load_manifest(folder)
+    (folder / MANIFEST_FILE).unlink()
+    with pytest.raises(IncompatibleArtifactError, match="infini.json is missing"):
+        load_manifest(folder)

@@ -1,0 +1,88 @@
+"""`infini bench`: measurements that compare backends; figures go to stdout and JSON, never asserts."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .init_run import parse_count
+
+
+@click.group()
+def bench():
+    """Benchmarks (ratios measured within one run on this machine)."""
+
+
+@bench.command("runners")
+@click.argument("model", default="tiny")
+@click.option("--tokens", "count", default="16k", show_default=True, help="Tokens per stream (16k, 1m).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch intra-op threads and onnxruntime intra-op threads.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the export when MODEL is not an export folder.")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile", "profile_prefix", default=None,
+              help="Also profile onnxruntime per op (its profiler's JSON goes to PREFIX*.json).")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def runners(model, count, batch, threads, precision, repeat, seed, profile_prefix, json_out):
+    """Tokens/s of torch (eager, fp32) and onnxruntime (CPU) on MODEL: preset, checkpoint or export folder."""
+    import torch
+
+    from ..export.manifest import is_export_dir
+    from ..runtime.speed import compare_throughput
+
+    torch.set_num_threads(threads)
+    tokens = np.random.default_rng(seed).integers(0, 256, (batch, parse_count(count)), dtype=np.int64)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
+        result = _measure(export_dir, tokens, threads, repeat, compare_throughput)
+        if profile_prefix:
+            result["onnxruntime_profile"] = _profile(export_dir, tokens, threads, profile_prefix)
+    result.update(model=model, tokens=int(tokens.size), batch=batch, threads=threads, repeat=repeat)
+    for name in ("torch", "onnxruntime"):
+        r = result["runners"][name]
+        click.echo(f"{name:>12}: {r['tokens_per_s']:>10,.0f} tokens/s (best of {repeat}; median "
+                   f"{r['tokens_per_s_median']:,.0f})")
+    click.echo(f"onnxruntime / torch: {result['ratio']:.2f}x ({result['precision']} export, {threads} threads, "
+               f"{result['tokens']:,} tokens)")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _profile(export_dir: Path, tokens, threads: int, prefix: str) -> dict:
+    from ..runtime.speed import profile_onnxruntime
+
+    profile = profile_onnxruntime(export_dir, tokens, threads, prefix)
+    top = ", ".join(f"{op} {ms:.0f} ms" for op, ms in list(profile["by_op_type"].items())[:6])
+    click.echo(f"onnxruntime per op type ({profile['total_ms']:.0f} ms of kernels): {top}")
+    return profile
+
+
+def _export(model: str, out: Path, precision: str, seed: int) -> Path:
+    from ..export.exporter import export_model
+    from ..models.checkpoint import resolve_model
+
+    export_model(resolve_model(model, seed), out, precision)
+    return out
+
+
+def _measure(export_dir: Path, tokens, threads: int, repeat: int, compare) -> dict:
+    from ..runtime.ort_runner import OrtRunner
+    from ..runtime.torch_runner import TorchRunner
+    from .export_verify import load_export
+
+    manifest, model = load_export(export_dir)
+    runners = {"torch": TorchRunner(model), "onnxruntime": OrtRunner(export_dir, "cpu", threads)}
+    try:
+        figures = compare(runners, tokens, repeat)
+    finally:
+        for r in runners.values():
+            r.deactivate()
+    return {"runners": figures, "precision": manifest.precision, "config": manifest.config.to_dict(),
+            "ratio": figures["onnxruntime"]["tokens_per_s"] / figures["torch"]["tokens_per_s"]}

@@ -1,0 +1,101 @@
+"""`infini export` and `infini verify`: wiring only; the work is in export/ and runtime/compare.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import MissingBackendError
+from ..export.graph import DEFAULT_OPSET, PRECISIONS
+from ..models.checkpoint import resolve_model
+
+
+@click.command("export")
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+              help="Weights and activations; the state stays float32.")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (fp16/bf16: >= 23).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def export(model, out_dir, precision, opset, seed, force):
+    """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + infini.json, validated."""
+    from ..export.exporter import export_model
+
+    manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force)
+    worst = manifest.validation["worst"]
+    click.echo(f"wrote {out_dir} ({precision}, opset {opset}, local attention: {manifest.attention}, memory node "
+               f"{manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")
+    click.echo(f"validated against torch on onnxruntime (batch {manifest.validation['batch']}, "
+               f"{manifest.validation['segments']} segments, last partial): logits max abs "
+               f"{worst['logits_max']:.2e}, state relative {worst['state_rel']:.2e}")
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--segments", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random tokens.")
+@click.option("--every", type=click.IntRange(min=1), default=None,
+              help="Print every k-th segment (and the last) [default: about 20 rows].")
+@click.option("--threads", type=int, default=None, help="Threads of every backend.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write every segment's figures.")
+def verify(export_dir, segments, batch, seed, every, threads, json_out):
+    """Stream the same random tokens through torch and every available exported backend; report drift."""
+    import torch
+
+    from ..runtime.compare import TOLERANCES, check_tolerance, drift, format_table, summary_rows, worst
+    from ..runtime.torch_runner import TorchRunner
+
+    if threads:
+        torch.set_num_threads(threads)
+    manifest, model = load_export(export_dir)
+    runners = exported_runners(export_dir, threads)
+    with TorchRunner(model) as reference:
+        for r in runners.values():
+            r.activate()
+        try:
+            rows = drift(reference, runners, segments, batch, seed)
+        finally:
+            for r in runners.values():
+                r.deactivate()
+    tolerance = TOLERANCES[manifest.precision]
+    click.echo(f"{export_dir}: {manifest.precision}, {segments} segments of up to {manifest.config.segment_len} "
+               f"tokens (last partial), batch {batch}; differences against torch fp32")
+    for name, backend_rows in rows.items():
+        click.echo(format_table(name, summary_rows(backend_rows, every)))
+    if json_out:
+        json_out.write_text(json.dumps({
+            "export_dir": str(export_dir), "precision": manifest.precision, "segments": segments, "batch": batch,
+            "seed": seed, "tolerance": tolerance.__dict__,
+            "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n")
+    for name, backend_rows in rows.items():
+        check_tolerance(name, backend_rows, tolerance)
+    click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_abs:g} abs, "
+               f"state {tolerance.state_rel:g} relative)")
+
+
+def load_export(export_dir: Path):
+    """The manifest and the torch model rebuilt from the checkpoint stored in the export (hash-checked)."""
+    from ..export.exporter import CHECKPOINT_DIR
+    from ..export.manifest import load_manifest
+    from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+
+    manifest = load_manifest(export_dir)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        manifest.verify(export_dir, f"{CHECKPOINT_DIR}/{name}")
+    return manifest, load_checkpoint(Path(export_dir) / CHECKPOINT_DIR)
+
+
+def exported_runners(export_dir: Path, threads: int | None = None) -> dict:
+    """Every backend that can run this export here: onnxruntime CPU, and CUDA when available."""
+    from ..runtime.ort_runner import OrtRunner
+
+    runners = {"onnxruntime-cpu": OrtRunner(export_dir, "cpu", threads)}
+    try:
+        runners["onnxruntime-cuda"] = OrtRunner(export_dir, "cuda", threads)
+    except MissingBackendError:
+        pass
+    return runners
