@@ -129,15 +129,16 @@ def _attn_inner(acc, l_i, m_i, q, KR, V, s_vt, offs_m, offs_d, lo, hi, n_ctx, qk
         else:
             k = tl.load(KR + offs_n[:, None] * D + offs_d[None, :])
             v = tl.load(V + offs_n[:, None] * s_vt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=ATT_PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N), log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=ATT_PRECISION)   # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < n_ctx)
             qk = tl.where(keep, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+        m_ij = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)   # log2 units
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])        # one FMA per score
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=ATT_PRECISION)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=ATT_PRECISION)   # into acc: no second tile
         m_i = m_ij
     return acc, l_i, m_i
 
