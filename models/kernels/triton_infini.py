@@ -391,14 +391,26 @@ def fused_memory(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float,
     memory, norm, beta = memory.contiguous(), norm.contiguous(), beta.contiguous()
     a = torch.empty_like(a_dot)
     memory_out, norm_out = torch.empty_like(memory), torch.empty_like(norm)
-    block_c = memory_block_c(d)
+    block_t, block_c, warps = memory_launch(d)
     _memory_kernel[(B * H, d // block_c)](
         q, k, v, a_dot, memory, norm, beta, n, H, a, memory_out, norm_out,
-        EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, 64), BLOCK_C=block_c, DELTA=bool(delta),
-        MEM_PRECISION=mem_prec, num_warps=4)
+        EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, block_t), BLOCK_C=block_c, DELTA=bool(delta),
+        MEM_PRECISION=mem_prec, num_warps=warps)
     return a, memory_out, norm_out
 
 
 def memory_block_c(d: int) -> int:
-    """Value columns per program of _memory_kernel (the plugin computes its grid with it)."""
-    return min(d, 16 if interpreted() else 64)
+    """Value columns per program of _memory_kernel (the plugin computes its grid with it).
+
+    d = 128: 16 columns, so a (batch, head) gets 8 programs (the anchor's 16 heads fill 128
+    of an H100/H200's 132 SMs; 2 programs per head, as with 64 columns, left 100 idle) and
+    the d x 16 state slice stays in registers without spilling (ptxas, sm_90).
+    """
+    if interpreted():
+        return min(d, 16)
+    return 16 if d >= 128 else min(d, 64)
+
+
+def memory_launch(d: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) of _memory_kernel for head size d; grid (B*H, d / BLOCK_C)."""
+    return 64, memory_block_c(d), (8 if d >= 128 and not interpreted() else 4)
