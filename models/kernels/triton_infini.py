@@ -8,16 +8,17 @@ Two entry points, both the same function as the reference (models/memory.py):
         q, k, v (B,H,n,d)           M_prev, z_prev (f32)
           |  k, v                      |
           v                            v
-      [_update_kernel]  grid (S, B*H): k_rope = RoPE(k); partial dM_s = sk^T v' and dz_s over
-          |  k_rope, partials          one token chunk each (v' = v, or v - retrieval for delta)
-          v
-      [_attn_kernel]    grid (n/BLOCK_M, B*H): flash attention of RoPE(q) over k_rope, v
-                        (online softmax, f32), retrieval sigma(q) M_prev / (sigma(q) z_prev + eps),
-                        gate mix -> a; and each program also sums a slice of the partials:
+      [_update_kernel]  grid (S, B*H): q_rope, k_rope = RoPE(q), RoPE(k); partial dM_s = sk^T v'
+          |  q_rope, k_rope,   and dz_s over one token chunk each (v' = v, or v - retrieval for delta)
+          v  partials
+      [_attn_kernel]    grid (B*H, n/BLOCK_M), query blocks last-first: flash attention of q_rope
+                        over k_rope, v (online softmax, f32), retrieval sigma(q) M_prev /
+                        (sigma(q) z_prev + eps) in chunks of RET_K rows of M_prev, gate mix -> a;
+                        and each program also sums a slice of the partials:
                         M_out = M_prev + sum_s dM_s, z_out = z_prev + sum_s dz_s
 
   fused_memory(q, k, v, a_dot, memory, norm, beta, delta, eps)
-      the memory block alone (a_dot given), one kernel `_memory_kernel`, grid (B*H, d/BLOCK_C):
+      the memory block alone (a_dot given), one kernel `_memory_kernel`, grid (B*H, d/BLOCK_C) (memory_launch):
       the CUDA kernel of ``infini::memory`` and of the TensorRT plugin (export/trt_plugin.py).
 
 Precision: activations fp16/bf16/fp32; softmax, retrieval and the state in float32. The
