@@ -46,7 +46,7 @@ def kernel_source(dtype: str, d: int, delta: bool, eps: float):
     import triton
 
     from ..models.kernels import SUPPORTED_DIMS
-    from ..models.kernels.triton_infini import _memory_kernel, memory_block_c
+    from ..models.kernels.triton_infini import _memory_kernel, memory_launch
     if d not in SUPPORTED_DIMS:
         raise ValueError(f"d_head {d} is not supported by the plugin; supported: {SUPPORTED_DIMS}")
     act = _TRITON_TYPES[dtype]
@@ -54,10 +54,10 @@ def kernel_source(dtype: str, d: int, delta: bool, eps: float):
                  "Z": "*fp32", "BETA": "*fp32", "n_ctx": "i32", "H": "i32", "A": f"*{act}", "MO": "*fp32",
                  "ZO": "*fp32", "EPS": "constexpr", "D": "constexpr", "BLOCK_T": "constexpr",
                  "BLOCK_C": "constexpr", "DELTA": "constexpr", "MEM_PRECISION": "constexpr"}
-    block_c = memory_block_c(d)
-    constexprs = {"EPS": float(eps), "D": d, "BLOCK_T": 64, "BLOCK_C": block_c, "DELTA": bool(delta),
+    block_t, block_c, num_warps = memory_launch(d)
+    constexprs = {"EPS": float(eps), "D": d, "BLOCK_T": block_t, "BLOCK_C": block_c, "DELTA": bool(delta),
                   "MEM_PRECISION": "ieee" if dtype == "float32" else "tf32"}
-    return triton.compiler.ASTSource(fn=_memory_kernel, signature=signature, constexprs=constexprs), 4, block_c
+    return triton.compiler.ASTSource(fn=_memory_kernel, signature=signature, constexprs=constexprs), num_warps, block_c
 
 
 def register_plugin() -> None:

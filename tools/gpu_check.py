@@ -13,7 +13,12 @@ Sections (each records its own error and the run goes on; the JSON is rewritten 
                subprocess started first (it compiles while correctness runs, then waits for its turn
                on the GPU) and killed past a deadline
   bench        at the anchor shape, one process: (a) eager reference, (c) flash SDPA alone,
-               (d) the fused kernel (default tiles and a small sweep), (b) from the compile section
+               (d) the fused kernel (default tiles and a sweep of ~10 tile shapes, each also timed
+               kernel by kernel; stops after SWEEP_S seconds), (b) from the compile section
+  profile      at the anchor shape: torch.profiler per-kernel GPU time (avg us per call over 20 calls) of
+               the fused step (both rules; no RoPE), SDPA, the memory-only kernel (and, in the compile
+               child, the compiled reference); each of the fused step's two launches timed alone
+               (CUDA-graph replay) with its registers/spills/shared memory as Triton reports them
   stream       `small` preset, bf16 weights, CudaGraphRunner: 4096 segments of 256 (1M tokens),
                per-segment time and GPU memory at the start and the end
 
@@ -294,34 +299,45 @@ def section_bench(s, device, dry, compile_proc):
 
 
 def sweep_configs(s, q, k, v, M, z, beta, device, dry, iters):
-    """A few tile shapes for the fused step (linear); each checked against the default's output."""
-    import torch
+    """A few tile shapes for the fused step (linear); each checked against the default's output and
+    timed whole and kernel by kernel (CUDA-graph replays of each launch). Stops past SWEEP_S seconds."""
+    import dataclasses
     from infini_deploy.models.kernels import triton_infini as ti
-    C = ti.KernelConfig
-    configs = {"default": None} if dry else {
-        "default": None,
-        "m128_n64_w8_s3": C(128, 64, 64, None, 8, 3, 8), "m128_n128_w8_s3": C(128, 128, 64, None, 8, 3, 8),
-        "m128_n64_w4_s3": C(128, 64, 64, None, 4, 3, 8), "m64_n64_w4_s3": C(64, 64, 64, None, 4, 3, 8),
-        "m128_n64_w8_s2": C(128, 64, 64, None, 8, 2, 8), "m128_n32_w4_s4": C(128, 32, 64, None, 4, 4, 4),
-        "m128_n64_w8_s3_parts16": C(128, 64, 64, 16, 8, 3, 8), "m128_n64_w8_s3_t32": C(128, 64, 32, None, 8, 3, 4),
+    base = ti.default_config(q.shape[-1], q.dtype)
+    R = lambda **kw: dataclasses.replace(base, **kw)   # noqa: E731
+    configs = {"default": None, "m16_n8_r8": R(block_n=8, ret_k=8)} if dry else {
+        "default": None,                                            # m128 n64 t32 w8 s3 (d=128)
+        "m64_n64_w4_s3": R(block_m=64, attn_warps=4),                # the first run's best
+        "update_t64": R(block_t=64),                                # the first run's update tile
+        "m128_n128_w8_s3": R(block_n=128),
+        "m64_n32_w4_s3": R(block_m=64, block_n=32, attn_warps=4),
+        "m128_n64_w8_s4": R(attn_stages=4),
+        "m128_n64_w8_s2": R(attn_stages=2),
+        "update_parts16": R(parts=16),
+        "ret_k16": R(ret_k=16),
+        "update_s2": R(update_stages=2),
+        "m128_n32_w8_s4": R(block_n=32, attn_stages=4),
     }
     ref = ti.fused_attention(q, k, v, M, z, beta, False, 1e-6, 10000.0)
-    sweep = {}
+    sweep, t_start = {}, time.time()
     for name, cfg in configs.items():
-        if time.time() - T0 > BUDGET_S - 90:
+        if time.time() - T0 > BUDGET_S - 90 or time.time() - t_start > SWEEP_S:
             sweep[name] = "skipped: time budget"
             continue
         try:
             out = ti.fused_attention(q, k, v, M, z, beta, False, 1e-6, 10000.0, config=cfg)
             errs = [rel_err(x, r) for x, r in zip(out, ref)]
-            row = {"rel_err_vs_default": errs}
+            row = {"config": dataclasses.asdict(cfg or base), "rel_err_vs_default": errs}
             both_timeit(row, "ms", lambda: ti.fused_attention(q, k, v, M, z, beta, False, 1e-6, 10000.0,
                                                               config=cfg), device, **iters)
+            row.update(split_times(q, k, v, M, z, beta, False, device, cfg))
             sweep[name] = row
         except Exception as e:   # noqa: BLE001
             sweep[name] = {"error": repr(e)[:400]}
-        log("sweep", name, sweep[name])
+        log("sweep", name, {k_: v_ for k_, v_ in sweep[name].items() if k_ != "config"}
+            if isinstance(sweep[name], dict) else sweep[name])
     s["sweep_linear"] = sweep
+    s["sweep_s"] = round(time.time() - t_start, 1)
     key = "ms" if device != "cuda" else "ms_graph"   # GPU time decides
     timed = {k_: v_[key] for k_, v_ in sweep.items() if isinstance(v_, dict) and isinstance(v_.get(key), float)
              and max(v_["rel_err_vs_default"]) < 2e-2}
@@ -330,6 +346,34 @@ def sweep_configs(s, q, k, v, M, z, beta, device, dry, iters):
         s["fused_best_linear_ms"] = sweep[s["best_config"]]["ms"]
         if device == "cuda":
             s["fused_best_linear_graph_ms"] = timed[s["best_config"]]
+
+
+def split_times(q, k, v, M, z, beta, delta, device, cfg=None, rope=10000.0):
+    """GPU ms of each of the fused step's two launches (CUDA-graph replay), and what Triton
+    reports for each compiled kernel (registers, spills, shared memory) where it can."""
+    from infini_deploy.models.kernels import triton_infini as ti
+    split = {}
+    ti.fused_attention(q, k, v, M, z, beta, delta, 1e-6, rope, config=cfg, _split=split)
+    out = {}
+    for name in ("update", "attn"):   # update first: the attention kernel reads what it writes
+        compiled = split[name]()
+        info = {}
+        for attr in ("n_regs", "n_spills"):
+            value = getattr(compiled, attr, None)
+            if isinstance(value, int):
+                info[attr] = value
+        shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+        if isinstance(shared, int):
+            info["shared"] = shared
+        if info:
+            out[f"{name}_kernel"] = info
+    if device == "cuda":
+        for name in ("update", "attn"):
+            out[f"{name}_graph_ms"] = graph_timeit(split[name], device)
+    else:
+        for name in ("update", "attn"):
+            out[f"{name}_ms"] = timeit(split[name], device, iters=2, warm=0, repeats=1)
+    return out
 
 
 def summarise(s):
@@ -345,6 +389,92 @@ def summarise(s):
         if isinstance(compiled, float) and isinstance(fused, float):
             s[f"speedup_fused_vs_compiled_{tag}"] = round(compiled / fused, 3)
             s[f"target_2x_faster_than_compiled_{tag}"] = compiled >= 2 * fused
+
+
+# -- where the time goes: per-kernel GPU time (torch.profiler) -----------------------------------
+def profile_kernels(fn, device, calls=20, top=12):
+    """{kernel name: avg us per call of fn} over `calls` calls (CUDA kernels under the profiler;
+    on the CPU, the top operators' CPU time instead, to run the code path)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    fn()   # compiled and warm
+    if device == "cuda":
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = {}
+    for evt in prof.key_averages():
+        if device == "cuda":
+            if "cuda" not in str(getattr(evt, "device_type", "")).lower():
+                continue
+            us = getattr(evt, "self_device_time_total", None)
+            if us is None:
+                us = getattr(evt, "self_cuda_time_total", 0.0)
+        else:
+            us = getattr(evt, "self_cpu_time_total", 0.0)
+        if us:
+            rows[evt.key[:120]] = {"us_per_call": round(us / calls, 2), "launches_per_call": round(evt.count / calls, 2)}
+    rows = dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_call"])[:top])
+    return {"kernels": rows, "total_us_per_call": round(sum(r["us_per_call"] for r in rows.values()), 2),
+            "calls": calls, "what": "GPU kernel time" if device == "cuda" else "CPU op time (dry run)"}
+
+
+def section_profile(s, device, dry):
+    """At the anchor shape: per-kernel GPU time of the fused step (both rules, with and without
+    RoPE), SDPA, the memory-only kernel; each fused launch timed alone (CUDA-graph replay)."""
+    import torch
+    import torch.nn.functional as F
+    from infini_deploy.models.kernels import triton_infini as ti
+    B, H, n, d = (1, 2, 32, 16) if dry else (1, 16, 2048, 128)
+    dt = torch.float16 if dry else torch.bfloat16
+    calls = 2 if dry else 20
+    q, k, v, beta = make_inputs(B, H, n, d, dt, device)
+    M = torch.randn(B, H, d, d, device=device) * 0.01
+    z = torch.rand(B, H, d, device=device) + 1.0
+    s["shape"] = {"B": B, "H": H, "n": n, "d": d, "dtype": str(dt)}
+    s["config"] = str(ti.default_config(d, dt))
+    jobs = {
+        "fused_linear": lambda: ti.fused_attention(q, k, v, M, z, beta, False, 1e-6, 10000.0),
+        "fused_delta": lambda: ti.fused_attention(q, k, v, M, z, beta, True, 1e-6, 10000.0),
+        "fused_norope_linear": lambda: ti.fused_attention(q, k, v, M, z, beta, False, 1e-6, None),
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "fused_memory_linear": lambda: ti.fused_memory(q, k, v, q, M, z, beta, False, 1e-6),
+    }
+    for name, fn in jobs.items():
+        if time.time() - T0 > BUDGET_S - 30:   # leave the stream section its time
+            s[name] = "skipped: time budget"
+            continue
+        try:
+            s[name] = profile_kernels(fn, device, calls=calls)
+        except Exception as e:   # noqa: BLE001
+            s[name] = {"error": repr(e)[:400]}
+        log("profile", name, json.dumps(s[name])[:600])
+    for delta in (False, True):
+        rule = "delta" if delta else "linear"
+        try:
+            s[f"split_{rule}"] = split_times(q, k, v, M, z, beta, delta, device)
+        except Exception as e:   # noqa: BLE001
+            s[f"split_{rule}"] = {"error": repr(e)[:400]}
+        log("profile split", rule, s[f"split_{rule}"])
+    try:
+        s["split_norope_linear"] = split_times(q, k, v, M, z, beta, False, device, rope=None)
+    except Exception as e:   # noqa: BLE001
+        s["split_norope_linear"] = {"error": repr(e)[:400]}
+    # the attention kernel against SDPA: the same FLOPs (causal attention) plus retrieval and the sum
+    split, sdpa = s.get("split_linear", {}), None
+    try:
+        sdpa = graph_timeit(jobs["sdpa"], device)
+    except Exception as e:   # noqa: BLE001
+        s["sdpa_graph_ms"] = "error: " + repr(e)[:200]
+    if isinstance(sdpa, float):
+        s["sdpa_graph_ms"] = sdpa
+        for name in ("update", "attn"):
+            if isinstance(split.get(f"{name}_graph_ms"), float):
+                s[f"{name}_over_sdpa"] = round(split[f"{name}_graph_ms"] / sdpa, 3)
 
 
 # -- torch.compile in a subprocess ---------------------------------------------------------------
@@ -444,6 +574,12 @@ def compile_child(device, dry):
                 out[name] = "error: " + repr(e)[:300]
     both_timeit(out, "sdpa_in_child_ms", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device,
                 **iters)
+    if "compiled_reference_linear_ms" in fns:   # its kernels, for the profile's comparison
+        try:
+            out["profile_compiled_reference_linear"] = profile_kernels(fns["compiled_reference_linear_ms"], device,
+                                                                       calls=2 if dry else 20)
+        except Exception as e:   # noqa: BLE001
+            out["profile_compiled_reference_linear"] = {"error": repr(e)[:300]}
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -521,6 +657,7 @@ def section_stream(s, device, dry):
 
 # ----------------------------------------------------------------------------------------------
 BUDGET_S = 300
+SWEEP_S = 20    # the tile sweep stops starting configs past this many seconds
 
 
 def main():
@@ -554,6 +691,8 @@ def main():
         section_model_step(s, device, args.dry_run)
     with report.section("bench") as s:
         section_bench(s, device, args.dry_run, compile_proc)
+    with report.section("profile") as s:
+        section_profile(s, device, args.dry_run)
     with report.section("stream") as s:
         section_stream(s, device, args.dry_run)
     summary = {"correct": report.data["sections"].get("correctness", {}).get("all_ok")}
@@ -565,6 +704,18 @@ def main():
     for key, value in (bench.get("compile") or {}).items():
         if key.startswith("compiled_reference") or key == "error":
             summary["compile:" + key] = value
+    prof = report.data["sections"].get("profile", {})
+    for key in ("split_linear", "split_delta", "split_norope_linear"):
+        for sub in ("update_graph_ms", "attn_graph_ms"):
+            if isinstance((prof.get(key) or {}).get(sub), float):
+                summary[f"profile:{key}:{sub}"] = prof[key][sub]
+    for key in ("update_over_sdpa", "attn_over_sdpa"):
+        if key in prof:
+            summary["profile:" + key] = prof[key]
+    for key in ("fused_linear", "sdpa"):
+        kernels = (prof.get(key) or {}).get("kernels")
+        if isinstance(kernels, dict):
+            summary[f"profile:{key}:us"] = {name[:60]: r["us_per_call"] for name, r in kernels.items()}
     stream = report.data["sections"].get("stream", {})
     for key in ("ms_per_segment_first_window", "ms_per_segment_last_window", "peak_allocated_MiB",
                 "allocated_MiB_first_window", "allocated_MiB_last_window", "state_finite"):

@@ -8,16 +8,17 @@ Two entry points, both the same function as the reference (models/memory.py):
         q, k, v (B,H,n,d)           M_prev, z_prev (f32)
           |  k, v                      |
           v                            v
-      [_update_kernel]  grid (S, B*H): k_rope = RoPE(k); partial dM_s = sk^T v' and dz_s over
-          |  k_rope, partials          one token chunk each (v' = v, or v - retrieval for delta)
-          v
-      [_attn_kernel]    grid (n/BLOCK_M, B*H): flash attention of RoPE(q) over k_rope, v
-                        (online softmax, f32), retrieval sigma(q) M_prev / (sigma(q) z_prev + eps),
-                        gate mix -> a; and each program also sums a slice of the partials:
+      [_update_kernel]  grid (S, B*H): q_rope, k_rope = RoPE(q), RoPE(k); partial dM_s = sk^T v'
+          |  q_rope, k_rope,   and dz_s over one token chunk each (v' = v, or v - retrieval for delta)
+          v  partials
+      [_attn_kernel]    grid (B*H, n/BLOCK_M), query blocks last-first: flash attention of q_rope
+                        over k_rope, v (online softmax, f32), retrieval sigma(q) M_prev /
+                        (sigma(q) z_prev + eps) in chunks of RET_K rows of M_prev, gate mix -> a;
+                        and each program also sums a slice of the partials:
                         M_out = M_prev + sum_s dM_s, z_out = z_prev + sum_s dz_s
 
   fused_memory(q, k, v, a_dot, memory, norm, beta, delta, eps)
-      the memory block alone (a_dot given), one kernel `_memory_kernel`, grid (B*H, d/BLOCK_C):
+      the memory block alone (a_dot given), one kernel `_memory_kernel`, grid (B*H, d/BLOCK_C) (memory_launch):
       the CUDA kernel of ``infini::memory`` and of the TensorRT plugin (export/trt_plugin.py).
 
 Precision: activations fp16/bf16/fp32; softmax, retrieval and the state in float32. The
@@ -29,6 +30,7 @@ matmuls against the state (sigma(q) M, sigma(k) M, sigma(k)^T v) take float32 op
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -50,26 +52,32 @@ def _sigma(x):
 
 
 @triton.jit
-def _rope(ptr, offs_t, offs_d, mask_t, stride_t, x, COS, SIN, D: tl.constexpr):
-    """RoPE of the tile x = ptr[offs_t, offs_d] (rotate-half layout, positions offs_t), f32.
+def _rope_store(src, dst, offs_t, mask_t, stride_t, COS, SIN, D: tl.constexpr):
+    """dst[t, :] = RoPE(src[t, :]) for the tile of positions offs_t (rotate-half layout), f32 math.
 
-    rotated[j] = -x[j + D/2] for j < D/2, x[j - D/2] otherwise: one more (cached) load.
-    COS/SIN: (n, D) f32 tables, exactly the reference's angles (see rope_tables).
+    Works on the two halves x1 = x[:, :D/2], x2 = x[:, D/2:]: out1 = x1 cos - x2 sin,
+    out2 = x2 cos + x1 sin, the reference's x cos + rotate_half(x) sin term by term. COS/SIN
+    are (n, D/2) f32 (the reference's angles repeat across the halves), so a tile reads half
+    the table bytes and holds 4 half tiles, not 4 full ones. dst is contiguous (n, D).
     """
-    rot_d = (offs_d + D // 2) % D
-    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
-    x_rot = tl.load(ptr + offs_t[:, None] * stride_t + rot_d[None, :], mask=mask_t[:, None], other=0.0)
-    cos = tl.load(COS + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=1.0)
-    sin = tl.load(SIN + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=0.0)
-    return x.to(tl.float32) * cos + (x_rot.to(tl.float32) * sign[None, :]) * sin
+    offs_h = tl.arange(0, D // 2)
+    m2 = mask_t[:, None]
+    x1 = tl.load(src + offs_t[:, None] * stride_t + offs_h[None, :], mask=m2, other=0.0)
+    x2 = tl.load(src + offs_t[:, None] * stride_t + (offs_h + D // 2)[None, :], mask=m2, other=0.0)
+    cos = tl.load(COS + offs_t[:, None] * (D // 2) + offs_h[None, :], mask=m2, other=1.0)
+    sin = tl.load(SIN + offs_t[:, None] * (D // 2) + offs_h[None, :], mask=m2, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    out = dst + offs_t[:, None] * D + offs_h[None, :]
+    tl.store(out, (x1f * cos + (-x2f) * sin).to(x1.dtype), mask=m2)
+    tl.store(out + D // 2, (x2f * cos + x1f * sin).to(x1.dtype), mask=m2)
 
 
 # --------------------------------------------------------------------------------------------
 # Kernel 1 of the fused step: RoPE(k) and the partial memory updates
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _update_kernel(K, V, M, Z, COS, SIN, KR, PM, PZ,
-                   s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+def _update_kernel(Q, K, V, M, Z, COS, SIN, QR, KR, PM, PZ,
+                   s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
                    H, n_ctx, tiles_per_prog, eps,
                    D: tl.constexpr, BLOCK_T: tl.constexpr, DELTA: tl.constexpr, ROPE: tl.constexpr,
                    MEM_PRECISION: tl.constexpr):
@@ -78,6 +86,7 @@ def _update_kernel(K, V, M, Z, COS, SIN, KR, PM, PZ,
     b = bh // H
     h = bh % H
     offs_d = tl.arange(0, D)
+    q_base = Q + b * s_qb + h * s_qh
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     acc = tl.zeros((D, D), dtype=tl.float32)   # sum_t sk_t^T v'_t over this program's tokens
@@ -88,12 +97,11 @@ def _update_kernel(K, V, M, Z, COS, SIN, KR, PM, PZ,
     for i in range(0, tiles_per_prog):
         offs_t = (pid_s * tiles_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < n_ctx
+        if ROPE:   # RoPE(q), RoPE(k) once per token, for the attention kernel
+            _rope_store(q_base, QR + bh * n_ctx * D, offs_t, mask_t, s_qt, COS, SIN, D)
+            _rope_store(k_base, KR + bh * n_ctx * D, offs_t, mask_t, s_kt, COS, SIN, D)
         k = tl.load(k_base + offs_t[:, None] * s_kt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
         v = tl.load(v_base + offs_t[:, None] * s_vt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
-        if ROPE:
-            kr = _rope(k_base, offs_t, offs_d, mask_t, s_kt, k, COS, SIN, D)
-            tl.store(KR + bh * n_ctx * D + offs_t[:, None] * D + offs_d[None, :], kr.to(k.dtype),
-                     mask=mask_t[:, None])
         sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)   # padded rows add nothing
         vn = v.to(tl.float32)
         if DELTA:   # Eq 9: store only what M_prev does not already return for this key
@@ -122,38 +130,38 @@ def _attn_inner(acc, l_i, m_i, q, KR, V, s_vt, offs_m, offs_d, lo, hi, n_ctx, qk
         else:
             k = tl.load(KR + offs_n[:, None] * D + offs_d[None, :])
             v = tl.load(V + offs_n[:, None] * s_vt + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=ATT_PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N), log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=ATT_PRECISION)   # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < n_ctx)
             qk = tl.where(keep, qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, axis=1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+        m_ij = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)   # log2 units
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])        # one FMA per score
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=ATT_PRECISION)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc=acc, input_precision=ATT_PRECISION)   # into acc: no second tile
         m_i = m_ij
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_kernel(Q, KR, V, M, Z, BETA, COS, SIN, A, PM, PZ, MO, ZO,
-                 s_qb, s_qh, s_qt, s_vb, s_vh, s_vt,
+def _attn_kernel(Q, QR, KR, V, M, Z, BETA, A, PM, PZ, MO, ZO,
+                 s_qb, s_qh, s_qt, s_rb, s_rh, s_rt, s_vb, s_vh, s_vt,
                  H, n_ctx, n_parts, eps, qk_scale,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_R: tl.constexpr,
-                 ROPE: tl.constexpr, ATT_PRECISION: tl.constexpr, MEM_PRECISION: tl.constexpr):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+                 RET_K: tl.constexpr, ATT_PRECISION: tl.constexpr, MEM_PRECISION: tl.constexpr):
+    # grid (B*H, n/BLOCK_M): the heads vary fastest and the query blocks run last-first, so
+    # the longest causal rows of every head start in the first wave (longest job first).
+    bh = tl.program_id(0)
+    start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mask_m = offs_m < n_ctx
-    q_base = Q + b * s_qb + h * s_qh
-    q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-    if ROPE:
-        qr = _rope(q_base, offs_m, offs_d, mask_m, s_qt, q, COS, SIN, D).to(q.dtype)
-    else:
-        qr = q
+    # RoPE(q) as kernel 1 stored it (or q itself without RoPE)
+    qr = tl.load(QR + b * s_rb + h * s_rh + offs_m[:, None] * s_rt + offs_d[None, :], mask=mask_m[:, None],
+                 other=0.0)
     kr_base = KR + bh * n_ctx * D
     v_base = V + b * s_vb + h * s_vh
     # -- local causal attention, online softmax (base 2) --------------------------------------
@@ -166,19 +174,30 @@ def _attn_kernel(Q, KR, V, M, Z, BETA, COS, SIN, A, PM, PZ, MO, ZO,
     acc, l_i, m_i = _attn_inner(acc, l_i, m_i, qr, kr_base, v_base, s_vt, offs_m, offs_d, diag,
                                 tl.minimum(diag + BLOCK_M, n_ctx), n_ctx, qk_scale, D, BLOCK_N, True,
                                 ATT_PRECISION)
-    a_dot = acc / l_i[:, None]
-    # -- retrieval from M_prev (Eq 7) and the gate (Eq 10) --------------------------------------
-    sq = _sigma(q.to(tl.float32))
-    m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-    z_prev = tl.load(Z + bh * D + offs_d)
-    a_mem = tl.dot(sq, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sq * z_prev[None, :], axis=1) + eps)[:, None]
     g = 1.0 / (1.0 + tl.exp(-tl.load(BETA + h).to(tl.float32)))
-    a = g * a_mem + (1.0 - g) * a_dot
-    tl.store(A + bh * n_ctx * D + offs_m[:, None] * D + offs_d[None, :], a.to(q.dtype), mask=mask_m[:, None])
+    a = acc * ((1.0 - g) / l_i)[:, None]   # (1 - g) a_dot
+    # -- retrieval from M_prev (Eq 7) and the gate (Eq 10), accumulated into a in chunks of
+    # RET_K rows of M_prev: g sigma(q) M_prev / (sigma(q) z_prev + eps). q (without RoPE) is
+    # read again here (L2), not kept through the loop; a whole-tile sigma(q) next to a, and a
+    # second (BLOCK_M, D) f32 result, would spill registers.
+    q_base = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qt
+    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c in range(0, D, RET_K):
+        offs_c = c + tl.arange(0, RET_K)
+        sq = _sigma(tl.load(q_base + offs_c[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32))
+        den += tl.sum(sq * tl.load(Z + bh * D + offs_c)[None, :], axis=1)
+    w = g / (den + eps)
+    for c in range(0, D, RET_K):
+        offs_c = c + tl.arange(0, RET_K)
+        sq = _sigma(tl.load(q_base + offs_c[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32))
+        m_rows = tl.load(M + bh * D * D + offs_c[:, None] * D + offs_d[None, :])   # (RET_K, D)
+        a = tl.dot(sq * w[:, None], m_rows, acc=a, input_precision=MEM_PRECISION)
+    z_prev = tl.load(Z + bh * D + offs_d)
+    tl.store(A + bh * n_ctx * D + offs_m[:, None] * D + offs_d[None, :], a.to(qr.dtype), mask=mask_m[:, None])
     # -- this program's slice of M_out = M_prev + sum of the partials (kernel 1 has finished) ----
-    n_bh = tl.num_programs(1)
+    n_bh = tl.num_programs(0)
     offs_r = tl.arange(0, ROWS_R)
-    for r0 in range(start_m * ROWS_R, D, tl.num_programs(0) * ROWS_R):
+    for r0 in range(start_m * ROWS_R, D, tl.num_programs(1) * ROWS_R):
         rows = (r0 + offs_r)[:, None] * D + offs_d[None, :]
         tile = tl.load(M + bh * D * D + rows)
         for s in range(0, n_parts):
@@ -244,23 +263,40 @@ class KernelConfig:
     attn_warps: int = 8
     attn_stages: int = 3
     update_warps: int = 8
+    update_stages: int = 3
+    ret_k: int = 32           # rows of M_prev per retrieval step of the attention kernel
     mem_precision: str | None = None  # "tf32" | "ieee"; None: tf32 on GPUs, ieee for f32 activations
+
+
+# Tile table for GPUs, keyed by head size; chosen so that no kernel spills registers on sm_90
+# (ptxas -v on the Triton 3.9 PTX; tests/models/test_kernel_tiles.py compiles them), and
+# timed by tools/gpu_check.py's sweep. No autotuning: nothing runs at import or first call.
+_GPU_TILES = {
+    128: KernelConfig(block_m=128, block_n=64, block_t=32, attn_warps=8, attn_stages=3, update_warps=8),
+    64: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=8, attn_stages=3, update_warps=4),
+    32: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, attn_stages=3, update_warps=4),
+    16: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, attn_stages=3, update_warps=4),
+}
+# float32 activations (exact f32 matmuls: no tensor cores) at d = 128: smaller attention tiles,
+# or the 128 x 128 tile needs ~225 KiB of shared memory, at the edge of Hopper's 227 KiB
+_GPU_TILES_F32_128 = KernelConfig(block_m=64, block_n=32, block_t=32, attn_warps=4, attn_stages=3, update_warps=8)
 
 
 def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
     if interpreted():   # small tiles: the CPU interpreter's cost grows with the tile
         return KernelConfig(block_m=16, block_n=16, block_t=16, attn_warps=4, update_warps=4)
-    if d <= 64:
-        return KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, update_warps=4)
-    return KernelConfig()
+    if dtype == torch.float32 and d >= 128:
+        return _GPU_TILES_F32_128
+    return _GPU_TILES[d]
 
 
 _TABLES: dict = {}
 
 
 def rope_tables(n: int, d: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (n, d) f32: the angles of models.model.rope, computed the same way, cached.
+    """cos, sin (n, d/2) f32: the angles of models.model.rope, computed the same way, cached.
 
+    The reference concatenates the d/2 angles with themselves; the kernels read one half.
     Warm up before CUDA-graph capture: a table first built inside a capture would hold
     numbers the graph computes but the eager cache never sees.
     """
@@ -268,7 +304,6 @@ def rope_tables(n: int, d: int, theta: float, device) -> tuple[torch.Tensor, tor
     if key not in _TABLES:
         inv_freq = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
         angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
         _TABLES[key] = (angles.cos().contiguous(), angles.sin().contiguous())
     return _TABLES[key]
 
@@ -303,7 +338,7 @@ def _num_sms(device) -> int:
 
 
 def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_theta: float | None,
-                    config: KernelConfig | None = None):
+                    config: KernelConfig | None = None, _split: dict | None = None):
     """The whole segment step of one layer: RoPE, causal local attention, retrieval, gate, update.
 
     q, k, v: (B, H, n, d) fp16/bf16/fp32, *without* RoPE (rope_theta=None: no RoPE at all);
@@ -311,40 +346,51 @@ def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_t
     dtype, memory_out, norm_out) as new tensors; the same numbers as
     ``memory_reference(q, k, v, sdpa(rope(q), rope(k), v, is_causal=True), ...)``.
     No host synchronisation: safe inside CUDA-graph capture once warmed up.
+    ``_split`` (a dict; profiling only): launch nothing, put the two launches there as
+    callables "update" and "attn" (run in that order) over the returned, still empty, outputs.
     """
     _check(q, k, v, memory, norm, beta)
     B, H, n, d = q.shape
     cfg = config or default_config(d, q.dtype)
+    if cfg.block_m % cfg.block_n:
+        raise ValueError(f"block_n {cfg.block_n} must divide block_m {cfg.block_m}")
     att_prec, mem_prec = _precisions(q.dtype, cfg)
     q, k, v = _inner(q), _inner(k), _inner(v)
     memory, norm, beta = memory.contiguous(), norm.contiguous(), beta.contiguous()
     rope = rope_theta is not None
     cos, sin = rope_tables(n, d, rope_theta, q.device) if rope else (memory, memory)  # unused when no RoPE
-    kr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else None
+    # RoPE(q), RoPE(k) written by kernel 1 as contiguous (B, H, n, d); without RoPE, q is read in place
+    qr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else q
+    kr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else k.contiguous()
     tiles = triton.cdiv(n, cfg.block_t)
     parts = cfg.parts or max(1, _num_sms(q.device) // (B * H))
     tiles_per_prog = triton.cdiv(tiles, min(parts, tiles))
     parts = triton.cdiv(tiles, tiles_per_prog)
     pm = torch.empty((parts, B * H, d, d), device=q.device, dtype=torch.float32)
     pz = torch.empty((parts, B * H, d), device=q.device, dtype=torch.float32)
-    _update_kernel[(parts, B * H)](
-        k, v, memory, norm, cos, sin, kr if rope else k, pm, pz,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H, n, tiles_per_prog, eps,
-        D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=rope, MEM_PRECISION=mem_prec,
-        num_warps=cfg.update_warps)
-    if not rope:   # attention reads keys as a contiguous (B, H, n, d) buffer
-        kr = k.contiguous()
     a = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype)
     memory_out = torch.empty_like(memory)
     norm_out = torch.empty_like(norm)
-    _attn_kernel[(triton.cdiv(n, cfg.block_m), B * H)](
-        q, kr, v, memory, norm, beta, cos, sin, a, pm, pz, memory_out, norm_out,
-        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        H, n, parts, eps, LOG2E / math.sqrt(d),
-        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d), ROPE=rope,
-        ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec,
+    update = functools.partial(
+        _update_kernel[(parts, B * H)],
+        q, k, v, memory, norm, cos, sin, qr, kr, pm, pz,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), H, n, tiles_per_prog, eps,
+        D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=rope, MEM_PRECISION=mem_prec,
+        num_warps=cfg.update_warps, num_stages=cfg.update_stages)
+    attn = functools.partial(
+        _attn_kernel[(B * H, triton.cdiv(n, cfg.block_m))],
+        q, qr, kr, v, memory, norm, beta, a, pm, pz, memory_out, norm_out,
+        q.stride(0), q.stride(1), q.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), H, n, parts, eps, LOG2E / math.sqrt(d),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d),
+        RET_K=min(cfg.ret_k, d), ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec,
         num_warps=cfg.attn_warps, num_stages=cfg.attn_stages)
+    if _split is not None:   # the two launches, for timing each on its own (tools/gpu_check.py)
+        _split["update"], _split["attn"] = update, attn
+        return a, memory_out, norm_out
+    update()
+    attn()
     return a, memory_out, norm_out
 
 
@@ -362,14 +408,68 @@ def fused_memory(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float,
     memory, norm, beta = memory.contiguous(), norm.contiguous(), beta.contiguous()
     a = torch.empty_like(a_dot)
     memory_out, norm_out = torch.empty_like(memory), torch.empty_like(norm)
-    block_c = memory_block_c(d)
+    block_t, block_c, warps = memory_launch(d)
     _memory_kernel[(B * H, d // block_c)](
         q, k, v, a_dot, memory, norm, beta, n, H, a, memory_out, norm_out,
-        EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, 64), BLOCK_C=block_c, DELTA=bool(delta),
-        MEM_PRECISION=mem_prec, num_warps=4)
+        EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, block_t), BLOCK_C=block_c, DELTA=bool(delta),
+        MEM_PRECISION=mem_prec, num_warps=warps)
     return a, memory_out, norm_out
 
 
 def memory_block_c(d: int) -> int:
-    """Value columns per program of _memory_kernel (the plugin computes its grid with it)."""
-    return min(d, 16 if interpreted() else 64)
+    """Value columns per program of _memory_kernel (the plugin computes its grid with it).
+
+    d = 128: 16 columns, so a (batch, head) gets 8 programs (the anchor's 16 heads fill 128
+    of an H100/H200's 132 SMs; 2 programs per head, as with 64 columns, left 100 idle) and
+    the d x 16 state slice stays in registers without spilling (ptxas, sm_90).
+    """
+    if interpreted():
+        return min(d, 16)
+    return 16 if d >= 128 else min(d, 64)
+
+
+def memory_launch(d: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_C, num_warps) of _memory_kernel for head size d; grid (B*H, d / BLOCK_C)."""
+    return 64, memory_block_c(d), (8 if d >= 128 and not interpreted() else 4)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time sources (no GPU needed): what the launchers above compile, for checks
+# --------------------------------------------------------------------------------------------
+_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, act: str, f32_ptrs: set, constexprs: dict) -> dict:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in ("eps", "qk_scale"):
+            sig[name] = "fp32"
+        elif name.isupper() and name not in ("H", "D"):   # tensors are the upper-case arguments
+            sig[name] = "*fp32" if name in f32_ptrs else f"*{act}"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def fused_step_sources(d: int, dtype: torch.dtype, delta: bool, rope: bool = True,
+                       config: KernelConfig | None = None) -> dict:
+    """{"update" | "attn": (ASTSource, num_warps, num_stages)}: the fused step's two kernels with
+    the constexprs `fused_attention` gives them (its default tiles unless `config`), for
+    ``triton.compile(src, target=GPUTarget("cuda", 90, 32), options=...)`` on any machine."""
+    cfg = config or default_config(d, dtype)
+    att_prec, mem_prec = _precisions(dtype, cfg)
+    act = _TT[dtype]
+    up = dict(D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=bool(rope), MEM_PRECISION=mem_prec)
+    at = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d), RET_K=min(cfg.ret_k, d),
+              ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec)
+    src = triton.compiler.ASTSource
+    return {
+        "update": (src(fn=_update_kernel, constexprs=up,
+                       signature=_signature(_update_kernel, act, {"M", "Z", "COS", "SIN", "PM", "PZ"}, up)),
+                   cfg.update_warps, cfg.update_stages),
+        "attn": (src(fn=_attn_kernel, constexprs=at,
+                     signature=_signature(_attn_kernel, act, {"M", "Z", "BETA", "PM", "PZ", "MO", "ZO"}, at)),
+                 cfg.attn_warps, cfg.attn_stages),
+    }
