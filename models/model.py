@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import InfiniConfig
+from .kernels.ops import attention_op
 from .memory import memory_op
 
 
@@ -29,16 +30,21 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (Llama's rotate-half layout) at segment-local positions 0..n-1.
 
     x: (B, H, n, d). Positions restart every segment, so the step is the same
-    function for every segment.
+    function for every segment. ``positions`` (B,) int64 gives one position per
+    row instead, for the decode step's single token (n = 1).
     """
     n, d = x.shape[-2], x.shape[-1]
     inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (n, d/2)
-    angles = torch.cat((angles, angles), dim=-1)                                          # (n, d)
+    if positions is None:
+        pos = torch.arange(n, device=x.device, dtype=torch.float32)[:, None]                 # (n, 1)
+    else:
+        pos = positions.to(torch.float32).view(-1, 1, 1, 1)                                   # (B, 1, 1, 1)
+    angles = pos * inv_freq                                                                   # (n | B,1,1, d/2)
+    angles = torch.cat((angles, angles), dim=-1)                                              # (..., d)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
@@ -63,11 +69,16 @@ class InfiniAttention(nn.Module):
         B, n, _ = x.shape
         q, k, v = (proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)   # (B, H, n, d)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        # RoPE on the local path only: the memory has no positions.
-        a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
-                                               is_causal=True)
-        a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
-                                    cfg.update == "delta", cfg.eps)
+        if q.is_cuda and not torch.onnx.is_in_onnx_export():
+            # the same function as below as one op: the fused Triton kernel (models/kernels/)
+            a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
+                                           cfg.eps, cfg.rope_theta)
+        else:
+            # RoPE on the local path only: the memory has no positions.
+            a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
+                                                   is_causal=True)
+            a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
+                                        cfg.update == "delta", cfg.eps)
         y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
         return y, memory, norm
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import BadInputError
 from .config import InfiniConfig
 
 # segment step
@@ -18,6 +19,21 @@ NORM = "norm"
 LOGITS = "logits"
 MEMORY_OUT = "memory_out"
 NORM_OUT = "norm_out"
+
+# decode step (one token, with the in-segment KV cache and the pending update); also uses
+# MEMORY, NORM (read only: no memory_out/norm_out) and LOGITS
+TOKEN = "token"
+POS = "pos"
+K_CACHE = "k_cache"
+V_CACHE = "v_cache"
+D_MEMORY = "d_memory"
+D_NORM = "d_norm"
+K_CACHE_OUT = "k_cache_out"
+V_CACHE_OUT = "v_cache_out"
+D_MEMORY_OUT = "d_memory_out"
+D_NORM_OUT = "d_norm_out"
+
+GRAPHS = ("segment", "decode")
 
 # symbolic dimensions
 BATCH = "batch"
@@ -63,3 +79,36 @@ def segment_inputs(config: InfiniConfig) -> list[TensorSpec]:
 def segment_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
     return [TensorSpec(LOGITS, logits_dtype, (BATCH, SEQ, config.vocab_size)),
             *state_specs(config, suffix="_out")]
+
+
+def decode_state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpec]:
+    """The decode step's carried state, float32 in every precision:
+    k_cache, v_cache (L, batch, H, N, d): RoPE'd keys and values of the unfinished segment, slot t = position t;
+    d_memory (L, batch, H, d, d), d_norm (L, batch, H, d): its pending update, folded into (M, z) at N tokens."""
+    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    return [TensorSpec(K_CACHE + suffix, "float32", (L, BATCH, H, N, d)),
+            TensorSpec(V_CACHE + suffix, "float32", (L, BATCH, H, N, d)),
+            TensorSpec(D_MEMORY + suffix, "float32", (L, BATCH, H, d, d)),
+            TensorSpec(D_NORM + suffix, "float32", (L, BATCH, H, d))]
+
+
+def decode_inputs(config: InfiniConfig) -> list[TensorSpec]:
+    """token (batch,), pos (batch,) = tokens already in the current segment (0..N-1), memory, norm
+    (read only), then the decode state. The order is the argument order of models.decode.decode_step."""
+    token = TensorSpec(TOKEN, "int64", (BATCH,), value_range=(0, config.vocab_size - 1))
+    pos = TensorSpec(POS, "int64", (BATCH,), value_range=(0, config.segment_len - 1))
+    return [token, pos, *state_specs(config), *decode_state_specs(config)]
+
+
+def decode_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
+    return [TensorSpec(LOGITS, logits_dtype, (BATCH, config.vocab_size)),
+            *decode_state_specs(config, suffix="_out")]
+
+
+def graph_specs(graph: str, config: InfiniConfig, logits_dtype: str = "float32"):
+    """(inputs, outputs) of one graph: "segment" or "decode"."""
+    if graph == "segment":
+        return segment_inputs(config), segment_outputs(config, logits_dtype)
+    if graph == "decode":
+        return decode_inputs(config), decode_outputs(config, logits_dtype)
+    raise BadInputError(f"graph {graph!r} is not known; expected one of: {', '.join(GRAPHS)}")

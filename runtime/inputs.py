@@ -59,7 +59,7 @@ def _load_npy(path: Path) -> np.ndarray:
 def _iter_npy(path: Path, chunk: int) -> Iterator[np.ndarray]:
     arr = _load_npy(path)
     for start in range(0, arr.shape[0], chunk):
-        yield np.asarray(arr[start:start + chunk], dtype=np.int64)
+        yield np.array(arr[start:start + chunk], dtype=np.int64)  # a copy: the map is read-only
 
 
 def _iter_text(path: Path, chunk: int) -> Iterator[np.ndarray]:

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import BadInputError, InfiniError
 from ..models.config import InfiniConfig
-from ..models.spec import TensorSpec
+from ..models.spec import TOKEN, TOKENS, TensorSpec
 
 TORCH_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -117,8 +117,9 @@ def check_feed(feed: dict[str, torch.Tensor], specs: list[TensorSpec]) -> None:
             lo, hi = spec.value_range
             bad = (t < lo) | (t > hi)
             if bool(bad.any()):
-                raise BadInputError(f"input {spec.name!r} holds id {int(t[bad][0])}, outside the vocabulary "
-                                    f"[{lo}, {hi}]")
+                what = ("id {}, outside the vocabulary" if spec.name in (TOKENS, TOKEN)
+                        else "{}, outside the range").format(int(t[bad][0]))
+                raise BadInputError(f"input {spec.name!r} holds {what} [{lo}, {hi}]")
 
 
 def _fmt(shape) -> str:

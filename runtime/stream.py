@@ -5,11 +5,15 @@ piece by piece) is cut into segments of exactly N tokens; the tokens of an
 unfinished segment wait in a buffer of fewer than N tokens until it fills, so
 streaming in any chunking gives the same numbers as streaming whole segments.
 Nothing kept here grows with the stream.
+
+Generation (``generate``) needs a second runner for the decode step: it keeps
+the unfinished segment as a fixed-size KV cache plus its pending memory
+update, and folds that into (M, z) when the segment fills (models/decode.py).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,7 +21,9 @@ from tqdm.auto import tqdm
 
 from ..errors import BadInputError, NumericalFaultError
 from ..models import spec
+from ..models.decode import fold, initial_decode_state
 from .runner import BaseRunner
+from .sampling import Sampling, sample
 
 KEEP = ("all", "last", "none")
 
@@ -31,11 +37,13 @@ class Stream:
     they are recomputed when the segment fills (at most N - 1 tokens per call).
     """
 
-    def __init__(self, runner: BaseRunner, batch: int = 1, check_finite: bool = True):
+    def __init__(self, runner: BaseRunner, batch: int = 1, check_finite: bool = True,
+                 decode_runner: BaseRunner | None = None):
         if not runner.is_active:
             runner.activate()
         self.runner = runner
         self.config = runner.config
+        self.decode_runner = _check_decode_runner(runner, decode_runner)
         self.batch = int(batch)
         if self.batch < 1:
             raise BadInputError(f"batch must be at least 1, got {batch}")
@@ -50,6 +58,7 @@ class Stream:
         self.pending = torch.zeros(B, 0, dtype=torch.int64)  # tokens of the unfinished segment, < N
         self.position = 0                                     # tokens fed so far
         self.segments = 0                                     # segments committed to the state
+        self._reset_cache()
 
     @property
     def state(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +66,10 @@ class Stream:
         return self.memory, self.norm
 
     def feed(self, tokens, keep: str = "last"):
-        """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring."""
+        """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring.
+
+        All or nothing: if any segment fails (a bad id, a NaN state), the stream is left as it was.
+        """
         if keep not in KEEP:
             raise BadInputError(f"keep={keep!r}; expected one of: {', '.join(KEEP)}")
         tokens = self._as_tokens(tokens)
@@ -68,18 +80,24 @@ class Stream:
         buf = torch.cat([self.pending, tokens], dim=1)
         n_old = buf.shape[1] - n_new
         n_full = buf.shape[1] // N * N
-        kept = []
-        for start in range(0, n_full, N):
-            logits = self._commit(buf[:, start:start + N])
+        memory, norm, kept = self.memory, self.norm, []
+        for i, start in enumerate(range(0, n_full, N)):
+            logits, memory, norm = self._run(buf[:, start:start + N], memory, norm)
+            if self.check_finite:
+                check_state_finite(memory, norm, self.segments + i)
             if keep == "all":
                 kept.append(logits[:, max(n_old - start, 0):])
             elif keep == "last" and start + N == buf.shape[1]:
                 kept.append(logits[:, -1])
-        self.pending = buf[:, n_full:]
-        self.position += n_new
-        if keep != "none" and self.pending.shape[1] and (keep == "all" or not kept):
-            logits = self._run(self.pending)[0]  # not committed: the segment is unfinished
+        pending = buf[:, n_full:]
+        if keep != "none" and pending.shape[1] and (keep == "all" or not kept):
+            logits = self._run(pending, memory, norm)[0]  # not committed: the segment is unfinished
             kept.append(logits[:, max(n_old - n_full, 0):] if keep == "all" else logits[:, -1])
+        self.memory, self.norm, self.pending = memory, norm, pending
+        self.segments += n_full // N
+        if n_full:
+            self._reset_cache()  # the decode cache held the segment just committed by the segment step
+        self.position += n_new
         if keep == "none":
             return None
         return torch.cat(kept, dim=1) if keep == "all" else kept[-1]
@@ -111,28 +129,145 @@ class Stream:
         """
         if not self.pending.shape[1]:
             return None
-        logits = self._commit(self.pending)
-        self.pending = self.pending[:, :0]
-        return logits
-
-    # -- internals ------------------------------------------------------------------------------
-    def _run(self, segment: torch.Tensor):
-        out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: self.memory, spec.NORM: self.norm})
-        return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
-
-    def _commit(self, segment: torch.Tensor) -> torch.Tensor:
-        logits, memory, norm = self._run(segment)
+        logits, memory, norm = self._run(self.pending, self.memory, self.norm)
         if self.check_finite:
             check_state_finite(memory, norm, self.segments)
-        self.memory, self.norm = memory, norm
+        self.memory, self.norm, self.pending = memory, norm, self.pending[:, :0]
         self.segments += 1
+        self._reset_cache()
         return logits
+
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_tokens: Iterable[int] = (),
+                 on_token: Callable[[torch.Tensor], None] | None = None, total: int | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Prefill ``prompt`` and decode up to ``max_new_tokens`` tokens; returns them, (B, k) int64.
+
+        prompt: tokens (B, n) / (n,), or an iterator of such chunks (streamed: a prompt of any
+        length is never held whole). Full segments go through the segment step; the rest of the
+        prompt and every new token through the decode step. temperature 0 is greedy; ``seed``
+        makes sampling reproducible. Generation ends early once every row has produced one of
+        ``stop_tokens`` (included in the output); a row that stopped repeats its stop token.
+        ``on_token(tokens (B,))`` is called for each new token. The stream continues from the
+        generated tokens: ``feed`` and ``generate`` may follow.
+        """
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        stops = self._stop_tensor(stop_tokens)
+        if max_new_tokens < 0:
+            raise BadInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if self.decode_runner is None:
+            raise BadInputError("this stream has no decode runner; create it with "
+                                "Stream(runner, decode_runner=TorchRunner(model, graph='decode'))")
+        logits = self._prefill(prompt, total, progress)
+        generator, out = sampling.generator(), []
+        done = torch.zeros(self.batch, dtype=torch.bool)
+        for i in range(max_new_tokens):
+            token = sample(logits, sampling, generator)                           # (B,)
+            token = torch.where(done, out[-1], token) if out else token
+            done |= torch.isin(token, stops)
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            self._append(token[:, None])
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            logits = self._catch_up()
+        if self.pending.shape[1] == self.config.segment_len:
+            self._catch_up()  # fold the segment the last token filled
+        return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, dtype=torch.int64)
+
+    @property
+    def cache(self) -> tuple[torch.Tensor, ...]:
+        """(k_cache, v_cache, d_memory, d_norm) of the unfinished segment: fixed shapes, see models/decode.py."""
+        return self._cache
+
+    # -- internals ------------------------------------------------------------------------------
+    def _reset_cache(self) -> None:
+        runner = self.decode_runner or self.runner
+        self._cache = initial_decode_state(self.config, self.batch, runner.device)
+        self._cached = 0  # pending[:, :_cached] are in the cache; the rest wait for _catch_up
+
+    def _prefill(self, prompt, total: int | None, progress: bool) -> torch.Tensor:
+        """Feed the prompt, holding its last token back for the decode step: returns its logits (B, V)."""
+        chunks = prompt if isinstance(prompt, Iterator) else iter([prompt])
+        held = None
+        with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
+            for chunk in chunks:
+                chunk = self._as_tokens(chunk)
+                if not chunk.shape[1]:
+                    continue
+                self._check_ids(chunk)
+                if held is not None:
+                    self.feed(held, keep="none")
+                    bar.update(held.shape[1])
+                held = chunk
+            if held is None:
+                raise BadInputError("the prompt has no tokens; give at least one (e.g. <bos>) to generate from")
+            self.feed(held[:, :-1], keep="none")
+            self._append(held[:, -1:])
+            logits = self._catch_up()
+            bar.update(held.shape[1])
+        return logits
+
+    def _append(self, tokens: torch.Tensor) -> None:
+        """Add (B, 1) tokens to the unfinished segment without running anything (see _catch_up)."""
+        self.pending = torch.cat([self.pending, tokens.to(torch.int64).cpu()], dim=1)
+        self.position += tokens.shape[1]
+
+    def _catch_up(self) -> torch.Tensor | None:
+        """Run the decode step over the pending tokens not yet in the cache; logits of the last (B, V)."""
+        logits, N = None, self.config.segment_len
+        while self._cached < self.pending.shape[1]:
+            logits = self._decode(self.pending[:, self._cached], self._cached)
+            self._cached += 1
+            if self._cached == N:
+                self._fold()
+        return logits
+
+    def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        feed = {spec.TOKEN: token, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
+                spec.MEMORY: self.memory, spec.NORM: self.norm}
+        feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
+        out = self.decode_runner.infer(feed)
+        self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
+                                                   spec.D_MEMORY_OUT, spec.D_NORM_OUT))
+        return out[spec.LOGITS]
+
+    def _fold(self) -> None:
+        """The segment filled by decoding: M += dM, z += dz, and start a new segment."""
+        memory, norm = fold(self.memory, self.norm, self._cache[2], self._cache[3])
+        if self.check_finite:
+            check_state_finite(memory, norm, self.segments)
+        self.memory, self.norm, self.pending = memory, norm, self.pending[:, :0]
+        self.segments += 1
+        self._reset_cache()
+
+    def _check_ids(self, tokens: torch.Tensor) -> None:
+        """Token ids in the vocabulary, checked before they enter the pending buffer."""
+        bad = (tokens < 0) | (tokens >= self.config.vocab_size)
+        if bool(bad.any()):
+            raise BadInputError(f"prompt holds id {int(tokens[bad][0])}, outside the vocabulary "
+                                f"[0, {self.config.vocab_size - 1}]")
+
+    def _stop_tensor(self, stop_tokens: Iterable[int]) -> torch.Tensor:
+        stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64)
+        V = self.config.vocab_size
+        bad = stops[(stops < 0) | (stops >= V)]
+        if bad.numel():
+            raise BadInputError(f"stop token {int(bad[0])} is outside the vocabulary [0, {V - 1}]")
+        return stops
+
+    def _run(self, segment: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
+        out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: memory, spec.NORM: norm})
+        return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
 
     def _as_tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             t = tokens
         else:
             arr = np.asarray(tokens)
+            if not arr.flags.writeable:
+                arr = arr.copy()
             if arr.size == 0:
                 arr = arr.astype(np.int64)
             t = torch.from_numpy(np.ascontiguousarray(arr))
@@ -153,3 +288,22 @@ def check_state_finite(memory: torch.Tensor, norm: torch.Tensor, segment: int) -
         layer = int(torch.nonzero(bad)[0, 0])
         raise NumericalFaultError(f"state became NaN/Inf in layer {layer} at segment {segment}; "
                                   "refusing to continue (the state is float32: check the inputs and weights)")
+
+
+def _check_decode_runner(runner: BaseRunner, decode_runner: BaseRunner | None) -> BaseRunner | None:
+    """The decode runner must run the decode graph of the same model on the same device."""
+    if decode_runner is None:
+        return None
+    names = {s.name for s in decode_runner.input_specs}
+    if spec.POS not in names:
+        raise BadInputError(f"decode_runner runs a graph with inputs {sorted(names)}; expected the decode step's "
+                            f"({', '.join(s.name for s in spec.decode_inputs(runner.config))})")
+    if decode_runner.config != runner.config:
+        raise BadInputError("decode_runner's model config differs from the segment runner's; "
+                            "both must run the same model")
+    if decode_runner.device != runner.device:
+        raise BadInputError(f"decode_runner is on {decode_runner.device}, the segment runner on {runner.device}; "
+                            "expected the same device")
+    if not decode_runner.is_active:
+        decode_runner.activate()
+    return decode_runner

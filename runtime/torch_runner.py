@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..errors import MissingBackendError
 from ..models import spec
+from ..models.decode import decode_step
 from ..models.model import InfiniTransformer
 from .runner import BaseRunner
 
 
 class TorchRunner(BaseRunner):
-    """Runs ``InfiniTransformer.step`` in inference mode. State stays on ``device``."""
+    """Runs one graph of the model in inference mode: ``graph="segment"`` (``InfiniTransformer.step``)
+    or ``graph="decode"`` (``models.decode.decode_step``, one token with the in-segment KV cache).
+    Inputs and outputs are named by models/spec.py; state stays on ``device``."""
 
     name = "torch"
 
-    def __init__(self, model: InfiniTransformer, device: str = "cpu"):
+    def __init__(self, model: InfiniTransformer, device: str = "cpu", graph: str = "segment"):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise MissingBackendError(f"device {device!r} requested but torch sees no CUDA GPU; available: cpu")
         config = model.config
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        super().__init__(config, spec.segment_inputs(config), spec.segment_outputs(config, dtype), device)
+        super().__init__(config, *spec.graph_specs(graph, config, dtype), device)
         self.model = model
+        self.graph = graph
+        self._fn = model.step if graph == "segment" else partial(decode_step, model)
 
     def activate_impl(self):
         self.model.to(self.device).eval()
 
     def infer_impl(self, feed):
+        args = [feed[s.name].to(self.device) for s in self.input_specs]  # spec order = argument order
         with torch.inference_mode():
-            logits, memory, norm = self.model.step(
-                feed[spec.TOKENS].to(self.device), feed[spec.MEMORY].to(self.device), feed[spec.NORM].to(self.device))
-        return {spec.LOGITS: logits, spec.MEMORY_OUT: memory, spec.NORM_OUT: norm}
+            outputs = self._fn(*args)
+        return {s.name: out for s, out in zip(self.output_specs, outputs)}

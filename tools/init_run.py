@@ -20,17 +20,17 @@ from ..runtime.torch_runner import TorchRunner
 SAMPLE_TEXT = files("infini_deploy.tools") / "data" / "sample.txt"
 
 
-def parse_count(text: str | None) -> int | None:
-    """'65536', '64k' (x1024), '1m' (x1024^2) -> int."""
+def parse_count(text: str | None, option: str = "--tokens") -> int | None:
+    """'65536', '64k' (x1024), '1m' (x1024^2) -> int. ``option`` names the flag in errors."""
     if text is None:
         return None
     scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
     try:
         value = int(text[:-1] if scale > 1 else text) * scale
     except ValueError:
-        raise BadInputError(f"--tokens {text!r}: expected a count such as 65536, 64k or 1m") from None
+        raise BadInputError(f"{option} {text!r}: expected a count such as 65536, 64k or 1m") from None
     if value < 1:
-        raise BadInputError(f"--tokens must be at least 1, got {text}")
+        raise BadInputError(f"{option} must be at least 1, got {text}")
     return value
 
 

@@ -13,9 +13,9 @@ from infini_deploy.models import spec
 from infini_deploy.runtime.compare import Tolerance
 
 
-def test_manifest_describes_the_folder(tiny_fp32, tiny_model):
+def test_manifest_describes_the_folder(tiny_fp32, tiny_linear):
     manifest = load_manifest(tiny_fp32)
-    assert manifest.config == tiny_model.config and manifest.precision == "fp32" and manifest.opset == 23
+    assert manifest.config == tiny_linear.config and manifest.precision == "fp32" and manifest.opset == 23
     segment = manifest.graphs["segment"]
     assert [s.name for s in segment.inputs] == [spec.TOKENS, spec.MEMORY, spec.NORM]
     assert [s.name for s in segment.outputs] == [spec.LOGITS, spec.MEMORY_OUT, spec.NORM_OUT]
@@ -28,22 +28,22 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_model):
     assert manifest.memory_op == {"domain": "infini", "op_type": "Memory", "version": 1}
 
 
-def test_existing_folder_refused_without_force(tiny_model, tmp_path):
+def test_existing_folder_refused_without_force(tiny_linear, tmp_path):
     out = tmp_path / "exp"
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(BadInputError, match="exists; choose a new folder or pass --force"):
-        export_model(tiny_model, out, validate=False)
-    export_model(tiny_model, out, validate=False, force=True)
+        export_model(tiny_linear, out, validate=False)
+    export_model(tiny_linear, out, validate=False, force=True)
     assert not (out / "keep.txt").exists() and (out / SEGMENT_FILE).is_file()
 
 
-def test_failed_validation_leaves_no_folder(tiny_model, tmp_path, monkeypatch):
+def test_failed_validation_leaves_no_folder(tiny_linear, tmp_path, monkeypatch):
     import infini_deploy.runtime.compare as compare
 
     monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_abs=-1.0, state_rel=-1.0))
     with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):
-        export_model(tiny_model, tmp_path / "bad")
+        export_model(tiny_linear, tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
 
 

@@ -19,12 +19,12 @@ def _ops(proto):
     return [(n.domain, n.op_type) for n in proto.graph.node]
 
 
-def test_memory_block_is_one_custom_node_per_layer_backed_by_a_local_function(tiny_fp32, tiny_model):
+def test_memory_block_is_one_custom_node_per_layer_backed_by_a_local_function(tiny_fp32, tiny_linear):
     proto = onnx.load(str(tiny_fp32 / SEGMENT_FILE))
     memory_nodes = [n for n in proto.graph.node if n.domain == "infini"]
-    assert [n.op_type for n in memory_nodes] == ["Memory"] * tiny_model.config.n_layer
+    assert [n.op_type for n in memory_nodes] == ["Memory"] * tiny_linear.config.n_layer
     assert [n.name for n in memory_nodes] == [f"/layers.{i}/self_attn/infini/Memory"
-                                              for i in range(tiny_model.config.n_layer)]
+                                              for i in range(tiny_linear.config.n_layer)]
     (function,) = [f for f in proto.functions if f.domain == "infini"]
     assert function.name == "Memory" and list(function.attribute) == ["eps"]
     assert {n.domain for n in function.node} == {""}            # standard ops only
@@ -64,27 +64,27 @@ def test_low_precision_uses_attention_op_and_keeps_state_float32(export_factory,
     assert weights and all(i.data_type == low for i in weights)
 
 
-def test_plain_onnxruntime_session_runs_dynamic_batch_and_partial_segment(tiny_fp32, tiny_model):
+def test_plain_onnxruntime_session_runs_dynamic_batch_and_partial_segment(tiny_fp32, tiny_linear):
     """No custom-op library, no session options: onnxruntime runs the local function as it is."""
     session = ort.InferenceSession(str(tiny_fp32 / SEGMENT_FILE), providers=["CPUExecutionProvider"])
     symbolic = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
                 for i in onnx.load(str(tiny_fp32 / SEGMENT_FILE)).graph.input}
     assert symbolic[spec.TOKENS] == [spec.BATCH, spec.SEQ] and symbolic[spec.MEMORY][1] == spec.BATCH
-    for batch, n in [(3, 5), (1, tiny_model.config.segment_len)]:
+    for batch, n in [(3, 5), (1, tiny_linear.config.segment_len)]:
         gen = torch.Generator().manual_seed(batch)
         tokens = torch.randint(0, 260, (batch, n), generator=gen)
-        memory, norm = tiny_model.initial_state(batch)
+        memory, norm = tiny_linear.initial_state(batch)
         memory, norm = memory + torch.rand(memory.shape, generator=gen), norm + torch.rand(norm.shape, generator=gen)
         out = session.run(None, {spec.TOKENS: tokens.numpy(), spec.MEMORY: memory.numpy(), spec.NORM: norm.numpy()})
         with torch.no_grad():
-            ref = tiny_model.step(tokens, memory, norm)
+            ref = tiny_linear.step(tokens, memory, norm)
         for got, want in zip(out, ref):
             assert got.shape == tuple(want.shape)
             np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_opset_below_23_refused_for_fp16(tiny_model, tmp_path):
+def test_opset_below_23_refused_for_fp16(tiny_linear, tmp_path):
     with pytest.raises(BadInputError, match="opset 18 cannot export fp16: expected 23"):
-        export_segment(tiny_model, tmp_path / "x.onnx", "fp16", opset=18)
+        export_segment(tiny_linear, tmp_path / "x.onnx", "fp16", opset=18)
     with pytest.raises(BadInputError, match="precision 'int8' is not known"):
-        export_segment(tiny_model, tmp_path / "x.onnx", "int8")
+        export_segment(tiny_linear, tmp_path / "x.onnx", "int8")

@@ -1,0 +1,127 @@
+"""The decode step: one token in, logits out, the memory read but not changed.
+
+A pure function of fixed-shape tensors, so it exports to one ONNX graph
+(``decode.onnx``) and suits TensorRT and CUDA graphs. Per layer:
+
+    token (B,), pos (B,) --embed--> x (B, 1, D)
+      q, k, v = proj(rmsnorm(x))                              (B, H, 1, d)
+      k_cache[:, :, pos] = rope(k, pos)    v_cache[:, :, pos] = v      (a where() on a one-hot slot)
+      a_dot = softmax(rope(q, pos) k_cache^T / sqrt(d), slots <= pos) v_cache
+      a, dM, dz = memory_decode(q, k, v, a_dot, M, z, dM, dz)  M, z: read only (retrieval uses M_prev)
+    logits = lm_head(rmsnorm(x))                              (B, V)
+
+The pending update (dM, dz) of the unfinished segment is accumulated token by
+token; both rules decompose per token given M_prev (paper Eqs 8-9):
+
+    linear: dM += sk_t^T v_t        delta: dM += sk_t^T (v_t - sk_t M_prev / (sk_t z_prev + eps))
+    both:   dz += sk_t
+
+After the token at pos = N - 1 the caller folds (M += dM, z += dz, see
+:func:`fold`) and restarts at pos = 0 with dM = dz = 0; the cache needs no
+clearing because slots > pos are masked. So N decoded tokens leave the state the
+segment step leaves, and their logits are the segment step's teacher-forced logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import InfiniConfig
+from .memory import sigma
+from .model import Block, InfiniAttention, InfiniTransformer, rope
+
+
+def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta, delta: bool, eps: float):
+    """The memory block for one token: retrieval from M_prev, the gate, and the pending update.
+
+    q, k, v, a_dot: (B, H, 1, d); q and k *without* RoPE.  memory, norm: (B, H, d, d), (B, H, d) f32,
+    M_prev and z_prev (read only).  d_memory, d_norm: the segment's pending update so far (f32).
+    Returns (a, d_memory_out, d_norm_out). Same float32 math as memory.memory_reference.
+    """
+    sq, sk = sigma(q.float()), sigma(k.float())                          # (B, H, 1, d)
+    a_mem = (sq @ memory) / (sq @ norm.unsqueeze(-1) + eps)              # Eq 7, M_prev
+    g = torch.sigmoid(beta.float()).view(1, -1, 1, 1)                    # (1, H, 1, 1)
+    a = g * a_mem + (1.0 - g) * a_dot.float()                            # Eq 10
+    v_new = v.float()
+    if delta:                                                            # Eq 9, per token, against M_prev
+        v_new = v_new - (sk @ memory) / (sk @ norm.unsqueeze(-1) + eps)
+    d_memory_out = d_memory + sk.transpose(-1, -2) @ v_new               # (B, H, d, d)
+    d_norm_out = d_norm + sk.squeeze(-2)                                 # (B, H, d)
+    return a.to(a_dot.dtype), d_memory_out, d_norm_out
+
+
+def cache_attention(q, k, v, pos, k_cache, v_cache):
+    """Write (k, v) at slot ``pos`` and attend to slots 0..pos. Static shapes: no indexing by value.
+
+    q, k: (B, H, 1, d) with RoPE; v: (B, H, 1, d); pos: (B,) int64; caches (B, H, N, d) f32.
+    Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out).
+    """
+    slots = torch.arange(k_cache.shape[-2], device=pos.device)                     # (N,)
+    write = (slots == pos[:, None]).view(-1, 1, k_cache.shape[-2], 1)              # (B, 1, N, 1)
+    k_cache = torch.where(write, k.float(), k_cache)
+    v_cache = torch.where(write, v.float(), v_cache)
+    visible = (slots <= pos[:, None]).view(-1, 1, 1, k_cache.shape[-2])            # (B, 1, 1, N)
+    a_dot = F.scaled_dot_product_attention(q.float(), k_cache, v_cache, attn_mask=visible)
+    return a_dot.to(q.dtype), k_cache, v_cache
+
+
+def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+    """InfiniAttention for one token. x: (B, 1, D); per-layer state slices. Returns (y, k_c, v_c, dM, dz)."""
+    cfg = attn.config
+    B = x.shape[0]
+    q, k, v = (proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)    # (B, H, 1, d)
+               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, pos), rope(k, cfg.rope_theta, pos), v,
+                                              pos, k_cache, v_cache)
+    a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
+                                                  cfg.update == "delta", cfg.eps)
+    y = attn.o_proj(a.transpose(1, 2).reshape(B, 1, cfg.n_head * cfg.d_head))
+    return y, k_cache, v_cache, d_memory, d_norm
+
+
+def block_decode(block: Block, x, pos, *state):
+    h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state)
+    x = x + h
+    return (x + block.mlp(block.post_attention_layernorm(x)), *state)
+
+
+def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+    """The decode step, a pure function (see the module docstring).
+
+    token, pos: (B,) int64, 0 <= pos < N;  memory (L, B, H, d, d), norm (L, B, H, d) f32: read only;
+    k_cache, v_cache (L, B, H, N, d), d_memory (L, B, H, d, d), d_norm (L, B, H, d): f32.
+    Returns (logits (B, V), k_cache_out, v_cache_out, d_memory_out, d_norm_out): new tensors.
+    Inputs are not checked here (it is traced for export): runners check them.
+    """
+    x = model.embed_tokens(token[:, None])                                   # (B, 1, D)
+    outs = []
+    for i, layer in enumerate(model.layers):
+        x, *state = block_decode(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])
+        outs.append(state)
+    logits = model.lm_head(model.norm(x))[:, 0]                              # (B, V)
+    return (logits, *(torch.stack(s) for s in zip(*outs)))
+
+
+class DecodeStep(nn.Module):
+    """``decode_step`` as a module's forward, for exporters that take an ``nn.Module``."""
+
+    def __init__(self, model: InfiniTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+        return decode_step(self.model, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm)
+
+
+def initial_decode_state(config: InfiniConfig, batch: int = 1, device=None):
+    """Zero (k_cache, v_cache, d_memory, d_norm), float32: the start of every segment."""
+    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
+    return zeros(L, batch, H, N, d), zeros(L, batch, H, N, d), zeros(L, batch, H, d, d), zeros(L, batch, H, d)
+
+
+def fold(memory, norm, d_memory, d_norm):
+    """The state after a segment filled by decoding: (M + dM, z + dz), new tensors."""
+    return memory + d_memory, norm + d_norm

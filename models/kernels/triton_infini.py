@@ -1,0 +1,375 @@
+"""Triton kernels for one layer's Infini-attention segment step, and their torch launchers.
+
+Two entry points, both the same function as the reference (models/memory.py):
+
+  fused_attention(q, k, v, memory, norm, beta, delta, eps, rope_theta)
+      RoPE + causal local attention + retrieval + gate + update, in two kernels:
+
+        q, k, v (B,H,n,d)           M_prev, z_prev (f32)
+          |  k, v                      |
+          v                            v
+      [_update_kernel]  grid (S, B*H): k_rope = RoPE(k); partial dM_s = sk^T v' and dz_s over
+          |  k_rope, partials          one token chunk each (v' = v, or v - retrieval for delta)
+          v
+      [_attn_kernel]    grid (n/BLOCK_M, B*H): flash attention of RoPE(q) over k_rope, v
+                        (online softmax, f32), retrieval sigma(q) M_prev / (sigma(q) z_prev + eps),
+                        gate mix -> a; and each program also sums a slice of the partials:
+                        M_out = M_prev + sum_s dM_s, z_out = z_prev + sum_s dz_s
+
+  fused_memory(q, k, v, a_dot, memory, norm, beta, delta, eps)
+      the memory block alone (a_dot given), one kernel `_memory_kernel`, grid (B*H, d/BLOCK_C):
+      the CUDA kernel of ``infini::memory`` and of the TensorRT plugin (export/trt_plugin.py).
+
+Precision: activations fp16/bf16/fp32; softmax, retrieval and the state in float32. The
+matmuls against the state (sigma(q) M, sigma(k) M, sigma(k)^T v) take float32 operands at
+``MEM_PRECISION`` ("tf32" on GPUs by default: 10-bit mantissa products, f32 accumulation;
+"ieee" for exact f32). Attention matmuls run in the activation dtype with f32 accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import SUPPORTED_DIMS, interpreted
+
+LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _sigma(x):
+    """ELU + 1 in f32: x + 1 for x > 0, exp(x) otherwise."""
+    return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+
+
+@triton.jit
+def _rope(ptr, offs_t, offs_d, mask_t, stride_t, x, COS, SIN, D: tl.constexpr):
+    """RoPE of the tile x = ptr[offs_t, offs_d] (rotate-half layout, positions offs_t), f32.
+
+    rotated[j] = -x[j + D/2] for j < D/2, x[j - D/2] otherwise: one more (cached) load.
+    COS/SIN: (n, D) f32 tables, exactly the reference's angles (see rope_tables).
+    """
+    rot_d = (offs_d + D // 2) % D
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    x_rot = tl.load(ptr + offs_t[:, None] * stride_t + rot_d[None, :], mask=mask_t[:, None], other=0.0)
+    cos = tl.load(COS + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=1.0)
+    sin = tl.load(SIN + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+    return x.to(tl.float32) * cos + (x_rot.to(tl.float32) * sign[None, :]) * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel 1 of the fused step: RoPE(k) and the partial memory updates
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _update_kernel(K, V, M, Z, COS, SIN, KR, PM, PZ,
+                   s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
+                   H, n_ctx, tiles_per_prog, eps,
+                   D: tl.constexpr, BLOCK_T: tl.constexpr, DELTA: tl.constexpr, ROPE: tl.constexpr,
+                   MEM_PRECISION: tl.constexpr):
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    acc = tl.zeros((D, D), dtype=tl.float32)   # sum_t sk_t^T v'_t over this program's tokens
+    zacc = tl.zeros((D,), dtype=tl.float32)
+    if DELTA:
+        m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+        z_prev = tl.load(Z + bh * D + offs_d)
+    for i in range(0, tiles_per_prog):
+        offs_t = (pid_s * tiles_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_ctx
+        k = tl.load(k_base + offs_t[:, None] * s_kt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+        v = tl.load(v_base + offs_t[:, None] * s_vt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+        if ROPE:
+            kr = _rope(k_base, offs_t, offs_d, mask_t, s_kt, k, COS, SIN, D)
+            tl.store(KR + bh * n_ctx * D + offs_t[:, None] * D + offs_d[None, :], kr.to(k.dtype),
+                     mask=mask_t[:, None])
+        sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)   # padded rows add nothing
+        vn = v.to(tl.float32)
+        if DELTA:   # Eq 9: store only what M_prev does not already return for this key
+            ret = tl.dot(sk, m_prev, input_precision=MEM_PRECISION)
+            den = tl.sum(sk * z_prev[None, :], axis=1) + eps
+            vn = vn - ret / den[:, None]
+        acc += tl.dot(tl.trans(sk), vn, input_precision=MEM_PRECISION)
+        zacc += tl.sum(sk, axis=0)
+    part = pid_s * tl.num_programs(1) + bh
+    tl.store(PM + part * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
+    tl.store(PZ + part * D + offs_d, zacc)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel 2 of the fused step: flash attention + retrieval + gate, and the partials' sum
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_inner(acc, l_i, m_i, q, KR, V, s_vt, offs_m, offs_d, lo, hi, n_ctx, qk_scale,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ATT_PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:   # the diagonal blocks: causal mask, and keys past n_ctx
+            mask_n = offs_n < n_ctx
+            k = tl.load(KR + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * s_vt + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            k = tl.load(KR + offs_n[:, None] * D + offs_d[None, :])
+            v = tl.load(V + offs_n[:, None] * s_vt + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=ATT_PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = (offs_m[:, None] >= offs_n[None, :]) & (offs_n[None, :] < n_ctx)
+            qk = tl.where(keep, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, axis=1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=ATT_PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_kernel(Q, KR, V, M, Z, BETA, COS, SIN, A, PM, PZ, MO, ZO,
+                 s_qb, s_qh, s_qt, s_vb, s_vh, s_vt,
+                 H, n_ctx, n_parts, eps, qk_scale,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_R: tl.constexpr,
+                 ROPE: tl.constexpr, ATT_PRECISION: tl.constexpr, MEM_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mask_m = offs_m < n_ctx
+    q_base = Q + b * s_qb + h * s_qh
+    q = tl.load(q_base + offs_m[:, None] * s_qt + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+    if ROPE:
+        qr = _rope(q_base, offs_m, offs_d, mask_m, s_qt, q, COS, SIN, D).to(q.dtype)
+    else:
+        qr = q
+    kr_base = KR + bh * n_ctx * D
+    v_base = V + b * s_vb + h * s_vh
+    # -- local causal attention, online softmax (base 2) --------------------------------------
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    diag = start_m * BLOCK_M   # blocks before the diagonal need no mask
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, qr, kr_base, v_base, s_vt, offs_m, offs_d, 0, diag, n_ctx,
+                                qk_scale, D, BLOCK_N, False, ATT_PRECISION)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, qr, kr_base, v_base, s_vt, offs_m, offs_d, diag,
+                                tl.minimum(diag + BLOCK_M, n_ctx), n_ctx, qk_scale, D, BLOCK_N, True,
+                                ATT_PRECISION)
+    a_dot = acc / l_i[:, None]
+    # -- retrieval from M_prev (Eq 7) and the gate (Eq 10) --------------------------------------
+    sq = _sigma(q.to(tl.float32))
+    m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
+    z_prev = tl.load(Z + bh * D + offs_d)
+    a_mem = tl.dot(sq, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sq * z_prev[None, :], axis=1) + eps)[:, None]
+    g = 1.0 / (1.0 + tl.exp(-tl.load(BETA + h).to(tl.float32)))
+    a = g * a_mem + (1.0 - g) * a_dot
+    tl.store(A + bh * n_ctx * D + offs_m[:, None] * D + offs_d[None, :], a.to(q.dtype), mask=mask_m[:, None])
+    # -- this program's slice of M_out = M_prev + sum of the partials (kernel 1 has finished) ----
+    n_bh = tl.num_programs(1)
+    offs_r = tl.arange(0, ROWS_R)
+    for r0 in range(start_m * ROWS_R, D, tl.num_programs(0) * ROWS_R):
+        rows = (r0 + offs_r)[:, None] * D + offs_d[None, :]
+        tile = tl.load(M + bh * D * D + rows)
+        for s in range(0, n_parts):
+            tile += tl.load(PM + (s * n_bh + bh) * D * D + rows)
+        tl.store(MO + bh * D * D + rows, tile)
+    if start_m == 0:
+        zt = z_prev
+        for s in range(0, n_parts):
+            zt += tl.load(PZ + (s * n_bh + bh) * D + offs_d)
+        tl.store(ZO + bh * D + offs_d, zt)
+
+
+# --------------------------------------------------------------------------------------------
+# The memory block alone (a_dot given): one kernel, contiguous (B, H, n, D) inputs.
+# Argument order (inputs, scalars, outputs, constexprs) is the TensorRT AOT plugin's.
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _memory_kernel(Q, K, V, ADOT, M, Z, BETA, n_ctx, H, A, MO, ZO,
+                   EPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                   DELTA: tl.constexpr, MEM_PRECISION: tl.constexpr):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)       # this program's block of value columns
+    h = bh % H
+    offs_d = tl.arange(0, D)
+    offs_c = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_c[None, :])   # (D, BLOCK_C)
+    z_prev = tl.load(Z + bh * D + offs_d)
+    g = 1.0 / (1.0 + tl.exp(-tl.load(BETA + h).to(tl.float32)))
+    acc = tl.zeros((D, BLOCK_C), dtype=tl.float32)
+    zacc = tl.zeros((D,), dtype=tl.float32)
+    base = bh * n_ctx * D
+    for t0 in range(0, n_ctx, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_ctx
+        full = base + offs_t[:, None] * D + offs_d[None, :]
+        cols = base + offs_t[:, None] * D + offs_c[None, :]
+        q = tl.load(Q + full, mask=mask_t[:, None], other=0.0)
+        sq = _sigma(q.to(tl.float32))
+        a_mem = tl.dot(sq, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sq * z_prev[None, :], axis=1) + EPS)[:, None]
+        a_dot = tl.load(ADOT + cols, mask=mask_t[:, None], other=0.0)
+        tl.store(A + cols, (g * a_mem + (1.0 - g) * a_dot.to(tl.float32)).to(a_dot.dtype), mask=mask_t[:, None])
+        k = tl.load(K + full, mask=mask_t[:, None], other=0.0)
+        sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)
+        vn = tl.load(V + cols, mask=mask_t[:, None], other=0.0).to(tl.float32)
+        if DELTA:
+            vn = vn - tl.dot(sk, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sk * z_prev[None, :], axis=1) + EPS)[:, None]
+        acc += tl.dot(tl.trans(sk), vn, input_precision=MEM_PRECISION)
+        zacc += tl.sum(sk, axis=0)
+    tl.store(MO + bh * D * D + offs_d[:, None] * D + offs_c[None, :], m_prev + acc)
+    tl.store(ZO + bh * D + offs_d, z_prev + zacc, mask=offs_d + c * D < D)   # one program per head writes z
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch shape; ``None`` fields are chosen by :func:`default_config`."""
+    block_m: int = 128        # queries per attention program
+    block_n: int = 64         # keys per inner step; divides block_m
+    block_t: int = 64         # tokens per update tile
+    parts: int | None = None  # update programs per (batch, head); None: about one wave of SMs
+    attn_warps: int = 8
+    attn_stages: int = 3
+    update_warps: int = 8
+    mem_precision: str | None = None  # "tf32" | "ieee"; None: tf32 on GPUs, ieee for f32 activations
+
+
+def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
+    if interpreted():   # small tiles: the CPU interpreter's cost grows with the tile
+        return KernelConfig(block_m=16, block_n=16, block_t=16, attn_warps=4, update_warps=4)
+    if d <= 64:
+        return KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, update_warps=4)
+    return KernelConfig()
+
+
+_TABLES: dict = {}
+
+
+def rope_tables(n: int, d: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n, d) f32: the angles of models.model.rope, computed the same way, cached.
+
+    Warm up before CUDA-graph capture: a table first built inside a capture would hold
+    numbers the graph computes but the eager cache never sees.
+    """
+    key = (n, d, float(theta), str(device))
+    if key not in _TABLES:
+        inv_freq = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        angles = torch.arange(n, device=device, dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        _TABLES[key] = (angles.cos().contiguous(), angles.sin().contiguous())
+    return _TABLES[key]
+
+
+def _check(q, k, v, memory, norm, beta):
+    B, H, n, d = q.shape
+    if d not in SUPPORTED_DIMS:
+        raise ValueError(f"d_head {d} is not supported by the Triton kernels; supported: {SUPPORTED_DIMS}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if memory.shape != (B, H, d, d) or norm.shape != (B, H, d) or beta.shape != (H,):
+        raise ValueError(f"state shapes {tuple(memory.shape)}, {tuple(norm.shape)}, {tuple(beta.shape)} do not "
+                         f"match q {tuple(q.shape)}")
+    if memory.dtype != torch.float32 or norm.dtype != torch.float32:
+        raise ValueError("memory and norm must be float32")
+
+
+def _precisions(dtype, cfg: KernelConfig) -> tuple[str, str]:
+    mem = cfg.mem_precision or ("ieee" if dtype == torch.float32 else "tf32")
+    att = "ieee" if dtype == torch.float32 and mem == "ieee" else "tf32"
+    return att, mem
+
+
+def _inner(x):   # last dim contiguous, any other strides (the model's transposed views pass as they are)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _num_sms(device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_theta: float | None,
+                    config: KernelConfig | None = None):
+    """The whole segment step of one layer: RoPE, causal local attention, retrieval, gate, update.
+
+    q, k, v: (B, H, n, d) fp16/bf16/fp32, *without* RoPE (rope_theta=None: no RoPE at all);
+    memory (B, H, d, d) f32; norm (B, H, d) f32; beta (H,). Returns (a (B, H, n, d) in q's
+    dtype, memory_out, norm_out) as new tensors; the same numbers as
+    ``memory_reference(q, k, v, sdpa(rope(q), rope(k), v, is_causal=True), ...)``.
+    No host synchronisation: safe inside CUDA-graph capture once warmed up.
+    """
+    _check(q, k, v, memory, norm, beta)
+    B, H, n, d = q.shape
+    cfg = config or default_config(d, q.dtype)
+    att_prec, mem_prec = _precisions(q.dtype, cfg)
+    q, k, v = _inner(q), _inner(k), _inner(v)
+    memory, norm, beta = memory.contiguous(), norm.contiguous(), beta.contiguous()
+    rope = rope_theta is not None
+    cos, sin = rope_tables(n, d, rope_theta, q.device) if rope else (memory, memory)  # unused when no RoPE
+    kr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else None
+    tiles = triton.cdiv(n, cfg.block_t)
+    parts = cfg.parts or max(1, _num_sms(q.device) // (B * H))
+    tiles_per_prog = triton.cdiv(tiles, min(parts, tiles))
+    parts = triton.cdiv(tiles, tiles_per_prog)
+    pm = torch.empty((parts, B * H, d, d), device=q.device, dtype=torch.float32)
+    pz = torch.empty((parts, B * H, d), device=q.device, dtype=torch.float32)
+    _update_kernel[(parts, B * H)](
+        k, v, memory, norm, cos, sin, kr if rope else k, pm, pz,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H, n, tiles_per_prog, eps,
+        D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=rope, MEM_PRECISION=mem_prec,
+        num_warps=cfg.update_warps)
+    if not rope:   # attention reads keys as a contiguous (B, H, n, d) buffer
+        kr = k.contiguous()
+    a = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype)
+    memory_out = torch.empty_like(memory)
+    norm_out = torch.empty_like(norm)
+    _attn_kernel[(triton.cdiv(n, cfg.block_m), B * H)](
+        q, kr, v, memory, norm, beta, cos, sin, a, pm, pz, memory_out, norm_out,
+        q.stride(0), q.stride(1), q.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        H, n, parts, eps, LOG2E / math.sqrt(d),
+        D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d), ROPE=rope,
+        ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec,
+        num_warps=cfg.attn_warps, num_stages=cfg.attn_stages)
+    return a, memory_out, norm_out
+
+
+def fused_memory(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float,
+                 config: KernelConfig | None = None):
+    """The memory block alone (retrieval, gate, update) given a_dot; see memory_reference.
+
+    The TensorRT plugin's kernel. Inputs are made contiguous (B, H, n, d).
+    """
+    _check(q, k, v, memory, norm, beta)
+    B, H, n, d = q.shape
+    cfg = config or default_config(d, q.dtype)
+    _, mem_prec = _precisions(q.dtype, cfg)
+    q, k, v, a_dot = (t.contiguous() for t in (q, k, v, a_dot))
+    memory, norm, beta = memory.contiguous(), norm.contiguous(), beta.contiguous()
+    a = torch.empty_like(a_dot)
+    memory_out, norm_out = torch.empty_like(memory), torch.empty_like(norm)
+    block_c = memory_block_c(d)
+    _memory_kernel[(B * H, d // block_c)](
+        q, k, v, a_dot, memory, norm, beta, n, H, a, memory_out, norm_out,
+        EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, 64), BLOCK_C=block_c, DELTA=bool(delta),
+        MEM_PRECISION=mem_prec, num_warps=4)
+    return a, memory_out, norm_out
+
+
+def memory_block_c(d: int) -> int:
+    """Value columns per program of _memory_kernel (the plugin computes its grid with it)."""
+    return min(d, 16 if interpreted() else 64)

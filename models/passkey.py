@@ -1,0 +1,130 @@
+"""Passkey retrieval prompts in the paper's format (arXiv 2404.07143, appendix B), streamed in chunks.
+
+    INTRO  FILLER FILLER ... NEEDLE ... FILLER  QUESTION      -> answer " 9054"
+           |<- depth x filler tokens ->|
+
+A prompt is described by a small frozen dataclass and produced lazily,
+chunk by chunk, so a 1M-token prompt is never one string. It is a pure
+function of (length, depth, seed, filler): evaluation and training build the
+same prompts from the same seeds. Lengths count tokens of the byte-level
+tokenizer (models/tokenizer.py), i.e. UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import BadInputError
+from .tokenizer import encode
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+         "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+# filler="varied": each filler block is 5 sentences drawn from this pool (the paper's five first)
+VARIED_SENTENCES = (
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+    "The river runs to the sea.", "The night is dark.", "The road goes ever on.", "The wind is cold.",
+    "The stones are grey.", "The bird sings at dawn.", "The snow is white.", "The hills are far away.",
+)
+FILLERS = ("fixed", "varied")
+CHUNK = 1 << 16  # tokens per chunk, about
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """One prompt. ``len(prompt)`` is its exact token count (<= the requested length)."""
+
+    length: int            # requested tokens; the prompt is the longest whole-block fit
+    depth: float           # 0 = needle right after the intro, 1 = right before the question
+    seed: int              # draws the key (and the varied filler)
+    filler: str = "fixed"  # "fixed": the paper's block repeated; "varied": blocks of shuffled sentences
+    digits: int = 5        # the key has this many digits (no leading zero)
+
+    def __post_init__(self):
+        if not 0 <= self.depth <= 1:
+            raise BadInputError(f"depth must be in [0, 1], got {self.depth}")
+        if self.filler not in FILLERS:
+            raise BadInputError(f"filler {self.filler!r} is not known; expected one of: {', '.join(FILLERS)}")
+        if not 1 <= self.digits <= 18:
+            raise BadInputError(f"digits must be in 1..18, got {self.digits}")
+        if self.length < self._fixed_bytes() + len(FILLER) + 1:
+            raise BadInputError(f"length {self.length} is too short for a passkey prompt; expected at least "
+                                f"{self._fixed_bytes() + len(FILLER) + 1} tokens")
+
+    @property
+    def key(self) -> int:
+        rng = random.Random(f"passkey-key/{self.seed}")
+        return rng.randrange(10 ** (self.digits - 1), 10 ** self.digits)
+
+    @property
+    def answer(self) -> str:
+        """The expected continuation, e.g. " 9054"."""
+        return f" {self.key}"
+
+    def __len__(self) -> int:
+        return sum(len(piece) for piece in self.pieces())
+
+    def pieces(self) -> Iterator[bytes]:
+        """The prompt as UTF-8 pieces (intro, filler blocks, needle, question), in order."""
+        budget = self.length - self._fixed_bytes()       # bytes left for filler blocks
+        needle_at = round(self.depth * budget)           # filler bytes before the needle, about
+        yield INTRO.encode()
+        used, placed = 0, False
+        for block in self._blocks():
+            if not placed and used + len(block) / 2 > needle_at:
+                yield b" " + self._needle()
+                placed = True
+            if used + len(block) + 1 > budget:
+                break
+            yield b" " + block
+            used += len(block) + 1
+        if not placed:
+            yield b" " + self._needle()
+        yield b" " + QUESTION.encode()
+
+    def chunks(self, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+        """The prompt's token ids (int64) in chunks of about ``chunk`` tokens."""
+        buf, size = [], 0
+        for piece in self.pieces():
+            buf.append(piece)
+            size += len(piece)
+            if size >= chunk:
+                yield encode(b"".join(buf))
+                buf, size = [], 0
+        if buf:
+            yield encode(b"".join(buf))
+
+    def text(self) -> str:
+        """The whole prompt as one string: for tests and short prompts only."""
+        return b"".join(self.pieces()).decode()
+
+    def check(self, generated: str) -> bool:
+        """True when the first number in ``generated`` is the key."""
+        digits = ""
+        for ch in generated.lstrip(" "):
+            if not ch.isdigit():
+                break
+            digits += ch
+        return digits == str(self.key)
+
+    def _needle(self) -> bytes:
+        return NEEDLE.format(key=self.key).encode()
+
+    def _fixed_bytes(self) -> int:
+        """Intro, needle, question and their separating spaces."""
+        return len(INTRO) + 1 + len(NEEDLE.format(key="0" * self.digits)) + 1 + len(QUESTION)
+
+    def _blocks(self) -> Iterator[bytes]:
+        if self.filler == "fixed":
+            block = FILLER.encode()
+            while True:
+                yield block
+        rng = random.Random(f"passkey-filler/{self.seed}")
+        while True:
+            yield " ".join(rng.sample(VARIED_SENTENCES, 5)).encode()

@@ -1,0 +1,65 @@
+"""Passkey retrieval over a stream: prompts streamed chunk by chunk, the answer decoded greedily."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Callable, Iterable
+
+from ..models.passkey import PasskeyPrompt
+from ..models.tokenizer import decode
+from .measure import peak_rss_bytes
+from .stream import Stream
+
+
+def trial_seed(seed: int, length: int, depth: float, trial: int) -> int:
+    """A prompt's seed from the run's seed and its place in the grid: stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}/{length}/{depth}/{trial}".encode()).hexdigest()
+    return int(digest[:12], 16)
+
+
+def passkey_trial(stream: Stream, prompt: PasskeyPrompt, progress: bool = False) -> dict:
+    """Reset ``stream`` (batch 1), stream the prompt, decode the answer greedily and check its digits."""
+    stream.reset()
+    n = len(prompt)
+    start = time.perf_counter()
+    out = stream.generate(prompt.chunks(), max_new_tokens=len(prompt.answer) + 1, total=n, progress=progress)
+    seconds = time.perf_counter() - start
+    generated = decode(out[0])
+    tokens = n + out.shape[1]
+    return {"length": prompt.length, "depth": prompt.depth, "seed": prompt.seed, "key": prompt.key,
+            "generated": generated, "correct": prompt.check(generated), "prompt_tokens": n,
+            "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def passkey_eval(stream: Stream, lengths: Iterable[int], depths: Iterable[float], trials: int, seed: int = 0,
+                 filler: str = "fixed", on_result: Callable[[dict], None] | None = None,
+                 progress: bool = False) -> list[dict]:
+    """Every (length, depth, trial) of the grid; one result dict per trial (see passkey_trial)."""
+    results = []
+    for length in lengths:
+        for depth in depths:
+            for trial in range(trials):
+                prompt = PasskeyPrompt(length, depth, trial_seed(seed, length, depth, trial), filler)
+                result = passkey_trial(stream, prompt, progress) | {"trial": trial}
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+    return results
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """Per length: accuracy % per depth, tokens/s over all its trials, peak RSS after its last trial."""
+    rows = {}
+    for r in results:
+        row = rows.setdefault(r["length"], {"length": r["length"], "accuracy": {}, "tokens": 0, "seconds": 0.0})
+        hits = row["accuracy"].setdefault(r["depth"], [])
+        hits.append(r["correct"])
+        row["tokens"] += r["prompt_tokens"]
+        row["seconds"] += r["seconds"]
+        row["peak_rss_bytes"] = r["peak_rss_bytes"]
+    for row in rows.values():
+        row["accuracy"] = {d: 100.0 * sum(h) / len(h) for d, h in row["accuracy"].items()}
+        row["tokens_per_s"] = row["tokens"] / row["seconds"] if row["seconds"] > 0 else float("inf")
+    return list(rows.values())

@@ -1,0 +1,57 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p; reproducible with a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BadInputError
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0        # 0: greedy (argmax); > 0 divides the logits before sampling
+    top_k: int | None = None        # keep the k most likely tokens (None: all)
+    top_p: float | None = None      # keep the smallest set whose probability reaches p (None: all)
+    seed: int | None = None         # seeds a torch.Generator of its own: same seed, same tokens
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise BadInputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise BadInputError(f"top_k must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise BadInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generator(self) -> torch.Generator:
+        gen = torch.Generator()
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,) int64 on the CPU. Sampling draws from ``generator`` only."""
+    logits = logits.detach().float().cpu()
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]           # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1:
+        logits = _top_p(logits, sampling.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Mask all but the smallest set of most likely tokens whose probability reaches p (nucleus)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cum - sorted_logits.softmax(dim=-1) >= p                       # mass before this token already >= p
+    drop[:, 0] = False                                                    # always keep the most likely
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))

@@ -1,0 +1,75 @@
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from infini_deploy.tools.cli import cli
+from infini_deploy.tools.init_run import parse_count
+from infini_deploy.errors import BadInputError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_init_then_run_a_checkpoint_on_a_token_file(tmp_path):
+    res = invoke("init", "tiny", tmp_path / "m", "--update", "delta", "--seed", "3")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m/config.json").read_text())["update"] == "delta"
+    import numpy as np
+    np.save(tmp_path / "ids.npy", np.arange(300) % 260)
+    res = invoke("run", tmp_path / "m", "--input", tmp_path / "ids.npy", "--tokens", "1k",
+                 "--no-progress", "--json-out", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["tokens"] == 1024 and report["segments"] == 1024 // 64
+    assert report["state_bytes"] == 2 * 2 * 16 * 17 * 4          # L x H x d x (d + 1) x fp32
+    assert report["kv_cache_bytes_fp32"] == 2 * 2 * 2 * 16 * 1024 * 4  # K and V, L x H x d x T x fp32
+    assert "state 4,352 bytes" in res.output and "tokens/s" in res.output
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\xfd")
+    for args, message in [
+        (["run", "nope"], "neither a checkpoint folder nor a preset"),
+        (["run", "--input", tmp_path / "bin.txt", "--no-progress"], "is not UTF-8 text"),
+        (["run", "--tokens", "lots"], "expected a count such as 65536, 64k or 1m"),
+    ]:
+        res = invoke(*args)
+        assert res.exit_code == 2, res.output
+        assert message in res.output and "Traceback" not in res.output
+        assert res.output.strip().count("\n") == 0
+    invoke("init", "tiny", tmp_path / "m")
+    res = invoke("init", "tiny", tmp_path / "m")
+    assert res.exit_code == 2 and "pass --force" in res.output
+
+
+def test_parse_count():
+    assert (parse_count("64k"), parse_count("1m"), parse_count("1000")) == (65536, 1 << 20, 1000)
+    with pytest.raises(BadInputError):
+        parse_count("0")
+
+
+def quick_start_commands():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```(?:bash|sh)?\n(.*?)```", readme, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_quick_start_is_what_ci_runs_and_its_main_job_works():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    ci = (ROOT / ".ci/run").read_text()
+    for command in commands:
+        assert command in ci, f"CI does not run the README's command: {command}"
+    main_job = commands[0].split("&&")[-1].strip()
+    argv = shlex.split(main_job)
+    assert argv[0] == "infini"
+    res = invoke(*argv[1:], "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "tokens/s" in res.output

@@ -1,0 +1,75 @@
+import json
+
+from click.testing import CliRunner
+
+from infini_deploy.models import init_model, preset
+from infini_deploy.models.tokenizer import decode, encode
+from infini_deploy.runtime import Stream, TorchRunner
+from infini_deploy.tools.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_generate_streams_greedy_text_equal_to_the_api(tmp_path):
+    prompt = "The grass is green. The sky is blue. " * 3          # 111 tokens: past one segment
+    (tmp_path / "p.txt").write_text(prompt)
+    res = invoke("generate", "tiny", "--prompt-file", tmp_path / "p.txt", "--max-new-tokens", 12,
+                 "--seed", 3, "--no-progress")
+    assert res.exit_code == 0, res.output
+    model = init_model(preset("tiny"), seed=3)
+    stream = Stream(TorchRunner(model), decode_runner=TorchRunner(model, graph="decode"))
+    expected = decode(stream.generate(encode(prompt), 12, stop_tokens=[257])[0])
+    assert res.stdout.startswith(expected) and res.stdout.strip() == expected.strip()
+    assert "prompt 111 tokens" in res.stderr and "generated 12 tokens" in res.stderr
+
+
+def test_generate_sampling_is_reproducible_with_a_seed():
+    runs = [invoke("generate", "tiny", "--prompt", "Once upon a time", "--max-new-tokens", 30,
+                   "--temperature", 1.0, "--top-p", 0.9, "--seed", seed, "--no-progress").stdout
+            for seed in (1, 1, 2)]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_generate_errors_are_one_line():
+    for args, message in [
+        (["--prompt", "x", "--backend", "onnxruntime"], "backend 'onnxruntime' cannot generate yet; available: torch"),
+        (["--prompt", ""], "the prompt has no tokens"),
+        ([], "give exactly one of --prompt-file and --prompt"),
+        (["--prompt", "x", "--top-k", 0], "top_k must be at least 1"),
+    ]:
+        res = invoke("generate", "tiny", *args, "--no-progress")
+        assert res.exit_code == 2, res.output
+        assert message in res.output and "Traceback" not in res.output
+
+
+def test_passkey_prints_the_table_and_writes_json(tmp_path):
+    res = invoke("passkey", "tiny", "--lengths", "1k,2k", "--depths", "0,1", "--trials", 2, "--seed", 4,
+                 "--json-out", tmp_path / "r.json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[1].split() == ["length", "depth", "0", "depth", "1", "tokens/s", "peak", "RSS"]
+    assert lines[2].split()[0] == "1K" and lines[3].split()[0] == "2K"
+    report = json.loads((tmp_path / "r.json").read_text())
+    trials = report["trials"]
+    assert len(trials) == 2 * 2 * 2 and len({t["key"] for t in trials}) == 8
+    assert all(t["prompt_tokens"] <= t["length"] for t in trials)
+    assert all(t["correct"] == (t["generated"].strip()[:5] == str(t["key"])) for t in trials)
+    assert [row["length"] for row in report["summary"]] == [1024, 2048]
+    again = invoke("passkey", "tiny", "--lengths", "1k,2k", "--depths", "0,1", "--trials", 2, "--seed", 4,
+                   "--json-out", tmp_path / "r2.json", "--no-progress")
+    keys = lambda f: [t["key"] for t in json.loads((tmp_path / f).read_text())["trials"]]  # noqa: E731
+    assert again.exit_code == 0 and keys("r.json") == keys("r2.json")
+
+
+def test_passkey_bad_options_are_clear_errors():
+    for args, message in [
+        (["--depths", "0,2"], "expected numbers in [0, 1]"),
+        (["--lengths", "lots"], "--lengths 'lots': expected a count"),
+        (["--lengths", "100"], "too short for a passkey prompt"),
+        (["--trials", 0], "--trials must be at least 1"),
+    ]:
+        res = invoke("passkey", "tiny", *args, "--no-progress")
+        assert res.exit_code == 2, res.output
+        assert message in res.output

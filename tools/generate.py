@@ -1,0 +1,156 @@
+"""`infini generate` and `infini passkey`: streaming generation over the segment and decode steps."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from ..errors import BadInputError
+from ..models.checkpoint import resolve_model
+from ..models.passkey import FILLERS
+from ..models.tokenizer import EOS, encode
+from ..runtime.evaluate import passkey_eval, summarise
+from ..runtime.inputs import count_tokens, iter_tokens
+from ..runtime.measure import human_bytes, peak_rss_bytes
+from ..runtime.stream import Stream
+from ..runtime.torch_runner import TorchRunner
+from .init_run import parse_count
+
+GENERATE_BACKENDS = ("torch",)  # the onnxruntime and TensorRT runners plug in here
+
+
+def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None) -> Stream:
+    """A batch-1 stream over MODEL's segment and decode steps on one backend."""
+    if backend not in GENERATE_BACKENDS:
+        raise BadInputError(f"backend {backend!r} cannot generate yet; available: {', '.join(GENERATE_BACKENDS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    net = resolve_model(model, seed)
+    return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode"))
+
+
+def common_options(f):
+    """--backend, --device, --threads, --progress: shared by generate and passkey."""
+    for option in reversed([
+        click.option("--backend", default="torch", show_default=True,
+                     help=f"Runner backend; available: {', '.join(GENERATE_BACKENDS)}."),
+        click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
+        click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]."),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
+@click.command()
+@click.argument("model")
+@click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 text or a .npy array of token ids, streamed in chunks.")
+@click.option("--prompt", "prompt_text", default=None, help="Prompt text, instead of --prompt-file.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Sampling seed (and the init seed when MODEL is a preset).")
+@common_options
+def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed,
+             backend, device, threads, progress):
+    """Stream a prompt through MODEL (a checkpoint folder or a preset name) and print what it generates."""
+    if (prompt_file is None) == (prompt_text is None):
+        raise BadInputError("give exactly one of --prompt-file and --prompt")
+    stream = open_stream(model, backend, device, seed, threads)
+    if prompt_file is not None:
+        prompt, total = iter_tokens(prompt_file), count_tokens(prompt_file)
+    else:
+        prompt, total = iter([encode(prompt_text)]), len(prompt_text.encode())
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    marks = [time.perf_counter()]
+
+    def on_token(token):
+        if len(marks) == 1:
+            marks.append(time.perf_counter())  # prefill done
+        if int(token[0]) < 256:
+            click.echo(text.decode(bytes([int(token[0])])), nl=False)
+
+    stops = [EOS] if EOS < stream.config.vocab_size else []
+    out = stream.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, on_token,
+                          total=total, progress=progress)
+    click.echo(text.decode(b"", final=True))
+    marks.append(time.perf_counter())
+    _report_generate(stream.position - out.shape[1], out.shape[1], marks)
+
+
+def _report_generate(n_prompt: int, n_new: int, marks: list[float]) -> None:
+    prefill = (marks[1] if len(marks) > 2 else marks[-1]) - marks[0]
+    decode_s = marks[-1] - marks[1] if len(marks) > 2 else 0.0
+    click.echo(f"prompt {n_prompt:,} tokens in {prefill:.2f} s ({n_prompt / max(prefill, 1e-9):,.0f} tokens/s); "
+               f"generated {n_new:,} tokens in {decode_s:.2f} s "
+               f"({n_new / max(decode_s, 1e-9):,.1f} tokens/s); peak RSS {human_bytes(peak_rss_bytes())}", err=True)
+
+
+def parse_depths(text: str) -> list[float]:
+    try:
+        depths = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise BadInputError(f"--depths {text!r}: expected numbers in [0, 1] such as 0,0.5,1") from None
+    if not depths or any(not 0 <= d <= 1 for d in depths):
+        raise BadInputError(f"--depths {text!r}: expected numbers in [0, 1] such as 0,0.5,1")
+    return depths
+
+
+def length_label(n: int) -> str:
+    for unit, size in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+@click.command()
+@click.argument("model")
+@click.option("--lengths", default="4k,32k", show_default=True, help="Prompt lengths in tokens, e.g. 32k,128k,1m.")
+@click.option("--depths", default="0,0.5,1", show_default=True, help="Needle depths: 0 = start, 1 = end.")
+@click.option("--trials", type=int, default=1, show_default=True, help="Prompts (random keys) per cell.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the keys and filler (and the init when MODEL is a preset).")
+@click.option("--filler", type=click.Choice(FILLERS), default="fixed", show_default=True,
+              help="fixed: the paper's filler repeated; varied: shuffled sentences.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+@common_options
+def passkey(model, lengths, depths, trials, seed, filler, json_out, backend, device, threads, progress):
+    """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
+    lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
+    depths = parse_depths(depths)
+    if trials < 1:
+        raise BadInputError(f"--trials must be at least 1, got {trials}")
+    stream = open_stream(model, backend, device, seed, threads)
+    results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
+                           on_result=_echo_trial if progress else None)
+    rows = summarise(results)
+    cfg = stream.config
+    click.echo(f"passkey retrieval: {model} ({cfg.update} rule, segment {cfg.segment_len}), {trials} trial(s) "
+               f"per cell, {backend} on {device}, {torch.get_num_threads()} threads; accuracy %")
+    click.echo(format_table(rows, depths))
+    if json_out:
+        json_out.write_text(json.dumps({"model": model, "backend": backend, "device": device,
+                                        "threads": torch.get_num_threads(), "config": cfg.to_dict(),
+                                        "seed": seed, "filler": filler, "summary": rows,
+                                        "trials": results}, indent=2) + "\n")
+
+
+def _echo_trial(r: dict) -> None:
+    click.echo(f"{length_label(r['length'])} depth {r['depth']:g}: key {r['key']}, got {r['generated']!r} "
+               f"({r['tokens_per_s']:,.0f} tokens/s)", err=True)
+
+
+def format_table(rows: list[dict], depths: list[float]) -> str:
+    head = ["length", *(f"depth {d:g}" for d in depths), "tokens/s", "peak RSS"]
+    body = [[length_label(r["length"]), *(f"{r['accuracy'][d]:.0f}" for d in depths),
+             f"{r['tokens_per_s']:,.0f}", human_bytes(r["peak_rss_bytes"])] for r in rows]
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in [head, *body])
