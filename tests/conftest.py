@@ -9,10 +9,15 @@ from infini_deploy.models import init_model, preset
 
 
 def pytest_collection_modifyitems(config, items):
+    from infini_deploy.export.trt_shim import available
+
     has_cuda = torch.cuda.is_available()
+    has_trt = bool(available())
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs tensorrt or tensorrt_rtx: pip install 'infini-deploy[rtx]'"))
 
 
 @pytest.fixture(params=["linear", "delta"])
@@ -51,3 +56,26 @@ def export_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_fp32(export_factory):
     return export_factory("fp32")
+
+
+@pytest.fixture(scope="session")
+def built_factory(export_factory, tmp_path_factory):
+    """built_factory(precision) -> a copy of the tiny export with TensorRT engines, cached.
+
+    Profile: n 1 / 32 / 64 (the segment length), batch 1 / 2 / 4."""
+    import shutil
+
+    from infini_deploy.export.engine import BuildOptions, build_engines
+
+    cache = {}
+
+    def make(precision: str = "fp16"):
+        if precision not in cache:
+            out = tmp_path_factory.mktemp("engines") / f"tiny-{precision}"
+            shutil.copytree(export_factory(precision), out)
+            build_engines(out, BuildOptions(min_n=1, opt_n=32, max_n=64, min_batch=1, opt_batch=2, max_batch=4))
+            cache[precision] = out
+        return cache[precision]
+
+    return make
+
