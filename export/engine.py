@@ -39,7 +39,7 @@ class BuildOptions:
     max_batch: int = 8
     target_cc: tuple = ()               # TensorRT-RTX: compute capabilities ("8.9", "12.0"); empty: its default
     plugin: bool = False                # bind infini::Memory to the plugin (full TensorRT only)
-    timing_cache: str | None = field(default=None, compare=False)   # file read before and written after
+    timing_cache: str | None = field(default=None, compare=False)   # read before, written after (not RTX: no-op)
 
 
 @dataclass
@@ -113,7 +113,7 @@ def EngineFromNetwork(net: Network, shapes: dict, targets: tuple = (), timing_ca
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     runs_on = trt.set_compute_capabilities(config, tuple(targets))
-    cache_path = Path(timing_cache) if timing_cache else None
+    cache_path = Path(timing_cache) if timing_cache and trt.has_timing_cache else None
     if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
@@ -151,6 +151,9 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
               "strongly_typed": True, "compute_capabilities": runs_on,
               "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()
                           if k != "timing_cache"}, "engines": engines}
+    if options.timing_cache:
+        record["timing_cache"] = options.timing_cache if trt.has_timing_cache else \
+            f"not used: timing caches are a no-op in {trt.title}"
     updated = Manifest(**{**manifest.__dict__, "files": files, "tensorrt": record})
     updated.write(export_dir)
     return updated

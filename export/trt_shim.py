@@ -9,6 +9,7 @@ the API through :class:`Trt`, which names each difference once:
 | network creation flags       | 1 << STRONGLY_TYPED          | 0 (always strong)  | 0 (always strong)                    |
 | compute-capability targeting | no (builds for its own GPU)  | no                 | config.set_compute_capability        |
 | plugins (tensorrt.plugin)    | yes (>= 10.8)                | yes                | no                                   |
+| timing cache                 | yes                          | yes                | no-op (deprecated since 1.2)         |
 | engine file magic            | ``ftrt``                     | ``ftrt``           | ``vtrt`` (observed, 1.7)             |
 | runtime class                | trt.Runtime                  | trt.Runtime        | trt.Runtime                          |
 
@@ -50,6 +51,11 @@ class Trt:
     @property
     def targets_compute_capability(self) -> bool:
         return self.flavour == "tensorrt-rtx"
+
+    @property
+    def has_timing_cache(self) -> bool:
+        """TensorRT-RTX keeps the API but its timing-cache calls are no-ops (deprecated since 1.2)."""
+        return self.flavour == "tensorrt"
 
     @property
     def has_plugins(self) -> bool:

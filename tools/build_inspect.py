@@ -34,6 +34,8 @@ def build(export_dir, backend, min_n, opt_n, max_n, min_batch, opt_batch, max_ba
     record = build_engines(export_dir, options).tensorrt
     click.echo(f"built with {record['flavour']} {record['version']} ({record['precision']}, strongly typed), "
                f"for compute capability {', '.join(record['compute_capabilities'])}")
+    if str(record.get("timing_cache", "")).startswith("not used"):
+        click.echo(f"--timing-cache {record['timing_cache']}")
     for name, e in record["engines"].items():
         first, shapes = next(iter(e["profiles"][0].items()))
         click.echo(f"  {name}: {export_dir / e['file']} ({e['bytes']:,} bytes, {e['build_s']:.1f} s), profile "
