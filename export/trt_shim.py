@@ -71,7 +71,7 @@ class Trt:
     def set_compute_capabilities(self, config, targets: tuple[str, ...]) -> list[str]:
         """Target ``targets`` ("8.9", "12.0"); returns what the engine runs on (RTX default when empty)."""
         if not targets:
-            return list(RTX_DEFAULT_CC) if self.targets_compute_capability else ["the build machine's GPU"]
+            return list(RTX_DEFAULT_CC) if self.targets_compute_capability else ["that of the build GPU"]
         if not self.targets_compute_capability:
             raise BadInputError(f"--target-cc is a TensorRT-RTX option; {self.title} builds for the GPU it runs "
                                 "on: use --backend tensorrt-rtx, or build on the target GPU without --target-cc")

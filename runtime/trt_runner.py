@@ -46,7 +46,8 @@ def engine_record(manifest, export_dir, graph: str) -> dict:
 
 def require_gpu(device: torch.device, title: str, runs_on: list[str], check_cc: bool) -> str:
     """The name of the GPU at ``device``, or MissingBackendError saying what was found and what is needed."""
-    needs = f"a CUDA GPU of compute capability {', '.join(runs_on)} (a {title} engine)"
+    needs = (f"a CUDA GPU of compute capability {', '.join(runs_on)} (a {title} engine)" if check_cc
+             else f"the kind of CUDA GPU it was built on (a {title} engine)")
     if device.type != "cuda":
         raise BadInputError(f"TensorRT runs on a CUDA device; got {str(device)!r}: use --device cuda")
     if not torch.cuda.is_available():
