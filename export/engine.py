@@ -19,8 +19,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import onnx
+
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models import spec
+from . import workarounds
 from .manifest import Manifest, load_manifest, sha256_file
 from .trt_shim import Logger, Trt, load
 
@@ -71,7 +74,10 @@ def profile_shapes(specs, ranges) -> dict[str, tuple[list, list, list]]:
 
 
 def NetworkFromOnnxPath(trt: Trt, path: Path, plugin: bool = False) -> Network:
-    """Parse ``path``; IncompatibleArtifactError naming the nodes TensorRT cannot take."""
+    """Parse ``path``; IncompatibleArtifactError naming the nodes TensorRT cannot take.
+
+    Without ``plugin`` each memory node gets its own function copy first (workarounds.function_per_call),
+    so the inlined layers have unique names under their layer."""
     logger = Logger(trt)
     builder = trt.module.Builder(logger.logger)
     network = builder.create_network(trt.network_flags())
@@ -83,7 +89,10 @@ def NetworkFromOnnxPath(trt: Trt, path: Path, plugin: bool = False) -> Network:
         if not trt.enable_plugin_override(parser):
             raise BadInputError(f"{trt.title}'s ONNX parser has no ENABLE_PLUGIN_OVERRIDE flag: it cannot bind "
                                 "infini::Memory to the plugin (TensorRT >= 10.8 can)")
-    if not parser.parse_from_file(str(path)):
+    proto = onnx.load(str(path))
+    if not plugin:
+        proto = workarounds.function_per_call(proto)
+    if not parser.parse(proto.SerializeToString(), str(path)):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         where = "; ".join(f"node {e.node_name() or e.node()} ({e.node_operator()}): {e.desc()}" for e in errors[:3])
         raise IncompatibleArtifactError(f"{trt.title} cannot parse {path}: {where or logger.last_error()}")
@@ -96,8 +105,6 @@ def unsupported_nodes(trt: Trt, path: Path) -> list[str]:
     network = trt.module.Builder(logger.logger).create_network(trt.network_flags())
     parser = trt.module.OnnxParser(network, logger.logger)
     parser.supports_model_v2(Path(path).read_bytes(), str(path))
-    import onnx
-
     names = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node]
     return [names[i] for s in range(parser.num_subgraphs) if not parser.is_subgraph_supported(s)
             for i in parser.get_subgraph_nodes(s)]

@@ -56,6 +56,10 @@ def test_parser_takes_every_node_and_the_network_is_strongly_typed(export_factor
     # the engine's precision is the graph's: logits in the export dtype, the state float32
     assert outputs["logits"].dtype.name == LOGITS_DTYPE[precision]
     assert outputs["memory_out"].dtype.name == "FLOAT" and outputs["norm_out"].dtype.name == "FLOAT"
+    # each layer's inlined memory function has its own layer names (workarounds.function_per_call)
+    names = [net.network.get_layer(i).name for i in range(net.network.num_layers)]
+    assert len(names) == len(set(names))
+    assert "/layers.1/self_attn/infini/update/MatMul_dm" in names
 
 
 @pytest.mark.tensorrt
@@ -70,8 +74,8 @@ def test_inspect_reads_the_engine_without_a_gpu(built_factory):
         assert names == ["tokens", "memory", "norm", "logits", "memory_out", "norm_out"]
     onnx_info = inspect_path(folder / "segment.onnx")
     assert onnx_info["precision"] == "fp16" and onnx_info["functions"] == ["infini::Memory"]
-    assert any("Memory" in layer["name"] or layer["name"].startswith(("retrieve/", "gate/", "update/"))
-               for layer in onnx_info["tensorrt_layers"])
+    layers = {layer["name"]: layer["type"] for layer in onnx_info["tensorrt_layers"]}
+    assert layers["/layers.0/self_attn/infini/retrieve/MatMul_num"] == "MATRIX_MULTIPLY"
     json.dumps(inspect_path(folder))   # the --json form is serialisable
 
 
