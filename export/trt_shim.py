@@ -118,7 +118,14 @@ def load(backend: str = "auto") -> Trt:
 
 def available() -> list[str]:
     """The flavours importable here (no error when none)."""
-    return [f for f, m in FLAVOURS.items() if importlib.util.find_spec(m) is not None]
+    found = []
+    for flavour, module in FLAVOURS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        found.append(flavour)
+    return found
 
 
 def engine_header(path: Path) -> dict:

@@ -15,9 +15,6 @@ from infini_deploy.export.manifest import MANIFEST_FILE, sha256_file
 from infini_deploy.export.trt_shim import load
 from infini_deploy.runtime.trt_runner import TrtRunner, require_gpu
 
-pytestmark = pytest.mark.tensorrt
-
-
 @pytest.fixture
 def built(built_factory, tmp_path):
     """A private copy of a built tiny fp16 export, free to corrupt."""
@@ -42,6 +39,7 @@ def test_a_folder_without_an_engine_says_to_build_one(tiny_fp32):
         TrtRunner(tiny_fp32)
 
 
+@pytest.mark.tensorrt
 def test_another_tensorrt_version_is_refused_naming_both(built):
     edit_manifest(built, lambda d: d["tensorrt"].update(version="1.0.0.1"))
     installed = load().version.replace(".", r"\.")
@@ -50,6 +48,7 @@ def test_another_tensorrt_version_is_refused_naming_both(built):
         TrtRunner(built)
 
 
+@pytest.mark.tensorrt
 def test_an_engine_changed_after_the_build_fails_its_hash(built):
     with open(built / "segment.engine", "ab") as f:
         f.write(b"\0")
@@ -57,6 +56,7 @@ def test_an_engine_changed_after_the_build_fails_its_hash(built):
         TrtRunner(built)
 
 
+@pytest.mark.tensorrt
 def test_a_file_that_is_not_an_engine_is_refused_even_with_a_matching_hash(built):
     (built / "segment.engine").write_bytes(b"garbage, not an engine" * 10)
     edit_manifest(built, lambda d: rehash(d, built))
@@ -64,6 +64,7 @@ def test_a_file_that_is_not_an_engine_is_refused_even_with_a_matching_hash(built
         TrtRunner(built)
 
 
+@pytest.mark.tensorrt
 def test_an_engine_whose_header_names_another_version_is_refused(built):
     if load().flavour != "tensorrt-rtx":
         pytest.skip("the header version is only read for TensorRT-RTX engines")
@@ -76,6 +77,7 @@ def test_an_engine_whose_header_names_another_version_is_refused(built):
         TrtRunner(built)
 
 
+@pytest.mark.tensorrt
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_without_a_gpu_the_error_says_what_the_engine_needs(built):
     with pytest.raises(MissingBackendError, match=r"needs a CUDA GPU of compute capability 8\.0, 8\.6, .*found no "
