@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,17 +62,22 @@ class Manifest:
     memory_op: dict = field(default_factory=dict)      # domain, op_type, version of the memory node
     versions: dict = field(default_factory=dict)       # torch, onnx, onnxruntime, onnxscript, infini_deploy
     validation: dict = field(default_factory=dict)     # the export-time comparison against torch
+    tensorrt: dict = field(default_factory=dict)       # `infini build`: flavour, version, targets, engines
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
                 "config_digest": self.config.digest(), "precision": self.precision, "opset": self.opset,
                 "attention": self.attention, "memory_op": self.memory_op,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "files": dict(self.files),
-                "versions": self.versions, "validation": self.validation}
+                "versions": self.versions, "validation": self.validation,
+                **({"tensorrt": self.tensorrt} if self.tensorrt else {})}
 
     def write(self, export_dir: Path) -> Path:
+        """Write ``infini.json`` atomically (a temp file renamed over it): readers never see half a manifest."""
         path = Path(export_dir) / MANIFEST_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
     @classmethod
@@ -79,7 +85,7 @@ class Manifest:
         return cls(InfiniConfig.from_dict(d["config"]), d["precision"], int(d["opset"]),
                    {k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dict(d["files"]),
                    d.get("attention", ""), d.get("memory_op", {}), d.get("versions", {}),
-                   d.get("validation", {}))
+                   d.get("validation", {}), d.get("tensorrt", {}))
 
     def verify(self, export_dir: Path, name: str) -> Path:
         """The path of file ``name`` after checking it exists and matches its recorded sha256."""

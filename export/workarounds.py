@@ -80,3 +80,40 @@ def quiet_exporter():
             yield
         finally:
             logger.setLevel(level)
+
+
+def function_per_call(proto):
+    """A copy of ``proto`` where each call of a local function gets its own copy, body nodes named
+    under the caller (``/layers.0/self_attn/infini/retrieve/MatMul_num``), for TensorRT's parser.
+
+    The parser inlines a function's body once per call with the body's node names, so with one
+    ``infini::Memory`` function shared by every layer it warns, once per body node and layer:
+
+        [W] ImporterContext.hpp:501: A node named update/Cast_k32 already exists, the output
+        tensors of this new instance will not be queryable.
+
+    Only for an inlined build: a plugin binds by op type, which this renames (``Memory.1``).
+    The computation is unchanged; the file on disk (and its sha256) is untouched.
+    """
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    functions = {(f.domain, f.name): f for f in out.functions}
+    copies, count = [], {}
+    for node in out.graph.node:
+        function = functions.get((node.domain, node.op_type))
+        if function is None:
+            continue
+        count[node.op_type] = count.get(node.op_type, 0) + 1
+        copy = onnx.FunctionProto()
+        copy.CopyFrom(function)
+        copy.name = f"{function.name}.{count[node.op_type]}"
+        scope = node.name.rsplit("/", 1)[0] if "/" in node.name else node.name
+        for body_node in copy.node:
+            body_node.name = f"{scope}/{body_node.name}"
+        node.op_type = copy.name
+        copies.append(copy)
+    del out.functions[:]
+    out.functions.extend(copies)
+    return out

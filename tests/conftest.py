@@ -9,10 +9,15 @@ from infini_deploy.models import init_model, preset
 
 
 def pytest_collection_modifyitems(config, items):
+    from infini_deploy.export.trt_shim import available
+
     has_cuda = torch.cuda.is_available()
+    has_trt = bool(available())
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs tensorrt or tensorrt_rtx: pip install 'infini-deploy[rtx]'"))
 
 
 @pytest.fixture(params=["linear", "delta"])

@@ -10,6 +10,7 @@ import click
 
 from ..errors import InfiniError
 from .bench import bench
+from .build_inspect import build, inspect
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
@@ -37,6 +38,8 @@ cli.add_command(init)
 cli.add_command(run)
 cli.add_command(export)
 cli.add_command(verify)
+cli.add_command(build)
+cli.add_command(inspect)
 cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(passkey)

@@ -90,12 +90,20 @@ def load_export(export_dir: Path):
 
 
 def exported_runners(export_dir: Path, threads: int | None = None) -> dict:
-    """Every backend that can run this export here: onnxruntime CPU, and CUDA when available."""
+    """Every backend that can run this export here: onnxruntime CPU, and CUDA and TensorRT when available
+    (TensorRT when the folder has an engine and a GPU it runs on is there)."""
+    from ..export.manifest import load_manifest
     from ..runtime.ort_runner import OrtRunner
+    from ..runtime.trt_runner import TrtRunner
 
     runners = {"onnxruntime-cpu": OrtRunner(export_dir, "cpu", threads)}
     try:
         runners["onnxruntime-cuda"] = OrtRunner(export_dir, "cuda", threads)
     except MissingBackendError:
         pass
+    if load_manifest(export_dir).tensorrt:
+        try:
+            runners["tensorrt"] = TrtRunner(export_dir)
+        except MissingBackendError:
+            pass
     return runners

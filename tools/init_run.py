@@ -55,8 +55,9 @@ def init(preset_name, out_dir, update, seed, force):
               help="UTF-8 text or a .npy array of token ids [default: a bundled text].")
 @click.option("--tokens", "limit", default=None, help="Stream exactly this many tokens, cycling the input (64k, 1m).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
-              help="auto: onnxruntime for an export folder (infini.json), torch otherwise.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True, help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
+              "tensorrt: the folder's engine (`infini build`), on a GPU it runs on.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
@@ -95,10 +96,14 @@ def make_runner(model: str, backend: str, device: str, threads: int | None, seed
     exported = is_export_dir(model)
     if backend == "auto":
         backend = "onnxruntime" if exported else "torch"
+    if backend in ("onnxruntime", "tensorrt") and not exported:
+        raise BadInputError(f"--backend {backend} needs an export folder (with infini.json); {model!r} is "
+                            "not one: make one with `infini export`")
+    if backend == "tensorrt":
+        from ..runtime.trt_runner import TrtRunner
+
+        return TrtRunner(model, device="cuda" if device == "cpu" else device), backend
     if backend == "onnxruntime":
-        if not exported:
-            raise BadInputError(f"--backend onnxruntime needs an export folder (with infini.json); {model!r} is "
-                                "not one: make one with `infini export`")
         from ..runtime.ort_runner import OrtRunner
 
         return OrtRunner(model, provider=device, threads=threads), backend

@@ -1,0 +1,53 @@
+"""`infini build` and `infini inspect`: wiring only; the work is in export/engine.py and export/inspection.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..export.trt_shim import BACKENDS
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: tensorrt if installed, else tensorrt-rtx.")
+@click.option("--min-n", type=click.IntRange(min=1), default=1, show_default=True, help="Shortest segment.")
+@click.option("--opt-n", type=click.IntRange(min=1), default=None, help="Segment length to tune for [default: N].")
+@click.option("--max-n", type=click.IntRange(min=1), default=None, help="Longest segment [default: N].")
+@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Read before and write after the build (faster rebuilds).")
+@click.option("--target-cc", multiple=True, help="TensorRT-RTX: a compute capability to target (repeat: 8.9, 12.0).")
+@click.option("--plugin", is_flag=True, help="Bind infini::Memory to the TensorRT plugin (full TensorRT only).")
+def build(export_dir, backend, min_n, opt_n, max_n, min_batch, opt_batch, max_batch, timing_cache, target_cc,
+          plugin):
+    """Build a TensorRT engine from each graph of EXPORT_DIR and record it in its infini.json."""
+    from ..export.engine import BuildOptions, build_engines
+
+    options = BuildOptions(backend, min_n, opt_n, max_n, min_batch, opt_batch, max_batch, tuple(target_cc), plugin,
+                           str(timing_cache) if timing_cache else None)
+    record = build_engines(export_dir, options).tensorrt
+    click.echo(f"built with {record['flavour']} {record['version']} ({record['precision']}, strongly typed), "
+               f"for compute capability {', '.join(record['compute_capabilities'])}")
+    if str(record.get("timing_cache", "")).startswith("not used"):
+        click.echo(f"--timing-cache {record['timing_cache']}")
+    for name, e in record["engines"].items():
+        first, shapes = next(iter(e["profiles"][0].items()))
+        click.echo(f"  {name}: {export_dir / e['file']} ({e['bytes']:,} bytes, {e['build_s']:.1f} s), profile "
+                   f"{first} min {shapes['min']} opt {shapes['opt']} max {shapes['max']}")
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON (all layers).")
+def inspect(path, as_json):
+    """Show what PATH (an export folder, an .onnx graph or a TensorRT engine) holds."""
+    from ..export.inspection import format_inspection, inspect_path
+
+    info = inspect_path(path)
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
