@@ -7,18 +7,18 @@ and that this exact kernel specialisation compiles to PTX for sm_90 without a GP
 The registration below is written against the documented `tensorrt.plugin` API
 (TensorRT >= 10.8, "quickly deployable plugins") and kept thin.
 
-The node (the exporter's contract, assumed here):
+The nodes (the exporter's contract, export/memory_function.py):
 
-    domain "infini", op "Memory"
+    domain "infini", op "Memory" (linear rule, Eq 8) or "MemoryDelta" (delta rule, Eq 9)
     inputs  q, k, v, a_dot (B, H, n, d) fp16/bf16/fp32;  memory (B, H, d, d) f32;
-            norm (B, H, d) f32;  beta (H,) f32
-    attrs   delta (int, 0 = linear rule, 1 = delta rule), eps (float)
+            norm (B, H, d) f32;  beta (H,) in the activation dtype
+    attrs   eps (float)
     outputs a (like a_dot), memory_out (like memory), norm_out (like norm)
 
-The plugin id is "infini::Memory" (namespace "infini", name "Memory"). With
+One plugin per op: "infini::Memory" and "infini::MemoryDelta" (namespace "infini"). With
 ``@trtp.aot_impl`` the engine holds the PTX and launch parameters, so it runs
 without Python. TensorRT does not serialise the attributes of an AOT plugin:
-delta and eps are compiled into the kernel as constants instead.
+the rule and eps are compiled into the kernel as constants instead.
 
 To bind the node to the plugin, TensorRT's ONNX parser needs the plugin registered
 (:func:`register_plugin`) before parsing and, because the node carries a local-function
@@ -30,8 +30,9 @@ namespace may also have to be named on the node (attribute ``plugin_namespace="i
 from typing import Tuple, Union
 
 from ..errors import MissingBackendError
+from .memory_function import DOMAIN, OP_DELTA, OP_LINEAR
 
-PLUGIN_ID = "infini::Memory"
+PLUGIN_IDS = {f"{DOMAIN}::{OP_LINEAR}": False, f"{DOMAIN}::{OP_DELTA}": True}   # plugin id -> delta rule
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _registered = False
 
@@ -51,7 +52,7 @@ def kernel_source(dtype: str, d: int, delta: bool, eps: float):
         raise ValueError(f"d_head {d} is not supported by the plugin; supported: {SUPPORTED_DIMS}")
     act = _TRITON_TYPES[dtype]
     signature = {"Q": f"*{act}", "K": f"*{act}", "V": f"*{act}", "ADOT": f"*{act}", "M": "*fp32",
-                 "Z": "*fp32", "BETA": "*fp32", "n_ctx": "i32", "H": "i32", "A": f"*{act}", "MO": "*fp32",
+                 "Z": "*fp32", "BETA": f"*{act}", "n_ctx": "i32", "H": "i32", "A": f"*{act}", "MO": "*fp32",
                  "ZO": "*fp32", "EPS": "constexpr", "D": "constexpr", "BLOCK_T": "constexpr",
                  "BLOCK_C": "constexpr", "DELTA": "constexpr", "MEM_PRECISION": "constexpr"}
     block_t, block_c, num_warps = memory_launch(d)
@@ -61,7 +62,7 @@ def kernel_source(dtype: str, d: int, delta: bool, eps: float):
 
 
 def register_plugin() -> None:
-    """Register "infini::Memory" with TensorRT's plugin registry (once per process)."""
+    """Register "infini::Memory" and "infini::MemoryDelta" with TensorRT's plugin registry (once per process)."""
     global _registered
     if _registered:
         return
@@ -71,27 +72,28 @@ def register_plugin() -> None:
     except ImportError as e:
         raise MissingBackendError("the infini::Memory TensorRT plugin needs the tensorrt package (>= 10.8, with "
                                   "tensorrt.plugin): pip install 'infini-deploy[trt]'") from e
-    _define(trt, trtp)
+    for plugin_id, delta in PLUGIN_IDS.items():
+        _define(trt, trtp, plugin_id, delta)
     _registered = True
 
 
-def _define(trt, trtp):
+def _define(trt, trtp, plugin_id: str, delta: bool):
     dtype_names = {trt.float16: "float16", trt.bfloat16: "bfloat16", trt.float32: "float32"}
 
-    @trtp.register(PLUGIN_ID)
+    @trtp.register(plugin_id)
     def memory_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, a_dot: trtp.TensorDesc,
-                    memory: trtp.TensorDesc, norm: trtp.TensorDesc, beta: trtp.TensorDesc, delta: int,
+                    memory: trtp.TensorDesc, norm: trtp.TensorDesc, beta: trtp.TensorDesc,
                     eps: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         return a_dot.like(), memory.like(), norm.like()
 
-    @trtp.aot_impl(PLUGIN_ID)
+    @trtp.aot_impl(plugin_id)
     def memory_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, a_dot: trtp.TensorDesc,
-                   memory: trtp.TensorDesc, norm: trtp.TensorDesc, beta: trtp.TensorDesc, delta: int, eps: float,
+                   memory: trtp.TensorDesc, norm: trtp.TensorDesc, beta: trtp.TensorDesc, eps: float,
                    outputs: Tuple[trtp.TensorDesc], tactic: int
                    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         import triton
         d = int(q.shape_expr[3].constant_value())   # the head size is static in every export
-        source, num_warps, block_c = kernel_source(dtype_names[q.dtype], d, bool(delta), eps)
+        source, num_warps, block_c = kernel_source(dtype_names[q.dtype], d, delta, eps)
         compiled = triton.compile(source, options={"num_warps": num_warps})
         B, H, n = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
         launch = trtp.KernelLaunchParams()

@@ -61,3 +61,18 @@ def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
     # q k v a_dot memory norm beta (pointers), n H (i32), a memory_out norm_out (pointers); triton >= 3.3
     # appends scratch pointers after them, unused by this kernel (no global scratch): docs/gpu.md
     assert kinds[:12] == ["u64"] * 7 + ["u32"] * 2 + ["u64"] * 3, kinds
+
+
+@pytest.mark.parametrize("update", ["linear", "delta"])
+def test_plugin_ids_and_attributes_match_the_exported_memory_nodes(export_factory, update):
+    """The plugin binds by node op and attributes: both must be what the exporter writes."""
+    import onnx
+
+    from infini_deploy.export.trt_plugin import PLUGIN_IDS
+
+    graph = onnx.load(str(export_factory("fp32", update) / "segment.onnx")).graph
+    nodes = [n for n in graph.node if n.domain == "infini"]
+    assert nodes, "the export has no infini-domain memory node"
+    for node in nodes:
+        assert PLUGIN_IDS[f"{node.domain}::{node.op_type}"] is (update == "delta")
+        assert [a.name for a in node.attribute] == ["eps"]
