@@ -8,16 +8,13 @@ and only a graph that matches is renamed into place.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 import torch
 
 from .. import __version__
-from ..errors import BadInputError
+from ..atomic import atomic_folder
 from ..models import spec
 from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from ..models.model import InfiniTransformer
@@ -35,21 +32,10 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees."""
     out = Path(out_dir)
     check_precision(precision, opset)
-    if out.exists() and not force:
-        raise BadInputError(f"{out} exists; choose a new folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; an export folder is meant to be shared
+    with atomic_folder(out, force) as tmp:
         manifest = _write(model.eval(), tmp, precision, opset)
         if validate:
             manifest = _validate(model, tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest
 
 

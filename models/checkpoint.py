@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_folder
 from ..errors import BadInputError, IncompatibleArtifactError
 from .config import InfiniConfig
 from .model import InfiniTransformer
@@ -22,24 +21,13 @@ WEIGHTS_FILE = "model.safetensors"
 
 def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False) -> Path:
     """Write the checkpoint folder atomically: a sibling temp folder, renamed into place."""
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise BadInputError(f"{out} exists; choose a new folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out_dir, force) as tmp:
         # tied weights are stored once (safetensors refuses shared storage)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                  if not (model.config.tie_embeddings and k == "lm_head.weight")}
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(model.config.to_json() + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return out
+    return Path(out_dir)
 
 
 def load_config(path: str | os.PathLike) -> InfiniConfig:
