@@ -42,3 +42,26 @@ def translations(precision_dtype: str) -> dict:
     if USES_ATTENTION_OP[precision_dtype]:
         return {}
     return {torch.ops.aten.scaled_dot_product_attention.default: causal_attention_decomposed}
+
+
+def masked_attention_decomposed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                scale=None, enable_gqa=False):
+    """Translation of ``aten.scaled_dot_product_attention`` for the decode graph, every precision:
+    one query against the fixed-size cache under a boolean mask (slots <= pos). Its inputs are float32
+    there (the cache is state), where TensorRT's attention layer is not usable (see above)::
+
+        q --Mul(1/sqrt(d))--MatMul-- scores (B,H,1,N) --Where(mask, ., -inf)--Softmax--MatMul-- out
+        k_cache --Transpose--+                                             v_cache --+
+    """
+    if attn_mask is None or is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("the decode step exports attention under a boolean mask only (models/decode.py)")
+    d = query.shape[-1]
+    s = op.Constant(value_float=scale if scale is not None else 1.0 / math.sqrt(d))
+    scores = op.MatMul(op.Mul(query, s), op.Transpose(key, perm=[0, 1, 3, 2]))        # (B, H, 1, N)
+    masked = op.Where(attn_mask, scores, op.CastLike(op.Constant(value_float=-math.inf), scores))
+    return op.MatMul(op.Softmax(masked, axis=-1), value)
+
+
+def decode_translations() -> dict:
+    """custom_translation_table entries for the decode graph (any precision)."""
+    return {torch.ops.aten.scaled_dot_product_attention.default: masked_attention_decomposed}

@@ -1,9 +1,10 @@
-"""``export_model``: checkpoint -> segment.onnx + infini.json, validated, written atomically.
+"""``export_model``: checkpoint -> segment.onnx + decode.onnx + infini.json, validated, written atomically.
 
 Stages, each with its artifact in a temp folder next to OUT_DIR: the checkpoint
-(weights for `infini verify`), the graph, the manifest; then the graph runs in
-onnxruntime against the torch model (batch 2, full segments and a partial one)
-and only a graph that matches is renamed into place.
+(weights for `infini verify`), the graphs, the manifest; then both graphs run in
+onnxruntime against the torch model (segment: batch 2, full segments and a partial
+one; decode: batch 2, token by token across a filled cache and its fold) and only
+a folder whose graphs match is renamed into place.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from ..models import spec
 from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from ..models.model import InfiniTransformer
 from . import attention, memory_function
-from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_segment
+from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment
 from .manifest import GraphEntry, Manifest, sha256_file
 
 SEGMENT_FILE = "segment.onnx"
+DECODE_FILE = "decode.onnx"
 CHECKPOINT_DIR = "checkpoint"
 VALIDATION = {"segments": 3, "batch": 2}   # two full segments, then a partial one
+DECODE_EXTRA = 8                           # decode validation: a segment's worth of tokens, a fold, 8 more
 
 
 def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
@@ -42,12 +45,14 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
 def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -> Manifest:
     save_checkpoint(model, folder / CHECKPOINT_DIR).chmod(0o755)
     export_segment(model, folder / SEGMENT_FILE, precision, opset)
+    export_decode(model, folder / DECODE_FILE, precision, opset)
     cfg = model.config
-    entry = GraphEntry(SEGMENT_FILE, spec.segment_inputs(cfg), spec.segment_outputs(cfg, PRECISIONS[precision]))
-    names = [SEGMENT_FILE, f"{CHECKPOINT_DIR}/{CONFIG_FILE}", f"{CHECKPOINT_DIR}/{WEIGHTS_FILE}"]
+    graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
+              for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE))}
+    names = [SEGMENT_FILE, DECODE_FILE, f"{CHECKPOINT_DIR}/{CONFIG_FILE}", f"{CHECKPOINT_DIR}/{WEIGHTS_FILE}"]
     op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
     manifest = Manifest(
-        config=cfg, precision=precision, opset=opset, graphs={"segment": entry},
+        config=cfg, precision=precision, opset=opset, graphs=graphs,
         files={name: sha256_file(folder / name) for name in names},
         attention="Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
         memory_op={"domain": memory_function.DOMAIN, "op_type": op_type, "version": memory_function.DOMAIN_VERSION},
@@ -57,16 +62,23 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -
 
 
 def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
-    from ..runtime.compare import TOLERANCES, check_tolerance, drift, worst
+    from ..runtime.compare import TOLERANCES, check_tolerance, decode_drift, drift, worst
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner
 
+    tolerance = TOLERANCES[manifest.precision]
     with TorchRunner(model) as reference, OrtRunner(folder) as ort_runner:
         rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION)["onnxruntime"]
-    check_tolerance(f"the exported graph ({manifest.precision}, onnxruntime CPU)", rows,
-                    TOLERANCES[manifest.precision])
+    check_tolerance(f"the exported segment graph ({manifest.precision}, onnxruntime CPU)", rows, tolerance)
+    tokens = model.config.segment_len + DECODE_EXTRA
+    with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
+            OrtRunner(folder, graph="decode") as ort_runner:
+        decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"])
+    check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows, tolerance)
     validated = Manifest(**{**manifest.__dict__, "validation": {
-        **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows)}})
+        **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
+        "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,
+                   "worst": worst(decode_rows)}}})
     validated.write(folder)
     return validated
 

@@ -1,7 +1,7 @@
-"""The segment step as an ONNX graph: trace, translate, tidy, name, check.
+"""The segment and decode steps as ONNX graphs: trace, translate, tidy, name, check.
 
-``export_segment(model, path, precision, opset)`` is the whole stage; the
-helpers below it are its steps, in order.
+``export_segment(model, path, precision, opset)`` and ``export_decode(...)`` are
+the whole stage for each graph; the helpers below them are its steps, in order.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models import spec
+from ..models.decode import DecodeStep, initial_decode_state
 from ..models.model import InfiniTransformer
 from ..runtime.runner import TORCH_DTYPES
 from . import attention, memory_function, workarounds
@@ -59,34 +60,54 @@ def export_segment(model: InfiniTransformer, path: Path, precision: str = "fp32"
     Inputs tokens int64 [batch, n], memory/norm float32 [L, batch, ...]; outputs
     logits (precision dtype) and memory_out/norm_out (float32). Returns the saved proto.
     """
+    return _export("segment", model, path, precision, opset)
+
+
+def export_decode(model: InfiniTransformer, path: Path, precision: str = "fp32",
+                  opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Write the decode step (models/decode.py) of ``model`` to ``path`` in ``precision``.
+
+    Inputs token, pos int64 [batch], memory/norm and the decode state float32; outputs
+    logits (precision dtype) [batch, V] and the decode state float32. Standard ops only:
+    the memory read and the pending update are plain nodes (docs/onnx.md says why).
+    """
+    return _export("decode", model, path, precision, opset)
+
+
+def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, opset: int) -> onnx.ModelProto:
     check_precision(precision, opset)
-    program = _trace(cast_model(model, precision), precision, opset)
+    program = _trace(graph, cast_model(model, precision), precision, opset)
     ir_model = program.model
     _tidy(ir_model, opset)
     _name_nodes(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     proto.producer_name = "infini-deploy"
-    check_graph(proto)
-    check_io(proto, spec.segment_inputs(model.config), spec.segment_outputs(model.config, PRECISIONS[precision]))
+    check_graph(proto, memory_node=graph == "segment")
+    check_io(proto, *spec.graph_specs(graph, model.config, PRECISIONS[precision]))
     onnx.save(proto, str(path))
     return proto
 
 
-def _trace(model: InfiniTransformer, precision: str, opset: int):
+def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):
     cfg = model.config
-    inputs = spec.segment_inputs(cfg)
+    inputs, outputs = spec.graph_specs(graph, cfg)
     batch = torch.export.Dim(spec.BATCH, min=1, max=1 << 16)
-    seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
-    dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
     memory, norm = model.initial_state(batch=2)
-    args = (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
-    table = {torch.ops.infini.memory.default: memory_function.translate_memory,
-             **attention.translations(PRECISIONS[precision])}
+    if graph == "segment":
+        seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
+        dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
+        module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
+        table = {torch.ops.infini.memory.default: memory_function.translate_memory,
+                 **attention.translations(PRECISIONS[precision])}
+    else:
+        dims = {s.name: {0 if s.name in (spec.TOKEN, spec.POS) else 1: batch} for s in inputs}
+        token, pos = torch.zeros(2, dtype=torch.int64), torch.tensor([0, 1])
+        module, args = DecodeStep(model), (token, pos, memory, norm, *initial_decode_state(cfg, 2))
+        table = attention.decode_translations()
     with torch.no_grad(), workarounds.keep_local_functions(), workarounds.quiet_exporter():
         return torch.onnx.export(
-            SegmentStep(model), args, dynamo=True, opset_version=opset, optimize=False, verbose=False,
-            input_names=[s.name for s in inputs],
-            output_names=[s.name for s in spec.segment_outputs(cfg)],
+            module, args, dynamo=True, opset_version=opset, optimize=False, verbose=False,
+            input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
             dynamic_shapes=tuple(dims[s.name] for s in inputs), custom_translation_table=table)
 
 
@@ -129,12 +150,15 @@ def eval_list(text: str) -> list[str]:
     return re.findall(r"'([^']*)'", text)
 
 
-def check_graph(proto: onnx.ModelProto) -> None:
-    """ONNX checker (full, with strict shape inference) and the local memory function present."""
+def check_graph(proto: onnx.ModelProto, memory_node: bool = True) -> None:
+    """ONNX checker (full, with strict shape inference) and, for the segment graph
+    (``memory_node``), the memory node with its local function present."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise IncompatibleArtifactError(f"the exported graph fails the ONNX checker: {e}") from None
+    if not memory_node:
+        return
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
     functions = {(f.domain, f.name) for f in proto.functions}
     memory_ops = {(d, o) for d, o in ops if d == memory_function.DOMAIN}

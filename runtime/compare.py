@@ -82,18 +82,72 @@ def _step(runner: BaseRunner, tokens, state: dict, key: str) -> dict:
     return out
 
 
+DECODE_STATE = ((spec.K_CACHE, spec.K_CACHE_OUT), (spec.V_CACHE, spec.V_CACHE_OUT),
+                (spec.D_MEMORY, spec.D_MEMORY_OUT), (spec.D_NORM, spec.D_NORM_OUT))
+
+
+def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, tokens: int, batch: int = 1,
+                 seed: int = 0) -> list[dict]:
+    """Decode ``tokens`` random tokens one by one through two decode runners, each carrying its own cache
+    and pending update and folding them into its own (memory, norm) when the segment fills; one row per
+    token (logits max abs; state relative: the decode state, and the folded memory after a fold).
+
+    The stream starts after one full segment through ``prefill`` (a segment runner), so the memory read
+    is not zero. Rows: token, pos, logits_max, state_rel (and memory_rel, norm_rel on fold rows)."""
+    from ..models.decode import fold, initial_decode_state
+
+    cfg, N = reference.config, reference.config.segment_len
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, cfg.vocab_size, (batch, N), generator=gen)
+    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: reference_state(cfg, batch)[0],
+                         spec.NORM: reference_state(cfg, batch)[1]})
+    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
+    names = ("__ref__", "runner")
+    memory = {name: start for name in names}
+    cache = {name: initial_decode_state(cfg, batch) for name in names}
+    rows = []
+    for t in range(tokens):
+        pos = t % N
+        token = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+        outs = {}
+        for name, r in zip(names, (reference, runner)):
+            feed = {spec.TOKEN: token, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
+                    spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
+                    **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
+            outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
+            cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
+        got, ref = outs["runner"], outs["__ref__"]
+        row = {"token": t, "pos": pos, "logits_max": float((got[spec.LOGITS] - ref[spec.LOGITS]).abs().max()),
+               "state_rel": max(_rel(got[o], ref[o]) for _, o in DECODE_STATE)}
+        if pos == N - 1:  # the segment filled: each folds its own pending update
+            for name in names:
+                memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
+                cache[name] = initial_decode_state(cfg, batch)
+            row["memory_rel"] = _rel(memory["runner"][0], memory["__ref__"][0])
+            row["norm_rel"] = _rel(memory["runner"][1], memory["__ref__"][1])
+            row["state_rel"] = max(row["state_rel"], row["memory_rel"], row["norm_rel"])
+        rows.append(row)
+    return rows
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+
+
 def worst(rows: list[dict]) -> dict:
-    """The largest figure of each column over all segments."""
-    keys = [k for k in rows[0] if k not in ("segment", "n")]
-    return {k: max(r[k] for r in rows) for k in keys}
+    """The largest figure of each column over all segments (or tokens)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("segment", "n", "token", "pos")))
+    return {k: max(r[k] for r in rows if k in r) for k in keys}
 
 
 def check_tolerance(name: str, rows: list[dict], tolerance: Tolerance) -> None:
-    """NumericalFaultError naming the first segment where ``rows`` leave ``tolerance``."""
+    """NumericalFaultError naming the first segment (or decoded token) where ``rows`` leave ``tolerance``."""
     for r in rows:
         if not r["logits_max"] <= tolerance.logits_abs or not r["state_rel"] <= tolerance.state_rel:
+            where = (f"token {r['token']} (pos {r['pos']})" if "token" in r
+                     else f"segment {r['segment']} (n={r['n']})")
             raise NumericalFaultError(
-                f"{name} differs from torch at segment {r['segment']} (n={r['n']}): logits max abs "
+                f"{name} differs from torch at {where}: logits max abs "
                 f"{r['logits_max']:.3g} (tolerance {tolerance.logits_abs:g}), state relative "
                 f"{r['state_rel']:.3g} (tolerance {tolerance.state_rel:g})")
 

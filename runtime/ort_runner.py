@@ -1,4 +1,4 @@
-"""The onnxruntime backend: an export folder's segment graph in an InferenceSession.
+"""The onnxruntime backend: one graph of an export folder (``segment`` or ``decode``) in an InferenceSession.
 
 CPU provider by default. With onnxruntime-gpu and a GPU, ``provider="cuda"``
 binds inputs and outputs to device memory (I/O binding) so the state stays on
@@ -75,7 +75,8 @@ def _emulated(path: Path) -> bytes:
 
 
 class OrtRunner(BaseRunner):
-    """Runs the ``segment`` graph of an export folder; names, dtypes and shapes come from its manifest."""
+    """Runs one graph of an export folder, ``graph="segment"`` (default) or ``graph="decode"`` (the decode
+    step, for Stream.generate); names, dtypes and shapes come from its manifest."""
 
     name = "onnxruntime"
 
@@ -86,6 +87,7 @@ class OrtRunner(BaseRunner):
             raise IncompatibleArtifactError(f"{self.export_dir} has no {graph!r} graph; it has: "
                                             f"{', '.join(self.manifest.graphs)}")
         entry = self.manifest.graphs[graph]
+        self.graph = graph
         self.provider = check_provider(provider)
         super().__init__(self.manifest.config, entry.inputs, entry.outputs, "cuda" if provider == "cuda" else "cpu")
         self.path = self.manifest.verify(self.export_dir, entry.file)
@@ -138,7 +140,7 @@ class _CudaBinding:
         return outs
 
     def _outputs(self, feed) -> dict[str, torch.Tensor]:
-        tokens = feed[spec.TOKENS]
+        tokens = feed[spec.TOKENS] if spec.TOKENS in feed else feed[spec.TOKEN][:, None]  # segment | decode
         key = tuple(tokens.shape)
         if key not in self.buffers:
             self.buffers = {key: [self._allocate(tokens.shape) for _ in range(2)]}  # one shape at a time

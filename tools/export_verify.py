@@ -21,7 +21,8 @@ from ..models.checkpoint import resolve_model
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def export(model, out_dir, precision, opset, seed, force):
-    """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + infini.json, validated."""
+    """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + decode.onnx + infini.json,
+    validated."""
     from ..export.exporter import export_model
 
     manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force)
@@ -31,6 +32,9 @@ def export(model, out_dir, precision, opset, seed, force):
     click.echo(f"validated against torch on onnxruntime (batch {manifest.validation['batch']}, "
                f"{manifest.validation['segments']} segments, last partial): logits max abs "
                f"{worst['logits_max']:.2e}, state relative {worst['state_rel']:.2e}")
+    dec = manifest.validation["decode"]
+    click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
+               f"logits max abs {dec['worst']['logits_max']:.2e}, state relative {dec['worst']['state_rel']:.2e}")
 
 
 @click.command()

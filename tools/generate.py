@@ -19,28 +19,39 @@ from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.measure import human_bytes, peak_rss_bytes
 from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
-from .init_run import parse_count
+from .init_run import make_runner, parse_count
 
-GENERATE_BACKENDS = ("torch",)  # the onnxruntime and TensorRT runners plug in here
+GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
-def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None) -> Stream:
-    """A batch-1 stream over MODEL's segment and decode steps on one backend."""
+def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None) -> tuple[Stream, str]:
+    """(a batch-1 stream over MODEL's segment and decode steps on one backend, the backend's name).
+
+    auto: onnxruntime for an export folder (its segment.onnx and decode.onnx), torch otherwise.
+    tensorrt: the folder's segment and decode engines (`infini build`), on a GPU they run on."""
+    from ..export.manifest import is_export_dir
+
     if backend not in GENERATE_BACKENDS:
-        raise BadInputError(f"backend {backend!r} cannot generate yet; available: {', '.join(GENERATE_BACKENDS)}")
+        raise BadInputError(f"--backend {backend!r} is not known; available: {', '.join(GENERATE_BACKENDS)}")
     if threads:
         torch.set_num_threads(threads)
-    net = resolve_model(model, seed)
-    return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode"))
+    if backend in ("auto", "torch") and not is_export_dir(model):   # one model for both steps
+        net = resolve_model(model, seed)
+        return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode")), "torch"
+    runner, backend = make_runner(model, backend, device, threads, seed)
+    decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode")
+    return Stream(runner, decode_runner=decode_runner), backend
 
 
 def common_options(f):
     """--backend, --device, --threads, --progress: shared by generate and passkey."""
     for option in reversed([
-        click.option("--backend", default="torch", show_default=True,
-                     help=f"Runner backend; available: {', '.join(GENERATE_BACKENDS)}."),
+        click.option("--backend", type=click.Choice(GENERATE_BACKENDS), default="auto", show_default=True,
+                     help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
+                     "tensorrt: the folder's segment and decode engines (`infini build`), on a GPU."),
         click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
-        click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]."),
+        click.option("--threads", type=int, default=None,
+                     help="intra-op threads of torch and onnxruntime [default: theirs]."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]):
         f = option(f)
@@ -64,7 +75,7 @@ def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k
     """Stream a prompt through MODEL (a checkpoint folder or a preset name) and print what it generates."""
     if (prompt_file is None) == (prompt_text is None):
         raise BadInputError("give exactly one of --prompt-file and --prompt")
-    stream = open_stream(model, backend, device, seed, threads)
+    stream, backend = open_stream(model, backend, device, seed, threads)
     if prompt_file is not None:
         prompt, total = iter_tokens(prompt_file), count_tokens(prompt_file)
     else:
@@ -128,7 +139,7 @@ def passkey(model, lengths, depths, trials, seed, filler, json_out, backend, dev
     depths = parse_depths(depths)
     if trials < 1:
         raise BadInputError(f"--trials must be at least 1, got {trials}")
-    stream = open_stream(model, backend, device, seed, threads)
+    stream, backend = open_stream(model, backend, device, seed, threads)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None)
     rows = summarise(results)

@@ -89,8 +89,9 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, prog
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int):
-    """(runner, backend name): an export folder runs on onnxruntime unless --backend torch is asked for."""
+def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment"):
+    """(runner, backend name): an export folder runs on onnxruntime unless --backend torch is asked for.
+    ``graph``: the segment step, or the decode step (`infini generate`, `infini passkey`)."""
     from ..export.manifest import is_export_dir
 
     exported = is_export_dir(model)
@@ -102,13 +103,13 @@ def make_runner(model: str, backend: str, device: str, threads: int | None, seed
     if backend == "tensorrt":
         from ..runtime.trt_runner import TrtRunner
 
-        return TrtRunner(model, device="cuda" if device == "cpu" else device), backend
+        return TrtRunner(model, graph=graph, device="cuda" if device == "cpu" else device), backend
     if backend == "onnxruntime":
         from ..runtime.ort_runner import OrtRunner
 
-        return OrtRunner(model, provider=device, threads=threads), backend
+        return OrtRunner(model, provider=device, threads=threads, graph=graph), backend
     if exported:
         from .export_verify import load_export
 
-        return TorchRunner(load_export(Path(model))[1], device=device), backend
-    return TorchRunner(resolve_model(model, seed), device=device), backend
+        return TorchRunner(load_export(Path(model))[1], device=device, graph=graph), backend
+    return TorchRunner(resolve_model(model, seed), device=device, graph=graph), backend

@@ -42,6 +42,35 @@ def test_engine_builds_in_every_precision_and_is_recorded(built_factory, precisi
         assert record["compute_capabilities"] == list(trt_shim.RTX_DEFAULT_CC)
 
 
+DECODE_PROFILE = {
+    "token": {"min": [1], "opt": [2], "max": [4]}, "pos": {"min": [1], "opt": [2], "max": [4]},
+    "memory": PROFILE["memory"], "norm": PROFILE["norm"],
+    "k_cache": {"min": [2, 1, 2, 64, 16], "opt": [2, 2, 2, 64, 16], "max": [2, 4, 2, 64, 16]},
+    "v_cache": {"min": [2, 1, 2, 64, 16], "opt": [2, 2, 2, 64, 16], "max": [2, 4, 2, 64, 16]},
+    "d_memory": PROFILE["memory"], "d_norm": PROFILE["norm"]}
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_decode_engine_builds_in_every_precision(built_factory, precision):
+    """`infini build` builds decode.onnx too: batch is its only dynamic dim; logits in the precision, state f32."""
+    folder = built_factory(precision)
+    m = load_manifest(folder)
+    trt = trt_shim.load()
+    engine = m.tensorrt["engines"]["decode"]
+    assert engine["graph"] == "decode.onnx" and engine["file"] == "decode.engine"
+    assert engine["sha256"] == m.files["decode.engine"] == sha256_file(folder / "decode.engine")
+    assert engine["bytes"] > 100_000 and engine["profiles"] == [DECODE_PROFILE]
+    assert trt_shim.engine_header(folder / "decode.engine") == {"flavour": trt.flavour, "version": trt.version}
+    path = folder / "decode.onnx"
+    assert unsupported_nodes(trt, path) == []
+    net = NetworkFromOnnxPath(trt, path)
+    outputs = {net.network.get_output(i).name: net.network.get_output(i) for i in range(net.network.num_outputs)}
+    assert list(outputs) == ["logits", "k_cache_out", "v_cache_out", "d_memory_out", "d_norm_out"]
+    assert outputs["logits"].dtype.name == LOGITS_DTYPE[precision]
+    assert {outputs[n].dtype.name for n in list(outputs)[1:]} == {"FLOAT"}
+
+
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_parser_takes_every_node_and_the_network_is_strongly_typed(export_factory, precision):

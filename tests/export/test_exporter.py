@@ -7,7 +7,7 @@ import json
 import pytest
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
-from infini_deploy.export.exporter import SEGMENT_FILE, export_model
+from infini_deploy.export.exporter import DECODE_FILE, SEGMENT_FILE, export_model
 from infini_deploy.export.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.runtime.compare import Tolerance
@@ -22,7 +22,9 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
     assert segment.inputs[0].shape == (spec.BATCH, spec.SEQ) and segment.inputs[0].max_dims == {spec.SEQ: 64}
     for name, digest in manifest.files.items():
         assert sha256_file(tiny_fp32 / name) == digest
-    assert set(manifest.files) == {SEGMENT_FILE, "checkpoint/config.json", "checkpoint/model.safetensors"}
+    assert set(manifest.files) == {SEGMENT_FILE, DECODE_FILE, "checkpoint/config.json", "checkpoint/model.safetensors"}
+    assert manifest.graphs["decode"].file == DECODE_FILE
+    assert manifest.graphs["decode"].outputs[0].shape == (spec.BATCH, 260)
     assert {"torch", "onnx", "onnxruntime", "infini_deploy"} <= set(manifest.versions)
     assert manifest.validation["batch"] == 2 and manifest.validation["worst"]["logits_max"] < 1e-4
     assert manifest.memory_op == {"domain": "infini", "op_type": "Memory", "version": 1}
@@ -45,6 +47,29 @@ def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeyp
     with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):
         export_model(tiny_linear_model, tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
+
+
+def test_a_decode_graph_that_disagrees_fails_the_export_atomically(tiny_linear_model, tmp_path, monkeypatch):
+    """decode.onnx is validated on its own: a graph from other weights (the segment graph is right) is refused."""
+    import copy
+
+    import torch
+
+    import infini_deploy.export.exporter as exporter
+
+    real = exporter.export_decode
+
+    def wrong_weights(model, path, precision, opset):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            other.lm_head.weight.mul_(1.01)
+        return real(other, path, precision, opset)
+
+    monkeypatch.setattr(exporter, "export_decode", wrong_weights)
+    with pytest.raises(NumericalFaultError, match=r"the exported decode graph \(fp32, onnxruntime CPU\) differs from "
+                                                  r"torch at token 0 \(pos 0\)"):
+        export_model(tiny_linear_model, tmp_path / "bad")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_hash_and_format_checked(tiny_fp32, tmp_path):

@@ -23,6 +23,7 @@ def test_build_then_inspect(export_factory, tmp_path):
     assert "(bf16, strongly typed)" in result.output
     assert "profile tokens min [1, 1] opt [1, 16] max [2, 64]" in result.output
     text = invoke("inspect", folder).output
+    assert "engine decode: decode.engine (" in text
     assert "engine segment: segment.engine (" in text and "profile memory: min [2, 1, 2, 16, 16]" in text
     info = json.loads(invoke("inspect", folder / "segment.engine", "--json").output)
     assert info["kind"] == "engine" and info["manifest"]["precision"] == "bf16"
@@ -51,3 +52,12 @@ def test_run_tensorrt_needs_an_export_folder():
 def test_run_tensorrt_without_a_gpu_is_a_clear_error(built_factory):
     result = invoke("run", built_factory("fp16"), "--backend", "tensorrt", "--no-progress")
     assert result.exit_code == 2 and "found no CUDA GPU" in result.output
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_generate_tensorrt_without_a_gpu_is_a_clear_error(built_factory):
+    for command in (("generate", built_factory("fp16"), "--prompt", "x"),
+                    ("passkey", built_factory("fp16"), "--lengths", "1k", "--depths", "0")):
+        result = invoke(*command, "--backend", "tensorrt", "--no-progress")
+        assert result.exit_code == 2 and "found no CUDA GPU" in result.output, result.output

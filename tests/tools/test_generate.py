@@ -34,7 +34,7 @@ def test_generate_sampling_is_reproducible_with_a_seed():
 
 def test_generate_errors_are_one_line():
     for args, message in [
-        (["--prompt", "x", "--backend", "onnxruntime"], "backend 'onnxruntime' cannot generate yet; available: torch"),
+        (["--prompt", "x", "--backend", "onnxruntime"], "--backend onnxruntime needs an export folder"),
         (["--prompt", ""], "the prompt has no tokens"),
         ([], "give exactly one of --prompt-file and --prompt"),
         (["--prompt", "x", "--top-k", 0], "top_k must be at least 1"),
@@ -73,3 +73,35 @@ def test_passkey_bad_options_are_clear_errors():
         res = invoke("passkey", "tiny", *args, "--no-progress")
         assert res.exit_code == 2, res.output
         assert message in res.output
+
+
+def test_generate_on_an_export_folder_in_onnxruntime_equals_torch(tiny_fp32):
+    """The export is of the tiny preset, seed 0: both backends sample the same text with the same seed
+    (an untrained model's greedy text is blank; tests/runtime/test_ort_decode.py compares greedy tokens)."""
+    prompt = "The grass is green. The sky is blue. " * 2          # 74 tokens: past one segment
+    sampling = ("--prompt", prompt, "--max-new-tokens", 70, "--temperature", 1.0, "--seed", 0, "--no-progress")
+    ort = invoke("generate", tiny_fp32, "--backend", "onnxruntime", "--threads", 1, *sampling)
+    ref = invoke("generate", "tiny", *sampling)
+    auto = invoke("generate", tiny_fp32, *sampling)
+    assert ort.exit_code == ref.exit_code == auto.exit_code == 0, ort.output + ref.output
+    assert ort.stdout == ref.stdout == auto.stdout and len(ort.stdout.strip()) > 0
+    assert "prompt 74 tokens" in ort.stderr and "generated" in ort.stderr
+
+
+def test_passkey_on_an_export_folder_in_onnxruntime_equals_torch(tiny_fp32, tmp_path):
+    args = ("--lengths", "1k", "--depths", "0,1", "--trials", 1, "--seed", 0, "--no-progress")
+    res = invoke("passkey", tiny_fp32, "--backend", "onnxruntime", *args, "--json-out", tmp_path / "o.json")
+    ref = invoke("passkey", "tiny", *args, "--json-out", tmp_path / "t.json")
+    assert res.exit_code == ref.exit_code == 0, res.output + ref.output
+    assert "onnxruntime on cpu" in res.stdout
+    got, want = (json.loads((tmp_path / f).read_text()) for f in ("o.json", "t.json"))
+    assert got["backend"] == "onnxruntime" and want["backend"] == "torch"
+    assert [(t["key"], t["generated"]) for t in got["trials"]] == [(t["key"], t["generated"]) for t in want["trials"]]
+    assert all(len(t["generated"]) > 0 for t in got["trials"])
+
+
+def test_generate_tensorrt_needs_engines_and_a_gpu(tiny_fp32):
+    res = invoke("generate", "tiny", "--backend", "tensorrt", "--prompt", "x", "--no-progress")
+    assert res.exit_code == 2 and "--backend tensorrt needs an export folder" in res.output
+    res = invoke("generate", tiny_fp32, "--backend", "tensorrt", "--prompt", "x", "--no-progress")
+    assert res.exit_code == 2 and "has no TensorRT engine for the 'segment' graph" in res.output
