@@ -132,3 +132,20 @@ def test_decode_runner_checks_its_feed():
         stream.decode_runner.infer(feed)
     with pytest.raises(BadInputError, match="'k_cache' has shape"):
         stream.decode_runner.infer(feed | {"pos": torch.tensor([0]), "k_cache": torch.zeros(2, 1, 2, 32, 16)})
+
+
+@pytest.mark.gpu
+def test_generation_on_cuda_matches_the_cpu(tiny_model):
+    """The decode step and the fold on a GPU (state on the device): same tokens, same state as the CPU."""
+    N = tiny_model.config.segment_len
+    prompt = prompt_of(N + 9, batch=2)
+    cpu = make_stream(tiny_model, batch=2)
+    out_cpu = cpu.generate(prompt, max_new_tokens=N + 5, temperature=0.8, seed=3)
+    gpu_model = init_model(tiny_model.config, seed=0)
+    gpu_model.load_state_dict(tiny_model.state_dict())
+    gpu = Stream(TorchRunner(gpu_model, device="cuda"), batch=2,
+                 decode_runner=TorchRunner(gpu_model, device="cuda", graph="decode"))
+    out_gpu = gpu.generate(prompt, max_new_tokens=N + 5, temperature=0.8, seed=3)
+    assert gpu.memory.is_cuda
+    assert torch.equal(out_cpu, out_gpu.cpu())
+    torch.testing.assert_close(gpu.memory.cpu(), cpu.memory, rtol=1e-3, atol=1e-3)
