@@ -274,6 +274,8 @@ class Stream:
         out = self.decode_runner.infer(feed)
         self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
                                                    spec.D_MEMORY_OUT, spec.D_NORM_OUT))
+        if self.check_finite:  # the pending update is state too: refuse it as soon as it breaks, not at the fold
+            check_state_finite(self._cache[2], self._cache[3], self.segments)
         return out[spec.LOGITS]
 
     def _fold(self) -> None:
