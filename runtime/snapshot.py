@@ -7,8 +7,8 @@ Tensors (all float32 but the token buffer):
     k_cache, v_cache (L, B, H, N, d), d_memory, d_norm    only mid-generation: the decode cache
 
 The safetensors metadata names the model and the position: format and version,
-the config digest (and the config), for export folders the sha256 of every graph
-and of the weights from the manifest, batch, position, segments, the decode
+the config digest (and the config), the sha256 of the weights (of the checkpoint file for
+export folders, of the tensors for a torch model) and of every graph, batch, position, segments, the decode
 cache fill, and a sha256 over the tensor bytes so a damaged file is refused even
 where safetensors would still parse it. Files are written to a temp file in the
 same folder and renamed over the target: a reader never sees half a snapshot.
@@ -38,9 +38,23 @@ def model_identity(runner: BaseRunner) -> dict:
     """What names the model a runner runs: its config digest and, for export folders, file hashes."""
     manifest = getattr(runner, "manifest", None)
     graphs = {name: manifest.files.get(g.file, "") for name, g in manifest.graphs.items()} if manifest else {}
-    weights = manifest.files.get("checkpoint/model.safetensors", "") if manifest else ""
+    if manifest:
+        weights = "file:" + manifest.files.get("checkpoint/model.safetensors", "")
+    elif getattr(runner, "model", None) is not None:
+        weights = "tensors:" + _weights_digest(runner)
+    else:
+        weights = ""
     return {"config_digest": runner.config.digest(), "graphs": graphs, "weights": weights,
             "precision": manifest.precision if manifest else ""}
+
+
+def _weights_digest(runner) -> str:
+    """sha256 of a torch model's weights (float32 bytes, by name); computed once per runner."""
+    if getattr(runner, "_weights_sha256", None) is None:
+        with torch.no_grad():
+            state = {k: v.detach().float().cpu() for k, v in runner.model.state_dict().items()}
+        runner._weights_sha256 = _digest(state)
+    return runner._weights_sha256
 
 
 def save_snapshot(stream, path, force: bool = False) -> Path:
@@ -101,9 +115,10 @@ def check_compatible(path, meta: dict, runner: BaseRunner) -> None:
             f"{path} was saved from another model (config digest {meta['config_digest'][:12]}...); this runner's "
             f"model has {mine['config_digest'][:12]}...: resume with the model that wrote it")
     theirs = json.loads(meta.get("graphs", "{}"))
-    if meta.get("weights") and mine["weights"] and meta["weights"] != mine["weights"]:
-        raise IncompatibleArtifactError(f"{path} was saved from an export with other weights (sha256 "
-                                        f"{meta['weights'][:12]}...); this export has {mine['weights'][:12]}...")
+    theirs_w, mine_w = meta.get("weights", "").partition(":"), mine["weights"].partition(":")
+    if theirs_w[0] == mine_w[0] and theirs_w[2] and theirs_w[2] != mine_w[2]:  # same kind: file or tensors
+        raise IncompatibleArtifactError(f"{path} was saved from a model with other weights (sha256 "
+                                        f"{theirs_w[2][:12]}...); this runner's has {mine_w[2][:12]}...")
     shared = set(theirs) & set(mine["graphs"])
     if meta.get("precision") == mine["precision"] and any(theirs[g] != mine["graphs"][g] for g in shared):
         raise IncompatibleArtifactError(f"{path} was saved from another export of this model (graph sha256 "

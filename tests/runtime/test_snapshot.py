@@ -142,3 +142,12 @@ def test_save_refuses_an_existing_file_and_leaves_no_temp_files(tiny_linear_mode
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
     with pytest.raises(BadInputError, match="does not exist"):
         Stream.load(tmp_path / "nope.safetensors", TorchRunner(tiny_linear_model))
+
+
+def test_snapshot_of_the_same_config_with_other_weights_is_refused(tmp_path):
+    stream = Stream(TorchRunner(init_model(preset("tiny"), seed=0)))
+    stream.feed(torch.arange(10), keep="none")
+    stream.save(tmp_path / "s.safetensors")
+    with pytest.raises(IncompatibleArtifactError, match="a model with other weights"):
+        Stream.load(tmp_path / "s.safetensors", TorchRunner(init_model(preset("tiny"), seed=1)))
+    assert Stream.load(tmp_path / "s.safetensors", TorchRunner(init_model(preset("tiny"), seed=0))).position == 10
