@@ -47,7 +47,9 @@ def test_snapshot_header_names_the_model_and_position(tiny_fp32, tmp_path):
         meta = f.metadata()
     manifest = json.loads((tiny_fp32 / "infini.json").read_text())
     assert meta["config_digest"] == manifest["config_digest"] == stream.config.digest()
-    assert json.loads(meta["graphs"]) == {"segment": manifest["files"]["segment.onnx"]}
+    graphs = {name: manifest["files"][g["file"]] for name, g in manifest["graphs"].items()}
+    assert json.loads(meta["graphs"]) == graphs and "segment" in graphs
+    assert meta["weights"] == "file:" + manifest["files"]["checkpoint/model.safetensors"]
     assert (meta["position"], meta["segments"], meta["batch"]) == ("100", "1", "1")
     tensors = load_file(str(tmp_path / "s.safetensors"))
     assert tensors["memory"].dtype == tensors["norm"].dtype == torch.float32
