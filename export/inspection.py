@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, IncompatibleArtifactError
 from .manifest import MANIFEST_FILE, is_export_dir, load_manifest
 from .trt_shim import Logger, engine_header, load
 
@@ -52,7 +52,11 @@ def inspect_onnx(path: Path) -> dict:
     from .graph import ONNX_DTYPES
 
     names = {v: k for k, v in ONNX_DTYPES.items()}
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and onnx's own: the file is not a readable graph
+        raise IncompatibleArtifactError(f"{path} is not a readable ONNX graph (corrupt or truncated: "
+                                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
 
     def io(values):
         return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),

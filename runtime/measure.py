@@ -22,18 +22,24 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def stream_throughput(stream: Stream, chunks, total: int | None = None, progress: bool = False) -> dict:
-    """Feed ``chunks`` through ``stream`` and report tokens/s, RSS and the state against a KV cache."""
+def stream_throughput(stream: Stream, chunks, total: int | None = None, progress: bool = False,
+                      flush: bool = True) -> dict:
+    """Feed ``chunks`` through ``stream`` and report tokens/s, RSS and the state against a KV cache.
+
+    ``flush``: commit the unfinished last segment at the end (not when the stream is to be resumed).
+    """
     cfg = stream.config
     rss_before = current_rss_bytes()
+    position, segments = stream.position, stream.segments  # non-zero for a resumed stream
     start = time.perf_counter()
     stream.feed_chunks(chunks, keep="none", total=total, progress=progress)
-    stream.flush()
+    if flush:
+        stream.flush()
     seconds = time.perf_counter() - start
-    tokens = stream.position * stream.batch
+    tokens = (stream.position - position) * stream.batch
     return {
         "tokens": tokens,
-        "segments": stream.segments,
+        "segments": stream.segments - segments,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
         "rss_before_bytes": rss_before,

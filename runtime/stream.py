@@ -176,6 +176,49 @@ class Stream:
             self._catch_up()  # fold the segment the last token filled
         return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, dtype=torch.int64)
 
+    # -- snapshots (runtime/snapshot.py) ---------------------------------------------------------
+    def save(self, path, force: bool = False):
+        """Write the whole state (M, z, the pending tokens, the decode cache mid-generation) to ``path``.
+
+        A safetensors file naming the model; written atomically. Refuses an existing file unless ``force``.
+        """
+        from .snapshot import save_snapshot
+
+        return save_snapshot(self, path, force)
+
+    @classmethod
+    def load(cls, path, runner: BaseRunner, decode_runner: BaseRunner | None = None,
+             check_finite: bool = True) -> "Stream":
+        """A stream over ``runner`` that continues exactly where the stream saved to ``path`` stopped.
+
+        IncompatibleArtifactError for a corrupt or truncated file or one from another model;
+        NumericalFaultError for a saved state that is not finite.
+        """
+        from .snapshot import CACHE, check_compatible, check_shapes, read_snapshot
+
+        meta, tensors = read_snapshot(path)
+        check_compatible(path, meta, runner)
+        batch = check_shapes(path, meta, tensors, runner.config)
+        stream = cls(runner, batch, check_finite, decode_runner)
+        device = stream.runner.device
+        memory, norm = tensors["memory"].to(device), tensors["norm"].to(device)
+        if check_finite:
+            check_state_finite(memory, norm, int(meta["segments"]))
+        stream.memory, stream.norm, stream.pending = memory, norm, tensors["pending"]
+        stream.position, stream.segments = int(meta["position"]), int(meta["segments"])
+        stream._cached = int(meta["cached"])
+        if stream._cached:
+            stream._cache = tuple(tensors[name].to(device) for name in CACHE)
+        return stream
+
+    def fork(self) -> "Stream":
+        """An independent copy of this stream over the same runners: both continue from here."""
+        other = Stream(self.runner, self.batch, self.check_finite, self.decode_runner)
+        other.memory, other.norm, other.pending = self.memory.clone(), self.norm.clone(), self.pending.clone()
+        other.position, other.segments, other._cached = self.position, self.segments, self._cached
+        other._cache = tuple(t.clone() for t in self._cache)
+        return other
+
     @property
     def cache(self) -> tuple[torch.Tensor, ...]:
         """(k_cache, v_cache, d_memory, d_norm) of the unfinished segment: fixed shapes, see models/decode.py."""
@@ -231,6 +274,8 @@ class Stream:
         out = self.decode_runner.infer(feed)
         self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
                                                    spec.D_MEMORY_OUT, spec.D_NORM_OUT))
+        if self.check_finite:  # the pending update is state too: refuse it as soon as it breaks, not at the fold
+            check_state_finite(self._cache[2], self._cache[3], self.segments)
         return out[spec.LOGITS]
 
     def _fold(self) -> None:

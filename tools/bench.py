@@ -86,3 +86,51 @@ def _measure(export_dir: Path, tokens, threads: int, repeat: int, compare) -> di
             r.deactivate()
     return {"runners": figures, "precision": manifest.precision, "config": manifest.config.to_dict(),
             "ratio": figures["onnxruntime"]["tokens_per_s"] / figures["torch"]["tokens_per_s"]}
+
+
+@bench.command("long")
+@click.argument("model", default="tiny")
+@click.option("--tokens", "count", default="10m", show_default=True, help="Tokens to stream (1m, 10m).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the export when MODEL is not an export folder.")
+@click.option("--checkpoints", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Rows of state magnitude and RSS along the stream.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+def long(model, count, batch, threads, precision, checkpoints, seed, json_out):
+    """Stream random tokens through onnxruntime (CPU) for a long time: state magnitude, tokens/s, RSS."""
+    import torch
+
+    from ..export.manifest import is_export_dir
+    from ..runtime.long_stream import long_stream
+    from ..runtime.measure import human_bytes
+    from ..runtime.ort_runner import OrtRunner
+    from ..runtime.stream import Stream
+
+    torch.set_num_threads(threads)
+    tokens = parse_count(count)
+
+    def show(row):
+        click.echo(f"{row['tokens']:>12,} tokens {row['seconds']:>8.1f} s  RSS {human_bytes(row['rss_bytes'])}  "
+                   f"max|z| {_fmt(row['max_abs_z'])}  max|M| {_fmt(row['max_abs_m'])}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
+        with OrtRunner(export_dir, "cpu", threads) as runner:
+            result = long_stream(Stream(runner, batch), tokens, checkpoints=checkpoints, seed=seed,
+                                 on_checkpoint=show)
+            result.update(precision=runner.manifest.precision, config=runner.config.to_dict())
+    result.update(model=model, batch=batch, threads=threads, backend="onnxruntime-cpu")
+    click.echo(f"streamed {result['tokens']:,} tokens in {result['seconds']:.1f} s: "
+               f"{result['tokens_per_s']:,.0f} tokens/s; peak RSS {human_bytes(result['peak_rss_bytes'])}, RSS "
+               f"start/end {human_bytes(result['rss_start_bytes'])} / {human_bytes(result['rss_end_bytes'])}; "
+               f"state finite: {result['state_finite']}")
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"

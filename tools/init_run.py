@@ -61,18 +61,29 @@ def init(preset_name, out_dir, update, seed, force):
 @click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the stream saved in this snapshot (--save-state) instead of starting empty.")
+@click.option("--save-state", type=click.Path(path_type=Path), default=None,
+              help="Save the stream's state here at the end (the last segment is left unfinished, to resume).")
+@click.option("--force", is_flag=True, help="Replace the --save-state file if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def run(model, input_file, limit, device, backend, threads, seed, json_out, progress):
+def run(model, input_file, limit, device, backend, threads, seed, json_out, resume, save_state, force, progress):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
     if threads:
         torch.set_num_threads(threads)
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
     total = limit or count_tokens(path) if path.is_file() else None
+    if save_state is not None and save_state.exists() and not force:
+        raise BadInputError(f"{save_state} exists; choose a new file or pass --force to replace it")
     runner, backend = make_runner(model, backend, device, threads, seed)
     with runner:
-        stream = Stream(runner)
-        result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress)
+        stream = Stream.load(resume, runner) if resume else Stream(runner)
+        result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress,
+                                   flush=save_state is None)
+        if save_state is not None:
+            stream.save(save_state, force=force)
+            click.echo(f"saved the state at token {stream.position:,} to {save_state}")
     cfg = runner.config
     result.update(model=model, input=str(path), backend=backend, device=device,
                   threads=torch.get_num_threads(), config=cfg.to_dict())

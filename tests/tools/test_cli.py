@@ -4,6 +4,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from infini_deploy.tools.cli import cli
@@ -73,3 +74,24 @@ def test_readme_quick_start_is_what_ci_runs_and_its_main_job_works():
     res = invoke(*argv[1:], "--no-progress")
     assert res.exit_code == 0, res.output
     assert "tokens/s" in res.output
+
+
+def test_run_save_state_then_resume_equals_one_run(tmp_path):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    tokens = np.random.default_rng(0).integers(0, 260, 300)
+    for name, part in [("a.npy", tokens[:100]), ("b.npy", tokens[100:]), ("ab.npy", tokens)]:
+        np.save(tmp_path / name, part)
+    args = ["run", "tiny", "--no-progress", "--input"]
+    assert invoke(*args, tmp_path / "a.npy", "--save-state", tmp_path / "a.st").exit_code == 0
+    res = invoke(*args, tmp_path / "b.npy", "--resume", tmp_path / "a.st", "--save-state", tmp_path / "b.st",
+                 "--json-out", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    assert "saved the state at token 300" in res.output
+    assert json.loads((tmp_path / "b.json").read_text())["tokens"] == 200   # this run's tokens, not the total
+    assert invoke(*args, tmp_path / "ab.npy", "--save-state", tmp_path / "ab.st").exit_code == 0
+    resumed, whole = load_file(str(tmp_path / "b.st")), load_file(str(tmp_path / "ab.st"))
+    assert whole["pending"].shape == (1, 300 % 64)
+    for name in ("memory", "norm", "pending"):
+        assert torch.equal(resumed[name], whole[name]), name

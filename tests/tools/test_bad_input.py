@@ -1,0 +1,231 @@
+"""Every way a user can hand us a bad file or value, driven through the CLI: exit 2, one line, the message.
+
+docs/errors.md lists these cases and their messages; keep the two in step.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from infini_deploy import errors
+from infini_deploy.runtime import Stream, TorchRunner
+from infini_deploy.tools import cli as cli_module
+from infini_deploy.tools.cli import cli
+
+RUN = ("run", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "m"
+    assert CliRunner().invoke(cli, ["init", "tiny", str(out)]).exit_code == 0
+    return out
+
+
+def copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ids(tmp, values):
+    np.save(tmp / "ids.npy", np.asarray(values))
+    return tmp / "ids.npy"
+
+
+def text(tmp, data: bytes):
+    (tmp / "in.txt").write_bytes(data)
+    return tmp / "in.txt"
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def edit_manifest(folder, **changes):
+    m = json.loads((folder / "infini.json").read_text())
+    m.update(changes)
+    (folder / "infini.json").write_text(json.dumps(m))
+    return folder
+
+
+def rehash(folder, name):
+    from infini_deploy.export.manifest import sha256_file
+    m = json.loads((folder / "infini.json").read_text())
+    m["files"][name] = sha256_file(folder / name)
+    (folder / "infini.json").write_text(json.dumps(m))
+
+
+def nan_weights(ckpt):
+    w = load_file(str(ckpt / "model.safetensors"))
+    w["layers.1.self_attn.v_proj.weight"][0, 0] = float("nan")
+    save_file(w, str(ckpt / "model.safetensors"))
+    return ckpt
+
+
+def snapshot(tmp, model="tiny", tokens=100, **cfg):
+    from infini_deploy.models import init_model, preset
+    stream = Stream(TorchRunner(init_model(preset(model, **cfg), seed=0)))
+    stream.feed(torch.arange(tokens) % 256, keep="none")
+    return stream.save(tmp / "state.safetensors")
+
+
+def corrupt_snapshot(tmp):
+    path = snapshot(tmp)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    return path
+
+
+def inf_snapshot(tmp):
+    from infini_deploy.models import init_model, preset
+    stream = Stream(TorchRunner(init_model(preset("tiny"), seed=0)))
+    stream.feed(torch.arange(70), keep="none")
+    stream.memory = stream.memory.clone()
+    stream.memory[0, 0, 1, 2, 3] = float("inf")
+    return stream.save(tmp / "state.safetensors")
+
+
+def failing(stage):
+    def boom(*a, **k):
+        raise RuntimeError(f"simulated failure in {stage}")
+    return boom
+
+
+# (id, setup(tmp, ckpt, export) -> argv, message the one line must contain)
+CASES = [
+    # checkpoints
+    ("ckpt-truncated-weights", lambda t, c, e: [*RUN, truncate(copy(c, t / "c") / "model.safetensors") or t / "c"],
+     "model.safetensors is corrupt or truncated"),
+    ("ckpt-bad-config-json", lambda t, c, e: [*RUN, (copy(c, t / "c") / "config.json").write_text("{oops") and t / "c"],
+     "config.json is not valid JSON"),
+    ("ckpt-unknown-config-field", lambda t, c, e: [*RUN, (copy(c, t / "c") / "config.json").write_text('{"x": 1}')
+                                                   and t / "c"], "unknown config fields ['x']"),
+    ("ckpt-missing-weights", lambda t, c, e: [*RUN, (copy(c, t / "c") / "model.safetensors").unlink() or t / "c"],
+     "model.safetensors is missing"),
+    ("ckpt-nan-weights", lambda t, c, e: [*RUN, nan_weights(copy(c, t / "c"))],
+     "state became NaN/Inf in layer 1 at segment 0"),
+    ("unknown-model", lambda t, c, e: [*RUN, "no-such-model"], "is neither a checkpoint folder nor a preset"),
+    # export folders: graph, manifest
+    ("onnx-truncated", lambda t, c, e: [*RUN, truncate(copy(e, t / "x") / "segment.onnx") or t / "x"],
+     "does not match its manifest"),
+    ("onnx-corrupt-rehashed", lambda t, c, e: [*RUN, (truncate(copy(e, t / "x") / "segment.onnx"),
+                                                      rehash(t / "x", "segment.onnx")) and t / "x"],
+     "onnxruntime cannot load"),
+    ("onnx-corrupt-inspect", lambda t, c, e: ["inspect", text(t, b"\x08\x07garbage")
+                                              .rename(t / "g.onnx") or t / "g.onnx"],
+     "is not a readable ONNX graph"),
+    ("engine-garbage-inspect", lambda t, c, e: ["inspect", text(t, b"garbage").rename(t / "g.engine") or
+                                                t / "g.engine"], "is not a TensorRT engine"),
+    ("manifest-bad-json", lambda t, c, e: [*RUN, (copy(e, t / "x") / "infini.json").write_text("{") and t / "x"],
+     "infini.json is not valid JSON"),
+    ("manifest-other-version", lambda t, c, e: [*RUN, edit_manifest(copy(e, t / "x"), format_version=99)],
+     "has format version 99"),
+    ("manifest-other-format", lambda t, c, e: [*RUN, edit_manifest(copy(e, t / "x"), format="something")],
+     "is not an infini-deploy manifest"),
+    ("manifest-incomplete", lambda t, c, e: [*RUN, edit_manifest(copy(e, t / "x"), graphs={"segment": {}})],
+     "is incomplete or malformed"),
+    ("verify-not-an-export", lambda t, c, e: ["verify", c], "is not an export folder"),
+    ("tensorrt-without-engine", lambda t, c, e: [*RUN, e, "--backend", "tensorrt"],
+     "has no TensorRT engine for the 'segment' graph"),
+    ("backend-needs-export", lambda t, c, e: [*RUN, c, "--backend", "onnxruntime"], "needs an export folder"),
+    ("bench-long-bad-export", lambda t, c, e: ["bench", "long", edit_manifest(copy(e, t / "x"), format_version=0),
+                                               "--tokens", "1k"], "has format version 0"),
+    # inputs
+    ("ids-out-of-range", lambda t, c, e: [*RUN, "--input", ids(t, [1, 2, 300])], "holds id 300, outside the vocabulary"),
+    ("ids-negative", lambda t, c, e: [*RUN, "--input", ids(t, [1, -1])], "holds id -1, outside the vocabulary"),
+    ("ids-out-of-range-onnxruntime", lambda t, c, e: [*RUN, e, "--input", ids(t, [260])],
+     "holds id 260, outside the vocabulary [0, 259]"),
+    ("ids-float", lambda t, c, e: [*RUN, "--input", ids(t, [1.0, 2.0])], "expected 1-D integer token ids"),
+    ("ids-2d", lambda t, c, e: [*RUN, "--input", ids(t, [[1, 2]])], "expected 1-D integer token ids"),
+    ("empty-text", lambda t, c, e: [*RUN, "--input", text(t, b"")], "is empty"),
+    ("empty-ids", lambda t, c, e: [*RUN, "--input", ids(t, np.zeros(0, np.int64))], "is empty"),
+    ("missing-input", lambda t, c, e: [*RUN, "--input", t / "nope.txt"], "does not exist"),
+    ("non-utf8", lambda t, c, e: [*RUN, "--input", text(t, b"ok \xff\xfe")], "is not UTF-8 text (bad byte at offset 3)"),
+    ("utf8-cut", lambda t, c, e: [*RUN, "--input", text(t, "é".encode()[:1])], "ends inside a UTF-8 character"),
+    ("bad-count", lambda t, c, e: [*RUN, "--tokens", "lots"], "expected a count such as 65536, 64k or 1m"),
+    ("generate-empty-prompt", lambda t, c, e: ["generate", "tiny", "--prompt", "", "--no-progress"],
+     "the prompt has no tokens"),
+    ("generate-non-utf8", lambda t, c, e: ["generate", "tiny", "--prompt-file", text(t, b"\xc3("), "--no-progress"],
+     "is not UTF-8 text"),
+    ("generate-nan-weights", lambda t, c, e: ["generate", nan_weights(copy(c, t / "c")), "--prompt", "hi",
+                                              "--no-progress"], "state became NaN/Inf in layer 1 at segment 0"),
+    ("provider-missing", lambda t, c, e: [*RUN, e, "--device", "cuda"], "requested provider 'cuda'"),
+    # snapshots
+    ("snapshot-missing", lambda t, c, e: [*RUN, "--resume", t / "nope.safetensors"], "does not exist"),
+    ("snapshot-truncated", lambda t, c, e: [*RUN, "--resume", truncate(snapshot(t)) or t / "state.safetensors"],
+     "is not a snapshot or is corrupt/truncated"),
+    ("snapshot-bit-flip", lambda t, c, e: [*RUN, "--resume", corrupt_snapshot(t)], "is corrupt: its tensors"),
+    ("snapshot-other-model", lambda t, c, e: [*RUN, "--resume", snapshot(t, segment_len=32)],
+     "was saved from another model"),
+    ("snapshot-not-a-snapshot", lambda t, c, e: [*RUN, "--resume", c / "model.safetensors"],
+     "is not an infini-deploy snapshot"),
+    ("snapshot-inf-state", lambda t, c, e: [*RUN, "--resume", inf_snapshot(t)],
+     "state became NaN/Inf in layer 0 at segment 1"),
+    # output paths that exist
+    ("init-exists", lambda t, c, e: ["init", "tiny", c], "exists; choose a new folder or pass --force"),
+    ("export-exists", lambda t, c, e: ["export", "tiny", c], "exists; choose a new folder or pass --force"),
+    ("save-state-exists", lambda t, c, e: [*RUN, "--tokens", "100", "--save-state", snapshot(t)],
+     "exists; choose a new file or pass --force"),
+]
+
+
+@pytest.mark.parametrize("setup, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup, message):
+    argv = [str(a) for a in setup(tmp_path, checkpoint, tiny_fp32)]
+    res = CliRunner().invoke(cli, argv, catch_exceptions=False)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("error", [errors.InfiniError, errors.BadInputError, errors.IncompatibleArtifactError,
+                                   errors.MissingBackendError, errors.NumericalFaultError])
+@pytest.mark.parametrize("command", ["init", "bench"])
+def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, error, command):
+    def boom(*a, **k):
+        raise error(f"a {error.__name__}\nwith a second line the CLI must not print")
+    if command == "init":
+        monkeypatch.setattr("infini_deploy.tools.init_run.save_checkpoint", boom)
+        argv = ["init", "tiny", str(tmp_path / "m")]
+    else:  # a subcommand of a nested group
+        monkeypatch.setattr("infini_deploy.runtime.long_stream.long_stream", boom)
+        argv = ["bench", "long", "--tokens", "1k"]
+    res = CliRunner().invoke(cli, argv, catch_exceptions=False)
+    assert res.exit_code == 2
+    assert res.output.startswith(f"Error: a {error.__name__}") and "Traceback" not in res.output
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    monkeypatch.setattr("infini_deploy.tools.init_run.save_checkpoint", failing("save_checkpoint"))
+    res = CliRunner().invoke(cli, ["init", "tiny", str(tmp_path / "m")])
+    assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        CliRunner().invoke(cli, ["init", "tiny", str(tmp_path / "m")], catch_exceptions=False)
+
+
+def test_a_failed_export_leaves_no_half_written_folder(monkeypatch, tmp_path):
+    monkeypatch.setattr("infini_deploy.export.exporter.export_segment", failing("export_segment"))
+    res = CliRunner().invoke(cli, ["export", "tiny", str(tmp_path / "out")])
+    assert isinstance(res.exception, RuntimeError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_snapshot_write_leaves_the_old_one_and_no_temp_file(monkeypatch, tmp_path):
+    path = snapshot(tmp_path)
+    before = path.read_bytes()
+
+    def half_write(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+    monkeypatch.setattr("infini_deploy.runtime.snapshot.save_file", half_write)
+    res = CliRunner().invoke(cli, [*RUN, "--tokens", "100", "--save-state", str(path), "--force"])
+    assert isinstance(res.exception, OSError)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
