@@ -62,7 +62,7 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -
 
 
 def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
-    from ..runtime.compare import TOLERANCES, check_tolerance, decode_drift, drift, worst
+    from ..runtime.compare import DECODE_TOLERANCES, TOLERANCES, check_tolerance, decode_drift, drift, worst
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner
 
@@ -74,7 +74,8 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:
         decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"])
-    check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows, tolerance)
+    check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows,
+                    DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
         **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
         "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,

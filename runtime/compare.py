@@ -30,6 +30,10 @@ TOLERANCES = {
     "fp16": Tolerance(logits_abs=5e-3, state_rel=5e-3),    # about 10x the measured worst
     "bf16": Tolerance(logits_abs=4e-2, state_rel=2e-2),    # bf16 has 3 fewer mantissa bits than fp16
 }
+# The decode graph's state includes the pending update dM, a sum over up to N per-token outer
+# products whose float32 rounding depends on the summation order of each backend: the small
+# preset (d=64, N=256) measured 1.03e-5 against torch, just past the segment tolerance.
+DECODE_TOLERANCES = {p: Tolerance(t.logits_abs, max(t.state_rel, 1e-4)) for p, t in TOLERANCES.items()}
 
 
 def segment_lengths(config, segments: int, partial: bool = True) -> list[int]:
