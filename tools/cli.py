@@ -14,6 +14,7 @@ from .build_inspect import build, inspect
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
+from .train import train
 
 
 class UserError(click.ClickException):
@@ -43,6 +44,7 @@ cli.add_command(inspect)
 cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(passkey)
+cli.add_command(train)
 
 
 def main():
