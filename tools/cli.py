@@ -11,6 +11,7 @@ import click
 from ..errors import InfiniError
 from .bench import bench
 from .build_inspect import build, inspect
+from .demo import demo
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
@@ -45,6 +46,7 @@ cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(passkey)
 cli.add_command(train)
+cli.add_command(demo)
 
 
 def main():
