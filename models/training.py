@@ -41,8 +41,8 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     steps: int = 1500
-    batch: int = 16
-    lr: float = 2e-3
+    batch: int = 12
+    lr: float = 3e-3
     beta_lr: float = 1e-2
     weight_decay: float = 0.1
     warmup: int = 50
@@ -57,7 +57,9 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float | None = None
     max_bad_steps: int = 5
-    memory_only: float = 0.8        # fraction of prompts whose needle sits in an earlier segment
+    memory_only: float = 0.9        # fraction of prompts whose needle sits in an earlier segment, at the end
+    memory_only_start: float = 0.5  # ... at the start: ramps up with the curriculum (local copies teach the
+                                    # q/k/v that the memory shares with local attention)
 
     def __post_init__(self):
         if self.min_segments < 2 or self.max_segments < self.min_segments:
@@ -84,13 +86,15 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
             {"name": "beta", "params": beta, "lr": cfg.beta_lr, "weight_decay": 0.0, "base_lr": cfg.beta_lr}]
 
 
-def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig):
+def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
+               memory_only: float | None = None):
     """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
 
     Each prompt plus its answer fits in ``n_segments`` segments; shorter ones are padded at the
     end (causal, so padding changes nothing before it). With probability ``memory_only`` the
     needle is placed so that it ends before the last segment: only the memory can carry it.
     """
+    memory_only = cfg.memory_only if memory_only is None else memory_only
     seg = model_cfg.segment_len
     length = n_segments * seg - (cfg.digits + 2)
     rows = []
@@ -98,7 +102,7 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         seed = rng.randrange(1 << 40)
         depth = rng.random()
         prompt = PasskeyPrompt(length, depth, seed, cfg.filler, cfg.digits)
-        if rng.random() < cfg.memory_only:
+        if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
                 text = prompt.text()
                 if text.index("Remember it.") + len("Remember it. ") + cfg.digits < (len(text) // seg) * seg:
@@ -135,10 +139,11 @@ def loss_fn(logits, targets, answer, answer_weight: float):
     return lm + answer_weight * ans, ans, acc
 
 
-def segments_at(step: int, cfg: TrainConfig, rng: random.Random) -> int:
+def curriculum_at(step: int, cfg: TrainConfig, rng: random.Random) -> tuple[int, float]:
+    """(segments of this step's prompts, share of them whose needle only the memory can reach)."""
     grow = min(1.0, step / max(1, cfg.curriculum * cfg.steps))
     top = cfg.min_segments + round(grow * (cfg.max_segments - cfg.min_segments))
-    return rng.randint(cfg.min_segments, top)
+    return rng.randint(cfg.min_segments, top), cfg.memory_only_start + grow * (cfg.memory_only - cfg.memory_only_start)
 
 
 def lr_scale(progress: float, step: int, warmup: int) -> float:
@@ -187,8 +192,9 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             frac = step / cfg.steps if budget is None else max(step / cfg.steps, elapsed / budget)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
-            n_seg = segments_at(step, cfg, rng)
-            tokens, targets, answer = (t.to(device) for t in make_batch(model.config, n_seg, cfg.batch, rng, cfg))
+            n_seg, memory_only = curriculum_at(step, cfg, rng)
+            tokens, targets, answer = (t.to(device) for t in
+                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only))
             logits, memory, norm = model(tokens)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)

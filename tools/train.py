@@ -22,12 +22,15 @@ def train():
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="passkey", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--beta-lr", type=float, default=1e-2, show_default=True, help="Learning rate of the gates (beta).")
 @click.option("--min-segments", type=click.IntRange(min=2), default=3, show_default=True)
 @click.option("--max-segments", type=click.IntRange(min=2), default=8, show_default=True,
               help="The curriculum grows prompts from --min-segments to this many segments.")
+@click.option("--memory-only", type=click.FloatRange(0, 1), nargs=2, default=(0.5, 0.9), show_default=True,
+              help="Share of prompts whose needle only the memory can reach: at the start, at the end of the "
+              "curriculum (the rest have the needle in the question's segment).")
 @click.option("--answer-weight", type=float, default=5.0, show_default=True,
               help="Weight of the answer digits' loss, added to the all-token loss.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -38,8 +41,8 @@ def train():
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, answer_weight, seed,
-            device, update, max_minutes, threads, force, progress):
+def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
+            seed, device, update, max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
@@ -55,7 +58,8 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         torch.set_num_threads(threads)
     model_cfg = preset(preset_name, update=update)
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
-                      max_segments=max_segments, answer_weight=answer_weight, seed=seed, max_minutes=max_minutes)
+                      max_segments=max_segments, answer_weight=answer_weight,
+                      memory_only_start=memory_only[0], memory_only=memory_only[1], seed=seed, max_minutes=max_minutes)
     model = init_model(model_cfg, seed)
 
     def on_log(e):

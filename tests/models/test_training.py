@@ -113,3 +113,16 @@ def test_one_nan_step_is_skipped_and_training_goes_on(monkeypatch):
     monkeypatch.setattr(training, "loss_fn", flaky)
     result = train(_model(), _small(steps=4), progress=False)
     assert result.skipped == 1 and result.steps_done == 4
+
+
+def test_curriculum_grows_segments_and_the_memory_only_share():
+    from infini_deploy.models.training import curriculum_at
+
+    cfg = TrainConfig(steps=100, min_segments=3, max_segments=8, curriculum=0.5, memory_only_start=0.5,
+                      memory_only=0.9)
+    rng = random.Random(0)
+    early = [curriculum_at(0, cfg, rng) for _ in range(20)]
+    late = [curriculum_at(80, cfg, rng) for _ in range(200)]
+    assert {n for n, _ in early} == {3} and early[0][1] == 0.5
+    assert max(n for n, _ in late) == 8 and min(n for n, _ in late) == 3
+    assert late[0][1] == pytest.approx(0.9)
