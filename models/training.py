@@ -232,6 +232,8 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                 window = []
                 if on_log is not None:
                     on_log(entry)
+    except KeyboardInterrupt:   # Ctrl-C (or SIGTERM, see tools/train.py): keep what was learned
+        result.stopped = "interrupted"
     finally:
         if bar is not None:
             bar.close()

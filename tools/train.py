@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         else:
             click.echo(msg)
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result = run_training(model, cfg, device=device, progress=progress, on_log=on_log)
     model = model.float().cpu()

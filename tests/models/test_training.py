@@ -126,3 +126,20 @@ def test_curriculum_grows_segments_and_the_memory_only_share():
     assert {n for n, _ in early} == {3} and early[0][1] == 0.5
     assert max(n for n, _ in late) == 8 and min(n for n, _ in late) == 3
     assert late[0][1] == pytest.approx(0.9)
+
+
+def test_an_interrupted_run_keeps_its_steps(monkeypatch):
+    from infini_deploy.models import training
+
+    calls = {"n": 0}
+    real = training.make_batch
+
+    def interrupt_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(training, "make_batch", interrupt_third)
+    result = train(_model(), _small(steps=5), progress=False)
+    assert result.stopped == "interrupted" and result.steps_done == 2
