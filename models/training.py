@@ -170,6 +170,12 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
           on_log=None) -> TrainResult:
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
     (unless ``max_minutes`` stops it or shortens the schedule)."""
+    shortest = cfg.min_segments * model.config.segment_len - (cfg.digits + 2)
+    try:
+        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits)
+    except BadInputError as e:
+        raise BadInputError(f"{cfg.min_segments} segments of {model.config.segment_len} tokens are too short for a "
+                            f"passkey prompt ({e}); raise --min-segments") from None
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"passkey-train/{cfg.seed}")
     model.to(device).train()
