@@ -16,14 +16,13 @@ peak so far: lengths are measured in increasing order, Infini first).
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from ..models.model import InfiniTransformer, rope
+from ..models.model import InfiniTransformer
 from .measure import current_rss_bytes, human_bytes, peak_rss_bytes
 
 
@@ -73,16 +72,14 @@ class KVCacheBaseline:
 
 
 def _rope_at(x, theta, pos):
-    """RoPE at absolute positions ``pos`` (n,): the full-attention model has one position axis."""
+    """RoPE at absolute positions ``pos`` (n,): models/model.py's formula (there positions restart every
+    segment); the full-attention model has one position axis."""
     d = x.shape[-1]
     inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
     angles = pos.to(torch.float32)[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
-
-
-assert rope  # the Infini model's local RoPE (positions 0..n-1) is the same formula at other positions
 
 
 def _ms(fn, repeat: int) -> list[float]:
@@ -185,5 +182,3 @@ def plot(result: dict, path) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-_ = math  # noqa

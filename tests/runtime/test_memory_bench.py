@@ -62,3 +62,16 @@ def test_bench_memory_cli_writes_rows_and_skips_what_does_not_fit(tmp_path):
     assert data["infini_torch"][0]["state_bytes"] == data["infini_torch"][1]["state_bytes"]
     full = data["full_attention_torch"]
     assert full[0]["kv_cache_bytes"] < 200 * 1024 and "skipped" in full[1]
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from infini_deploy.errors import MissingBackendError
+    from infini_deploy.runtime.memory_bench import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingBackendError, match=r"infini-deploy\[plot\]"):
+        plot({"model": "tiny", "config": {}, "threads": 1}, tmp_path / "x.png")
