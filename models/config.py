@@ -77,6 +77,9 @@ PRESETS: dict[str, InfiniConfig] = {
     "tiny": InfiniConfig(),
     # The CPU anchor's layer shape (shared/ANCHORS.md): d_model 256, 4 heads of 64, segment 256.
     "small": InfiniConfig(n_layer=4, n_head=4, d_head=64, d_model=256, d_ff=768, segment_len=256),
+    # Trained on passkey retrieval (`infini train passkey`, docs/model_card.md): small enough to
+    # learn on a 2-core CPU within an hour, segment 128 so the needle sits segments before the question.
+    "passkey": InfiniConfig(n_layer=3, n_head=4, d_head=32, d_model=128, d_ff=384, segment_len=128),
     # The paper's LM setup (arXiv 2404.07143, section 4.1): 12 layers, 8 heads of 128,
     # FFN 4096, segment 2048. The paper used a 32K SentencePiece vocabulary; ours is bytes.
     "paper-lm": InfiniConfig(n_layer=12, n_head=8, d_head=128, d_model=1024, d_ff=4096, segment_len=2048),

@@ -11,9 +11,11 @@ import click
 from ..errors import InfiniError
 from .bench import bench
 from .build_inspect import build, inspect
+from .demo import demo
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
+from .train import train
 
 
 class UserError(click.ClickException):
@@ -43,6 +45,8 @@ cli.add_command(inspect)
 cli.add_command(bench)
 cli.add_command(generate)
 cli.add_command(passkey)
+cli.add_command(train)
+cli.add_command(demo)
 
 
 def main():

@@ -72,7 +72,7 @@ def test_config_validation_and_presets():
         InfiniConfig(update="fast")
     with pytest.raises(BadInputError, match="n_head must be a positive integer"):
         InfiniConfig(n_head=0)
-    with pytest.raises(BadInputError, match="unknown preset 'huge'; available: tiny, small, paper-lm"):
+    with pytest.raises(BadInputError, match="unknown preset 'huge'; available: tiny, small, passkey, paper-lm"):
         preset("huge")
     paper = preset("paper-lm")
     # the paper's memory footprint: 128 x 129 x 8 x 12 = 1.6M numbers

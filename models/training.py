@@ -1,0 +1,257 @@
+"""Passkey training: teach an Infini-Transformer to retrieve a key from an earlier segment.
+
+The batch is a set of passkey prompts (models/passkey.py, varied filler so no text can be
+memorised) followed by their answers, all of one length, split into segments by
+:meth:`InfiniTransformer.forward`, which backpropagates through the memory (M, z) of every
+segment. A curriculum starts with prompts of a few segments and raises the maximum as
+training goes on.
+
+Loss: the language-model loss on every token plus ``answer_weight`` times the mean
+cross-entropy on the answer's digits. The all-token part teaches the local circuits
+(the filler's grammar, and copying the key inside the needle, "12345. Remember it. 12345")
+that retrieval through the memory builds on; the answer part is the task itself, which
+would otherwise be 5 tokens out of thousands.
+
+Optimiser: AdamW with three groups. beta (the gate logits) gets its own learning rate and
+no weight decay: a reproduction found gates stuck at sigmoid(beta) = 0.5 otherwise
+(shared/ANCHORS.md). A non-finite loss or gradient skips the step; ``max_bad_steps`` in a
+row raise NumericalFaultError. The state stays float32 (the model keeps it so).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInputError, NumericalFaultError
+from .config import InfiniConfig
+from .model import InfiniTransformer
+from .passkey import PasskeyPrompt
+from .tokenizer import encode
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    batch: int = 12
+    lr: float = 3e-3
+    beta_lr: float = 1e-2
+    weight_decay: float = 0.1
+    warmup: int = 50
+    grad_clip: float = 1.0
+    min_segments: int = 3           # curriculum: prompts of min_segments .. max_segments segments
+    max_segments: int = 8
+    curriculum: float = 0.6         # fraction of training over which the maximum grows to max_segments
+    answer_weight: float = 5.0
+    digits: int = 5
+    filler: str = "varied"
+    seed: int = 0
+    log_every: int = 10
+    max_minutes: float | None = None
+    max_bad_steps: int = 5
+    memory_only: float = 0.9        # fraction of prompts whose needle sits in an earlier segment, at the end
+    memory_only_start: float = 0.5  # ... at the start: ramps up with the curriculum (local copies teach the
+                                    # q/k/v that the memory shares with local attention)
+
+    def __post_init__(self):
+        if self.min_segments < 2 or self.max_segments < self.min_segments:
+            raise BadInputError(f"segments must satisfy 2 <= min ({self.min_segments}) <= max ({self.max_segments})")
+        if self.steps < 1 or self.batch < 1:
+            raise BadInputError("--steps and --batch must be at least 1")
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """beta: own lr, no decay; matrices: decay; norms (1-D): no decay. Tied weights counted once."""
+    beta, decay, no_decay, seen = [], [], [], set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        if name.endswith(".beta"):
+            beta.append(p)
+        elif p.dim() >= 2:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"name": "decay", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr},
+            {"name": "no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0, "base_lr": cfg.lr},
+            {"name": "beta", "params": beta, "lr": cfg.beta_lr, "weight_decay": 0.0, "base_lr": cfg.beta_lr}]
+
+
+def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
+               memory_only: float | None = None):
+    """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
+
+    Each prompt plus its answer fits in ``n_segments`` segments; shorter ones are padded at the
+    end (causal, so padding changes nothing before it). With probability ``memory_only`` the
+    needle is placed so that it ends before the last segment: only the memory can carry it.
+    """
+    memory_only = cfg.memory_only if memory_only is None else memory_only
+    seg = model_cfg.segment_len
+    length = n_segments * seg - (cfg.digits + 2)
+    rows = []
+    for _ in range(batch):
+        seed = rng.randrange(1 << 40)
+        depth = rng.random()
+        prompt = PasskeyPrompt(length, depth, seed, cfg.filler, cfg.digits)
+        if rng.random() < memory_only:
+            for _ in range(8):   # push the needle out of the question's segment
+                text = prompt.text()
+                if text.index("Remember it.") + len("Remember it. ") + cfg.digits < (len(text) // seg) * seg:
+                    break
+                depth *= 0.7
+                prompt = PasskeyPrompt(length, depth, seed, cfg.filler, cfg.digits)
+        ids = encode(prompt.text().encode() + prompt.answer.encode())
+        rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer)))
+    T = max(len(ids) for ids, _ in rows)
+    tokens = torch.zeros(batch, T, dtype=torch.long)
+    targets = torch.full((batch, T), IGNORE, dtype=torch.long)
+    answer = torch.zeros(batch, T, dtype=torch.bool)
+    for i, (ids, n_answer) in enumerate(rows):
+        n = len(ids)
+        tokens[i, :n] = ids
+        targets[i, :n - 1] = ids[1:]
+        # positions whose next token is an answer digit (skip the answer's leading space)
+        answer[i, n - n_answer:n - 1] = True
+    return tokens, targets, answer
+
+
+def loss_fn(logits, targets, answer, answer_weight: float):
+    """(total loss, answer loss, answer accuracy: the share of rows with every digit right)."""
+    V = logits.shape[-1]
+    lm = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE)
+    ans_logits = logits[answer].float()
+    ans_targets = targets[answer]
+    ans = F.cross_entropy(ans_logits, ans_targets)
+    with torch.no_grad():
+        right = (ans_logits.argmax(-1) == ans_targets).float()
+        per_row = torch.zeros(answer.shape[0], device=logits.device)
+        per_row.index_add_(0, answer.nonzero()[:, 0], 1 - right)
+        acc = (per_row == 0).float().mean()
+    return lm + answer_weight * ans, ans, acc
+
+
+def curriculum_at(step: int, cfg: TrainConfig, rng: random.Random) -> tuple[int, float]:
+    """(segments of this step's prompts, share of them whose needle only the memory can reach)."""
+    grow = min(1.0, step / max(1, cfg.curriculum * cfg.steps))
+    top = cfg.min_segments + round(grow * (cfg.max_segments - cfg.min_segments))
+    return rng.randint(cfg.min_segments, top), cfg.memory_only_start + grow * (cfg.memory_only - cfg.memory_only_start)
+
+
+def lr_scale(progress: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def gate_values(model: InfiniTransformer) -> list[list[float]]:
+    """sigmoid(beta) per layer and head: the share of the memory path in each head's output."""
+    return [torch.sigmoid(layer.self_attn.beta.detach().float()).cpu().tolist() for layer in model.layers]
+
+
+@dataclass
+class TrainResult:
+    log: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    steps_done: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"
+
+
+def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progress: bool = True,
+          on_log=None) -> TrainResult:
+    """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
+    (unless ``max_minutes`` stops it or shortens the schedule)."""
+    shortest = cfg.min_segments * model.config.segment_len - (cfg.digits + 2)
+    try:
+        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits)
+    except BadInputError as e:
+        raise BadInputError(f"{cfg.min_segments} segments of {model.config.segment_len} tokens are too short for a "
+                            f"passkey prompt ({e}); raise --min-segments") from None
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(f"passkey-train/{cfg.seed}")
+    model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95), eps=1e-8)
+    result = TrainResult()
+    start = time.perf_counter()
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    bad_in_row = 0
+    window = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc="train passkey", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(cfg.steps):
+            elapsed = time.perf_counter() - start
+            if budget is not None and elapsed > budget:
+                result.stopped = "max_minutes"
+                break
+            frac = step / cfg.steps if budget is None else max(step / cfg.steps, elapsed / budget)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
+            n_seg, memory_only = curriculum_at(step, cfg, rng)
+            tokens, targets, answer = (t.to(device) for t in
+                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only))
+            logits, memory, norm = model(tokens)
+            loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
+            opt.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                finite = bool(torch.isfinite(gnorm))
+            if not finite:
+                result.skipped += 1
+                bad_in_row += 1
+                opt.zero_grad(set_to_none=True)
+                if bad_in_row >= cfg.max_bad_steps:
+                    raise NumericalFaultError(
+                        f"training diverged: the loss or its gradient was NaN/Inf for {bad_in_row} steps in a row "
+                        f"(last at step {step}, {n_seg} segments); lower --lr or the beta learning rate")
+                continue
+            bad_in_row = 0
+            opt.step()
+            result.steps_done = step + 1
+            window.append((loss.item(), ans_loss.item(), acc.item()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{window[-1][0]:.3f}", ans=f"{window[-1][1]:.3f}", acc=f"{window[-1][2]:.2f}",
+                                seg=n_seg)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                entry = {"step": step + 1, "seconds": round(time.perf_counter() - start, 2), "segments": n_seg,
+                         "loss": sum(w[0] for w in window) / len(window),
+                         "answer_loss": sum(w[1] for w in window) / len(window),
+                         "answer_accuracy": sum(w[2] for w in window) / len(window),
+                         "lr": opt.param_groups[0]["lr"], "gates": gate_values(model),
+                         "norm_max": norm.detach().abs().max().item(), "memory_max": memory.detach().abs().max().item(),
+                         "skipped": result.skipped}
+                result.log.append(entry)
+                window = []
+                if on_log is not None:
+                    on_log(entry)
+    except KeyboardInterrupt:   # Ctrl-C (or SIGTERM, see tools/train.py): keep what was learned
+        result.stopped = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - start
+    model.eval()
+    return result
+
+
+def write_log(path, result: TrainResult, cfg: TrainConfig, model_cfg: InfiniConfig, extra: dict | None = None):
+    data = {"train_config": asdict(cfg), "model_config": model_cfg.to_dict(), "steps_done": result.steps_done,
+            "skipped_steps": result.skipped, "seconds": round(result.seconds, 1), "stopped_by": result.stopped,
+            "log": result.log} | (extra or {})
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")

@@ -1,0 +1,145 @@
+"""Passkey training: the loss falls, runs repeat with a seed, beta's group, NaN handling."""
+
+import random
+
+import pytest
+import torch
+
+from infini_deploy.errors import NumericalFaultError
+from infini_deploy.models.config import InfiniConfig
+from infini_deploy.models.model import InfiniTransformer
+from infini_deploy.models.tokenizer import decode
+from infini_deploy.models.training import TrainConfig, loss_fn, make_batch, param_groups, train
+
+# segment 128: the shortest passkey prompt (about 335 tokens) fits in 3 segments
+CFG = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return InfiniTransformer(CFG)
+
+
+def _small(**kw):
+    return TrainConfig(**({"steps": 3, "batch": 2, "min_segments": 3, "max_segments": 3, "warmup": 1,
+                           "log_every": 1} | kw))
+
+
+def test_batch_targets_are_the_answer_digits():
+    tokens, targets, answer = make_batch(CFG, 3, 2, random.Random(0), _small())
+    assert tokens.shape[1] <= 3 * CFG.segment_len
+    for row in range(2):
+        digits = decode(targets[row][answer[row]].numpy())
+        assert digits.isdigit() and len(digits) == 5
+        assert decode(tokens[row].numpy()).split("What is the pass key?")[0].count(digits) == 2  # in the needle
+
+
+def test_needle_sits_before_the_question_segment():
+    cfg = _small(memory_only=1.0)
+    tokens, targets, answer = make_batch(CFG, 4, 4, random.Random(1), cfg)
+    for row in range(4):
+        text = decode(tokens[row].numpy())
+        needle_end = text.index("Remember it.")
+        last_segment = (int(answer[row].nonzero()[-1]) // CFG.segment_len) * CFG.segment_len
+        assert needle_end < last_segment
+
+
+def test_param_groups_give_beta_its_own_lr_and_no_decay():
+    model = _model()
+    groups = {g["name"]: g for g in param_groups(model, _small(lr=1e-3, beta_lr=0.01, weight_decay=0.1))}
+    beta_ids = {id(layer.self_attn.beta) for layer in model.layers}
+    assert {id(p) for p in groups["beta"]["params"]} == beta_ids
+    assert groups["beta"]["lr"] == 0.01 and groups["beta"]["weight_decay"] == 0.0
+    assert groups["decay"]["weight_decay"] == 0.1 and groups["decay"]["lr"] == 1e-3
+    assert not beta_ids & {id(p) for p in groups["decay"]["params"] + groups["no_decay"]["params"]}
+    # every parameter once (the tied lm_head is the embedding)
+    n = sum(len(g["params"]) for g in groups.values())
+    assert n == len({id(p) for p in model.parameters()})
+
+
+def test_training_steps_reduce_the_loss_on_a_fixed_batch():
+    model = _model()
+    cfg = _small(lr=1e-2)
+    batch = make_batch(CFG, 3, 2, random.Random(0), cfg)
+    opt = torch.optim.AdamW(param_groups(model, cfg))
+
+    def loss():
+        logits, _, _ = model(batch[0])
+        return loss_fn(logits, batch[1], batch[2], cfg.answer_weight)[0]
+
+    first = loss()
+    for _ in range(10):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        opt.step()
+    assert loss().item() < 0.8 * first.item()
+
+
+def test_training_is_deterministic_with_a_seed():
+    a, b, c = _model(), _model(), _model()
+    log_a = train(a, _small(seed=3), progress=False).log
+    log_b = train(b, _small(seed=3), progress=False).log
+    log_c = train(c, _small(seed=4), progress=False).log
+    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b]
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert [e["loss"] for e in log_a] != [e["loss"] for e in log_c]
+    assert log_a[-1]["gates"] != [[0.5, 0.5]]   # the gates moved (beta learns)
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    model = _model()
+    with torch.no_grad():
+        model.embed_tokens.weight.fill_(float("nan"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NumericalFaultError, match="NaN/Inf for 2 steps in a row"):
+        train(model, _small(steps=5, max_bad_steps=2), progress=False)
+    # skipped steps never update the weights
+    for k, v in model.state_dict().items():
+        assert torch.equal(v.isnan(), before[k].isnan())
+
+
+def test_one_nan_step_is_skipped_and_training_goes_on(monkeypatch):
+    from infini_deploy.models import training
+
+    calls = {"n": 0}
+    real = training.loss_fn
+
+    def flaky(*args):
+        calls["n"] += 1
+        total, ans, acc = real(*args)
+        return (total * float("nan") if calls["n"] == 2 else total), ans, acc
+
+    monkeypatch.setattr(training, "loss_fn", flaky)
+    result = train(_model(), _small(steps=4), progress=False)
+    assert result.skipped == 1 and result.steps_done == 4
+
+
+def test_curriculum_grows_segments_and_the_memory_only_share():
+    from infini_deploy.models.training import curriculum_at
+
+    cfg = TrainConfig(steps=100, min_segments=3, max_segments=8, curriculum=0.5, memory_only_start=0.5,
+                      memory_only=0.9)
+    rng = random.Random(0)
+    early = [curriculum_at(0, cfg, rng) for _ in range(20)]
+    late = [curriculum_at(80, cfg, rng) for _ in range(200)]
+    assert {n for n, _ in early} == {3} and early[0][1] == 0.5
+    assert max(n for n, _ in late) == 8 and min(n for n, _ in late) == 3
+    assert late[0][1] == pytest.approx(0.9)
+
+
+def test_an_interrupted_run_keeps_its_steps(monkeypatch):
+    from infini_deploy.models import training
+
+    calls = {"n": 0}
+    real = training.make_batch
+
+    def interrupt_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(training, "make_batch", interrupt_third)
+    result = train(_model(), _small(steps=5), progress=False)
+    assert result.stopped == "interrupted" and result.steps_done == 2

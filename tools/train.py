@@ -1,0 +1,93 @@
+"""`infini train passkey`: train a model that retrieves a key through its memory (models/training.py)."""
+
+from __future__ import annotations
+
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import BadInputError
+from ..models.config import PRESETS, UPDATE_RULES
+
+
+@click.group()
+def train():
+    """Train models."""
+
+
+@train.command("passkey")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="passkey", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--beta-lr", type=float, default=1e-2, show_default=True, help="Learning rate of the gates (beta).")
+@click.option("--min-segments", type=click.IntRange(min=2), default=3, show_default=True)
+@click.option("--max-segments", type=click.IntRange(min=2), default=8, show_default=True,
+              help="The curriculum grows prompts from --min-segments to this many segments.")
+@click.option("--memory-only", type=click.FloatRange(0, 1), nargs=2, default=(0.5, 0.9), show_default=True,
+              help="Share of prompts whose needle only the memory can reach: at the start, at the end of the "
+              "curriculum (the rest have the needle in the question's segment).")
+@click.option("--answer-weight", type=float, default=5.0, show_default=True,
+              help="Weight of the answer digits' loss, added to the all-token loss.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True)
+@click.option("--max-minutes", type=float, default=None,
+              help="Stop (and save) after this long; the LR schedule then follows time as well as steps.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
+            seed, device, update, max_minutes, threads, force, progress):
+    """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
+    import torch
+
+    from ..models.checkpoint import init_model, save_checkpoint
+    from ..models.config import preset
+    from ..models.training import TrainConfig, train as run_training, write_log
+
+    if out_dir.exists() and not force:
+        raise BadInputError(f"{out_dir} exists; pass --force to replace it")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: no CUDA device is available")
+    if threads:
+        torch.set_num_threads(threads)
+    model_cfg = preset(preset_name, update=update)
+    cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
+                      max_segments=max_segments, answer_weight=answer_weight,
+                      memory_only_start=memory_only[0], memory_only=memory_only[1], seed=seed, max_minutes=max_minutes)
+    model = init_model(model_cfg, seed)
+
+    def on_log(e):
+        gates = " ".join(f"{g:.2f}" for layer in e["gates"] for g in layer)
+        msg = (f"step {e['step']}: loss {e['loss']:.3f}, answer loss {e['answer_loss']:.3f}, "
+               f"retrieval acc {e['answer_accuracy']:.2f}, {e['segments']} seg, gates {gates}, "
+               f"|z| max {e['norm_max']:.1f}, {e['seconds']:.0f}s")
+        if progress:
+            from tqdm import tqdm
+            tqdm.write(msg)
+        else:
+            click.echo(msg)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    result = run_training(model, cfg, device=device, progress=progress, on_log=on_log)
+    model = model.float().cpu()
+    save_checkpoint(model, out_dir, force=force)
+    command = "infini train passkey " + " ".join(sys.argv[3:])
+    write_log(out_dir / "train_log.json", result, cfg, model_cfg,
+              {"device": device, "threads": torch.get_num_threads(), "started": started,
+               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "argv": command})
+    last = result.log[-1] if result.log else {}
+    click.echo(f"trained {result.steps_done} steps in {result.seconds / 60:.1f} min ({result.stopped}); "
+               f"last loss {last.get('loss', float('nan')):.3f}, retrieval acc {last.get('answer_accuracy', 0):.2f}; "
+               f"checkpoint in {out_dir}")
