@@ -86,13 +86,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
     from infini_deploy.models.kernels import triton_infini as ti
+    from infini_deploy.models.kernels.sources import fused_step_sources
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     cfg = ti.default_config(args.d, dtype)
     if args.config:
         cfg = dataclasses.replace(cfg, **_parse_config(args.config))
     rows = []
     for delta in (False, True):
-        for name, (src, warps, stages) in ti.fused_step_sources(args.d, dtype, delta, config=cfg).items():
+        for name, (src, warps, stages) in fused_step_sources(args.d, dtype, delta, config=cfg).items():
             if name == "attn" and delta:
                 continue   # the attention kernel does not depend on the rule
             row = {"kernel": name, "d": args.d, "dtype": args.dtype, "delta": delta,

@@ -29,7 +29,6 @@ matmuls against the state (sigma(q) M, sigma(k) M, sigma(k)^T v) take float32 op
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -38,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import SUPPORTED_DIMS, interpreted
+from .tiles import KernelConfig, default_config  # noqa: F401  (re-exported: ti.KernelConfig, ti.default_config)
 
 LOG2E = 1.4426950408889634
 
@@ -253,43 +253,6 @@ def _memory_kernel(Q, K, V, ADOT, M, Z, BETA, n_ctx, H, A, MO, ZO,
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """Tile sizes and launch shape; ``None`` fields are chosen by :func:`default_config`."""
-    block_m: int = 128        # queries per attention program
-    block_n: int = 64         # keys per inner step; divides block_m
-    block_t: int = 64         # tokens per update tile
-    parts: int | None = None  # update programs per (batch, head); None: about one wave of SMs
-    attn_warps: int = 8
-    attn_stages: int = 3
-    update_warps: int = 8
-    update_stages: int = 3
-    ret_k: int = 32           # rows of M_prev per retrieval step of the attention kernel
-    mem_precision: str | None = None  # "tf32" | "ieee"; None: tf32 on GPUs, ieee for f32 activations
-
-
-# Tile table for GPUs, keyed by head size; chosen so that no kernel spills registers on sm_90
-# (ptxas -v on the Triton 3.9 PTX; tests/models/test_kernel_tiles.py compiles them), and
-# timed by tools/gpu_check.py's sweep. No autotuning: nothing runs at import or first call.
-_GPU_TILES = {
-    128: KernelConfig(block_m=128, block_n=64, block_t=32, attn_warps=8, attn_stages=3, update_warps=8),
-    64: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=8, attn_stages=3, update_warps=4),
-    32: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, attn_stages=3, update_warps=4),
-    16: KernelConfig(block_m=128, block_n=64, block_t=64, attn_warps=4, attn_stages=3, update_warps=4),
-}
-# float32 activations (exact f32 matmuls: no tensor cores) at d = 128: smaller attention tiles,
-# or the 128 x 128 tile needs ~225 KiB of shared memory, at the edge of Hopper's 227 KiB
-_GPU_TILES_F32_128 = KernelConfig(block_m=64, block_n=32, block_t=32, attn_warps=4, attn_stages=3, update_warps=8)
-
-
-def default_config(d: int, dtype: torch.dtype) -> KernelConfig:
-    if interpreted():   # small tiles: the CPU interpreter's cost grows with the tile
-        return KernelConfig(block_m=16, block_n=16, block_t=16, attn_warps=4, update_warps=4)
-    if dtype == torch.float32 and d >= 128:
-        return _GPU_TILES_F32_128
-    return _GPU_TILES[d]
-
-
 _TABLES: dict = {}
 
 
@@ -431,45 +394,3 @@ def memory_block_c(d: int) -> int:
 def memory_launch(d: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_C, num_warps) of _memory_kernel for head size d; grid (B*H, d / BLOCK_C)."""
     return 64, memory_block_c(d), (8 if d >= 128 and not interpreted() else 4)
-
-
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time sources (no GPU needed): what the launchers above compile, for checks
-# --------------------------------------------------------------------------------------------
-_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _signature(fn, act: str, f32_ptrs: set, constexprs: dict) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in ("eps", "qk_scale"):
-            sig[name] = "fp32"
-        elif name.isupper() and name not in ("H", "D"):   # tensors are the upper-case arguments
-            sig[name] = "*fp32" if name in f32_ptrs else f"*{act}"
-        else:
-            sig[name] = "i32"
-    return sig
-
-
-def fused_step_sources(d: int, dtype: torch.dtype, delta: bool, rope: bool = True,
-                       config: KernelConfig | None = None) -> dict:
-    """{"update" | "attn": (ASTSource, num_warps, num_stages)}: the fused step's two kernels with
-    the constexprs `fused_attention` gives them (its default tiles unless `config`), for
-    ``triton.compile(src, target=GPUTarget("cuda", 90, 32), options=...)`` on any machine."""
-    cfg = config or default_config(d, dtype)
-    att_prec, mem_prec = _precisions(dtype, cfg)
-    act = _TT[dtype]
-    up = dict(D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=bool(rope), MEM_PRECISION=mem_prec)
-    at = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d), RET_K=min(cfg.ret_k, d),
-              ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec)
-    src = triton.compiler.ASTSource
-    return {
-        "update": (src(fn=_update_kernel, constexprs=up,
-                       signature=_signature(_update_kernel, act, {"M", "Z", "COS", "SIN", "PM", "PZ"}, up)),
-                   cfg.update_warps, cfg.update_stages),
-        "attn": (src(fn=_attn_kernel, constexprs=at,
-                     signature=_signature(_attn_kernel, act, {"M", "Z", "BETA", "PM", "PZ", "MO", "ZO"}, at)),
-                 cfg.attn_warps, cfg.attn_stages),
-    }
