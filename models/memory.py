@@ -39,14 +39,17 @@ def memory_reference(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float
     return a.to(a_dot.dtype), memory_out, norm_out
 
 
+def op_outputs(outputs):
+    """Custom ops may not return views or their inputs: the references never do, but be explicit."""
+    return tuple(t.contiguous() for t in outputs)
+
+
 @torch.library.custom_op("infini::memory", mutates_args=())
 def memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a_dot: torch.Tensor,
               memory: torch.Tensor, norm: torch.Tensor, beta: torch.Tensor,
               delta: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The memory block as one opaque op (see :func:`memory_reference`)."""
-    a, m, z = memory_reference(q, k, v, a_dot, memory, norm, beta, delta, eps)
-    # custom ops may not return views or inputs: the reference never does, but be explicit
-    return a.contiguous(), m.contiguous(), z.contiguous()
+    return op_outputs(memory_reference(q, k, v, a_dot, memory, norm, beta, delta, eps))
 
 
 @memory_op.register_fake

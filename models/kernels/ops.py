@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import enabled, supports
-from ..memory import memory_op, memory_reference
+from ..memory import memory_op, memory_reference, op_outputs
 
 
 def attention_reference(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_theta: float):
@@ -39,8 +39,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, memory: torc
                  norm: torch.Tensor, beta: torch.Tensor, delta: bool, eps: float,
                  rope_theta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer's Infini-attention as one op (see :func:`attention_reference`)."""
-    a, m, z = attention_reference(q, k, v, memory, norm, beta, delta, eps, rope_theta)
-    return a.contiguous(), m.contiguous(), z.contiguous()
+    return op_outputs(attention_reference(q, k, v, memory, norm, beta, delta, eps, rope_theta))
 
 
 @attention_op.register_kernel("cuda")
@@ -48,8 +47,7 @@ def _(q, k, v, memory, norm, beta, delta, eps, rope_theta):
     if use_kernel(q):
         from .triton_infini import fused_attention
         return fused_attention(q, k, v, memory, norm, beta, delta, eps, rope_theta)
-    a, m, z = attention_reference(q, k, v, memory, norm, beta, delta, eps, rope_theta)
-    return a.contiguous(), m.contiguous(), z.contiguous()
+    return op_outputs(attention_reference(q, k, v, memory, norm, beta, delta, eps, rope_theta))
 
 
 @attention_op.register_fake
@@ -76,5 +74,4 @@ def _(q, k, v, a_dot, memory, norm, beta, delta, eps):
     if use_kernel(q):
         from .triton_infini import fused_memory
         return fused_memory(q, k, v, a_dot, memory, norm, beta, delta, eps)
-    a, m, z = memory_reference(q, k, v, a_dot, memory, norm, beta, delta, eps)
-    return a.contiguous(), m.contiguous(), z.contiguous()
+    return op_outputs(memory_reference(q, k, v, a_dot, memory, norm, beta, delta, eps))
