@@ -53,9 +53,14 @@ class PasskeyPrompt:
             raise BadInputError(f"filler {self.filler!r} is not known; expected one of: {', '.join(FILLERS)}")
         if not 1 <= self.digits <= 18:
             raise BadInputError(f"digits must be in 1..18, got {self.digits}")
-        if self.length < self._fixed_bytes() + len(FILLER) + 1:
+        if self.length < self.shortest(self.digits):
             raise BadInputError(f"length {self.length} is too short for a passkey prompt; expected at least "
-                                f"{self._fixed_bytes() + len(FILLER) + 1} tokens")
+                                f"{self.shortest(self.digits)} tokens")
+
+    @staticmethod
+    def shortest(digits: int = 5) -> int:
+        """The least ``length`` a prompt accepts: intro, needle, question and one filler block."""
+        return len(INTRO) + 1 + len(NEEDLE.format(key="0" * digits)) + 1 + len(QUESTION) + len(FILLER) + 1
 
     @property
     def key(self) -> int:
@@ -121,10 +126,25 @@ class PasskeyPrompt:
         return len(INTRO) + 1 + len(NEEDLE.format(key="0" * self.digits)) + 1 + len(QUESTION)
 
     def _blocks(self) -> Iterator[bytes]:
-        if self.filler == "fixed":
-            block = FILLER.encode()
-            while True:
-                yield block
-        rng = random.Random(f"passkey-filler/{self.seed}")
+        return filler_blocks(self.seed, self.filler)
+
+
+def filler_blocks(seed: int, filler: str = "varied") -> Iterator[bytes]:
+    """The endless stream of filler blocks a prompt with this seed draws from."""
+    if filler == "fixed":
+        block = FILLER.encode()
         while True:
-            yield " ".join(rng.sample(VARIED_SENTENCES, 5)).encode()
+            yield block
+    rng = random.Random(f"passkey-filler/{seed}")
+    while True:
+        yield " ".join(rng.sample(VARIED_SENTENCES, 5)).encode()
+
+
+def filler_tokens(n: int, seed: int, filler: str = "varied") -> np.ndarray:
+    """Exactly ``n`` token ids of filler alone (no intro, needle or question)."""
+    buf, size = [], 0
+    for block in filler_blocks(seed, filler):
+        buf.append(block + b" ")
+        size += len(block) + 1
+        if size >= n:
+            return encode(b"".join(buf)[:n])

@@ -26,13 +26,14 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
 from .model import InfiniTransformer
-from .passkey import PasskeyPrompt
+from .passkey import PasskeyPrompt, filler_tokens
 from .tokenizer import encode
 
 IGNORE = -100
@@ -60,12 +61,20 @@ class TrainConfig:
     memory_only: float = 0.9        # fraction of prompts whose needle sits in an earlier segment, at the end
     memory_only_start: float = 0.5  # ... at the start: ramps up with the curriculum (local copies teach the
                                     # q/k/v that the memory shares with local attention)
+    dilute: float = 0.0             # share of rows that start from the state of a long filler stream ...
+    dilute_tokens: tuple[float, float] = (1e3, 2e6)  # ... of this many tokens (log-uniform), simulated
+    dilute_segments: int = 2        # filler segments run (with gradient) to measure that state per token
 
     def __post_init__(self):
         if self.min_segments < 2 or self.max_segments < self.min_segments:
             raise BadInputError(f"segments must satisfy 2 <= min ({self.min_segments}) <= max ({self.max_segments})")
         if self.steps < 1 or self.batch < 1:
             raise BadInputError("--steps and --batch must be at least 1")
+        if not 0 <= self.dilute <= 1:
+            raise BadInputError(f"--dilute must be in [0, 1], got {self.dilute}")
+        lo, hi = self.dilute_tokens
+        if not 0 < lo <= hi:
+            raise BadInputError(f"--dilute-tokens must satisfy 0 < min <= max, got {lo:g} {hi:g}")
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -90,26 +99,32 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
                memory_only: float | None = None):
     """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
 
-    Each prompt plus its answer fits in ``n_segments`` segments; shorter ones are padded at the
-    end (causal, so padding changes nothing before it). With probability ``memory_only`` the
-    needle is placed so that it ends before the last segment: only the memory can carry it.
+    Each prompt plus its answer fits in ``n_segments`` segments. The prompt ends at a random place
+    in its last segment, as in a real stream (split across a segment boundary, or with the answer
+    starting a new segment): a random amount of filler goes before it. Rows are padded at the end
+    (causal, so padding changes nothing before it). With probability ``memory_only`` the needle
+    is placed so that it ends before the question's segment: only the memory can carry it.
     """
     memory_only = cfg.memory_only if memory_only is None else memory_only
     seg = model_cfg.segment_len
-    length = n_segments * seg - (cfg.digits + 2)
+    longest = n_segments * seg - (cfg.digits + 2)
     rows = []
     for _ in range(batch):
+        end = max(PasskeyPrompt.shortest(cfg.digits), longest - rng.randrange(seg))   # where the prompt ends
         seed = rng.randrange(1 << 40)
         depth = rng.random()
-        prompt = PasskeyPrompt(length, depth, seed, cfg.filler, cfg.digits)
+        prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
         if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
                 text = prompt.text()
-                if text.index("Remember it.") + len("Remember it. ") + cfg.digits < (len(text) // seg) * seg:
+                lead = end - len(text)
+                if lead + text.index("Remember it.") + len("Remember it. ") + cfg.digits < (end // seg) * seg:
                     break
                 depth *= 0.7
-                prompt = PasskeyPrompt(length, depth, seed, cfg.filler, cfg.digits)
-        ids = encode(prompt.text().encode() + prompt.answer.encode())
+                prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
+        body = prompt.text().encode() + prompt.answer.encode()
+        lead = end - len(prompt)
+        ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler), encode(body)]) if lead else encode(body)
         rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer)))
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.zeros(batch, T, dtype=torch.long)
@@ -139,9 +154,40 @@ def loss_fn(logits, targets, answer, answer_weight: float):
     return lm + answer_weight * ans, ans, acc
 
 
-def curriculum_at(step: int, cfg: TrainConfig, rng: random.Random) -> tuple[int, float]:
-    """(segments of this step's prompts, share of them whose needle only the memory can reach)."""
-    grow = min(1.0, step / max(1, cfg.curriculum * cfg.steps))
+def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None):
+    """The initial state (memory, norm) of a batch: for a ``share`` of rows (default ``cfg.dilute``;
+    training ramps it up with the curriculum), the state a stream of D filler tokens would leave
+    (D log-uniform in ``cfg.dilute_tokens``); zero for the rest.
+
+    Why: retrieval reads sigma(q) M / sigma(q) z, a weighted mean over every token the memory has
+    seen, so the needle's share shrinks as 1/length unless the keys of filler are (exponentially)
+    far from the question's query. Prompts of a few segments never ask for that margin; a
+    million-token prompt needs it. Streaming D tokens per step is too slow to train on, but the
+    linear update makes the state a sum over tokens, so D tokens of filler leave about
+    D / n times the state of n filler tokens. We run ``dilute_segments`` segments of filler
+    (with gradient: the filler's keys are what must move away from the query), scale their state
+    by D / n, and start the prompt from it. Evaluation streams real prompts (infini passkey).
+    Returns (None, None) when no row is diluted.
+    """
+    B = cfg.batch
+    lo, hi = (math.log(t) for t in cfg.dilute_tokens)
+    share = cfg.dilute if share is None else share
+    scale = [math.exp(rng.uniform(lo, hi)) if rng.random() < share else 0.0 for _ in range(B)]
+    if not any(scale):
+        return None, None
+    n = cfg.dilute_segments * model.config.segment_len
+    fill = torch.stack([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40), cfg.filler), dtype=torch.long)
+                        for _ in range(B)]).to(device)
+    _, memory, norm = model(fill)
+    s = torch.tensor(scale, dtype=torch.float32, device=device) / n
+    return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
+
+
+def curriculum_at(step: int, cfg: TrainConfig, rng: random.Random, progress: float | None = None) -> tuple[int, float]:
+    """(segments of this step's prompts, share of them whose needle only the memory can reach).
+    ``progress`` (0..1), when given, replaces step / steps (a time-limited run grows by time)."""
+    done = step / max(1, cfg.steps) if progress is None else progress
+    grow = min(1.0, done / max(1e-9, cfg.curriculum))
     top = cfg.min_segments + round(grow * (cfg.max_segments - cfg.min_segments))
     return rng.randint(cfg.min_segments, top), cfg.memory_only_start + grow * (cfg.memory_only - cfg.memory_only_start)
 
@@ -198,10 +244,13 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             frac = step / cfg.steps if budget is None else max(step / cfg.steps, elapsed / budget)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
-            n_seg, memory_only = curriculum_at(step, cfg, rng)
+            n_seg, memory_only = curriculum_at(step, cfg, rng, frac)
             tokens, targets, answer = (t.to(device) for t in
                                        make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only))
-            logits, memory, norm = model(tokens)
+            # dilution grows with the curriculum: retrieval is found on short prompts first
+            grow = min(1.0, frac / max(1e-9, cfg.curriculum))
+            memory, norm = dilution(model, cfg, rng, device, cfg.dilute * grow) if cfg.dilute else (None, None)
+            logits, memory, norm = model(tokens, memory, norm)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))

@@ -34,6 +34,12 @@ def train():
               "curriculum (the rest have the needle in the question's segment).")
 @click.option("--answer-weight", type=float, default=5.0, show_default=True,
               help="Weight of the answer digits' loss, added to the all-token loss.")
+@click.option("--dilute", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+              help="Share of rows that start from the simulated state of a long filler stream (docs/training.md).")
+@click.option("--dilute-tokens", type=float, nargs=2, default=(1e3, 2e6), show_default=True,
+              help="Length range (tokens, log-uniform) of that simulated stream.")
+@click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True)
@@ -43,11 +49,11 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            seed, device, update, max_minutes, threads, force, progress):
+            dilute, dilute_tokens, init_from, seed, device, update, max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
-    from ..models.checkpoint import init_model, save_checkpoint
+    from ..models.checkpoint import init_model, load_checkpoint, save_checkpoint
     from ..models.config import preset
     from ..models.training import TrainConfig, train as run_training, write_log
 
@@ -57,11 +63,19 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         raise BadInputError("--device cuda: no CUDA device is available")
     if threads:
         torch.set_num_threads(threads)
-    model_cfg = preset(preset_name, update=update)
+    if init_from is not None:
+        model = load_checkpoint(init_from)
+        model_cfg = model.config
+        if model_cfg.update != update:
+            raise BadInputError(f"--init {init_from} uses the {model_cfg.update} update rule; pass --update "
+                                f"{model_cfg.update} (got --update {update})")
+    else:
+        model_cfg = preset(preset_name, update=update)
+        model = init_model(model_cfg, seed)
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
-                      memory_only_start=memory_only[0], memory_only=memory_only[1], seed=seed, max_minutes=max_minutes)
-    model = init_model(model_cfg, seed)
+                      memory_only_start=memory_only[0], memory_only=memory_only[1], dilute=dilute,
+                      dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes)
 
     def on_log(e):
         gates = " ".join(f"{g:.2f}" for layer in e["gates"] for g in layer)

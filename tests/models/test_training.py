@@ -143,3 +143,61 @@ def test_an_interrupted_run_keeps_its_steps(monkeypatch):
     monkeypatch.setattr(training, "make_batch", interrupt_third)
     result = train(_model(), _small(steps=5), progress=False)
     assert result.stopped == "interrupted" and result.steps_done == 2
+
+
+def test_questions_end_anywhere_in_their_segment():
+    """A stream splits a prompt wherever segment_len falls: training must see the answer at every
+    offset, including right after a segment boundary (the eval misses there before this)."""
+    tokens, targets, answer = make_batch(CFG, 4, 64, random.Random(2), _small())
+    offsets = {int(answer[row].nonzero()[0]) % CFG.segment_len for row in range(64)}
+    assert len(offsets) > 30
+    assert min(offsets) < 16 and max(offsets) > CFG.segment_len - 16
+
+
+def test_filler_tokens_are_filler_alone_and_exactly_n():
+    from infini_deploy.models.passkey import VARIED_SENTENCES, filler_tokens
+
+    ids = filler_tokens(300, seed=5)
+    assert ids.shape == (300,) and ids.dtype.kind == "i"
+    text = decode(ids)
+    assert "pass key" not in text and "important info" not in text
+    first = text.split(". ")[0] + "."
+    assert first in VARIED_SENTENCES
+
+
+def test_dilution_is_the_filler_state_scaled_to_the_simulated_length():
+    from infini_deploy.models.training import dilution
+
+    model = _model()
+    n = 2 * CFG.segment_len
+    one = dilution(model, _small(batch=3, dilute=1.0, dilute_tokens=(n, n)), random.Random(7), "cpu")
+    four = dilution(model, _small(batch=3, dilute=1.0, dilute_tokens=(4 * n, 4 * n)), random.Random(7), "cpu")
+    # D = n tokens of filler: exactly the state the model leaves after n filler tokens
+    from infini_deploy.models.passkey import filler_tokens
+    rng = random.Random(7)
+    for _ in range(3):
+        rng.random(), rng.uniform(0, 1)   # the share and length draws come first
+    fill = torch.stack([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40)), dtype=torch.long)
+                        for _ in range(3)])
+    _, memory, norm = model(fill)
+    torch.testing.assert_close(one[0], memory)
+    torch.testing.assert_close(one[1], norm)
+    torch.testing.assert_close(four[0], 4 * memory)
+    torch.testing.assert_close(four[1], 4 * norm)
+    assert one[0].dtype == torch.float32 and one[0].requires_grad   # the filler's keys get the gradient
+    assert dilution(model, _small(batch=3, dilute=0.0), random.Random(7), "cpu") == (None, None)
+
+
+def test_dilution_bad_settings_fail_clearly():
+    from infini_deploy.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="--dilute-tokens must satisfy"):
+        TrainConfig(dilute_tokens=(0, 10))
+    with pytest.raises(BadInputError, match="--dilute must be in"):
+        TrainConfig(dilute=1.5)
+
+
+def test_training_with_dilution_runs_and_keeps_the_state_float32():
+    result = train(_model(), _small(steps=3, dilute=1.0, curriculum=0.01), progress=False)
+    assert result.steps_done == 3 and result.skipped == 0
+    assert result.log[-1]["norm_max"] > 1e3   # started from the state of >= 1,000 filler tokens
