@@ -122,10 +122,11 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
                     break
                 depth *= 0.7
                 prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
-        body = prompt.text().encode() + prompt.answer.encode()
+        # the answer ends with the needle's full stop: taught, so that generation stops after the key
+        body = prompt.text().encode() + prompt.answer.encode() + b"."
         lead = end - len(prompt)
         ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler), encode(body)]) if lead else encode(body)
-        rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer)))
+        rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1))
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.zeros(batch, T, dtype=torch.long)
     targets = torch.full((batch, T), IGNORE, dtype=torch.long)
@@ -134,7 +135,7 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         n = len(ids)
         tokens[i, :n] = ids
         targets[i, :n - 1] = ids[1:]
-        # positions whose next token is an answer digit (skip the answer's leading space)
+        # positions whose next token is an answer digit or the final "." (skip the leading space)
         answer[i, n - n_answer:n - 1] = True
     return tokens, targets, answer
 

@@ -29,8 +29,9 @@ def test_batch_targets_are_the_answer_digits():
     tokens, targets, answer = make_batch(CFG, 3, 2, random.Random(0), _small())
     assert tokens.shape[1] <= 3 * CFG.segment_len
     for row in range(2):
-        digits = decode(targets[row][answer[row]].numpy())
-        assert digits.isdigit() and len(digits) == 5
+        taught = decode(targets[row][answer[row]].numpy())
+        digits = taught[:-1]
+        assert digits.isdigit() and len(digits) == 5 and taught[-1] == "."   # the key, then where it stops
         assert decode(tokens[row].numpy()).split("What is the pass key?")[0].count(digits) == 2  # in the needle
 
 
