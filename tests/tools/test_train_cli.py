@@ -26,3 +26,20 @@ def test_train_passkey_too_short_segments_fail_clearly(tmp_path):
     r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--preset", "tiny", "--steps", "1"])
     assert r.exit_code == 2
     assert "too short for a passkey prompt" in r.output and "--min-segments" in r.output
+
+
+def test_train_passkey_init_fine_tunes_a_checkpoint(tmp_path):
+    from infini_deploy.models.checkpoint import init_model, save_checkpoint
+    from infini_deploy.models.config import preset
+
+    base = save_checkpoint(init_model(preset("tiny", segment_len=128, n_layer=1), seed=3), tmp_path / "base")
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["train", "passkey", str(out), "--init", str(base), "--steps", "1", "--batch", "1",
+                                 "--threads", "1", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    tuned, before = load_checkpoint(out), load_checkpoint(base)
+    assert tuned.config == before.config                       # the checkpoint's config, not --preset's
+    changed = [n for n, p in tuned.state_dict().items() if not (p == before.state_dict()[n]).all()]
+    assert changed                                              # and its weights, trained one step further
+    bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--init", str(base), "--update", "delta"])
+    assert bad.exit_code == 2 and "uses the linear update rule; pass --update linear" in bad.output
