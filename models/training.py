@@ -61,6 +61,7 @@ class TrainConfig:
     memory_only: float = 0.9        # fraction of prompts whose needle sits in an earlier segment, at the end
     memory_only_start: float = 0.5  # ... at the start: ramps up with the curriculum (local copies teach the
                                     # q/k/v that the memory shares with local attention)
+    boundary: float = 0.2           # share of rows whose answer straddles a segment boundary (the hardest place)
     dilute: float = 0.0             # share of rows that start from the state of a long filler stream ...
     dilute_tokens: tuple[float, float] = (1e3, 2e6)  # ... of this many tokens (log-uniform), simulated
     dilute_segments: int = 2        # filler segments run (with gradient) to measure that state per token
@@ -108,9 +109,15 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
     memory_only = cfg.memory_only if memory_only is None else memory_only
     seg = model_cfg.segment_len
     longest = n_segments * seg - (cfg.digits + 2)
+    shortest = PasskeyPrompt.shortest(cfg.digits)
+    boundary = (n_segments - 1) * seg
     rows = []
     for _ in range(batch):
-        end = max(PasskeyPrompt.shortest(cfg.digits), longest - rng.randrange(seg))   # where the prompt ends
+        end = max(shortest, longest - rng.randrange(seg))   # where the prompt ends
+        if rng.random() < cfg.boundary and boundary - (cfg.digits + 2) >= shortest:
+            # the answer's first digits on one side of a segment boundary, the rest on the other
+            # (or the question cut just before it): what a stream gives one prompt in about 20
+            end = boundary + rng.randint(-(cfg.digits + 2), 3)
         seed = rng.randrange(1 << 40)
         depth = rng.random()
         prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)

@@ -202,3 +202,13 @@ def test_training_with_dilution_runs_and_keeps_the_state_float32():
     result = train(_model(), _small(steps=3, dilute=1.0, curriculum=0.01), progress=False)
     assert result.steps_done == 3 and result.skipped == 0
     assert result.log[-1]["norm_max"] > 1e3   # started from the state of >= 1,000 filler tokens
+
+
+def test_boundary_rows_put_the_answer_across_a_segment_boundary():
+    tokens, targets, answer = make_batch(CFG, 5, 16, random.Random(4), _small(boundary=1.0))
+    edge = 4 * CFG.segment_len
+    for row in range(16):
+        space = int(answer[row].nonzero()[0])        # predicts the first digit
+        assert edge - 7 <= space <= edge + 3
+        taught = decode(targets[row][answer[row]].numpy())
+        assert taught[:-1].isdigit() and taught[-1] == "."
