@@ -34,6 +34,8 @@ def train():
               "curriculum (the rest have the needle in the question's segment).")
 @click.option("--answer-weight", type=float, default=5.0, show_default=True,
               help="Weight of the answer digits' loss, added to the all-token loss.")
+@click.option("--boundary", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Share of rows whose answer straddles a segment boundary.")
 @click.option("--dilute", type=click.FloatRange(0, 1), default=0.75, show_default=True,
               help="Share of rows that start from the simulated state of a long filler stream (docs/training.md).")
 @click.option("--dilute-tokens", type=float, nargs=2, default=(1e3, 2e6), show_default=True,
@@ -49,7 +51,7 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            dilute, dilute_tokens, init_from, seed, device, update, max_minutes, threads, force, progress):
+            boundary, dilute, dilute_tokens, init_from, seed, device, update, max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
@@ -74,7 +76,7 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         model = init_model(model_cfg, seed)
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
-                      memory_only_start=memory_only[0], memory_only=memory_only[1], dilute=dilute,
+                      memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
                       dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes)
 
     def on_log(e):
