@@ -34,3 +34,19 @@ def test_demo_streams_a_prompt_and_caches_the_export(tmp_path, monkeypatch):
     assert "(cached)" in again.output
     n = int(re.search(r"streaming a ([\d,]+)-token", again.output).group(1).replace(",", ""))
     assert 1024 < n <= 2048
+
+
+def test_the_bundled_model_retrieves_the_key_through_its_memory(tmp_path):
+    """The committed checkpoint is the trained one (docs/model_card.md): 12 prompts of 2K and 8K tokens,
+    the needle at the start, middle and end, every key right. A random or damaged checkpoint answers
+    1 key in 90,000."""
+    import json
+
+    out = tmp_path / "pk.json"
+    r = CliRunner().invoke(cli, ["passkey", str(demo_mod.BUNDLED), "--lengths", "2k,8k", "--depths", "0,0.5,1",
+                                 "--trials", "2", "--filler", "varied", "--threads", "1", "--no-progress",
+                                 "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    trials = json.loads(out.read_text())["trials"]
+    assert len(trials) == 12
+    assert [t["generated"] for t in trials] == [f" {t['key']}." for t in trials]
