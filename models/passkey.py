@@ -60,7 +60,7 @@ class PasskeyPrompt:
     @staticmethod
     def shortest(digits: int = 5) -> int:
         """The least ``length`` a prompt accepts: intro, needle, question and one filler block."""
-        return len(INTRO) + 1 + len(NEEDLE.format(key="0" * digits)) + 1 + len(QUESTION) + len(FILLER) + 1
+        return _fixed_bytes(digits) + len(FILLER) + 1
 
     @property
     def key(self) -> int:
@@ -122,11 +122,15 @@ class PasskeyPrompt:
         return NEEDLE.format(key=self.key).encode()
 
     def _fixed_bytes(self) -> int:
-        """Intro, needle, question and their separating spaces."""
-        return len(INTRO) + 1 + len(NEEDLE.format(key="0" * self.digits)) + 1 + len(QUESTION)
+        return _fixed_bytes(self.digits)
 
     def _blocks(self) -> Iterator[bytes]:
         return filler_blocks(self.seed, self.filler)
+
+
+def _fixed_bytes(digits: int) -> int:
+    """Intro, needle, question and their separating spaces."""
+    return len(INTRO) + 1 + len(NEEDLE.format(key="0" * digits)) + 1 + len(QUESTION)
 
 
 def filler_blocks(seed: int, filler: str = "varied") -> Iterator[bytes]:

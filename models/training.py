@@ -121,17 +121,18 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         seed = rng.randrange(1 << 40)
         depth = rng.random()
         prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
+        text = prompt.text()
         if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
-                text = prompt.text()
                 lead = end - len(text)
                 if lead + text.index("Remember it.") + len("Remember it. ") + cfg.digits < (end // seg) * seg:
                     break
                 depth *= 0.7
                 prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
+                text = prompt.text()
         # the answer ends with the needle's full stop: taught, so that generation stops after the key
-        body = prompt.text().encode() + prompt.answer.encode() + b"."
-        lead = end - len(prompt)
+        body = text.encode() + prompt.answer.encode() + b"."
+        lead = end - len(text)
         ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler), encode(body)]) if lead else encode(body)
         rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1))
     T = max(len(ids) for ids, _ in rows)
@@ -191,11 +192,15 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
 
 
+def curriculum_growth(progress: float, cfg: TrainConfig) -> float:
+    """0 -> 1 over the first ``cfg.curriculum`` of training (``progress`` in 0..1), then 1."""
+    return min(1.0, progress / max(1e-9, cfg.curriculum))
+
+
 def curriculum_at(step: int, cfg: TrainConfig, rng: random.Random, progress: float | None = None) -> tuple[int, float]:
     """(segments of this step's prompts, share of them whose needle only the memory can reach).
     ``progress`` (0..1), when given, replaces step / steps (a time-limited run grows by time)."""
-    done = step / max(1, cfg.steps) if progress is None else progress
-    grow = min(1.0, done / max(1e-9, cfg.curriculum))
+    grow = curriculum_growth(step / max(1, cfg.steps) if progress is None else progress, cfg)
     top = cfg.min_segments + round(grow * (cfg.max_segments - cfg.min_segments))
     return rng.randint(cfg.min_segments, top), cfg.memory_only_start + grow * (cfg.memory_only - cfg.memory_only_start)
 
@@ -256,8 +261,8 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             tokens, targets, answer = (t.to(device) for t in
                                        make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only))
             # dilution grows with the curriculum: retrieval is found on short prompts first
-            grow = min(1.0, frac / max(1e-9, cfg.curriculum))
-            memory, norm = dilution(model, cfg, rng, device, cfg.dilute * grow) if cfg.dilute else (None, None)
+            share = cfg.dilute * curriculum_growth(frac, cfg)
+            memory, norm = dilution(model, cfg, rng, device, share) if cfg.dilute else (None, None)
             logits, memory, norm = model(tokens, memory, norm)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)
