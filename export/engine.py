@@ -14,17 +14,22 @@ optimisation profile per engine covers the batch and segment-length ranges
 
 from __future__ import annotations
 
-import os
+import hashlib
+import re
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
+from ..atomic import output_lock, write_bytes
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models import spec
 from . import workarounds
-from .manifest import Manifest, load_manifest, sha256_file
+from .manifest import Manifest, load_manifest
 from .trt_shim import Logger, Trt, load
 
 ENGINE_SUFFIX = ".engine"
@@ -53,6 +58,7 @@ class Network:
     builder: object
     network: object
     parser: object
+    monitor: object = None    # the progress monitor of the build in flight (TensorRT keeps only a pointer)
 
 
 def dim_ranges(options: BuildOptions, segment_len: int) -> dict[str, tuple[int, int, int]]:
@@ -110,8 +116,10 @@ def unsupported_nodes(trt: Trt, path: Path) -> list[str]:
             for i in parser.get_subgraph_nodes(s)]
 
 
-def EngineFromNetwork(net: Network, shapes: dict, targets: tuple = (), timing_cache: str | None = None):
-    """(serialised engine bytes, compute capabilities it runs on). One optimisation profile: ``shapes``."""
+def EngineFromNetwork(net: Network, shapes: dict, targets: tuple = (), timing_cache: str | None = None,
+                      cancel: list | None = None):
+    """(serialised engine bytes, compute capabilities it runs on). One optimisation profile: ``shapes``.
+    The build stops early once ``cancel`` (a list) is non-empty."""
     trt, module = net.trt, net.trt.module
     config = net.builder.create_builder_config()
     config.profiling_verbosity = module.ProfilingVerbosity.DETAILED   # layer names for the inspector
@@ -120,40 +128,82 @@ def EngineFromNetwork(net: Network, shapes: dict, targets: tuple = (), timing_ca
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
     runs_on = trt.set_compute_capabilities(config, tuple(targets))
+    if cancel is not None and hasattr(module, "IProgressMonitor"):
+        config.progress_monitor = net.monitor = _progress_monitor(module, cancel)
     cache_path = Path(timing_cache) if timing_cache and trt.has_timing_cache else None
     if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     data = net.builder.build_serialized_network(net.network, config)
     if data is None:
+        if cancel:
+            raise KeyboardInterrupt("the TensorRT build was cancelled")
         raise IncompatibleArtifactError(f"{trt.title} could not build an engine: {net.logger.last_error()}")
     if cache_path is not None:
-        _write_atomic(cache_path, memoryview(config.get_timing_cache().serialize()))
+        write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()), force=True)
     return bytes(memoryview(data)), runs_on
 
 
+def _progress_monitor(module, cancel: list):
+    """A TensorRT progress monitor whose every step asks to go on until ``cancel`` is non-empty."""
+    base = module.IProgressMonitor
+
+    class Cancel(base):
+        def __init__(self):
+            base.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            pass
+
+        def step_complete(self, phase_name, step):
+            return not cancel
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Cancel()
+
+
 def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifest:
-    """Build one engine per graph of ``export_dir`` (hash-checked first) and record them in its manifest."""
+    """Build one engine per graph of ``export_dir`` (hash-checked first) and record them in its manifest.
+
+    Engines are named by their content (``segment.<sha256[:12]>.engine``) and written before the manifest
+    that names them, so the folder is consistent at every instant: a build killed at any point leaves the
+    old manifest with the old engines, and the next build removes the new engines nobody names. Ctrl-C and
+    SIGTERM cancel the build (TensorRT's progress monitor) and leave the folder as it was."""
     export_dir = Path(export_dir)
-    manifest = load_manifest(export_dir)
-    trt = load(options.backend)
-    if options.plugin and not trt.has_plugins:
-        raise BadInputError(f"--plugin needs full TensorRT (tensorrt.plugin); {trt.title} has no plugin API: "
-                            "use --backend tensorrt, or build without --plugin (the memory node is inlined)")
-    ranges = dim_ranges(options, manifest.config.segment_len)
-    engines, files, runs_on = {}, dict(manifest.files), []
-    for name, entry in manifest.graphs.items():
-        graph = manifest.verify(export_dir, entry.file)
-        started = time.perf_counter()
-        shapes = profile_shapes(entry.inputs, ranges)
-        net = NetworkFromOnnxPath(trt, graph, options.plugin)
-        data, runs_on = EngineFromNetwork(net, shapes, options.target_cc, options.timing_cache)
-        file = Path(entry.file).stem + ENGINE_SUFFIX
-        _write_atomic(export_dir / file, data)
-        files[file] = sha256_file(export_dir / file)
-        engines[name] = {"file": file, "graph": entry.file, "sha256": files[file], "bytes": len(data),
-                         "build_s": round(time.perf_counter() - started, 3), "layers": net.network.num_layers,
-                         "profiles": [{k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()}]}
+    with output_lock(export_dir):   # the lock `infini export` takes on this folder: one writer at a time
+        manifest = load_manifest(export_dir)
+        remove_unnamed_engines(export_dir, manifest)   # what a killed build left
+        trt = load(options.backend)
+        if options.plugin and not trt.has_plugins:
+            raise BadInputError(f"--plugin needs full TensorRT (tensorrt.plugin); {trt.title} has no plugin API: "
+                                "use --backend tensorrt, or build without --plugin (the memory node is inlined)")
+        ranges = dim_ranges(options, manifest.config.segment_len)
+        try:
+            updated = _build_all(export_dir, manifest, trt, options, ranges)
+            updated.write(export_dir)
+        finally:
+            remove_unnamed_engines(export_dir, load_manifest(export_dir))
+    return updated
+
+
+def _build_all(export_dir: Path, manifest: Manifest, trt: Trt, options: BuildOptions, ranges) -> Manifest:
+    engines, files, runs_on = {}, {k: v for k, v in manifest.files.items() if not is_engine_name(k)}, []
+    with deferred_signals() as received:
+        for name, entry in manifest.graphs.items():
+            graph = manifest.verify(export_dir, entry.file)
+            started = time.perf_counter()
+            shapes = profile_shapes(entry.inputs, ranges)
+            net = NetworkFromOnnxPath(trt, graph, options.plugin)
+            data, runs_on = EngineFromNetwork(net, shapes, options.target_cc, options.timing_cache, received)
+            sha = hashlib.sha256(data).hexdigest()
+            file = f"{Path(entry.file).stem}.{sha[:12]}{ENGINE_SUFFIX}"
+            write_bytes(export_dir / file, data, force=True)
+            files[file] = sha
+            engines[name] = {"file": file, "graph": entry.file, "sha256": sha, "bytes": len(data),
+                             "build_s": round(time.perf_counter() - started, 3), "layers": net.network.num_layers,
+                             "profiles": [{k: {"min": v[0], "opt": v[1], "max": v[2]} for k, v in shapes.items()}]}
     record = {"flavour": trt.flavour, "version": trt.version, "precision": manifest.precision,
               "strongly_typed": True, "compute_capabilities": runs_on,
               "options": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(options).items()
@@ -161,13 +211,41 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
     if options.timing_cache:
         record["timing_cache"] = options.timing_cache if trt.has_timing_cache else \
             f"not used: timing caches are a no-op in {trt.title}"
-    updated = Manifest(**{**manifest.__dict__, "files": files, "tensorrt": record})
-    updated.write(export_dir)
-    return updated
+    return Manifest(**{**manifest.__dict__, "files": files, "tensorrt": record})
 
 
-def _write_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+ENGINE_NAME = re.compile(rf"({'|'.join(spec.GRAPHS)})(\.[0-9a-f]{{12}})?{re.escape(ENGINE_SUFFIX)}")
+
+
+def is_engine_name(name: str) -> bool:
+    """A file name `infini build` gives an engine (``segment.engine`` from older builds included)."""
+    return ENGINE_NAME.fullmatch(name) is not None
+
+
+def remove_unnamed_engines(export_dir: Path, manifest: Manifest) -> None:
+    """Delete the engines of ours that ``manifest`` does not name (an interrupted or replaced build's)."""
+    for path in Path(export_dir).iterdir():
+        if is_engine_name(path.name) and path.name not in manifest.files:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def deferred_signals():
+    """Hold Ctrl-C and SIGTERM while TensorRT builds; yields the list of signals received.
+
+    TensorRT calls back into Python (the logger) from C++: a KeyboardInterrupt raised there is swallowed and
+    the build runs to the end. Here the handler only records the signal, the progress monitor cancels the
+    build, and KeyboardInterrupt is raised once the build has returned."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]} during the TensorRT build")

@@ -17,11 +17,12 @@ import torch
 from .. import __version__
 from ..atomic import atomic_folder
 from ..models import spec
-from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from ..models.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, weights_digest, write_checkpoint
 from ..models.model import InfiniTransformer
+from ..paths import parse_json
 from . import attention, memory_function
 from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment
-from .manifest import GraphEntry, Manifest, sha256_file
+from .manifest import MANIFEST_FILE, GraphEntry, Manifest, sha256_file
 
 SEGMENT_FILE = "segment.onnx"
 DECODE_FILE = "decode.onnx"
@@ -35,7 +36,7 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees."""
     out = Path(out_dir)
     check_precision(precision, opset)
-    with atomic_folder(out, force) as tmp:
+    with atomic_folder(out, force, owned_export, "export folder") as tmp:
         manifest = _write(model.eval(), tmp, precision, opset)
         if validate:
             manifest = _validate(model, tmp, manifest)
@@ -43,7 +44,8 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
 
 
 def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -> Manifest:
-    save_checkpoint(model, folder / CHECKPOINT_DIR).chmod(0o755)
+    (folder / CHECKPOINT_DIR).mkdir(mode=0o755)
+    write_checkpoint(model, folder / CHECKPOINT_DIR)
     export_segment(model, folder / SEGMENT_FILE, precision, opset)
     export_decode(model, folder / DECODE_FILE, precision, opset)
     cfg = model.config
@@ -56,7 +58,7 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -
         files={name: sha256_file(folder / name) for name in names},
         attention="Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
         memory_op={"domain": memory_function.DOMAIN, "op_type": op_type, "version": memory_function.DOMAIN_VERSION},
-        versions=tool_versions())
+        versions=tool_versions(), weights_sha256=weights_digest(model))
     manifest.write(folder)
     return manifest
 
@@ -82,6 +84,22 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
                    "worst": worst(decode_rows)}}})
     validated.write(folder)
     return validated
+
+
+def owned_export(folder: Path) -> set[str] | None:
+    """The files of ours in an export folder (for atomic.atomic_folder), None when it is not an export:
+    what its manifest lists, the files every export has, and engines `infini build` names."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
+    names = {MANIFEST_FILE, SEGMENT_FILE, DECODE_FILE, *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES)}
+    try:
+        listed = parse_json((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE).get("files", {})
+        names |= {n for n in listed if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()}
+    except Exception:   # noqa: BLE001 (a damaged manifest: the fixed names and engines still identify our files)
+        pass
+    from .engine import is_engine_name
+
+    return names | {p.name for p in folder.iterdir() if is_engine_name(p.name)}
 
 
 def tool_versions() -> dict:

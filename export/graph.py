@@ -23,7 +23,7 @@ from ..models.model import InfiniTransformer
 from ..runtime.runner import TORCH_DTYPES
 from . import attention, memory_function, workarounds
 
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+PRECISIONS = spec.PRECISIONS
 DEFAULT_OPSET = 23
 MIN_OPSET = {"fp32": 18, "fp16": 23, "bf16": 23}   # the Attention op needs 23
 

@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BadInputError, IncompatibleArtifactError
+from ..paths import inside
 from .manifest import MANIFEST_FILE, is_export_dir, load_manifest
 from .trt_shim import Logger, engine_header, load
 
@@ -39,6 +40,11 @@ def inspect_path(path) -> dict:
 
 def inspect_export(folder: Path) -> dict:
     m = load_manifest(folder)
+    missing = [name for name in m.files if not inside(folder, name).is_file()]
+    if missing:
+        raise IncompatibleArtifactError(f"{folder} is incomplete: {', '.join(missing)} "
+                                        f"{'is' if len(missing) == 1 else 'are'} missing (listed in {MANIFEST_FILE}); "
+                                        "export again")
     graphs = {name: {"file": g.file, "bytes": (folder / g.file).stat().st_size,
                      "inputs": [s.to_dict() for s in g.inputs], "outputs": [s.to_dict() for s in g.outputs]}
               for name, g in m.graphs.items()}
@@ -52,6 +58,8 @@ def inspect_onnx(path: Path) -> dict:
     from .graph import ONNX_DTYPES
 
     names = {v: k for k, v in ONNX_DTYPES.items()}
+    if path.stat().st_size == 0:
+        raise IncompatibleArtifactError(f"{path} is empty (0 bytes); expected an ONNX graph")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and onnx's own: the file is not a readable graph

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import IncompatibleArtifactError
+from ..atomic import write_text
+from ..errors import IncompatibleArtifactError, InfiniError
 from ..models.config import InfiniConfig
 from ..models.spec import TensorSpec
+from ..paths import inside, parse_json
+from .manifest_schema import SchemaError, check_consistent, check_schema
 
 MANIFEST_FILE = "infini.json"
 FORMAT = "infini-deploy-export"
@@ -63,6 +65,7 @@ class Manifest:
     versions: dict = field(default_factory=dict)       # torch, onnx, onnxruntime, onnxscript, infini_deploy
     validation: dict = field(default_factory=dict)     # the export-time comparison against torch
     tensorrt: dict = field(default_factory=dict)       # `infini build`: flavour, version, targets, engines
+    weights_sha256: str = ""            # the weights' tensors (runtime/snapshot.py): names the model in snapshots
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
@@ -70,30 +73,29 @@ class Manifest:
                 "attention": self.attention, "memory_op": self.memory_op,
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "files": dict(self.files),
                 "versions": self.versions, "validation": self.validation,
+                **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
                 **({"tensorrt": self.tensorrt} if self.tensorrt else {})}
 
     def write(self, export_dir: Path) -> Path:
         """Write ``infini.json`` atomically (a temp file renamed over it): readers never see half a manifest."""
         path = Path(export_dir) / MANIFEST_FILE
-        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", force=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         return cls(InfiniConfig.from_dict(d["config"]), d["precision"], int(d["opset"]),
                    {k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dict(d["files"]),
                    d.get("attention", ""), d.get("memory_op", {}), d.get("versions", {}),
-                   d.get("validation", {}), d.get("tensorrt", {}))
+                   d.get("validation", {}), d.get("tensorrt", {}), d.get("weights_sha256", ""))
 
     def verify(self, export_dir: Path, name: str) -> Path:
-        """The path of file ``name`` after checking it exists and matches its recorded sha256."""
-        path = Path(export_dir) / name
+        """The path of file ``name`` after checking it is inside the folder, exists and matches its sha256."""
+        path = inside(Path(export_dir), name)
         if name not in self.files:
             raise IncompatibleArtifactError(f"{export_dir}/{MANIFEST_FILE} does not list {name}")
         if not path.is_file():
-            raise IncompatibleArtifactError(f"{path} is missing from the export folder")
+            raise IncompatibleArtifactError(f"{path} is missing from the export folder (it was deleted or moved; "
+                                            "export again)")
         actual = sha256_file(path)
         if actual != self.files[name]:
             raise IncompatibleArtifactError(
@@ -103,21 +105,26 @@ class Manifest:
 
 
 def load_manifest(export_dir) -> Manifest:
-    """Read and check ``infini.json`` of an export folder (format and version; hashes via ``verify``)."""
-    path = Path(export_dir) / MANIFEST_FILE
+    """Read and check ``infini.json`` of an export folder: its schema, its graphs' I/O against the spec its
+    config implies, every path inside the folder, and its config against the export's checkpoint.
+    File hashes are checked by ``verify`` before a file is used."""
+    folder = Path(export_dir)
+    path = folder / MANIFEST_FILE
     if not path.is_file():
         raise IncompatibleArtifactError(f"{export_dir} is not an export folder: {MANIFEST_FILE} is missing "
                                         "(make one with `infini export`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IncompatibleArtifactError(f"{path} is not valid JSON ({e})") from None
+    data = parse_json(path.read_bytes(), path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise IncompatibleArtifactError(f"{path} is not an infini-deploy manifest (format {FORMAT!r} expected)")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") != FORMAT_VERSION or isinstance(data.get("format_version"), bool):
         raise IncompatibleArtifactError(f"{path} has format version {data.get('format_version')!r}; this "
                                         f"infini-deploy reads version {FORMAT_VERSION}: export again")
     try:
-        return Manifest.from_dict(data)
-    except (KeyError, TypeError, ValueError) as e:
-        raise IncompatibleArtifactError(f"{path} is incomplete or malformed ({type(e).__name__}: {e})") from None
+        check_schema(data)
+        manifest = Manifest.from_dict(data)
+    except SchemaError as e:
+        raise IncompatibleArtifactError(f"{path} is incomplete or malformed: {e}") from None
+    except InfiniError as e:
+        raise IncompatibleArtifactError(f"{path} is incomplete or malformed: {e}") from None
+    check_consistent(manifest, folder, data)
+    return manifest

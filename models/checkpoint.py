@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,33 +11,56 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_folder
-from ..errors import BadInputError, IncompatibleArtifactError
+from ..errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
+from ..limits import check_fits
+from ..paths import read_json
 from .config import InfiniConfig
 from .model import InfiniTransformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+LOG_FILE = "train_log.json"
+# Every file a checkpoint folder of ours may hold: `--force` replaces a checkpoint only when it holds nothing else.
+CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "tokenizer.json", "tokenizer_config.json",
+                              "special_tokens_map.json", "chat_template.jinja", "generation_config.json"})
+
+
+def owned_checkpoint(folder: Path) -> set[str] | None:
+    """The files of ours in a checkpoint folder (for atomic.atomic_folder), None when it is not a checkpoint."""
+    if not ((folder / CONFIG_FILE).is_file() or (folder / WEIGHTS_FILE).is_file()):
+        return None
+    return set(CHECKPOINT_FILES)
+
+
+def write_checkpoint(model: InfiniTransformer, folder: Path) -> None:
+    """Write config.json and model.safetensors into the (temp) folder ``folder``; refuses NaN/Inf weights."""
+    # tied weights are stored once (safetensors refuses shared storage)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise NumericalFaultError(f"refusing to write a checkpoint with NaN/Inf weights (tensor {bad}); "
+                                  "nothing was written")
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(model.config.to_json() + "\n")
 
 
 def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place."""
-    with atomic_folder(out_dir, force) as tmp:
-        # tied weights are stored once (safetensors refuses shared storage)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place (atomic.py)."""
+    with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
+        write_checkpoint(model, tmp)
     return Path(out_dir)
 
 
 def load_config(path: str | os.PathLike) -> InfiniConfig:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        raise BadInputError(f"{path} is not a checkpoint: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
+        what = "is a folder" if file.is_dir() else "is missing"
+        raise BadInputError(f"{path} is not a checkpoint: {CONFIG_FILE} {what} (expected {CONFIG_FILE} and "
+                            f"{WEIGHTS_FILE} in it)")
+    data = read_json(file, "config")
     try:
-        return InfiniConfig.from_dict(json.loads(file.read_text()))
-    except json.JSONDecodeError as e:
-        raise IncompatibleArtifactError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return InfiniConfig.from_dict(data)
     except TypeError as e:
         raise IncompatibleArtifactError(f"{file}: bad config ({e})") from None
 
@@ -45,6 +68,7 @@ def load_config(path: str | os.PathLike) -> InfiniConfig:
 def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTransformer:
     """Load and check a checkpoint: every tensor the config implies, with the right shape, no others."""
     config = load_config(path)
+    check_fits(4 * config.parameter_count(), f"the model of {Path(path) / CONFIG_FILE}")
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise BadInputError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")
@@ -72,8 +96,26 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
     return model.to(device).eval()
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over named tensors (name, dtype, shape and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{str(t.dtype)}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def weights_digest(model: InfiniTransformer) -> str:
+    """sha256 of a model's weights as float32 bytes, by name: the same for a model and its export's checkpoint,
+    so a snapshot names the weights it was saved from whatever backend ran them (runtime/snapshot.py)."""
+    with torch.no_grad():
+        return tensors_digest({k: v.float() for k, v in model.state_dict().items()})
+
+
 def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:
     """A randomly initialised model, deterministic for a seed."""
+    check_fits(4 * config.parameter_count(), "this model config")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

@@ -10,6 +10,19 @@ from dataclasses import dataclass
 from ..errors import BadInputError
 
 UPDATE_RULES = ("linear", "delta")
+# Upper limits of the integer fields: far above any real model, low enough that a typo (d_model 1e9, n_layer 1e7)
+# is refused before anything is allocated. The memory a config implies is checked against the machine too.
+INT_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "d_head": 1024, "d_model": 1 << 16,
+              "d_ff": 1 << 18, "segment_len": 1 << 20}
+FLOAT_LIMITS = {"eps": (0.0, 1.0), "rope_theta": (0.0, 1e12), "norm_eps": (0.0, 1.0)}   # open intervals
+
+
+def _show(value) -> str:
+    """repr of a user's value, cut short (a config may hold an integer of thousands of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -28,14 +41,29 @@ class InfiniConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding
 
     def __post_init__(self):
-        if self.update not in UPDATE_RULES:
-            raise BadInputError(f"update rule {self.update!r} is not known; expected one of: {', '.join(UPDATE_RULES)}")
-        for name in ("vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_ff", "segment_len"):
+        if not isinstance(self.update, str) or self.update not in UPDATE_RULES:
+            raise BadInputError(f"update rule {_show(self.update)} is not known; expected one of: "
+                                f"{', '.join(UPDATE_RULES)}")
+        for name, hi in INT_LIMITS.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise BadInputError(f"config field {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
+                raise BadInputError(f"config field {name} must be an integer in [1, {hi}], got {_show(value)}")
         if self.d_head % 2:
             raise BadInputError(f"d_head must be even for RoPE, got {self.d_head}")
+        for name, (lo, hi) in FLOAT_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
+                raise BadInputError(f"config field {name} must be a number in ({lo:g}, {hi:g}), got {_show(value)}")
+            object.__setattr__(self, name, float(value))   # 1 and 1.0 are one model: one digest
+        if not isinstance(self.tie_embeddings, bool):
+            raise BadInputError(f"config field tie_embeddings must be true or false, got {_show(self.tie_embeddings)}")
+
+    def parameter_count(self) -> int:
+        """Parameters of the model this config describes (closed form, nothing allocated)."""
+        D, F, V = self.d_model, self.d_ff, self.vocab_size
+        inner = self.n_head * self.d_head
+        per_layer = 4 * D * inner + self.n_head + 3 * D * F + 2 * D   # q, k, v, o; beta; MLP; two norms
+        return V * D * (1 if self.tie_embeddings else 2) + self.n_layer * per_layer + D
 
     # State sizes: the whole point of the model is that these do not depend on stream length.
     @property
@@ -68,7 +96,7 @@ class InfiniConfig:
         known = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise BadInputError(f"unknown config fields {unknown}; expected only: {', '.join(known)}")
+            raise BadInputError(f"unknown config fields {_show(unknown)}; expected only: {', '.join(known)}")
         return cls(**data)
 
 

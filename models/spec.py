@@ -35,6 +35,9 @@ D_NORM_OUT = "d_norm_out"
 
 GRAPHS = ("segment", "decode")
 
+# export precision -> dtype of weights, activations and logits (the state is float32 in every precision)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
 # symbolic dimensions
 BATCH = "batch"
 SEQ = "n"

@@ -10,13 +10,14 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BadInputError
+from ..paths import check_input_file
 
 CHUNK = 1 << 16  # tokens (bytes, for text) read per chunk
 
 
 def count_tokens(path: str | os.PathLike) -> int:
     """Tokens in a file without reading it: bytes for text, elements for .npy."""
-    path = Path(path)
+    path = check_input_file(path)
     if path.suffix == ".npy":
         return int(_load_npy(path).shape[0])
     return path.stat().st_size
@@ -28,9 +29,7 @@ def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = 
     A ``.npy`` file holds a 1-D integer array of token ids; any other file is
     UTF-8 text, tokenised as bytes (models/tokenizer.py).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"input file {path} does not exist")
+    path = check_input_file(path)
     if count_tokens(path) == 0:
         raise BadInputError(f"input file {path} is empty; expected text or a .npy token array")
     remaining = limit
@@ -47,10 +46,12 @@ def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = 
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    if path.stat().st_size == 0:
+        raise BadInputError(f"input file {path} is empty (0 bytes); expected a .npy array of token ids")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise BadInputError(f"{path} is not a plain .npy array ({e})") from None
+    except (ValueError, EOFError, OSError) as e:
+        raise BadInputError(f"{path} is not a plain .npy array ({str(e).strip()[:80] or type(e).__name__})") from None
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise BadInputError(f"{path} holds a {arr.dtype} array of shape {arr.shape}; expected 1-D integer token ids")
     return arr
@@ -59,7 +60,10 @@ def _load_npy(path: Path) -> np.ndarray:
 def _iter_npy(path: Path, chunk: int) -> Iterator[np.ndarray]:
     arr = _load_npy(path)
     for start in range(0, arr.shape[0], chunk):
-        yield np.array(arr[start:start + chunk], dtype=np.int64)  # a copy: the map is read-only
+        piece = np.asarray(arr[start:start + chunk])
+        if piece.dtype.kind == "u" and piece.size and int(piece.max()) > np.iinfo(np.int64).max:
+            raise BadInputError(f"{path} holds id {int(piece.max())}, which is no token id (above 2^63 - 1)")
+        yield piece.astype(np.int64)  # a copy: the map is read-only
 
 
 def _iter_text(path: Path, chunk: int) -> Iterator[np.ndarray]:

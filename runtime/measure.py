@@ -6,6 +6,7 @@ import os
 import resource
 import time
 
+from ..limits import human_bytes  # noqa: F401  (re-exported: the figures' one formatter)
 from .stream import Stream
 
 
@@ -49,11 +50,3 @@ def stream_throughput(stream: Stream, chunks, total: int | None = None, progress
         "kv_cache_bytes_fp32": cfg.kv_cache_bytes(stream.position, stream.batch, 4),
         "kv_cache_bytes_fp16": cfg.kv_cache_bytes(stream.position, stream.batch, 2),
     }
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"

@@ -140,7 +140,7 @@ def baseline_rows(model: InfiniTransformer, lengths: list[int], repeat: int, kv_
     return rows
 
 
-def plot(result: dict, path) -> None:
+def plot(result: dict, path, force: bool = False) -> None:
     """Two panels against stream length: ms per segment, and bytes (state / KV cache, RSS)."""
     try:
         import matplotlib
@@ -179,6 +179,9 @@ def plot(result: dict, path) -> None:
     fig.suptitle(f"{result['model']}: {cfg['n_layer']} layers, {cfg['n_head']} heads of {cfg['d_head']}, "
                  f"segment {cfg['segment_len']}; {result['threads']} thread(s), CPU")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from ..atomic import atomic_file
+
+    with atomic_file(path, force) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 

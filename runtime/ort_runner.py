@@ -74,6 +74,29 @@ def _emulated(path: Path) -> bytes:
     return emulate_bfloat16(onnx.load(str(path))).SerializeToString()
 
 
+ORT_TYPES = {"int64": "tensor(int64)", "int32": "tensor(int32)", "float32": "tensor(float)",
+             "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)"}
+
+
+def check_session_io(session, inputs, outputs, path: Path, emulated_bf16: bool = False) -> None:
+    """The loaded graph's inputs and outputs are the manifest's: names, order, dtypes, dims. A graph swapped
+    for another with its hash rewritten is refused here, not by a raw onnxruntime error later."""
+    def want(s):
+        dtype = "float32" if emulated_bf16 and s.dtype == "bfloat16" else s.dtype   # export/emulate.py
+        return (s.name, ORT_TYPES.get(dtype, dtype), [d for d in s.shape])
+
+    for kind, got, specs in (("inputs", session.get_inputs(), inputs), ("outputs", session.get_outputs(), outputs)):
+        actual = [(v.name, v.type, list(v.shape)) for v in got]
+        expected = [want(s) for s in specs]
+        if actual != expected:
+            first = next(i for i in range(max(len(actual), len(expected)))
+                         if i >= len(actual) or i >= len(expected) or actual[i] != expected[i])
+            found = actual[first] if first < len(actual) else "nothing"
+            listed = expected[first] if first < len(expected) else "nothing"
+            raise IncompatibleArtifactError(f"{path} is not the graph its manifest lists: its {kind} {first} is "
+                                            f"{found}, infini.json lists {listed} (another graph under this name?)")
+
+
 class OrtRunner(BaseRunner):
     """Runs one graph of an export folder, ``graph="segment"`` (default) or ``graph="decode"`` (the decode
     step, for Stream.generate); names, dtypes and shapes come from its manifest."""
@@ -97,6 +120,7 @@ class OrtRunner(BaseRunner):
     def activate_impl(self):
         emulate = self.manifest.precision == "bf16" and self.device.type == "cpu"
         self.session = session_from_onnx(self.path, self.provider, self.threads, emulate_bf16=emulate)
+        check_session_io(self.session, self.input_specs, self.output_specs, self.path, emulate)
         self._binding = _CudaBinding(self) if self.device.type == "cuda" else None
 
     def infer_impl(self, feed):

@@ -9,6 +9,9 @@ import torch
 from ..errors import BadInputError
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0        # 0: greedy (argmax); > 0 divides the logits before sampling
@@ -17,8 +20,11 @@ class Sampling:
     seed: int | None = None         # seeds a torch.Generator of its own: same seed, same tokens
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise BadInputError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        t = self.temperature
+        if not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):   # NaN fails both
+            why = ": logits divided by less overflow to inf" if 0 < t < MIN_TEMPERATURE else ""
+            raise BadInputError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                                f"got {t}{why}")
         if self.top_k is not None and self.top_k < 1:
             raise BadInputError(f"top_k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

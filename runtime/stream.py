@@ -198,15 +198,14 @@ class Stream:
 
         meta, tensors = read_snapshot(path)
         check_compatible(path, meta, runner)
-        batch = check_shapes(path, meta, tensors, runner.config)
-        stream = cls(runner, batch, check_finite, decode_runner)
+        counts = check_shapes(path, meta, tensors, runner.config)
+        stream = cls(runner, counts["batch"], check_finite, decode_runner)
         device = stream.runner.device
         memory, norm = tensors["memory"].to(device), tensors["norm"].to(device)
         if check_finite:
-            check_state_finite(memory, norm, int(meta["segments"]))
+            check_state_finite(memory, norm, counts["segments"])
         stream.memory, stream.norm, stream.pending = memory, norm, tensors["pending"]
-        stream.position, stream.segments = int(meta["position"]), int(meta["segments"])
-        stream._cached = int(meta["cached"])
+        stream.position, stream.segments, stream._cached = counts["position"], counts["segments"], counts["cached"]
         if stream._cached:
             stream._cache = tuple(tensors[name].to(device) for name in CACHE)
         return stream

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .init_run import parse_count
+from ..atomic import write_text
+from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, seed_option
 
 
 @click.group()
@@ -20,25 +21,31 @@ def bench():
 @bench.command("runners")
 @click.argument("model", default="tiny")
 @click.option("--tokens", "count", default="16k", show_default=True, help="Tokens per stream (16k, 1m).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
+@click.option("--threads", type=THREADS, default=2, show_default=True,
               help="torch intra-op threads and onnxruntime intra-op threads.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision of the export when MODEL is not an export folder.")
-@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True)
+@seed_option()
 @click.option("--profile", "profile_prefix", default=None,
               help="Also profile onnxruntime per op (its profiler's JSON goes to PREFIX*.json).")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def runners(model, count, batch, threads, precision, repeat, seed, profile_prefix, json_out):
+@json_out_option()
+@force_option("Replace the --json-out file if it exists.")
+def runners(model, count, batch, threads, precision, repeat, seed, profile_prefix, json_out, force):
     """Tokens/s of torch (eager, fp32) and onnxruntime (CPU) on MODEL: preset, checkpoint or export folder."""
     import torch
 
     from ..export.manifest import is_export_dir
     from ..runtime.speed import compare_throughput
 
+    from ..limits import check_fits
+
+    check_outputs(force, {"--json-out": json_out})
     torch.set_num_threads(threads)
-    tokens = np.random.default_rng(seed).integers(0, 256, (batch, parse_count(count)), dtype=np.int64)
+    count = parse_count(count)
+    check_fits(batch * count * 8, f"--batch {batch} x --tokens {count:,} of token ids")
+    tokens = np.random.default_rng(seed).integers(0, 256, (batch, count), dtype=np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
         result = _measure(export_dir, tokens, threads, repeat, compare_throughput)
@@ -52,7 +59,7 @@ def runners(model, count, batch, threads, precision, repeat, seed, profile_prefi
     click.echo(f"onnxruntime / torch: {result['ratio']:.2f}x ({result['precision']} export, {threads} threads, "
                f"{result['tokens']:,} tokens)")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
 
 
 def _profile(export_dir: Path, tokens, threads: int, prefix: str) -> dict:
@@ -91,16 +98,17 @@ def _measure(export_dir: Path, tokens, threads: int, repeat: int, compare) -> di
 @bench.command("long")
 @click.argument("model", default="tiny")
 @click.option("--tokens", "count", default="10m", show_default=True, help="Tokens to stream (1m, 10m).")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
+@click.option("--threads", type=THREADS, default=1, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Precision of the export when MODEL is not an export folder.")
-@click.option("--checkpoints", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--checkpoints", type=click.IntRange(1, 10000), default=10, show_default=True,
               help="Rows of state magnitude and RSS along the stream.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
-def long(model, count, batch, threads, precision, checkpoints, seed, json_out):
+@seed_option()
+@json_out_option()
+@force_option("Replace the --json-out file if it exists.")
+def long(model, count, batch, threads, precision, checkpoints, seed, json_out, force):
     """Stream random tokens through onnxruntime (CPU) for a long time: state magnitude, tokens/s, RSS."""
     import torch
 
@@ -110,6 +118,7 @@ def long(model, count, batch, threads, precision, checkpoints, seed, json_out):
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.stream import Stream
 
+    check_outputs(force, {"--json-out": json_out})
     torch.set_num_threads(threads)
     tokens = parse_count(count)
 
@@ -129,7 +138,7 @@ def long(model, count, batch, threads, precision, checkpoints, seed, json_out):
                f"start/end {human_bytes(result['rss_start_bytes'])} / {human_bytes(result['rss_end_bytes'])}; "
                f"state finite: {result['state_finite']}")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
 
 
 def _fmt(values) -> str:
@@ -139,17 +148,18 @@ def _fmt(values) -> str:
 @bench.command("memory")
 @click.argument("model", default="small")
 @click.option("--lengths", default="8k,32k,128k,512k,1m", show_default=True, help="Stream lengths in tokens.")
-@click.option("--repeat", type=click.IntRange(min=1), default=5, show_default=True, help="Segments timed per length.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeat", type=click.IntRange(1, 1000), default=5, show_default=True, help="Segments timed per length.")
+@click.option("--threads", type=THREADS, default=1, show_default=True)
 @click.option("--kv-limit", default="4g", show_default=True,
               help="Skip full-attention lengths whose fp32 KV cache would pass this many bytes (e.g. 4g, 512m).")
 @click.option("--backends", default="torch,onnxruntime,full", show_default=True,
               help="Any of: torch, onnxruntime (the Infini model), full (full attention + KV cache, torch).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@seed_option()
+@json_out_option()
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="Also draw a PNG (needs matplotlib: the `plot` extra).")
-def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, plot_out):
+@force_option("Replace the --json-out and --plot files if they exist.")
+def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, plot_out, force):
     """Per-segment time and memory against stream length: the Infini model (torch, onnxruntime) and a
     full-attention model of the same shape with a KV cache, in one run."""
     import platform
@@ -164,6 +174,7 @@ def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, 
     from ..runtime.stream import Stream
     from ..runtime.torch_runner import TorchRunner
 
+    check_outputs(force, {"--json-out": json_out, "--plot": plot_out})
     torch.set_num_threads(threads)
     lengths = sorted(parse_count(x, "--lengths") for x in lengths.split(",") if x.strip())
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
@@ -204,7 +215,7 @@ def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, 
         result["full_attention_torch"] = mb.baseline_rows(net, lengths, repeat, limit, seed,
                                                           show("full attention torch"))
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
     if plot_out:
-        mb.plot(result, plot_out)
+        mb.plot(result, plot_out, force)
         click.echo(f"plot: {plot_out}")

@@ -8,18 +8,19 @@ from pathlib import Path
 import click
 
 from ..export.trt_shim import BACKENDS
+from ..paths import check_output_path
 
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: tensorrt if installed, else tensorrt-rtx.")
-@click.option("--min-n", type=click.IntRange(min=1), default=1, show_default=True, help="Shortest segment.")
-@click.option("--opt-n", type=click.IntRange(min=1), default=None, help="Segment length to tune for [default: N].")
-@click.option("--max-n", type=click.IntRange(min=1), default=None, help="Longest segment [default: N].")
-@click.option("--min-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--opt-batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--min-n", type=click.IntRange(1, 1 << 20), default=1, show_default=True, help="Shortest segment.")
+@click.option("--opt-n", type=click.IntRange(1, 1 << 20), default=None, help="Segment length to tune for [default: N].")
+@click.option("--max-n", type=click.IntRange(1, 1 << 20), default=None, help="Longest segment [default: N].")
+@click.option("--min-batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
+@click.option("--max-batch", type=click.IntRange(1, 1 << 16), default=8, show_default=True)
 @click.option("--timing-cache", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Read before and write after the build (faster rebuilds).")
 @click.option("--target-cc", multiple=True, help="TensorRT-RTX: a compute capability to target (repeat: 8.9, 12.0).")
@@ -29,6 +30,8 @@ def build(export_dir, backend, min_n, opt_n, max_n, min_batch, opt_batch, max_ba
     """Build a TensorRT engine from each graph of EXPORT_DIR and record it in its infini.json."""
     from ..export.engine import BuildOptions, build_engines
 
+    if timing_cache is not None:
+        check_output_path(timing_cache, folder=False, create=False)
     options = BuildOptions(backend, min_n, opt_n, max_n, min_batch, opt_batch, max_batch, tuple(target_cc), plugin,
                            str(timing_cache) if timing_cache else None)
     record = build_engines(export_dir, options).tensorrt

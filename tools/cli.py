@@ -1,10 +1,14 @@
 """The ``infini`` command: wires arguments to the API, nothing more.
 
-Errors a user can cause (subclasses of InfiniError) become one line on stderr
-and exit code 2; anything else is a bug and keeps its traceback.
+Errors a user can cause (subclasses of InfiniError, and an OSError on a path: a full disk, a read-only
+folder) become one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
+SIGTERM and SIGHUP are turned into KeyboardInterrupt, as Ctrl-C is, so every writer's cleanup runs
+(atomic.py) and the command exits 130 (Ctrl-C) or 143 (SIGTERM) with nothing half-written.
 """
 
 from __future__ import annotations
+
+import signal
 
 import click
 
@@ -22,12 +26,45 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that cleanup runs as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line naming the path and the reason: "cannot write out/x.json: No space left on device"."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None and e.filename2 is not None:
+        return f"{e.filename} -> {e.filename2}: {reason}"
+    if e.filename is not None:
+        return f"{e.filename}: {reason}"
+    return reason
+
+
 class InfiniGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InfiniError as e:
-            raise UserError(str(e)) from None
+            raise UserError(_one_line(str(e))) from None
+        except OSError as e:
+            raise UserError(_one_line(describe_os_error(e))) from None
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            click.echo(f"interrupted ({signal.Signals(signum).name}): outputs left as they were", err=True)
+            raise click.exceptions.Exit(128 + signum) from None
+
+
+def _one_line(message: str) -> str:
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if lines else message
 
 
 @click.group(cls=InfiniGroup)
@@ -50,4 +87,6 @@ cli.add_command(demo)
 
 
 def main():
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _terminate)
     cli(prog_name="infini")

@@ -10,7 +10,7 @@ import click
 
 from .. import models as _models
 from ..errors import BadInputError, MissingBackendError
-from .init_run import parse_count
+from .options import THREADS, Number, parse_count, seed_option
 
 BUNDLED = Path(_models.__file__).resolve().parent / "bundled" / "passkey"
 
@@ -33,19 +33,44 @@ def bundled_digest(checkpoint: Path) -> str:
 
 
 def cached_export(checkpoint: Path, echo=click.echo) -> Path:
-    """The checkpoint's export folder in the user cache (exported once, then reused)."""
+    """The checkpoint's export folder in the user cache (exported once, then reused).
+
+    A cached export that fails its checks (a file deleted, changed or truncated; a broken manifest) is
+    exported again; the cache is this tool's own folder, so it is replaced without asking."""
+    import shutil
+
     from ..export.exporter import export_model
-    from ..export.manifest import is_export_dir
     from ..models.checkpoint import load_checkpoint
 
-    folder = cache_root() / bundled_digest(checkpoint) / "export"
-    if is_export_dir(folder):
-        echo(f"export: {folder} (cached)")
-        return folder
-    echo(f"export: {folder} (exporting and validating once)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    export_model(load_checkpoint(checkpoint), folder, "fp32", force=True)
+    root = cache_root()
+    if root.exists() and not root.is_dir():
+        raise BadInputError(f"the cache folder {root} is a file; remove it or set INFINI_CACHE to a folder")
+    folder = root / bundled_digest(checkpoint) / "export"
+    if folder.exists():
+        problem = export_problem(folder)
+        if problem is None:
+            echo(f"export: {folder} (cached)")
+            return folder
+        echo(f"export: {folder} is damaged ({problem}); exporting it again")
+        shutil.rmtree(folder)
+    else:
+        echo(f"export: {folder} (exporting and validating once)")
+    export_model(load_checkpoint(checkpoint), folder, "fp32")
     return folder
+
+
+def export_problem(folder: Path) -> str | None:
+    """Why an export folder cannot be used (its manifest or any file it lists fails its check), or None."""
+    from ..errors import InfiniError
+    from ..export.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(folder)
+        for name in manifest.files:
+            manifest.verify(folder, name)
+    except InfiniError as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
@@ -70,11 +95,11 @@ def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
 @click.command()
 @click.option("--tokens", "count", default="128k", show_default=True, help="Prompt length in tokens (e.g. 128k).")
 @click.option("--length", "length", default=None, help="Alias of --tokens (e.g. --length 1m).")
-@click.option("--depth", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--depth", type=Number(0, 1), default=0.5, show_default=True,
               help="Where the key sits: 0 = start, 1 = end.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Draws the key and the filler.")
+@seed_option("Draws the key and the filler.")
 @click.option("--filler", type=click.Choice(["fixed", "varied"]), default="varied", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime intra-op threads.")
 @click.option("--engine/--no-engine", default=True, show_default=True,
               help="Build a TensorRT engine too when a TensorRT module is installed.")
 @click.option("--progress/--no-progress", default=True, show_default=True)

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import click
 
+from ..atomic import write_text
 from ..errors import MissingBackendError
 from ..export.graph import DEFAULT_OPSET, PRECISIONS
 from ..models.checkpoint import resolve_model
+from .options import check_outputs, force_option, json_out_option, seed_option, threads_option
 
 
 @click.command("export")
@@ -17,9 +19,10 @@ from ..models.checkpoint import resolve_model
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="Weights and activations; the state stays float32.")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (fp16/bf16: >= 23).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--opset", type=click.IntRange(1, 100), default=DEFAULT_OPSET, show_default=True,
+              help="ONNX opset (fp16/bf16: >= 23).")
+@seed_option("Seed when MODEL is a preset.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is an export folder of ours.")
 def export(model, out_dir, precision, opset, seed, force):
     """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + decode.onnx + infini.json,
     validated."""
@@ -39,20 +42,22 @@ def export(model, out_dir, precision, opset, seed, force):
 
 @click.command()
 @click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--segments", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random tokens.")
+@click.option("--segments", type=click.IntRange(1, 10**9), default=16, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
+@seed_option("Seed of the random tokens.")
 @click.option("--every", type=click.IntRange(min=1), default=None,
               help="Print every k-th segment (and the last) [default: about 20 rows].")
-@click.option("--threads", type=int, default=None, help="Threads of every backend.")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write every segment's figures.")
-def verify(export_dir, segments, batch, seed, every, threads, json_out):
+@threads_option("Threads of every backend.")
+@json_out_option("Write every segment's figures.")
+@force_option("Replace the --json-out file if it exists.")
+def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
     """Stream the same random tokens through torch and every available exported backend; report drift."""
     import torch
 
     from ..runtime.compare import TOLERANCES, check_tolerance, drift, format_table, summary_rows, worst
     from ..runtime.torch_runner import TorchRunner
 
+    check_outputs(force, {"--json-out": json_out})
     if threads:
         torch.set_num_threads(threads)
     manifest, model = load_export(export_dir)
@@ -71,10 +76,10 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out):
     for name, backend_rows in rows.items():
         click.echo(format_table(name, summary_rows(backend_rows, every)))
     if json_out:
-        json_out.write_text(json.dumps({
+        write_text(json_out, json.dumps({
             "export_dir": str(export_dir), "precision": manifest.precision, "segments": segments, "batch": batch,
             "seed": seed, "tolerance": tolerance.__dict__,
-            "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n")
+            "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n", force=force)
     for name, backend_rows in rows.items():
         check_tolerance(name, backend_rows, tolerance)
     click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_abs:g} abs, "

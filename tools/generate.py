@@ -19,7 +19,11 @@ from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.measure import human_bytes, peak_rss_bytes
 from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
-from .init_run import make_runner, parse_count
+from ..atomic import write_text
+from ..paths import check_input_file
+from .init_run import make_runner
+from .options import (DEVICE, THREADS, Number, check_outputs, force_option, json_out_option, parse_count,
+                      seed_option)
 
 GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -49,8 +53,8 @@ def common_options(f):
         click.option("--backend", type=click.Choice(GENERATE_BACKENDS), default="auto", show_default=True,
                      help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
                      "tensorrt: the folder's segment and decode engines (`infini build`), on a GPU."),
-        click.option("--device", default="cpu", show_default=True, help="cpu or cuda."),
-        click.option("--threads", type=int, default=None,
+        click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
+        click.option("--threads", type=THREADS, default=None,
                      help="intra-op threads of torch and onnxruntime [default: theirs]."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]):
@@ -63,23 +67,29 @@ def common_options(f):
 @click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
               help="UTF-8 text or a .npy array of token ids, streamed in chunks.")
 @click.option("--prompt", "prompt_text", default=None, help="Prompt text, instead of --prompt-file.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Sampling seed (and the init seed when MODEL is a preset).")
+@click.option("--max-new-tokens", type=click.IntRange(0, 1 << 24), default=64, show_default=True)
+@click.option("--temperature", type=Number(0, 1e6), default=0.0, show_default=True,
+              help="0 = greedy; else at least 1e-6.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--top-p", type=Number(0, 1, min_open=True), default=None)
+@seed_option("Sampling seed (and the init seed when MODEL is a preset).")
 @common_options
 def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed,
              backend, device, threads, progress):
     """Stream a prompt through MODEL (a checkpoint folder or a preset name) and print what it generates."""
     if (prompt_file is None) == (prompt_text is None):
         raise BadInputError("give exactly one of --prompt-file and --prompt")
-    stream, backend = open_stream(model, backend, device, seed, threads)
     if prompt_file is not None:
+        check_input_file(prompt_file, "prompt file")
         prompt, total = iter_tokens(prompt_file), count_tokens(prompt_file)
     else:
-        prompt, total = iter([encode(prompt_text)]), len(prompt_text.encode())
+        try:
+            data = prompt_text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadInputError(f"--prompt is not valid UTF-8 text (character {e.start}); give UTF-8 text, or "
+                                "a file with --prompt-file") from None
+        prompt, total = iter([encode(data)]), len(data)
+    stream, backend = open_stream(model, backend, device, seed, threads)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     marks = [time.perf_counter()]
 
@@ -126,19 +136,21 @@ def length_label(n: int) -> str:
 @click.argument("model")
 @click.option("--lengths", default="4k,32k", show_default=True, help="Prompt lengths in tokens, e.g. 32k,128k,1m.")
 @click.option("--depths", default="0,0.5,1", show_default=True, help="Needle depths: 0 = start, 1 = end.")
-@click.option("--trials", type=int, default=1, show_default=True, help="Prompts (random keys) per cell.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seeds the keys and filler (and the init when MODEL is a preset).")
+@click.option("--trials", type=click.IntRange(1, 100000), default=1, show_default=True,
+              help="Prompts (random keys) per cell.")
+@seed_option("Seeds the keys and filler (and the init when MODEL is a preset).")
 @click.option("--filler", type=click.Choice(FILLERS), default="fixed", show_default=True,
               help="fixed: the paper's filler repeated; varied: shuffled sentences.")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the results as JSON.")
+@json_out_option("Also write the results as JSON.")
+@force_option("Replace the --json-out file if it exists.")
 @common_options
-def passkey(model, lengths, depths, trials, seed, filler, json_out, backend, device, threads, progress):
+def passkey(model, lengths, depths, trials, seed, filler, json_out, force, backend, device, threads, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
+    check_outputs(force, {"--json-out": json_out})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
+    if not lengths:
+        raise BadInputError("--lengths is empty; expected lengths such as 4k,32k")
     depths = parse_depths(depths)
-    if trials < 1:
-        raise BadInputError(f"--trials must be at least 1, got {trials}")
     stream, backend = open_stream(model, backend, device, seed, threads)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None)
@@ -148,10 +160,10 @@ def passkey(model, lengths, depths, trials, seed, filler, json_out, backend, dev
                f"per cell, {backend} on {device}, {torch.get_num_threads()} threads; accuracy %")
     click.echo(format_table(rows, depths))
     if json_out:
-        json_out.write_text(json.dumps({"model": model, "backend": backend, "device": device,
+        write_text(json_out, json.dumps({"model": model, "backend": backend, "device": device,
                                         "threads": torch.get_num_threads(), "config": cfg.to_dict(),
                                         "seed": seed, "filler": filler, "summary": rows,
-                                        "trials": results}, indent=2) + "\n")
+                                        "trials": results}, indent=2) + "\n", force=force)
 
 
 def _echo_trial(r: dict) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import torch
 
+from ..atomic import write_text
 from ..errors import BadInputError
 from ..models.checkpoint import init_model, resolve_model, save_checkpoint
 from ..models.config import PRESETS, UPDATE_RULES, preset
@@ -16,22 +17,9 @@ from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.measure import human_bytes, stream_throughput
 from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
+from .options import check_outputs, device_option, json_out_option, parse_count, seed_option, threads_option
 
 SAMPLE_TEXT = files("infini_deploy.tools") / "data" / "sample.txt"
-
-
-def parse_count(text: str | None, option: str = "--tokens") -> int | None:
-    """'65536', '64k' (x1024), '1m' (x1024^2) -> int. ``option`` names the flag in errors."""
-    if text is None:
-        return None
-    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
-    try:
-        value = int(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        raise BadInputError(f"{option} {text!r}: expected a count such as 65536, 64k or 1m") from None
-    if value < 1:
-        raise BadInputError(f"{option} must be at least 1, got {text}")
-    return value
 
 
 @click.command()
@@ -39,8 +27,8 @@ def parse_count(text: str | None, option: str = "--tokens") -> int | None:
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True,
               help="Memory update rule: linear (Eq 8) or delta (Eq 9).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@seed_option()
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 def init(preset_name, out_dir, update, seed, force):
     """Write a randomly initialised checkpoint of PRESET to OUT_DIR."""
     model = init_model(preset(preset_name, update=update), seed)
@@ -54,18 +42,18 @@ def init(preset_name, out_dir, update, seed, force):
 @click.option("--input", "input_file", type=click.Path(path_type=Path), default=None,
               help="UTF-8 text or a .npy array of token ids [default: a bundled text].")
 @click.option("--tokens", "limit", default=None, help="Stream exactly this many tokens, cycling the input (64k, 1m).")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@device_option()
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
               "tensorrt: the folder's engine (`infini build`), on a GPU it runs on.")
-@click.option("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed when MODEL is a preset.")
-@click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Also write the figures as JSON.")
+@threads_option("torch intra-op threads [default: torch's].")
+@seed_option("Seed when MODEL is a preset.")
+@json_out_option()
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue the stream saved in this snapshot (--save-state) instead of starting empty.")
 @click.option("--save-state", type=click.Path(path_type=Path), default=None,
               help="Save the stream's state here at the end (the last segment is left unfinished, to resume).")
-@click.option("--force", is_flag=True, help="Replace the --save-state file if it exists.")
+@click.option("--force", is_flag=True, help="Replace the --save-state and --json-out files if they exist.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def run(model, input_file, limit, device, backend, threads, seed, json_out, resume, save_state, force, progress):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
@@ -73,9 +61,9 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
         torch.set_num_threads(threads)
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
-    total = limit or count_tokens(path) if path.is_file() else None
-    if save_state is not None and save_state.exists() and not force:
-        raise BadInputError(f"{save_state} exists; choose a new file or pass --force to replace it")
+    check_outputs(force, {"--save-state": save_state, "--json-out": json_out},
+                  {"--input": input_file, "--resume": resume})
+    total = limit or count_tokens(path)
     runner, backend = make_runner(model, backend, device, threads, seed)
     with runner:
         stream = Stream.load(resume, runner) if resume else Stream(runner)
@@ -97,7 +85,7 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
                f"vs KV cache of a full-attention model of the same shape at {result['tokens']:,} tokens: "
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
 
 
 def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment"):

@@ -12,6 +12,7 @@ import click
 
 from ..errors import BadInputError
 from ..models.config import PRESETS, UPDATE_RULES
+from .options import DEVICE, THREADS, Number, seed_option
 
 
 @click.group()
@@ -22,47 +23,48 @@ def train():
 @train.command("passkey")
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)), default="passkey", show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
-@click.option("--beta-lr", type=float, default=1e-2, show_default=True, help="Learning rate of the gates (beta).")
-@click.option("--min-segments", type=click.IntRange(min=2), default=3, show_default=True)
-@click.option("--max-segments", type=click.IntRange(min=2), default=8, show_default=True,
+@click.option("--steps", type=click.IntRange(1, 10**9), default=1500, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 1 << 16), default=12, show_default=True)
+@click.option("--lr", type=Number(0, 10, min_open=True), default=3e-3, show_default=True)
+@click.option("--beta-lr", type=Number(0, 10, min_open=True), default=1e-2, show_default=True,
+              help="Learning rate of the gates (beta).")
+@click.option("--min-segments", type=click.IntRange(2, 4096), default=3, show_default=True)
+@click.option("--max-segments", type=click.IntRange(2, 4096), default=8, show_default=True,
               help="The curriculum grows prompts from --min-segments to this many segments.")
-@click.option("--memory-only", type=click.FloatRange(0, 1), nargs=2, default=(0.5, 0.9), show_default=True,
+@click.option("--memory-only", type=Number(0, 1), nargs=2, default=(0.5, 0.9), show_default=True,
               help="Share of prompts whose needle only the memory can reach: at the start, at the end of the "
               "curriculum (the rest have the needle in the question's segment).")
-@click.option("--answer-weight", type=float, default=5.0, show_default=True,
+@click.option("--answer-weight", type=Number(0, 1e6), default=5.0, show_default=True,
               help="Weight of the answer digits' loss, added to the all-token loss.")
-@click.option("--boundary", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+@click.option("--boundary", type=Number(0, 1), default=0.2, show_default=True,
               help="Share of rows whose answer straddles a segment boundary.")
-@click.option("--dilute", type=click.FloatRange(0, 1), default=0.75, show_default=True,
+@click.option("--dilute", type=Number(0, 1), default=0.75, show_default=True,
               help="Share of rows that start from the simulated state of a long filler stream (docs/training.md).")
-@click.option("--dilute-tokens", type=float, nargs=2, default=(1e3, 2e6), show_default=True,
+@click.option("--dilute-tokens", type=Number(0, 1e12, min_open=True), nargs=2, default=(1e3, 2e6), show_default=True,
               help="Length range (tokens, log-uniform) of that simulated stream.")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@seed_option()
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True)
-@click.option("--max-minutes", type=float, default=None,
+@click.option("--max-minutes", type=Number(0, 1e6, min_open=True), default=None,
               help="Stop (and save) after this long; the LR schedule then follows time as well as steps.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
-@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--threads", type=THREADS, default=None, help="torch intra-op threads.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
             boundary, dilute, dilute_tokens, init_from, seed, device, update, max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
-    from ..models.checkpoint import init_model, load_checkpoint, save_checkpoint
+    from ..atomic import atomic_folder
+    from ..limits import check_fits
+    from ..models.checkpoint import LOG_FILE, init_model, load_checkpoint, owned_checkpoint, write_checkpoint
     from ..models.config import preset
     from ..models.training import TrainConfig, train as run_training, write_log
 
-    if out_dir.exists() and not force:
-        raise BadInputError(f"{out_dir} exists; pass --force to replace it")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError("--device cuda: no CUDA device is available")
+        raise BadInputError("--device cuda: no CUDA device is available; available: cpu")
     if threads:
         torch.set_num_threads(threads)
     if init_from is not None:
@@ -74,6 +76,7 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     else:
         model_cfg = preset(preset_name, update=update)
         model = init_model(model_cfg, seed)
+    check_fits(16 * model_cfg.parameter_count(), "training this model (weights, gradients and AdamW state)")
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
@@ -93,16 +96,18 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    result = run_training(model, cfg, device=device, progress=progress, on_log=on_log)
-    model = model.float().cpu()
-    save_checkpoint(model, out_dir, force=force)
-    command = "infini train passkey " + " ".join(sys.argv[3:])
-    write_log(out_dir / "train_log.json", result, cfg, model_cfg,
-              {"device": device, "threads": torch.get_num_threads(), "started": started,
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "argv": command})
+    # OUT_DIR is checked (and locked) before training: a bad path fails now, not after an hour
+    with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
+        signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        result = run_training(model, cfg, device=device, progress=progress, on_log=on_log)
+        model = model.float().cpu()
+        write_checkpoint(model, tmp)
+        command = "infini train passkey " + " ".join(sys.argv[3:])
+        write_log(tmp / LOG_FILE, result, cfg, model_cfg,
+                  {"device": device, "threads": torch.get_num_threads(), "started": started,
+                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                   "argv": command})
     last = result.log[-1] if result.log else {}
     click.echo(f"trained {result.steps_done} steps in {result.seconds / 60:.1f} min ({result.stopped}); "
                f"last loss {last.get('loss', float('nan')):.3f}, retrieval acc {last.get('answer_accuracy', 0):.2f}; "

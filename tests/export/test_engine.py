@@ -8,6 +8,7 @@ the inspector's view is checked where one exists (`infini inspect` on a GPU mach
 
 import importlib
 import json
+import re
 
 import pytest
 
@@ -33,11 +34,12 @@ def test_engine_builds_in_every_precision_and_is_recorded(built_factory, precisi
     assert (record["flavour"], record["version"], record["precision"]) == (trt.flavour, trt.version, precision)
     engine = record["engines"]["segment"]
     path = folder / engine["file"]
-    assert engine["sha256"] == m.files["segment.engine"] == sha256_file(path)
+    assert re.fullmatch(r"segment\.[0-9a-f]{12}\.engine", engine["file"]) and engine["sha256"][:12] in engine["file"]
+    assert engine["sha256"] == m.files[engine["file"]] == sha256_file(path)
     assert engine["bytes"] == path.stat().st_size > 100_000
     assert engine["profiles"] == [PROFILE]
     assert trt_shim.engine_header(path) == {"flavour": trt.flavour, "version": trt.version}
-    m.verify(folder, "segment.engine")   # the engine's hash is checked like any file of the folder
+    m.verify(folder, engine["file"])   # the engine's hash is checked like any file of the folder
     if trt.flavour == "tensorrt-rtx":
         assert record["compute_capabilities"] == list(trt_shim.RTX_DEFAULT_CC)
 
@@ -58,10 +60,10 @@ def test_decode_engine_builds_in_every_precision(built_factory, precision):
     m = load_manifest(folder)
     trt = trt_shim.load()
     engine = m.tensorrt["engines"]["decode"]
-    assert engine["graph"] == "decode.onnx" and engine["file"] == "decode.engine"
-    assert engine["sha256"] == m.files["decode.engine"] == sha256_file(folder / "decode.engine")
+    assert engine["graph"] == "decode.onnx" and engine["file"] == f"decode.{engine['sha256'][:12]}.engine"
+    assert engine["sha256"] == m.files[engine["file"]] == sha256_file(folder / engine["file"])
     assert engine["bytes"] > 100_000 and engine["profiles"] == [DECODE_PROFILE]
-    assert trt_shim.engine_header(folder / "decode.engine") == {"flavour": trt.flavour, "version": trt.version}
+    assert trt_shim.engine_header(folder / engine["file"]) == {"flavour": trt.flavour, "version": trt.version}
     path = folder / "decode.onnx"
     assert unsupported_nodes(trt, path) == []
     net = NetworkFromOnnxPath(trt, path)
@@ -94,7 +96,7 @@ def test_parser_takes_every_node_and_the_network_is_strongly_typed(export_factor
 @pytest.mark.tensorrt
 def test_inspect_reads_the_engine_without_a_gpu(built_factory):
     folder = built_factory("fp16")
-    info = inspect_path(folder / "segment.engine")
+    info = inspect_path(folder / load_manifest(folder).tensorrt["engines"]["segment"]["file"])
     assert info["manifest"]["profiles"] == [PROFILE] and info["manifest"]["graph_name"] == "segment"
     if isinstance(info["inspector"], str):
         assert "needs a CUDA GPU" in info["inspector"] or "cannot deserialise" in info["inspector"]

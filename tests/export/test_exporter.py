@@ -32,12 +32,26 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
 
 def test_existing_folder_refused_without_force(tiny_linear_model, tmp_path):
     out = tmp_path / "exp"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    export_model(tiny_linear_model, out, validate=False)
     with pytest.raises(BadInputError, match="exists; choose a new folder or pass --force"):
         export_model(tiny_linear_model, out, validate=False)
+    before = (out / SEGMENT_FILE).stat().st_ino
     export_model(tiny_linear_model, out, validate=False, force=True)
-    assert not (out / "keep.txt").exists() and (out / SEGMENT_FILE).is_file()
+    assert (out / SEGMENT_FILE).stat().st_ino != before and sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_force_never_deletes_what_export_did_not_write(tiny_linear_model, tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(BadInputError, match="is not an export folder written by infini-deploy"):
+        export_model(tiny_linear_model, foreign, validate=False, force=True)
+    out = tmp_path / "exp"
+    export_model(tiny_linear_model, out, validate=False)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BadInputError, match=r"holds files infini-deploy did not write \(notes.txt\)"):
+        export_model(tiny_linear_model, out, validate=False, force=True)
+    assert (foreign / "keep.txt").read_text() == "x" and (out / "notes.txt").read_text() == "mine"
 
 
 def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):

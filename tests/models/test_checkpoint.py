@@ -70,7 +70,7 @@ def test_missing_tensor_and_corrupt_files_are_refused(tmp_path):
 def test_config_validation_and_presets():
     with pytest.raises(BadInputError, match="update rule 'fast' is not known; expected one of: linear, delta"):
         InfiniConfig(update="fast")
-    with pytest.raises(BadInputError, match="n_head must be a positive integer"):
+    with pytest.raises(BadInputError, match=r"n_head must be an integer in \[1, 1024\], got 0"):
         InfiniConfig(n_head=0)
     with pytest.raises(BadInputError, match="unknown preset 'huge'; available: tiny, small, passkey, paper-lm"):
         preset("huge")

@@ -111,7 +111,7 @@ def test_bad_generate_arguments_are_clear_errors():
         stream.generate([1, 2], 5, stop_tokens=[257, 260])
     with pytest.raises(BadInputError, match=r"prompt holds id 300, outside the vocabulary \[0, 259\]"):
         stream.generate([1, 300], 5)
-    with pytest.raises(BadInputError, match="temperature must be >= 0"):
+    with pytest.raises(BadInputError, match=r"temperature must be 0 \(greedy\) or in \[1e-06, 1e\+06\], got -1"):
         stream.generate([1], 5, temperature=-1)
     with pytest.raises(BadInputError, match=r"top_p must be in \(0, 1\]"):
         stream.generate([1], 5, top_p=1.5)

@@ -49,7 +49,7 @@ def test_snapshot_header_names_the_model_and_position(tiny_fp32, tmp_path):
     assert meta["config_digest"] == manifest["config_digest"] == stream.config.digest()
     graphs = {name: manifest["files"][g["file"]] for name, g in manifest["graphs"].items()}
     assert json.loads(meta["graphs"]) == graphs and "segment" in graphs
-    assert meta["weights"] == "file:" + manifest["files"]["checkpoint/model.safetensors"]
+    assert meta["weights"] == "tensors:" + manifest["weights_sha256"]
     assert (meta["position"], meta["segments"], meta["batch"]) == ("100", "1", "1")
     tensors = load_file(str(tmp_path / "s.safetensors"))
     assert tensors["memory"].dtype == tensors["norm"].dtype == torch.float32

@@ -29,9 +29,13 @@ def edit_manifest(folder, change):
     (folder / MANIFEST_FILE).write_text(json.dumps(data))
 
 
+def segment_engine(folder):
+    return folder / json.loads((folder / MANIFEST_FILE).read_text())["tensorrt"]["engines"]["segment"]["file"]
+
+
 def rehash(data, folder):
-    digest = sha256_file(folder / "segment.engine")
-    data["files"]["segment.engine"] = data["tensorrt"]["engines"]["segment"]["sha256"] = digest
+    name = data["tensorrt"]["engines"]["segment"]["file"]
+    data["files"][name] = data["tensorrt"]["engines"]["segment"]["sha256"] = sha256_file(folder / name)
 
 
 def test_a_folder_without_an_engine_says_to_build_one(tiny_fp32):
@@ -50,17 +54,17 @@ def test_another_tensorrt_version_is_refused_naming_both(built):
 
 @pytest.mark.tensorrt
 def test_an_engine_changed_after_the_build_fails_its_hash(built):
-    with open(built / "segment.engine", "ab") as f:
+    with open(segment_engine(built), "ab") as f:
         f.write(b"\0")
-    with pytest.raises(IncompatibleArtifactError, match=r"segment.engine does not match its manifest: sha256"):
+    with pytest.raises(IncompatibleArtifactError, match=r"segment\.\w+\.engine does not match its manifest: sha256"):
         TrtRunner(built)
 
 
 @pytest.mark.tensorrt
 def test_a_file_that_is_not_an_engine_is_refused_even_with_a_matching_hash(built):
-    (built / "segment.engine").write_bytes(b"garbage, not an engine" * 10)
+    segment_engine(built).write_bytes(b"garbage, not an engine" * 10)
     edit_manifest(built, lambda d: rehash(d, built))
-    with pytest.raises(IncompatibleArtifactError, match=r"segment.engine is not a TensorRT engine .*infini build"):
+    with pytest.raises(IncompatibleArtifactError, match=r"segment\.\w+\.engine is not a TensorRT engine .*infini build"):
         TrtRunner(built)
 
 
@@ -68,9 +72,9 @@ def test_a_file_that_is_not_an_engine_is_refused_even_with_a_matching_hash(built
 def test_an_engine_whose_header_names_another_version_is_refused(built):
     if load().flavour != "tensorrt-rtx":
         pytest.skip("the header version is only read for TensorRT-RTX engines")
-    data = bytearray((built / "segment.engine").read_bytes())
+    data = bytearray(segment_engine(built).read_bytes())
     data[24] += 1   # major version byte
-    (built / "segment.engine").write_bytes(bytes(data))
+    segment_engine(built).write_bytes(bytes(data))
     edit_manifest(built, lambda d: rehash(d, built))
     with pytest.raises(IncompatibleArtifactError, match=r"was built by TensorRT-RTX \d+\.\S+ \(its header\); this "
                                                          r"runtime is TensorRT-RTX"):

@@ -23,9 +23,10 @@ def test_build_then_inspect(export_factory, tmp_path):
     assert "(bf16, strongly typed)" in result.output
     assert "profile tokens min [1, 1] opt [1, 16] max [2, 64]" in result.output
     text = invoke("inspect", folder).output
-    assert "engine decode: decode.engine (" in text
-    assert "engine segment: segment.engine (" in text and "profile memory: min [2, 1, 2, 16, 16]" in text
-    info = json.loads(invoke("inspect", folder / "segment.engine", "--json").output)
+    engines = json.loads((folder / "infini.json").read_text())["tensorrt"]["engines"]
+    assert f"engine decode: {engines['decode']['file']} (" in text
+    assert f"engine segment: {engines['segment']['file']} (" in text and "profile memory: min [2, 1, 2, 16, 16]" in text
+    info = json.loads(invoke("inspect", folder / engines["segment"]["file"], "--json").output)
     assert info["kind"] == "engine" and info["manifest"]["precision"] == "bf16"
     layers = invoke("inspect", folder / "segment.onnx").output
     assert "TensorRT network layers (parsed, before fusion):" in layers and "--json lists all" in layers

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from infini_deploy.tools.cli import cli
-from infini_deploy.tools.init_run import parse_count
+from infini_deploy.tools.options import parse_count
 from infini_deploy.errors import BadInputError
 
 ROOT = Path(__file__).resolve().parents[2]

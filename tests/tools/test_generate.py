@@ -37,7 +37,7 @@ def test_generate_errors_are_one_line():
         (["--prompt", "x", "--backend", "onnxruntime"], "--backend onnxruntime needs an export folder"),
         (["--prompt", ""], "the prompt has no tokens"),
         ([], "give exactly one of --prompt-file and --prompt"),
-        (["--prompt", "x", "--top-k", 0], "top_k must be at least 1"),
+        (["--prompt", "x", "--top-k", 0], "Invalid value for '--top-k': 0 is not in the range x>=1"),
     ]:
         res = invoke("generate", "tiny", *args, "--no-progress")
         assert res.exit_code == 2, res.output
@@ -68,7 +68,7 @@ def test_passkey_bad_options_are_clear_errors():
         (["--depths", "0,2"], "expected numbers in [0, 1]"),
         (["--lengths", "lots"], "--lengths 'lots': expected a count"),
         (["--lengths", "100"], "too short for a passkey prompt"),
-        (["--trials", 0], "--trials must be at least 1"),
+        (["--trials", 0], "Invalid value for '--trials': 0 is not in the range 1<=x<=100000"),
     ]:
         res = invoke("passkey", "tiny", *args, "--no-progress")
         assert res.exit_code == 2, res.output

@@ -1,0 +1,112 @@
+"""Option types and checks shared by every command: a bad number, name or path is refused by the option
+itself, with the valid range or names, before any work starts.
+
+- numbers: :class:`Number` (finite floats in a range: NaN and inf are refused, which click's FloatRange
+  lets through), ``SEED``, ``THREADS`` (at most 4 per CPU: huge counts crash the thread pools),
+  :class:`Count` (65536, 64k, 1m within a range);
+- names: :class:`Device` (cpu, cuda, cuda:N);
+- paths: :func:`check_outputs` refuses an output that exists (without ``--force``), that is also an input of
+  the same command, or whose folder cannot be written, before the work; results are then written atomically
+  (atomic.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import click
+
+from ..errors import BadInputError
+from ..limits import max_threads
+from ..paths import check_output_path
+
+SEED = click.IntRange(0, 2**63 - 1)
+THREADS = click.IntRange(1, max_threads())
+MAX_TOKENS = 1 << 40
+
+
+class Number(click.FloatRange):
+    """A finite float in a range (click's FloatRange accepts 'nan', which compares false to every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+def parse_count(text: str | None, option: str = "--tokens", limit: int = MAX_TOKENS) -> int | None:
+    """'65536', '64k' (x1024), '1m' (x1024^2), '1g' -> int in [1, limit]. ``option`` names the flag in errors."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not (digits.isdigit() and len(digits) <= 15):
+        raise BadInputError(f"{option} {text[:30]!r}: expected a count such as 65536, 64k or 1m")
+    value = int(digits) * scale
+    if value < 1:
+        raise BadInputError(f"{option} must be at least 1, got {text}")
+    if value > limit:
+        raise BadInputError(f"{option} {text}: at most {limit:,} ({limit >> 30:,}g) here")
+    return value
+
+
+class Device(click.ParamType):
+    """cpu, cuda or cuda:N (whether a GPU is there is checked where the device is used)."""
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and re.fullmatch(r"cpu|cuda(:\d{1,2})?", value):
+            return value
+        self.fail(f"{value!r} is not a device; expected one of: cpu, cuda, cuda:N", param, ctx)
+
+
+DEVICE = Device()
+
+
+def device_option(help_text: str = "cpu or cuda (cuda:N).", default: str = "cpu"):
+    return click.option("--device", type=DEVICE, default=default, show_default=True, help=help_text)
+
+
+def seed_option(help_text: str | None = None):
+    return click.option("--seed", type=SEED, default=0, show_default=True, help=help_text)
+
+
+def threads_option(help_text: str = "Intra-op threads.", default: int | None = None):
+    return click.option("--threads", type=THREADS, default=default, show_default=default is not None,
+                        help=help_text)
+
+
+def json_out_option(help_text: str = "Also write the figures as JSON."):
+    return click.option("--json-out", type=click.Path(path_type=Path), default=None, help=help_text)
+
+
+def force_option(help_text: str = "Replace the output files if they exist."):
+    return click.option("--force", is_flag=True, help=help_text)
+
+
+def check_outputs(force: bool, outputs: dict[str, Path | None], inputs: dict[str, Path | None] = {}) -> None:
+    """Before the work: every output can be written, exists only with ``force``, and is none of the inputs
+    nor another output. ``outputs``/``inputs``: option name -> path (None: not given)."""
+    given = {k: Path(v) for k, v in outputs.items() if v is not None}
+    for option, path in given.items():
+        check_output_path(path, folder=False, create=False)
+        if path.exists() and not force:
+            raise BadInputError(f"{option} {path} exists; choose a new file or pass --force to replace it")
+    seen: dict[str, str] = {}
+    for option, path in [*given.items(), *((k, Path(v)) for k, v in inputs.items() if v is not None)]:
+        key = _identity(path)
+        if key in seen:
+            raise BadInputError(f"{option} {path} is also the {seen[key]} of this command; choose another file")
+        seen[key] = option
+
+
+def _identity(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"inode:{st.st_dev}:{st.st_ino}"
+    except OSError:
+        return f"path:{path.resolve()}"
