@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import BadInputError, NumericalFaultError
+from ..limits import check_fits
 from ..models import spec
 from ..models.decode import fold, initial_decode_state
 from .runner import BaseRunner
@@ -47,6 +48,9 @@ class Stream:
         self.batch = int(batch)
         if self.batch < 1:
             raise BadInputError(f"batch must be at least 1, got {batch}")
+        cfg = self.config
+        cache = 2 * cfg.n_layer * cfg.n_head * cfg.segment_len * cfg.d_head * 4 if decode_runner else 0
+        check_fits(self.batch * (2 * cfg.state_bytes(1) + cache), f"a stream of batch {self.batch}")
         self.check_finite = check_finite
         self.reset()
 

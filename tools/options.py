@@ -97,7 +97,7 @@ def check_outputs(force: bool, outputs: dict[str, Path | None], inputs: dict[str
         if path.exists() and not force:
             raise BadInputError(f"{option} {path} exists; choose a new file or pass --force to replace it")
     seen: dict[str, str] = {}
-    for option, path in [*given.items(), *((k, Path(v)) for k, v in inputs.items() if v is not None)]:
+    for option, path in [*((k, Path(v)) for k, v in inputs.items() if v is not None), *given.items()]:
         key = _identity(path)
         if key in seen:
             raise BadInputError(f"{option} {path} is also the {seen[key]} of this command; choose another file")
