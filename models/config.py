@@ -75,6 +75,13 @@ class InfiniConfig:
         """Bytes of (M, z) in float32: d x (d + 1) x H x L numbers per stream."""
         return 4 * batch * self.n_layer * self.n_head * self.d_head * (self.d_head + 1)
 
+    def step_bytes(self, batch: int = 1, n: int | None = None) -> int:
+        """A rough upper estimate of the memory one segment step of ``batch`` rows of ``n`` tokens allocates
+        (float32 logits, one layer's activations and attention scores): refuses a batch the machine cannot
+        hold before it is tried."""
+        n = self.segment_len if n is None else n
+        return 4 * batch * n * (self.vocab_size + 8 * self.d_model + 3 * self.d_ff + 2 * self.n_head * n)
+
     def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
         """Bytes a full-attention model of the same shape would hold for `tokens` of context."""
         return 2 * batch * self.n_layer * self.n_head * self.d_head * tokens * bytes_per_value

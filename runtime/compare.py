@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NumericalFaultError
+from ..limits import check_fits
 from ..models import spec
 from .runner import BaseRunner
 
@@ -63,6 +64,8 @@ def drift(reference: BaseRunner, runners: dict[str, BaseRunner], segments: int =
           seed: int = 0, partial: bool = True) -> dict[str, list[dict]]:
     """Per runner, one row per segment (see :func:`diff`): the same random tokens through all runners."""
     cfg = reference.config
+    check_fits((len(runners) + 1) * (cfg.step_bytes(batch) + 2 * cfg.state_bytes(batch)),
+               f"comparing {len(runners) + 1} backends at batch {batch}")
     gen = torch.Generator().manual_seed(seed)
     state = {name: reference_state(cfg, batch) for name in ["__ref__", *runners]}
     rows: dict[str, list[dict]] = {name: [] for name in runners}

@@ -85,7 +85,7 @@ def check_session_io(session, inputs, outputs, path: Path, emulated_bf16: bool =
         dtype = "float32" if emulated_bf16 and s.dtype == "bfloat16" else s.dtype   # export/emulate.py
         return (s.name, ORT_TYPES.get(dtype, dtype), [d for d in s.shape])
 
-    for kind, got, specs in (("inputs", session.get_inputs(), inputs), ("outputs", session.get_outputs(), outputs)):
+    for kind, got, specs in (("input", session.get_inputs(), inputs), ("output", session.get_outputs(), outputs)):
         actual = [(v.name, v.type, list(v.shape)) for v in got]
         expected = [want(s) for s in specs]
         if actual != expected:

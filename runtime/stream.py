@@ -50,7 +50,8 @@ class Stream:
             raise BadInputError(f"batch must be at least 1, got {batch}")
         cfg = self.config
         cache = 2 * cfg.n_layer * cfg.n_head * cfg.segment_len * cfg.d_head * 4 if decode_runner else 0
-        check_fits(self.batch * (2 * cfg.state_bytes(1) + cache), f"a stream of batch {self.batch}")
+        check_fits(self.batch * (2 * cfg.state_bytes(1) + cache) + cfg.step_bytes(self.batch),
+                   f"a stream of batch {self.batch}")
         self.check_finite = check_finite
         self.reset()
 

@@ -179,7 +179,7 @@ def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, 
     lengths = sorted(parse_count(x, "--lengths") for x in lengths.split(",") if x.strip())
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
     unknown = sorted(set(chosen) - {"torch", "onnxruntime", "full"})
-    if unknown:
+    if unknown or not chosen:
         raise BadInputError(f"--backends: unknown {unknown}; expected torch, onnxruntime, full")
     limit = parse_count(kv_limit, "--kv-limit")
     net = resolve_model(model, seed)

@@ -109,4 +109,7 @@ def _identity(path: Path) -> str:
         st = path.stat()
         return f"inode:{st.st_dev}:{st.st_ino}"
     except OSError:
-        return f"path:{path.resolve()}"
+        try:
+            return f"path:{path.resolve()}"
+        except RuntimeError:   # a symlink loop
+            return f"path:{path.absolute()}"
