@@ -14,7 +14,8 @@ UPDATE_RULES = ("linear", "delta")
 # is refused before anything is allocated. The memory a config implies is checked against the machine too.
 INT_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "d_head": 1024, "d_model": 1 << 16,
               "d_ff": 1 << 18, "segment_len": 1 << 20}
-FLOAT_LIMITS = {"eps": (0.0, 1.0), "rope_theta": (0.0, 1e12), "norm_eps": (0.0, 1.0)}   # open intervals
+# open intervals; the epsilons are added in float32, where anything below ~1e-38 is 0 (and 0 / 0 is NaN)
+FLOAT_LIMITS = {"eps": (1e-30, 1.0), "rope_theta": (1.0, 1e12), "norm_eps": (1e-30, 1.0)}
 
 
 def _show(value) -> str:
