@@ -2,8 +2,8 @@
 
 Errors a user can cause (subclasses of InfiniError, and an OSError on a path: a full disk, a read-only
 folder) become one line on stderr and exit code 2; anything else is a bug and keeps its traceback.
-SIGTERM and SIGHUP are turned into KeyboardInterrupt, as Ctrl-C is, so every writer's cleanup runs
-(atomic.py) and the command exits 130 (Ctrl-C) or 143 (SIGTERM) with nothing half-written.
+SIGTERM and SIGHUP are turned into KeyboardInterrupt (tools/entry.py), as Ctrl-C is, so every writer's
+cleanup runs (atomic.py) and the command exits 130 (Ctrl-C) or 143 (SIGTERM) with nothing half-written.
 """
 
 from __future__ import annotations
@@ -24,18 +24,6 @@ from .train import train
 
 class UserError(click.ClickException):
     exit_code = 2
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so that cleanup runs as for Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-def _terminate(signum, frame):
-    raise Interrupted(signum)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -87,6 +75,7 @@ cli.add_command(demo)
 
 
 def main():
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
-    cli(prog_name="infini")
+    """The `infini` entry point (tools/entry.py installs the signal handlers before these imports)."""
+    from .entry import main as entry_main
+
+    entry_main()

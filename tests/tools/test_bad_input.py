@@ -98,6 +98,86 @@ def failing(stage):
     return boom
 
 
+def config_edit(tmp, ckpt, **fields):
+    folder = copy(ckpt, tmp / "c")
+    data = json.loads((folder / "config.json").read_text())
+    data.update(fields)
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+def config_text(tmp, ckpt, text: bytes):
+    folder = copy(ckpt, tmp / "c")
+    (folder / "config.json").write_bytes(text)
+    return folder
+
+
+def manifest_change(tmp, export, change):
+    folder = copy(export, tmp / "x")
+    data = json.loads((folder / "infini.json").read_text())
+    change(data)
+    (folder / "infini.json").write_text(json.dumps(data))
+    return folder
+
+
+def swapped_graph(tmp, export):
+    folder = copy(export, tmp / "x")
+    shutil.copy(folder / "decode.onnx", folder / "segment.onnx")
+    rehash(folder, "segment.onnx")
+    return folder
+
+
+def without(tmp, export, name):
+    folder = copy(export, tmp / "x")
+    (folder / name).unlink()
+    return folder
+
+
+def a_file(tmp):
+    (tmp / "afile").write_text("x")
+    return tmp / "afile"
+
+
+def loop(tmp):
+    (tmp / "loop").symlink_to(tmp / "loop")
+    return tmp / "loop"
+
+
+def snapshot_with(tmp, **meta):
+    """A snapshot whose header fields were rewritten with a correct digest (a deliberate edit)."""
+    from safetensors import safe_open
+
+    from infini_deploy.runtime.snapshot import _digest
+    path = snapshot(tmp)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    header.update(meta)
+    header["sha256"] = _digest(header, tensors)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def bad_pending(tmp):
+    from safetensors import safe_open
+
+    from infini_deploy.runtime.snapshot import _digest
+    path = snapshot(tmp)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    tensors = load_file(str(path))
+    tensors["pending"][0, 0] = 300
+    header["sha256"] = _digest(header, tensors)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def demo_cache(tmp, content):
+    import os
+    os.environ["INFINI_CACHE"] = str(content(tmp))
+    return ["demo", "--tokens", "4k", "--no-progress", "--no-engine"]
+
+
 # (id, setup(tmp, ckpt, export) -> argv, message the one line must contain)
 CASES = [
     # checkpoints
@@ -168,6 +248,102 @@ CASES = [
      "is not an infini-deploy snapshot"),
     ("snapshot-inf-state", lambda t, c, e: [*RUN, "--resume", inf_snapshot(t)],
      "state became NaN/Inf in layer 0 at segment 1"),
+    # numbers from the command line: refused by the option, with the valid range
+    ("threads-negative", lambda t, c, e: [*RUN, "--threads", "-1"], "'--threads': -1 is not in the range 1<=x<="),
+    ("threads-huge", lambda t, c, e: [*RUN, "--threads", "100000"], "'--threads': 100000 is not in the range"),
+    ("seed-over-64-bits", lambda t, c, e: [*RUN, "--seed", str(2**64)], "'--seed': 18446744073709551616 is not in"),
+    ("tokens-overflow", lambda t, c, e: [*RUN, "--tokens", "9" * 30], "expected a count such as 65536, 64k or 1m"),
+    ("batch-terabytes", lambda t, c, e: ["bench", "runners", "tiny", "--batch", "65536", "--tokens", "1g"],
+     "needs 512.0 TiB of memory; this machine has"),
+    ("verify-batch-too-big", lambda t, c, e: ["verify", e, "--batch", "65536", "--segments", "1"],
+     "comparing 2 backends at batch 65536 needs"),
+    ("temperature-underflow", lambda t, c, e: ["generate", "tiny", "--prompt", "hi", "--temperature", "1e-300",
+                                               "--no-progress"], "logits divided by less overflow to inf"),
+    ("temperature-nan", lambda t, c, e: ["generate", "tiny", "--prompt", "hi", "--temperature", "nan"],
+     "'--temperature': 'nan' is not a finite number"),
+    ("lr-nan", lambda t, c, e: ["train", "passkey", t / "o", "--lr", "nan"], "'--lr': 'nan' is not a finite number"),
+    ("minutes-negative", lambda t, c, e: ["train", "passkey", t / "o", "--max-minutes", "-2"],
+     "'--max-minutes': -2.0 is not in the range 0<x<="),
+    ("depth-nan", lambda t, c, e: ["demo", "--depth", "nan"], "'--depth': 'nan' is not a finite number"),
+    # names from the command line
+    ("device-unknown", lambda t, c, e: [*RUN, "--device", "tpu"], "'tpu' is not a device; expected one of: cpu, cuda"),
+    ("backends-empty", lambda t, c, e: ["bench", "memory", "tiny", "--backends", ","], "expected torch, onnxruntime"),
+    # files and folders
+    ("input-is-a-folder", lambda t, c, e: [*RUN, "--input", t], "is a folder; expected a file"),
+    ("input-symlink-loop", lambda t, c, e: [*RUN, "--input", loop(t)], "is a symlink loop"),
+    ("output-under-a-file", lambda t, c, e: [*RUN, "--json-out", a_file(t) / "r.json"], "afile is a file, not a folder"),
+    ("output-is-a-folder", lambda t, c, e: [*RUN, "--tokens", "10", "--save-state", t], "is a folder; expected a file"),
+    ("output-name-too-long", lambda t, c, e: [*RUN, "--json-out", t / ("x" * 250)], "names of outputs must stay under"),
+    ("init-into-current-folder", lambda t, c, e: ["init", "tiny", "/", "--force"], "is the current directory or holds it"),
+    ("init-force-foreign-folder", lambda t, c, e: ["init", "tiny", t, "--force"] if (t / "mine.txt").write_text("x")
+     else [], "is not a checkpoint written by infini-deploy"),
+    ("timing-cache-under-a-file", lambda t, c, e: ["build", e, "--timing-cache", a_file(t) / "t"],
+     "afile is a file, not a folder"),
+    ("cache-folder-is-a-file", lambda t, c, e: demo_cache(t, a_file), "the cache folder"),
+    ("json-out-is-the-input", lambda t, c, e: [*RUN, "--input", text(t, b"abc"), "--json-out", t / "in.txt", "--force"],
+     "--json-out"),
+    # configs: every field's type and range, the memory it implies
+    ("config-eps-string", lambda t, c, e: [*RUN, config_edit(t, c, eps="small")], "eps must be a number in"),
+    ("config-eps-null", lambda t, c, e: [*RUN, config_edit(t, c, eps=None)], "eps must be a number in"),
+    ("config-eps-negative", lambda t, c, e: [*RUN, config_edit(t, c, eps=-1e-6)], "eps must be a number in"),
+    ("config-eps-below-float32", lambda t, c, e: [*RUN, config_edit(t, c, eps=1e-100)], "eps must be a number in"),
+    ("config-tie-string", lambda t, c, e: [*RUN, config_edit(t, c, tie_embeddings="yes")],
+     "tie_embeddings must be true or false"),
+    ("config-huge-int", lambda t, c, e: [*RUN, config_edit(t, c, n_layer=10**1000)],
+     "n_layer must be an integer in [1, 1024], got an integer of about 1,001 digits"),
+    ("config-int-over-digit-limit", lambda t, c, e: [*RUN, config_text(t, c, b'{"n_layer": ' + b"9" * 5000 + b"}")],
+     "config.json is not valid JSON (Exceeds the limit"),
+    ("config-utf16", lambda t, c, e: [*RUN, config_text(t, c, '{"eps": 1e-6}'.encode("utf-16"))],
+     "is not UTF-8 JSON"),
+    ("config-deep-nesting", lambda t, c, e: [*RUN, config_text(t, c, b"[" * 100000 + b"]" * 100000)],
+     "is nested too deeply"),
+    ("config-d-model-1e9", lambda t, c, e: [*RUN, config_edit(t, c, d_model=10**9)],
+     "d_model must be an integer in [1, 65536]"),
+    ("config-n-layer-1e7", lambda t, c, e: [*RUN, config_edit(t, c, n_layer=10**7)],
+     "n_layer must be an integer in [1, 1024]"),
+    ("config-too-big-for-memory", lambda t, c, e: [*RUN, config_edit(t, c, d_model=60000, vocab_size=4000000)],
+     "needs 894.3 GiB of memory; this machine has"),
+    # manifests: schema, spec, graphs, folder
+    ("manifest-bad-precision", lambda t, c, e: [*RUN, manifest_change(t, e, lambda d: d.update(precision="fp8"))],
+     "precision is 'fp8'; expected one of: fp32, fp16, bf16"),
+    ("manifest-wrong-type", lambda t, c, e: [*RUN, manifest_change(t, e, lambda d: d.update(opset="23"))],
+     "infini.json.opset is str '23'; expected int"),
+    ("manifest-unknown-field", lambda t, c, e: [*RUN, manifest_change(t, e, lambda d: d.update(extra=1))],
+     "has unknown field 'extra'"),
+    ("manifest-edited-shape", lambda t, c, e: [*RUN, manifest_change(
+        t, e, lambda d: d["graphs"]["segment"]["inputs"][1].update(shape=[2, "batch", 2, 16, 8]))],
+     "graph 'segment' input 1 is listed as 'memory' float32 [2, 'batch', 2, 16, 8]; its config implies"),
+    ("manifest-edited-config", lambda t, c, e: [*RUN, manifest_change(t, e, lambda d: d["config"].update(segment_len=32))],
+     "its config does not match its config_digest"),
+    ("manifest-path-outside", lambda t, c, e: [*RUN, manifest_change(
+        t, e, lambda d: d["files"].update({"../../etc/hostname": "0" * 64}))], "a path outside the folder"),
+    ("manifest-deep-nesting", lambda t, c, e: [*RUN, (copy(e, t / "x") / "infini.json").write_text("[" * 100000)
+                                               and t / "x"], "is nested too deeply"),
+    ("graph-swapped-and-rehashed", lambda t, c, e: [*RUN, swapped_graph(t, e)],
+     "segment.onnx is not the graph its manifest lists: its input 0 is ('token'"),
+    ("inspect-empty-onnx", lambda t, c, e: ["inspect", text(t, b"").rename(t / "z.onnx") or t / "z.onnx"],
+     "is empty (0 bytes); expected an ONNX graph"),
+    ("inspect-missing-decode", lambda t, c, e: ["inspect", without(t, e, "decode.onnx")],
+     "decode.onnx is missing (listed in infini.json)"),
+    ("generate-missing-decode", lambda t, c, e: ["generate", without(t, e, "decode.onnx"), "--prompt", "hi"],
+     "decode.onnx is missing from the export folder"),
+    # inputs
+    ("npy-zero-bytes", lambda t, c, e: [*RUN, "--input", text(t, b"").rename(t / "z.npy") or t / "z.npy"],
+     "is empty (0 bytes); expected a .npy array of token ids"),
+    ("npy-uint64-overflow", lambda t, c, e: [*RUN, "--input", ids(t, np.array([2**64 - 1], dtype=np.uint64))],
+     "holds id 18446744073709551615, which is no token id"),
+    ("prompt-not-utf8", lambda t, c, e: ["generate", "tiny", "--prompt", "hi\udcff", "--no-progress"],
+     "--prompt is not valid UTF-8 text"),
+    ("prompt-file-missing", lambda t, c, e: ["generate", "tiny", "--prompt-file", t / "nope.txt"],
+     "prompt file"),
+    # snapshots: every restored field checked, the true cause named
+    ("snapshot-negative-position", lambda t, c, e: [*RUN, "--resume", snapshot_with(t, position="-5")],
+     "its position is '-5'; expected a whole number"),
+    ("snapshot-impossible-counters", lambda t, c, e: [*RUN, "--resume", snapshot_with(t, segments="999")],
+     "do not describe a stream of segment length 64"),
+    ("snapshot-pending-out-of-vocabulary", lambda t, c, e: [*RUN, "--resume", bad_pending(t)],
+     "its pending tokens hold ids outside the vocabulary"),
+    ("snapshot-is-a-folder", lambda t, c, e: [*RUN, "--resume", t], "snapshot"),
     # output paths that exist
     ("init-exists", lambda t, c, e: ["init", "tiny", c], "exists; choose a new folder or pass --force"),
     ("export-exists", lambda t, c, e: ["export", "tiny", c], "exists; choose a new folder or pass --force"),
@@ -177,11 +353,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("setup, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup, message):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup, message, monkeypatch):
+    monkeypatch.setenv("INFINI_CACHE", str(tmp_path / "cache"))   # restored after the test, whatever setup sets
     argv = [str(a) for a in setup(tmp_path, checkpoint, tiny_fp32)]
     res = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert res.exit_code == 2, res.output
     lines = [line for line in res.output.splitlines() if line.strip()]
+    if len(lines) == 3:   # click's usage errors keep their usage line: refused by an option's type
+        assert lines[0].startswith("Usage: ") and lines[1].startswith("Try "), res.output
+        lines = lines[2:]
     assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
     assert message in lines[0], lines[0]
 
