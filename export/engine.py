@@ -3,7 +3,7 @@
 Stages, as Polygraphy names them::
 
     segment.onnx --NetworkFromOnnxPath--> network (every node supported, or an error naming them)
-                 --EngineFromNetwork(profile, targets)--> segment.engine (bytes, written atomically)
+                 --EngineFromNetwork(profile, targets)--> segment.<sha256[:12]>.engine (bytes, written atomically)
                  --> infini.json["tensorrt"]: flavour, version, targets, each engine's sha256 and size
 
 TensorRT 11 and TensorRT-RTX are strongly typed (10 is asked to be, trt_shim.py): an
