@@ -83,3 +83,25 @@ def byte_edit(draw, data: bytes):
     if action == "insert":
         return data[:i] + blob + data[i:], f"insert {blob!r} at {i}"
     return data[:i] + blob + data[i + len(blob):], f"overwrite {blob!r} at {i}"
+
+
+def rewrite_snapshot(path, meta_changes=None, tensor_changes=None):
+    """Rewrite a snapshot in place with header fields / tensors replaced (a tensor of None: dropped) and a
+    correct digest, as a deliberate edit would: what the snapshot's own checks must then catch."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from infini_deploy.runtime.snapshot import META, _digest
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    meta.update(meta_changes or {})
+    for name, t in (tensor_changes or {}).items():
+        if t is None:
+            tensors.pop(name, None)
+        else:
+            tensors[name] = t
+    meta["sha256"] = _digest({**{k: "" for k in META}, **meta}, tensors)
+    save_file(tensors, str(path), metadata=meta)
+    return path

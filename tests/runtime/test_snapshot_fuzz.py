@@ -10,16 +10,15 @@ the hash guards against damage, not forgery.)
 
 import pytest
 import torch
-from fuzz_edits import FUZZ, byte_edit
+from fuzz_edits import FUZZ, byte_edit, rewrite_snapshot
 from hypothesis import event, given
 from hypothesis import strategies as st
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from infini_deploy.errors import InfiniError
 from infini_deploy.models import init_model, preset
 from infini_deploy.runtime import Stream, TorchRunner
-from infini_deploy.runtime.snapshot import META, _digest
+from infini_deploy.runtime.snapshot import META
 
 MODEL = init_model(preset("tiny"), seed=0)
 NEXT = (torch.arange(70) * 5) % 256
@@ -64,18 +63,7 @@ def rewrite(tmp_path, original: bytes, meta_changes=None, tensor_changes=None):
     """The snapshot with header fields / tensors replaced and a correct digest."""
     path = tmp_path / "base.st"
     path.write_bytes(original)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    meta.update(meta_changes or {})
-    for name, t in (tensor_changes or {}).items():
-        if t is None:
-            tensors.pop(name, None)
-        else:
-            tensors[name] = t
-    meta["sha256"] = _digest({**{k: "" for k in META}, **meta}, tensors)
-    save_file(tensors, str(path), metadata=meta)
-    return path.read_bytes()
+    return rewrite_snapshot(path, meta_changes, tensor_changes).read_bytes()
 
 
 @FUZZ

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fuzz_edits import rewrite_snapshot
 from safetensors.torch import load_file, save_file
 
 from infini_deploy import errors
 from infini_deploy.runtime import Stream, TorchRunner
-from infini_deploy.tools import cli as cli_module
 from infini_deploy.tools.cli import cli
 
 RUN = ("run", "--no-progress")
@@ -145,31 +145,14 @@ def loop(tmp):
 
 def snapshot_with(tmp, **meta):
     """A snapshot whose header fields were rewritten with a correct digest (a deliberate edit)."""
-    from safetensors import safe_open
-
-    from infini_deploy.runtime.snapshot import _digest
-    path = snapshot(tmp)
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata()
-    tensors = load_file(str(path))
-    header.update(meta)
-    header["sha256"] = _digest(header, tensors)
-    save_file(tensors, str(path), metadata=header)
-    return path
+    return rewrite_snapshot(snapshot(tmp), meta)
 
 
 def bad_pending(tmp):
-    from safetensors import safe_open
-
-    from infini_deploy.runtime.snapshot import _digest
     path = snapshot(tmp)
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata()
-    tensors = load_file(str(path))
-    tensors["pending"][0, 0] = 300
-    header["sha256"] = _digest(header, tensors)
-    save_file(tensors, str(path), metadata=header)
-    return path
+    pending = load_file(str(path))["pending"]
+    pending[0, 0] = 300
+    return rewrite_snapshot(path, tensor_changes={"pending": pending})
 
 
 def demo_cache(tmp, content):

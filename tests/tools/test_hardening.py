@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fuzz_edits import rewrite_snapshot
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
 from infini_deploy.models import init_model, preset
@@ -294,21 +295,6 @@ def test_a_snapshot_of_other_weights_is_refused_across_torch_and_an_export(tiny_
     assert same.position == 100
 
 
-def _resave(path, **meta_changes):
-    """Rewrite a snapshot's header fields and give it a correct digest: a deliberate, well-formed edit."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from infini_deploy.runtime.snapshot import _digest
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    meta.update(meta_changes)
-    meta["sha256"] = _digest(meta, tensors)
-    save_file(tensors, str(path), metadata=meta)
-
-
 @pytest.mark.parametrize("field, value, message", [
     ("position", "-5", "expected a whole number"),
     ("position", "3", "do not describe a stream"),
@@ -322,7 +308,7 @@ def test_every_restored_field_is_checked(tiny_linear_model, tmp_path, field, val
     stream = Stream(TorchRunner(tiny_linear_model))
     stream.feed(torch.arange(100) % 256, keep="none")
     path = stream.save(tmp_path / "s.st")
-    _resave(path, **{field: value})
+    rewrite_snapshot(path, {field: value})
     with pytest.raises(IncompatibleArtifactError, match=message):
         Stream.load(path, TorchRunner(tiny_linear_model))
 
