@@ -25,3 +25,12 @@ class MissingBackendError(InfiniError, ImportError):
 
 class NumericalFaultError(InfiniError, FloatingPointError):
     """The state became NaN or Inf; continuing would only spread it."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGINT, SIGTERM, SIGHUP) raised where the program is, so that cleanup runs as for Ctrl-C;
+    ``signum`` gives the CLI its exit code (128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum

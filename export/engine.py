@@ -26,7 +26,7 @@ from pathlib import Path
 import onnx
 
 from ..atomic import output_lock, write_bytes
-from ..errors import BadInputError, IncompatibleArtifactError
+from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
 from . import workarounds
 from .manifest import Manifest, load_manifest
@@ -137,7 +137,7 @@ def EngineFromNetwork(net: Network, shapes: dict, targets: tuple = (), timing_ca
     data = net.builder.build_serialized_network(net.network, config)
     if data is None:
         if cancel:
-            raise KeyboardInterrupt("the TensorRT build was cancelled")
+            raise Interrupted(cancel[0])
         raise IncompatibleArtifactError(f"{trt.title} could not build an engine: {net.logger.last_error()}")
     if cache_path is not None:
         write_bytes(cache_path, memoryview(config.get_timing_cache().serialize()), force=True)
@@ -248,4 +248,4 @@ def deferred_signals():
         for s, handler in previous.items():
             signal.signal(s, handler)
     if received:
-        raise KeyboardInterrupt(f"signal {received[0]} during the TensorRT build")
+        raise Interrupted(received[0])

@@ -10,13 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the program is, so that cleanup runs as for Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
+from ..errors import Interrupted
 
 
 def _terminate(signum, frame):
