@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BadInputError, NumericalFaultError
+from ..errors import BadInputError, InfiniError, NumericalFaultError
 from ..limits import check_fits
 from ..models import spec
 from ..models.decode import fold, initial_decode_state
+from .feeding import KEEP, feed_streams
 from .runner import BaseRunner
 from .sampling import Sampling, sample
-
-KEEP = ("all", "last", "none")
 
 
 class Stream:
@@ -74,38 +73,12 @@ class Stream:
         """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring.
 
         All or nothing: if any segment fails (a bad id, a NaN state), the stream is left as it was.
+        (runtime/feeding.py: the same algorithm feeds many streams at once.)
         """
-        if keep not in KEEP:
-            raise BadInputError(f"keep={keep!r}; expected one of: {', '.join(KEEP)}")
-        tokens = self._as_tokens(tokens)
-        n_new = tokens.shape[1]
-        if n_new == 0:
-            return None
-        N = self.config.segment_len
-        buf = torch.cat([self.pending, tokens], dim=1)
-        n_old = buf.shape[1] - n_new
-        n_full = buf.shape[1] // N * N
-        memory, norm, kept = self.memory, self.norm, []
-        for i, start in enumerate(range(0, n_full, N)):
-            logits, memory, norm = self._run(buf[:, start:start + N], memory, norm)
-            if self.check_finite:
-                check_state_finite(memory, norm, self.segments + i)
-            if keep == "all":
-                kept.append(logits[:, max(n_old - start, 0):])
-            elif keep == "last" and start + N == buf.shape[1]:
-                kept.append(logits[:, -1])
-        pending = buf[:, n_full:]
-        if keep != "none" and pending.shape[1] and (keep == "all" or not kept):
-            logits = self._run(pending, memory, norm)[0]  # not committed: the segment is unfinished
-            kept.append(logits[:, max(n_old - n_full, 0):] if keep == "all" else logits[:, -1])
-        self.memory, self.norm, self.pending = memory, norm, pending
-        self.segments += n_full // N
-        if n_full:
-            self._reset_cache()  # the decode cache held the segment just committed by the segment step
-        self.position += n_new
-        if keep == "none":
-            return None
-        return torch.cat(kept, dim=1) if keep == "all" else kept[-1]
+        out = feed_streams([self], [tokens], keep)[0]
+        if isinstance(out, InfiniError):
+            raise out
+        return out
 
     def feed_chunks(self, chunks: Iterable, keep: str = "last", total: int | None = None,
                     progress: bool = False):
@@ -291,11 +264,11 @@ class Stream:
         self.segments += 1
         self._reset_cache()
 
-    def _check_ids(self, tokens: torch.Tensor) -> None:
+    def _check_ids(self, tokens: torch.Tensor, what: str = "prompt") -> None:
         """Token ids in the vocabulary, checked before they enter the pending buffer."""
         bad = (tokens < 0) | (tokens >= self.config.vocab_size)
         if bool(bad.any()):
-            raise BadInputError(f"prompt holds id {int(tokens[bad][0])}, outside the vocabulary "
+            raise BadInputError(f"{what} holds id {int(tokens[bad][0])}, outside the vocabulary "
                                 f"[0, {self.config.vocab_size - 1}]")
 
     def _stop_tensor(self, stop_tokens: Iterable[int]) -> torch.Tensor:

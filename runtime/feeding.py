@@ -1,0 +1,143 @@
+"""Feeding tokens into streams: the one algorithm behind ``Stream.feed``, for one stream or many at once.
+
+Each stream's input is cut into segments of exactly N tokens after the tokens already waiting in its
+unfinished segment. Segments are committed to the state by the segment step; the tokens of a still
+unfinished segment only get logits (the segment step over them, not committed). Many streams of the same
+model run together: round k runs the k-th full segment of every stream that has one in a single runner
+call, their rows stacked along the batch dimension (the server batches its streams this way:
+runtime/serving/). The runners this project has give each row the same numbers whatever the batch, so a
+stream fed together with others is bit-identical to the same stream fed alone (tested).
+
+Per stream, all or nothing: a stream whose ids are out of range or whose state turns NaN gets its error
+and is left exactly as it was; the other streams go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import BadInputError, InfiniError
+from ..models import spec
+
+KEEP = ("all", "last", "none")
+
+
+@dataclass
+class _Plan:
+    """One stream's part of a feed: its new buffer and what it has computed so far (not yet committed)."""
+    stream: object
+    buf: torch.Tensor              # (B, p + n): the pending tokens, then the new ones
+    n_old: int                     # p: tokens that were pending before this feed
+    n_full: int                    # tokens of buf in full segments (a multiple of N)
+    memory: torch.Tensor
+    norm: torch.Tensor
+    kept: list = field(default_factory=list)
+    error: InfiniError | None = None
+
+
+def feed_streams(streams: list, tokens: list, keep: str = "last") -> list:
+    """Feed ``tokens[i]`` into ``streams[i]`` for every i; returns, per stream, what ``keep`` asks for (logits
+    (B, n, V), (B, V) or None) or the InfiniError that stream met (it is then unchanged).
+
+    All streams must share one runner (one model and backend)."""
+    if keep not in KEEP:
+        raise BadInputError(f"keep={keep!r}; expected one of: {', '.join(KEEP)}")
+    if len({id(s.runner) for s in streams}) > 1:
+        raise BadInputError("streams fed together must share one runner")
+    plans = [_plan(s, t) for s, t in zip(streams, tokens)]
+    live = [p for p in plans if p.error is None and p.buf.shape[1] > p.n_old]
+    if live:
+        _commit_rounds(live, keep)
+        if keep != "none":
+            _pending_logits([p for p in live if p.error is None], keep)
+    return [_finish(p, keep) for p in plans]
+
+
+def _plan(stream, tokens) -> _Plan:
+    N = stream.config.segment_len
+    try:
+        t = stream._as_tokens(tokens)
+        stream._check_ids(t, f"input {spec.TOKENS!r}")
+    except InfiniError as e:
+        return _Plan(stream, stream.pending, 0, 0, stream.memory, stream.norm, error=e)
+    buf = torch.cat([stream.pending, t], dim=1)
+    return _Plan(stream, buf, stream.pending.shape[1], buf.shape[1] // N * N, stream.memory, stream.norm)
+
+
+def _commit_rounds(plans: list[_Plan], keep: str) -> None:
+    """Round k: the k-th full segment of every stream that has one, in one runner call."""
+    from .stream import check_state_finite
+
+    N = plans[0].stream.config.segment_len
+    for start in range(0, max(p.n_full for p in plans), N):
+        group = [p for p in plans if p.error is None and p.n_full > start]
+        if not group:
+            break
+        logits, memory, norm = _run(group, [p.buf[:, start:start + N] for p in group])
+        for p, (lg, m, z) in zip(group, _split(group, logits, memory, norm)):
+            try:
+                if p.stream.check_finite:
+                    check_state_finite(m, z, p.stream.segments + start // N)
+            except InfiniError as e:
+                p.error = e
+                continue
+            p.memory, p.norm = m, z
+            if keep == "all":
+                p.kept.append(lg[:, max(p.n_old - start, 0):])
+            elif keep == "last" and start + N == p.buf.shape[1]:
+                p.kept.append(lg[:, -1])
+
+
+def _pending_logits(plans: list[_Plan], keep: str) -> None:
+    """Logits of the tokens left in each unfinished segment (the segment step over them, not committed);
+    streams whose unfinished segments have one length run together."""
+    todo = [p for p in plans if p.buf.shape[1] > p.n_full and (keep == "all" or not p.kept)]
+    for n in sorted({p.buf.shape[1] - p.n_full for p in todo}):
+        group = [p for p in todo if p.buf.shape[1] - p.n_full == n]
+        logits, memory, norm = _run(group, [p.buf[:, p.n_full:] for p in group])
+        for p, (lg, _, _) in zip(group, _split(group, logits, memory, norm)):
+            p.kept.append(lg[:, max(p.n_old - p.n_full, 0):] if keep == "all" else lg[:, -1])
+
+
+def _run(group: list[_Plan], segments: list[torch.Tensor]):
+    runner = group[0].stream.runner
+    if len(group) == 1:
+        p = group[0]
+        feed = {spec.TOKENS: segments[0], spec.MEMORY: p.memory, spec.NORM: p.norm}
+    else:
+        feed = {spec.TOKENS: torch.cat(segments, dim=0), spec.MEMORY: torch.cat([p.memory for p in group], dim=1),
+                spec.NORM: torch.cat([p.norm for p in group], dim=1)}
+    out = runner.infer(feed)
+    return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
+
+
+def _split(group: list[_Plan], logits, memory, norm):
+    """Each stream's rows of a batched call (copies when batched: a runner may reuse its output buffers)."""
+    if len(group) == 1:
+        return [(logits, memory, norm)]
+    out, row = [], 0
+    for p in group:
+        rows = slice(row, row + p.stream.batch)
+        out.append((logits[rows], memory[:, rows].clone(), norm[:, rows].clone()))
+        row += p.stream.batch
+    return out
+
+
+def _finish(p: _Plan, keep: str):
+    """Commit a stream's feed (or leave it as it was, if it met an error); what it returns."""
+    if p.error is not None:
+        return p.error
+    s, N = p.stream, p.stream.config.segment_len
+    n_new = p.buf.shape[1] - p.n_old
+    if n_new == 0:
+        return None
+    s.memory, s.norm, s.pending = p.memory, p.norm, p.buf[:, p.n_full:]
+    s.segments += p.n_full // N
+    if p.n_full:
+        s._reset_cache()   # the decode cache held the segment just committed by the segment step
+    s.position += n_new
+    if keep == "none":
+        return None
+    return torch.cat(p.kept, dim=1) if keep == "all" else p.kept[-1]
