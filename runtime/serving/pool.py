@@ -1,0 +1,137 @@
+"""The streams a server holds: one batch-1 Stream per stream id over shared runners, persisted to disk.
+
+- **Slots.** At most ``max_streams`` streams are held in memory; a new stream beyond that is refused (the
+  others go on). A stream idle for ``idle_s`` seconds is persisted and dropped from memory (Triton drops an
+  idle sequence without telling the model: the pool keeps its own clock).
+- **Persistence.** With a ``state_dir``, a stream's state is saved in the project's snapshot format
+  (atomically) when it ENDs, when it idles out, when the server shuts down, and with ``persist="every"``
+  after each request. A START naming a stream that is not in memory resumes it from its snapshot,
+  bit-exactly; several servers sharing one state directory can therefore continue each other's streams.
+- **Isolation.** A request names its stream by id and can reach only that stream's state; a stream's bad
+  input or broken snapshot is that stream's error only.
+- **Batching.** :meth:`feed` runs the feeds of many streams together (runtime/feeding.py): one runner call
+  per round of full segments, the streams' rows stacked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from ...errors import BadInputError, InfiniError
+from ..feeding import feed_streams
+from ..stream import Stream
+
+PERSIST = ("end", "every")
+
+
+class StreamPool:
+    """Streams by id (int > 0) over one export's segment and decode runners."""
+
+    def __init__(self, runner, decode_runner=None, max_streams: int = 64, state_dir=None, persist: str = "end",
+                 idle_s: float | None = None):
+        if persist not in PERSIST:
+            raise BadInputError(f"persist={persist!r}; expected one of: {', '.join(PERSIST)}")
+        if max_streams < 1:
+            raise BadInputError(f"max_streams must be at least 1, got {max_streams}")
+        self.runner, self.decode_runner = runner, decode_runner
+        self.max_streams, self.persist, self.idle_s = max_streams, persist, idle_s
+        self.state_dir = Path(state_dir) if state_dir else None
+        if self.state_dir is not None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.streams: dict[int, Stream] = {}
+        self.last_used: dict[int, float] = {}
+        self.lock = threading.RLock()
+
+    # -- streams by id --------------------------------------------------------------------------
+    def open(self, sid: int, start: bool) -> Stream:
+        """The stream ``sid``: held in memory; else, on START, resumed from its snapshot or new."""
+        if not isinstance(sid, int) or isinstance(sid, bool) or sid <= 0:
+            raise BadInputError(f"stream id {sid!r}: expected a positive integer (the sequence's correlation ID)")
+        with self.lock:
+            if sid in self.streams:
+                return self._touch(sid)
+            if not start:
+                raise BadInputError(f"stream {sid} is not open on this server: send START to open or resume it")
+            if len(self.streams) >= self.max_streams:
+                raise BadInputError(f"this server holds {self.max_streams} streams (its --max-streams): end one, "
+                                    "or use another server")
+            path = self.path(sid)
+            if path is not None and path.is_file():
+                stream = Stream.load(path, self.runner, decode_runner=self.decode_runner)
+            else:
+                stream = Stream(self.runner, decode_runner=self.decode_runner)
+            self.streams[sid] = stream
+            return self._touch(sid)
+
+    def reset(self, sid: int) -> None:
+        """Forget stream ``sid``: drop it from memory and delete its snapshot."""
+        with self.lock:
+            self.streams.pop(sid, None)
+            self.last_used.pop(sid, None)
+            path = self.path(sid)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+    def end(self, sid: int) -> int:
+        """Persist (with a state directory) and free stream ``sid``; returns the persisted position or -1."""
+        with self.lock:
+            persisted = self.save(sid)
+            self.streams.pop(sid, None)
+            self.last_used.pop(sid, None)
+            return persisted
+
+    def save(self, sid: int) -> int:
+        """Write stream ``sid``'s snapshot (when there is a state directory); its position, or -1."""
+        stream = self.streams.get(sid)
+        if stream is None or self.state_dir is None:
+            return -1
+        stream.save(self.path(sid), force=True)
+        return stream.position
+
+    def after_request(self, sid: int) -> int:
+        """Persist after a request when asked to (``persist="every"``); the persisted position or -1."""
+        return self.save(sid) if self.persist == "every" else -1
+
+    def evict_idle(self, now: float | None = None) -> list[int]:
+        """Persist and drop the streams idle for more than ``idle_s``; their ids."""
+        if self.idle_s is None:
+            return []
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            idle = [sid for sid, t in self.last_used.items() if now - t > self.idle_s]
+            for sid in idle:
+                self.end(sid)
+            return idle
+
+    def close(self) -> None:
+        """Shutdown: persist every stream held in memory."""
+        with self.lock:
+            for sid in list(self.streams):
+                try:
+                    self.end(sid)
+                except (InfiniError, OSError):   # one stream's failure must not lose the others
+                    pass
+
+    def path(self, sid: int) -> Path | None:
+        return self.state_dir / f"{sid}.safetensors" if self.state_dir is not None else None
+
+    def _touch(self, sid: int) -> Stream:
+        self.last_used[sid] = time.monotonic()
+        return self.streams[sid]
+
+    # -- work -----------------------------------------------------------------------------------
+    def feed(self, items: list[tuple[int, object, str]]) -> list:
+        """Feed ``(sid, tokens, keep)`` items of distinct open streams together; per item what ``keep`` asks
+        for, or the InfiniError of that stream (it is then unchanged)."""
+        with self.lock:
+            results: list = [None] * len(items)
+            by_keep: dict[str, list[int]] = {}
+            for i, (sid, _, keep) in enumerate(items):
+                by_keep.setdefault(keep, []).append(i)
+            for keep, idx in by_keep.items():
+                outs = feed_streams([self.streams[items[i][0]] for i in idx], [items[i][1] for i in idx], keep)
+                for i, out in zip(idx, outs):
+                    results[i] = out
+            return results

@@ -1,0 +1,143 @@
+"""Starting and stopping the tritonserver that the ``nvidia-pytriton`` wheel ships, on loopback.
+
+What the bare binary needs, done here (DESIGN.md section 7): a backend directory holding the Python
+backend with the stub built for the running Python next to it (copied into the user cache, since
+site-packages may be read-only), the wheel's bundled libraries on LD_LIBRARY_PATH, this Python's folder
+first on PATH (the stub runs the environment it finds there, so it imports this installation of
+infini-deploy), free loopback ports for HTTP, gRPC and metrics, and no GPU metrics. ``start`` waits until
+the server is ready (or says why it died, with the end of its log); ``stop`` sends SIGTERM (the models'
+``finalize`` persists their streams) and SIGKILL after a grace period. Every server is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import BadInputError, MissingBackendError
+
+INSTALL = "pip install 'infini-deploy[serve]' (nvidia-pytriton, tritonclient)"
+
+
+def pytriton_folder() -> Path:
+    """The installed nvidia-pytriton package folder (found without importing it)."""
+    found = importlib.util.find_spec("pytriton")
+    if found is None or not found.submodule_search_locations:
+        raise MissingBackendError(f"tritonserver is not installed: {INSTALL}")
+    return Path(list(found.submodule_search_locations)[0])
+
+
+def backend_dir(cache: Path) -> Path:
+    """A backend folder with the Python backend and the stub for this Python (made once per version)."""
+    wheel = pytriton_folder() / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = wheel / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise MissingBackendError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    folder = cache / f"triton-backends-{version}-{int(stub.stat().st_mtime)}"
+    if not (folder / "python" / "triton_python_backend_stub").is_file():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(wheel / "backends", tmp)
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    """A tritonserver process on 127.0.0.1 over ``repo``; ``with TritonServer(repo) as server:`` stops it."""
+    repo: Path
+    cache: Path
+    log: Path | None = None
+    ports: dict = field(default_factory=lambda: {"http": free_port(), "grpc": free_port(), "metrics": free_port()})
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.ports['http']}"
+
+    def command(self) -> list[str]:
+        binary = pytriton_folder() / "tritonserver" / "bin" / "tritonserver"
+        return [str(binary), "--model-repository", str(Path(self.repo).resolve()),
+                "--backend-directory", str(backend_dir(Path(self.cache))),
+                "--http-address", "127.0.0.1", "--http-port", str(self.ports["http"]),
+                "--grpc-address", "127.0.0.1", "--grpc-port", str(self.ports["grpc"]),
+                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.ports["metrics"]),
+                "--allow-gpu-metrics=false", "--exit-on-error=false", "--strict-readiness=false",
+                "--exit-timeout-secs", "30"]
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        libs = pytriton_folder().parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+        return env
+
+    def start(self, timeout: float = 180.0) -> "TritonServer":
+        if not (Path(self.repo) / "infini_stream" / "config.pbtxt").is_file():
+            raise BadInputError(f"{self.repo} is not a model repository of `infini serve` (no infini_stream)")
+        log = open(self.log, "wb") if self.log else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise MissingBackendError(f"tritonserver exited with code {self.process.returncode} while "
+                                          f"starting{self._log_tail()}")
+            if self.ready("infini_stream"):   # the implicit-state models need backends this wheel lacks
+                return self
+            time.sleep(0.25)
+        self.stop()
+        raise MissingBackendError(f"tritonserver was not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def ready(self, model: str | None = None) -> bool:
+        path = f"/v2/models/{model}/ready" if model else "/v2/health/ready"
+        try:
+            with urllib.request.urlopen(f"http://{self.url}{path}", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, grace: float = 40.0) -> int | None:
+        """SIGTERM (the models persist their streams), then SIGKILL after ``grace`` seconds."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL, as a crash would: nothing is persisted that was not already."""
+        os.killpg(self.process.pid, signal.SIGKILL)   # the server and its Python-backend stubs
+        return self.process.wait(30)
+
+    def _log_tail(self) -> str:
+        if not self.log or not Path(self.log).is_file():
+            return ""
+        lines = [x for x in Path(self.log).read_text(errors="replace").splitlines() if x.strip()][-3:]
+        return ": " + " | ".join(lines)
+
+    def __enter__(self):
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -1,0 +1,107 @@
+"""``infini_stream``: the Triton Python-backend model that serves an export's streams.
+
+Triton's Python backend loads ``<repo>/infini_stream/1/model.py``, a two-line shim importing this class
+(export/triton_repo.py writes it), in a stub process that runs the Python environment the server was
+started from. The model reads its settings from the ``parameters`` of its config.pbtxt, opens the export
+copied next to the shim (hash-checked, as every runner does), and answers each ``execute()`` through
+runtime/serving/handler.py: one reply per request, an error for a bad request alone.
+
+Triton's implicit state is not used (the Python backend drops a model's output state): the pool keeps each
+sequence's state itself, and persists it to the state directory (runtime/serving/pool.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InfiniError
+from . import protocol as P
+from .handler import Reply, Request, check_request, serve
+from .pool import StreamPool
+
+
+def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
+    """The StreamPool of an export, from the model's parameters (strings, as config.pbtxt holds them)."""
+    backend, threads = params.get("backend", "onnxruntime"), int(params.get("threads", "0")) or None
+    if backend == "onnxruntime":
+        from ..ort_runner import OrtRunner
+
+        runner, decode = OrtRunner(export_dir, threads=threads), OrtRunner(export_dir, threads=threads, graph="decode")
+    elif backend == "torch":
+        import torch
+
+        from ...models.checkpoint import load_checkpoint
+        from ..torch_runner import TorchRunner
+
+        if threads:
+            torch.set_num_threads(threads)
+        model = load_checkpoint(export_dir / "checkpoint")
+        runner, decode = TorchRunner(model), TorchRunner(model, graph="decode")
+    elif backend == "tensorrt":
+        from ..trt_runner import TrtRunner
+
+        runner, decode = TrtRunner(export_dir), TrtRunner(export_dir, graph="decode")
+    else:
+        raise InfiniError(f"backend {backend!r} is not known; expected onnxruntime, torch or tensorrt")
+    idle = float(params.get("idle_s", "0")) or None
+    return StreamPool(runner.activate(), decode.activate(), int(params.get("max_streams", "64")),
+                      params.get("state_dir") or None, params.get("persist", "end"), idle)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import triton_python_backend_utils as pb
+
+        self.pb = pb
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        export_dir = Path(args["model_repository"]) / args["model_version"] / "export"
+        self.pool = pool_from_export(export_dir, params)
+
+    def execute(self, requests):
+        self.pool.evict_idle()
+        parsed, replies = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, check_request(self._parse(request))))
+            except (InfiniError, ValueError, TypeError) as e:
+                replies[i] = Reply(error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        for (i, _), reply in zip(parsed, serve(self.pool, [r for _, r in parsed])):
+            replies[i] = reply
+        return [self._response(r) for r in replies]
+
+    def finalize(self):
+        self.pool.close()
+
+    # -- tensors <-> handler ------------------------------------------------------------------------
+    def _parse(self, request) -> Request:
+        def get(name, default=None):
+            t = self.pb.get_input_tensor_by_name(request, name)
+            return default if t is None else t.as_numpy().reshape(-1)
+
+        tokens = get(P.TOKENS, np.zeros(0, np.int64))
+        if tokens.dtype != np.int64:
+            raise InfiniError(f"TOKENS must be INT64, got {tokens.dtype}")
+        sampling = {}
+        for name, key, cast in ((P.TEMPERATURE, "temperature", float), (P.TOP_K, "top_k", int),
+                                (P.TOP_P, "top_p", float), (P.SEED, "seed", int)):
+            value = get(name)
+            if value is not None and value.size:
+                sampling[key] = cast(value[0])
+        sid = int(get(P.CORRID, np.array([request.correlation_id()], np.uint64))[0])
+        keep = int(get(P.KEEP, np.array([1]))[0])
+        return Request(sid=sid, tokens=tokens.astype(np.int64), start=bool(get(P.START, [0])[0]),
+                       end=bool(get(P.END, [0])[0]), ready=bool(get(P.READY, [1])[0]),
+                       keep=P.KEEP_CODES.get(keep, str(keep)), max_new_tokens=int(get(P.MAX_NEW_TOKENS, [0])[0]),
+                       sampling=sampling, stop=tuple(int(x) for x in get(P.STOP, [])),
+                       reset=bool(get(P.RESET, [0])[0]))
+
+    def _response(self, reply: Reply):
+        pb = self.pb
+        if reply.error is not None:
+            return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(reply.error))
+        return pb.InferenceResponse(output_tensors=[pb.Tensor(name, array[None])
+                                                    for name, array in reply.outputs.items()])
