@@ -18,6 +18,7 @@ Every writer of the project goes through here, so every command inherits the sam
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import sys
@@ -26,12 +27,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from . import signals
 from .errors import BadInputError
 from .paths import check_output_path, relative_files
 
 TEMP_TAG = ".infini-tmp-"
 LOCK_TAG = ".infini-lock"
-SHORT = 80     # characters of the output's name kept in its lock and temp names (NAME_MAX is 255 bytes)
+SHORT = 60     # characters of the output's name kept in its lock and temp names (NAME_MAX is 255 bytes)
 
 Owned = Callable[[Path], "set[str] | None"]   # folder -> the relative file paths its writer owns, None: not ours
 
@@ -39,7 +41,11 @@ _held: set[str] = set()   # locks this process holds (a writer may nest another 
 
 
 def _stem(target: Path) -> str:
-    return "." + target.name[:SHORT]
+    """``.NAME`` cut short, plus a digest of the whole name when it was cut (two long names never share)."""
+    name = target.name
+    if len(name) <= SHORT:
+        return "." + name
+    return f".{name[:SHORT]}~{hashlib.sha1(name.encode(errors='surrogateescape')).hexdigest()[:8]}"
 
 
 @contextmanager
@@ -105,6 +111,9 @@ def check_replaceable(out: Path, force: bool, owned: Owned | None, kind: str) ->
     """Refuse to replace ``out`` unless it is absent, an empty folder, or (with ``force``) our own output."""
     if not out.exists() and not out.is_symlink():
         return
+    if out.is_symlink():
+        raise BadInputError(f"{out} is a symbolic link; refusing to replace it: give the folder it points to, or "
+                            "a new name")
     if not out.is_dir():
         raise BadInputError(f"{out} is a file; expected a folder for the {kind} (remove it or choose another name)")
     files = relative_files(out)
@@ -125,21 +134,34 @@ def check_replaceable(out: Path, force: bool, owned: Owned | None, kind: str) ->
 
 
 def remove_owned(folder: Path, owned: set[str]) -> list[str]:
-    """Delete the files of ``folder`` named in ``owned``, then its emptied folders; returns what is left."""
+    """Delete the files of ``folder`` named in ``owned``, then its emptied folders; returns what is left.
+    Never follows a link: a link is removed itself, and nothing is reached through a linked folder."""
     for name in owned:
         path = folder / name
-        if path.is_file() or path.is_symlink():
+        if not _no_links_above(folder, path):
+            continue
+        if path.is_symlink() or path.is_file():
             path.unlink()
     for root, dirs, _ in os.walk(folder, topdown=False):
         for d in dirs:
             try:
                 (Path(root) / d).rmdir()
-            except OSError:   # not empty: holds something we do not own
+            except OSError:   # not empty (holds something we do not own), or a link
                 pass
     left = relative_files(folder)
-    if not left:
-        shutil.rmtree(folder, ignore_errors=True)
+    if not left and not any(folder.iterdir()):
+        folder.rmdir()
     return left
+
+
+def _no_links_above(folder: Path, path: Path) -> bool:
+    """No folder between ``folder`` and ``path`` is a symbolic link."""
+    parent = path.parent
+    while parent != folder and folder in parent.parents:
+        if parent.is_symlink():
+            return False
+        parent = parent.parent
+    return parent == folder
 
 
 @contextmanager
@@ -159,6 +181,7 @@ def atomic_folder(out_dir: str | os.PathLike, force: bool = False, owned: Owned 
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; these folders are meant to be shared
             yield tmp
+            signals.check()   # a signal whose exception was swallowed still stops the output here
             _commit_folder(tmp, out, force, owned, kind)
         finally:
             if tmp.exists():
@@ -203,8 +226,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     target = check_output_path(Path(path), folder=False)
     with output_lock(target):
         remove_stale(target)
-        if target.exists() and not force:
-            raise BadInputError(f"{target} exists; choose a new file or pass --force to replace it")
+        check_file_replaceable(target, force)
         fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
@@ -212,14 +234,32 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o666 & ~umask)   # mkstemp makes it private; as a plain open() would
+            tmp.chmod(0o666 & ~_umask())   # mkstemp makes it private; as a plain open() would
             if target.exists() and not force:
                 raise BadInputError(f"{target} appeared while it was being written; nothing was replaced")
+            check_file_replaceable(target, force)
+            signals.check()
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def check_file_replaceable(target: Path, force: bool) -> None:
+    """An existing file is replaced only with ``force``, and only if it is a regular file (never a link, a
+    device such as /dev/null, a FIFO or a socket)."""
+    if not (target.exists() or target.is_symlink()):
+        return
+    if target.is_symlink() or not target.is_file():
+        what = "a symbolic link" if target.is_symlink() else "not a regular file (a device, FIFO or socket)"
+        raise BadInputError(f"{target} is {what}; refusing to replace it: give a new file name")
+    if not force:
+        raise BadInputError(f"{target} exists; choose a new file or pass --force to replace it")
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def write_bytes(path: str | os.PathLike, data, force: bool = False) -> Path:
@@ -233,3 +273,30 @@ def write_bytes(path: str | os.PathLike, data, force: bool = False) -> Path:
 def write_text(path: str | os.PathLike, text: str, force: bool = False) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_file`)."""
     return write_bytes(path, text.encode("utf-8"), force)
+
+
+@contextmanager
+def scratch_folder(root: Path) -> Iterator[Path]:
+    """A private working folder under ``root`` (``PID-XXXX``), removed on exit; the scratch folders of
+    processes that no longer run (killed by SIGKILL) are removed first."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in root.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if pid.isascii() and pid.isdigit() and not _alive(int(pid)):
+            _remove(entry)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

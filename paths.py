@@ -41,6 +41,22 @@ def inside(folder: Path, name) -> Path:
     return path
 
 
+def describe_absent(path: Path) -> str:
+    """Why ``path`` is not a readable file, in words: "is a folder", "is a symlink loop", "is missing"..."""
+    path = Path(path)
+    try:
+        path.resolve(strict=False)
+    except RuntimeError:
+        return "is a symlink loop"
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.is_symlink() and not path.exists():
+        return "is a broken symlink"
+    if path.exists() and not path.is_file():
+        return "is not a regular file"
+    return "is missing"
+
+
 def relative_files(folder: Path) -> list[str]:
     """Every file (and symlink) under ``folder``, as sorted relative POSIX paths; links are not followed."""
     out = []
@@ -104,6 +120,8 @@ def _make_parent(path: Path, create: bool) -> None:
             raise BadInputError(f"cannot write {path}: cannot create {parent} ({e.strerror})") from None
         existing = parent
     if not os.access(existing, os.W_OK | os.X_OK):
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise BadInputError(f"cannot write {path}: {existing} is on a read-only file system")
         raise BadInputError(f"cannot write {path}: {existing} is not writable (permission denied)")
 
 

@@ -29,7 +29,7 @@ from ..atomic import output_lock, write_bytes
 from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
 from . import workarounds
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, load_onnx
 from .trt_shim import Logger, Trt, load
 
 ENGINE_SUFFIX = ".engine"
@@ -95,7 +95,7 @@ def NetworkFromOnnxPath(trt: Trt, path: Path, plugin: bool = False) -> Network:
         if not trt.enable_plugin_override(parser):
             raise BadInputError(f"{trt.title}'s ONNX parser has no ENABLE_PLUGIN_OVERRIDE flag: it cannot bind "
                                 "infini::Memory to the plugin (TensorRT >= 10.8 can)")
-    proto = onnx.load(str(path))
+    proto = load_onnx(path)
     if not plugin:
         proto = workarounds.function_per_call(proto)
     if not parser.parse(proto.SerializeToString(), str(path)):
@@ -193,6 +193,7 @@ def _build_all(export_dir: Path, manifest: Manifest, trt: Trt, options: BuildOpt
     with deferred_signals() as received:
         for name, entry in manifest.graphs.items():
             graph = manifest.verify(export_dir, entry.file)
+            _check_graph(graph, entry, manifest, name)
             started = time.perf_counter()
             shapes = profile_shapes(entry.inputs, ranges)
             net = NetworkFromOnnxPath(trt, graph, options.plugin)
@@ -212,6 +213,16 @@ def _build_all(export_dir: Path, manifest: Manifest, trt: Trt, options: BuildOpt
         record["timing_cache"] = options.timing_cache if trt.has_timing_cache else \
             f"not used: timing caches are a no-op in {trt.title}"
     return Manifest(**{**manifest.__dict__, "files": files, "tensorrt": record})
+
+
+def _check_graph(path: Path, entry, manifest: Manifest, name: str) -> None:
+    """The graph is the one its manifest lists (I/O and identity), before TensorRT sees it."""
+    from .graph import check_io
+    from .manifest_schema import check_identity
+
+    proto = load_onnx(path, external_data=False)
+    check_io(proto, entry.inputs, entry.outputs)
+    check_identity({p.key: p.value for p in proto.metadata_props}, manifest, name, path)
 
 
 ENGINE_NAME = re.compile(rf"({'|'.join(spec.GRAPHS)})(\.[0-9a-f]{{12}})?{re.escape(ENGINE_SUFFIX)}")

@@ -16,6 +16,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_folder
+from ..errors import InfiniError
 from ..models import spec
 from ..models.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, weights_digest, write_checkpoint
 from ..models.model import InfiniTransformer
@@ -87,19 +88,29 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
 
 
 def owned_export(folder: Path) -> set[str] | None:
-    """The files of ours in an export folder (for atomic.atomic_folder), None when it is not an export:
-    what its manifest lists, the files every export has, and engines `infini build` names."""
-    if not (folder / MANIFEST_FILE).is_file():
+    """The files of ours in an export folder (for atomic.atomic_folder), None when it is not one of ours:
+    its infini.json must be an infini-deploy manifest. Ours: the files every export has, what its manifest
+    lists, and engines `infini build` named (an unlisted one only if it is a TensorRT engine: a killed build's)."""
+    from .engine import is_engine_name
+    from .manifest import FORMAT
+    from .trt_shim import MAGIC
+
+    try:
+        manifest = parse_json((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE)
+    except (OSError, InfiniError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None
     names = {MANIFEST_FILE, SEGMENT_FILE, DECODE_FILE, *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES)}
-    try:
-        listed = parse_json((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE).get("files", {})
+    listed = manifest.get("files", {})
+    if isinstance(listed, dict):
         names |= {n for n in listed if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()}
-    except Exception:   # noqa: BLE001 (a damaged manifest: the fixed names and engines still identify our files)
-        pass
-    from .engine import is_engine_name
-
-    return names | {p.name for p in folder.iterdir() if is_engine_name(p.name)}
+    for path in folder.iterdir():
+        if is_engine_name(path.name) and path.is_file() and not path.is_symlink():
+            with open(path, "rb") as f:
+                if f.read(4) in MAGIC:
+                    names.add(path.name)
+    return names
 
 
 def tool_versions() -> dict:

@@ -82,10 +82,26 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
     _name_nodes(ir_model)
     proto = ir.serde.serialize_model(ir_model)
     proto.producer_name = "infini-deploy"
+    set_identity(proto, graph, model)
     check_graph(proto, memory_node=graph == "segment")
     check_io(proto, *spec.graph_specs(graph, model.config, PRECISIONS[precision]))
     onnx.save(proto, str(path))
     return proto
+
+
+def set_identity(proto: onnx.ModelProto, graph: str, model: InfiniTransformer) -> None:
+    """Name in the graph's own metadata which step it is and the model it computes (config digest, weights'
+    tensors), so a graph swapped for another one's, its hash rewritten, is still refused
+    (export/manifest_schema.check_identity)."""
+    from ..models.checkpoint import weights_digest
+
+    identity = {IDENTITY["graph"]: graph, IDENTITY["config"]: model.config.digest(),
+                IDENTITY["weights"]: weights_digest(model)}
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **identity})
+
+
+IDENTITY = {"graph": "infini_deploy.graph", "config": "infini_deploy.config_digest",
+            "weights": "infini_deploy.weights_sha256"}
 
 
 def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..paths import inside
-from .manifest import MANIFEST_FILE, is_export_dir, load_manifest
+from .manifest import MANIFEST_FILE, is_export_dir, load_manifest, load_onnx
 from .trt_shim import Logger, engine_header, load
 
 ONNX_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -45,6 +45,8 @@ def inspect_export(folder: Path) -> dict:
         raise IncompatibleArtifactError(f"{folder} is incomplete: {', '.join(missing)} "
                                         f"{'is' if len(missing) == 1 else 'are'} missing (listed in {MANIFEST_FILE}); "
                                         "export again")
+    for name in m.files:   # what it shows must be what it holds
+        m.verify(folder, name)
     graphs = {name: {"file": g.file, "bytes": (folder / g.file).stat().st_size,
                      "inputs": [s.to_dict() for s in g.inputs], "outputs": [s.to_dict() for s in g.outputs]}
               for name, g in m.graphs.items()}
@@ -53,18 +55,10 @@ def inspect_export(folder: Path) -> dict:
 
 
 def inspect_onnx(path: Path) -> dict:
-    import onnx
-
     from .graph import ONNX_DTYPES
 
     names = {v: k for k, v in ONNX_DTYPES.items()}
-    if path.stat().st_size == 0:
-        raise IncompatibleArtifactError(f"{path} is empty (0 bytes); expected an ONNX graph")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and onnx's own: the file is not a readable graph
-        raise IncompatibleArtifactError(f"{path} is not a readable ONNX graph (corrupt or truncated: "
-                                        f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    proto = load_onnx(path, external_data=False)
 
     def io(values):
         return [{"name": v.name, "dtype": names.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type)),

@@ -16,7 +16,7 @@ from ..atomic import write_text
 from ..errors import IncompatibleArtifactError, InfiniError
 from ..models.config import InfiniConfig
 from ..models.spec import TensorSpec
-from ..paths import inside, parse_json
+from ..paths import describe_absent, inside, parse_json
 from .manifest_schema import SchemaError, check_consistent, check_schema
 
 MANIFEST_FILE = "infini.json"
@@ -94,8 +94,10 @@ class Manifest:
         if name not in self.files:
             raise IncompatibleArtifactError(f"{export_dir}/{MANIFEST_FILE} does not list {name}")
         if not path.is_file():
-            raise IncompatibleArtifactError(f"{path} is missing from the export folder (it was deleted or moved; "
-                                            "export again)")
+            what = describe_absent(path)
+            where = "from the export folder" if what == "is missing" else "in the export folder"
+            hint = "it was deleted or moved" if what == "is missing" else "something else took its name"
+            raise IncompatibleArtifactError(f"{path} {what} {where} ({hint}; export again)")
         actual = sha256_file(path)
         if actual != self.files[name]:
             raise IncompatibleArtifactError(
@@ -128,3 +130,31 @@ def load_manifest(export_dir) -> Manifest:
         raise IncompatibleArtifactError(f"{path} is incomplete or malformed: {e}") from None
     check_consistent(manifest, folder, data)
     return manifest
+
+
+def load_onnx(path, external_data: bool = True):
+    """``onnx.load`` with one-line errors: a file that is not a readable graph, or whose external data is
+    missing or would be read from outside the graph's folder, is an IncompatibleArtifactError."""
+    import onnx
+    from onnx import external_data_helper
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise IncompatibleArtifactError(f"{path} is empty (0 bytes); expected an ONNX graph")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:   # noqa: BLE001 (protobuf's DecodeError and onnx's own)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise IncompatibleArtifactError(f"{path} is not a readable ONNX graph (corrupt or truncated: {first})") from None
+    for tensor in external_data_helper._get_all_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            data = inside(path.parent, location)
+            if not data.is_file():
+                raise IncompatibleArtifactError(f"{path}: its external data {location!r} is missing")
+    if external_data:
+        try:
+            external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as e:   # noqa: BLE001
+            raise IncompatibleArtifactError(f"{path}: its external data cannot be read ({e})") from None
+    return proto

@@ -92,7 +92,15 @@ def check_schema(data: dict) -> None:
     if "tensorrt" in data:
         _fields(data["tensorrt"], "tensorrt", TENSORRT, {"timing_cache": str})
         for graph, engine in data["tensorrt"]["engines"].items():
-            _fields(engine, f"tensorrt.engines.{graph[:40]}", ENGINE)
+            where = f"tensorrt.engines.{graph[:40]}"
+            _fields(engine, where, ENGINE)
+            if len(engine["profiles"]) != 1:
+                raise SchemaError(f"{where}.profiles holds {len(engine['profiles'])} profiles; expected 1")
+            for tensor, shapes in _need(engine["profiles"][0], dict, f"{where}.profiles[0]").items():
+                _fields(shapes, f"{where}.profiles[0].{tensor[:40]}", {"min": list, "opt": list, "max": list})
+                for key in ("min", "opt", "max"):
+                    for d in shapes[key]:
+                        _need(d, int, f"{where}.profiles[0].{tensor[:40]}.{key}[]")
         for cc in data["tensorrt"]["compute_capabilities"]:
             _need(cc, str, "tensorrt.compute_capabilities[]")
 
@@ -139,6 +147,9 @@ def _spec(d) -> str:
     if not isinstance(d, dict):
         return str(d)
     text = f"{d['name']!r} {d['dtype']} {d['shape']}"
+    extra = {k: d[k] for k in ("max_dims", "value_range") if k in d}
+    if extra:
+        text += f" {extra}"
     return text if len(text) < 120 else text[:117] + "..."
 
 
@@ -160,3 +171,20 @@ def _check_checkpoint_config(where: Path, manifest, folder: Path) -> None:
         diff = [k for k, v in manifest.config.to_dict().items() if theirs.to_dict().get(k) != v]
         raise IncompatibleArtifactError(f"{where}: its config differs from its checkpoint's in {', '.join(diff)} "
                                         "(the manifest was edited): export again")
+
+
+def check_identity(metadata: dict, manifest, graph: str, path) -> None:
+    """A graph's own metadata (export/graph.set_identity) names the step and the model its manifest names.
+    Graphs exported before it was written carry none and are not checked."""
+    from .graph import IDENTITY
+
+    if IDENTITY["graph"] not in metadata:
+        return
+    expected = {IDENTITY["graph"]: graph, IDENTITY["config"]: manifest.config.digest(),
+                IDENTITY["weights"]: manifest.weights_sha256 or metadata.get(IDENTITY["weights"])}
+    for key, want in expected.items():
+        if metadata.get(key) != want:
+            what = key.rsplit(".", 1)[-1].replace("_", " ")
+            raise IncompatibleArtifactError(
+                f"{path} is not this export's {graph} graph: its {what} is {str(metadata.get(key))[:16]!r}, "
+                f"infini.json names {str(want)[:16]!r} (a graph from another export put in its place?)")

@@ -75,6 +75,7 @@ class Trt:
         if not self.targets_compute_capability:
             raise BadInputError(f"--target-cc is a TensorRT-RTX option; {self.title} builds for the GPU it runs "
                                 "on: use --backend tensorrt-rtx, or build on the target GPU without --target-cc")
+        targets = tuple(dict.fromkeys(targets))   # a capability given twice is one target
         known = {m.removeprefix("SM"): v for m, v in self.module.ComputeCapability.__members__.items()
                  if m.startswith("SM")}
         config.num_compute_capabilities = len(targets)

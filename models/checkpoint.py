@@ -11,9 +11,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_folder
-from ..errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
+from ..errors import BadInputError, IncompatibleArtifactError, InfiniError, NumericalFaultError
 from ..limits import check_fits
-from ..paths import read_json
+from ..paths import describe_absent, read_json
 from .config import InfiniConfig
 from .model import InfiniTransformer
 
@@ -26,8 +26,11 @@ CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "tokenizer.js
 
 
 def owned_checkpoint(folder: Path) -> set[str] | None:
-    """The files of ours in a checkpoint folder (for atomic.atomic_folder), None when it is not a checkpoint."""
-    if not ((folder / CONFIG_FILE).is_file() or (folder / WEIGHTS_FILE).is_file()):
+    """The files of ours in a checkpoint folder (for atomic.atomic_folder), None when it is not one of ours:
+    its config.json must be an infini-deploy config (a Hugging Face folder's is not)."""
+    try:
+        load_config(folder)
+    except InfiniError:
         return None
     return set(CHECKPOINT_FILES)
 
@@ -42,6 +45,7 @@ def write_checkpoint(model: InfiniTransformer, folder: Path) -> None:
         raise NumericalFaultError(f"refusing to write a checkpoint with NaN/Inf weights (tensor {bad}); "
                                   "nothing was written")
     save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / WEIGHTS_FILE).chmod(0o644)   # safetensors makes it private; the folder is meant to be shared
     (folder / CONFIG_FILE).write_text(model.config.to_json() + "\n")
 
 
@@ -55,9 +59,8 @@ def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force:
 def load_config(path: str | os.PathLike) -> InfiniConfig:
     file = Path(path) / CONFIG_FILE
     if not file.is_file():
-        what = "is a folder" if file.is_dir() else "is missing"
-        raise BadInputError(f"{path} is not a checkpoint: {CONFIG_FILE} {what} (expected {CONFIG_FILE} and "
-                            f"{WEIGHTS_FILE} in it)")
+        raise BadInputError(f"{path} is not a checkpoint: {CONFIG_FILE} {describe_absent(file)} (expected "
+                            f"{CONFIG_FILE} and {WEIGHTS_FILE} in it)")
     data = read_json(file, "config")
     try:
         return InfiniConfig.from_dict(data)
@@ -71,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
     check_fits(4 * config.parameter_count(), f"the model of {Path(path) / CONFIG_FILE}")
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
-        raise BadInputError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")
+        raise BadInputError(f"{path} is not a checkpoint: {WEIGHTS_FILE} {describe_absent(weights)}")
     try:
         tensors = load_file(str(weights), device=device)
     except (SafetensorError, OSError, ValueError) as e:

@@ -18,6 +18,9 @@ INT_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "d_head": 
 FLOAT_LIMITS = {"eps": (1e-30, 1.0), "rope_theta": (1.0, 1e12), "norm_eps": (1e-30, 1.0)}
 
 
+OPTIONAL_FIELDS: frozenset = frozenset()   # fields a config file may leave out (their default is implied)
+
+
 def _show(value) -> str:
     """repr of a user's value, cut short (a config may hold an integer of thousands of digits)."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100:
@@ -105,6 +108,9 @@ class InfiniConfig:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise BadInputError(f"unknown config fields {_show(unknown)}; expected only: {', '.join(known)}")
+        missing = [k for k in known if k not in data and k not in OPTIONAL_FIELDS]
+        if missing:   # a field left out would silently take a default: another model than the file's
+            raise BadInputError(f"the config lacks the fields {', '.join(missing)}")
         return cls(**data)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +19,7 @@ CHUNK = 1 << 16  # tokens (bytes, for text) read per chunk
 def count_tokens(path: str | os.PathLike) -> int:
     """Tokens in a file without reading it: bytes for text, elements for .npy."""
     path = check_input_file(path)
-    if path.suffix == ".npy":
+    if path.suffix.lower() == ".npy":
         return int(_load_npy(path).shape[0])
     return path.stat().st_size
 
@@ -34,7 +35,7 @@ def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = 
         raise BadInputError(f"input file {path} is empty; expected text or a .npy token array")
     remaining = limit
     while remaining is None or remaining > 0:
-        for piece in (_iter_npy(path, chunk) if path.suffix == ".npy" else _iter_text(path, chunk)):
+        for piece in (_iter_npy(path, chunk) if path.suffix.lower() == ".npy" else _iter_text(path, chunk)):
             if remaining is not None:
                 piece = piece[:remaining]
                 remaining -= len(piece)
@@ -48,8 +49,14 @@ def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = 
 def _load_npy(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         raise BadInputError(f"input file {path} is empty (0 bytes); expected a .npy array of token ids")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise BadInputError(f"{path} is not a .npy file (no NumPy header); give a .npy array of token ids, or "
+                                "a text file under another name")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        with warnings.catch_warnings():   # a header declaring an absurd shape warns before it fails
+            warnings.simplefilter("ignore")
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:
         raise BadInputError(f"{path} is not a plain .npy array ({str(e).strip()[:80] or type(e).__name__})") from None
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):

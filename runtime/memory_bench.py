@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.model import InfiniTransformer
+from ..limits import available_memory_bytes
 from .measure import current_rss_bytes, human_bytes, peak_rss_bytes
 
 
@@ -123,9 +124,13 @@ def baseline_rows(model: InfiniTransformer, lengths: list[int], repeat: int, kv_
     rows = []
     for T in sorted(lengths):
         kv = cfg.kv_cache_bytes(T + N, 1, 4)
+        needs = kv + 2 * 4 * N * (T + N) * cfg.n_head   # the cache, and one layer's scores and softmax
         if kv > kv_limit_bytes:
             row = {"tokens": T, "skipped": f"KV cache {human_bytes(kv)} > limit {human_bytes(kv_limit_bytes)}",
                    "kv_cache_bytes": kv}
+        elif needs > available_memory_bytes():
+            row = {"tokens": T, "skipped": f"needs {human_bytes(needs)}; this machine has "
+                                           f"{human_bytes(available_memory_bytes())} available", "kv_cache_bytes": kv}
         else:
             cache = base.new_cache(T + N, fill_random=T)
             seg = torch.randint(0, 256, (1, N), generator=gen)

@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import IncompatibleArtifactError, MissingBackendError
+from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
 from ..export.manifest import load_manifest
+from ..export.manifest_schema import check_identity
 from ..models import spec
 from .runner import TORCH_DTYPES, BaseRunner
 
@@ -50,8 +51,12 @@ def session_from_onnx(path: Path, provider: str, threads: int | None = None, pro
 
     ``emulate_bf16``: run a bf16 graph on a provider without bf16 kernels (export/emulate.py).
     """
+    from ..limits import max_threads
+
     ort = _ort()
     options = ort.SessionOptions()
+    if threads is not None and not 1 <= threads <= max_threads():
+        raise BadInputError(f"threads must be in [1, {max_threads()}] (4 per CPU), got {threads}")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -121,6 +126,7 @@ class OrtRunner(BaseRunner):
         emulate = self.manifest.precision == "bf16" and self.device.type == "cpu"
         self.session = session_from_onnx(self.path, self.provider, self.threads, emulate_bf16=emulate)
         check_session_io(self.session, self.input_specs, self.output_specs, self.path, emulate)
+        check_identity(self.session.get_modelmeta().custom_metadata_map, self.manifest, self.graph, self.path)
         self._binding = _CudaBinding(self) if self.device.type == "cuda" else None
 
     def infer_impl(self, feed):

@@ -25,6 +25,8 @@ class Sampling:
             why = ": logits divided by less overflow to inf" if 0 < t < MIN_TEMPERATURE else ""
             raise BadInputError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
                                 f"got {t}{why}")
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise BadInputError(f"seed must be an integer in [0, 2^63 - 1], got {self.seed!r}")
         if self.top_k is not None and self.top_k < 1:
             raise BadInputError(f"top_k must be at least 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

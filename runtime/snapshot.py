@@ -70,6 +70,8 @@ def _weights(runner) -> str:
 
 def save_snapshot(stream, path, force: bool = False) -> Path:
     """Write ``stream``'s state to ``path`` atomically; BadInputError if it exists and not ``force``."""
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise BadInputError(f"a snapshot needs a file name, got {path!r}")
     tensors = {"memory": stream.memory, "norm": stream.norm, "pending": stream.pending}
     if stream._cached:
         tensors.update(zip(CACHE, stream.cache))
@@ -198,7 +200,8 @@ def check_shapes(path, meta: dict, tensors: dict, config) -> dict:
 
 def _count(path, meta: dict, key: str) -> int:
     text = meta[key]
-    if not (isinstance(text, str) and text.isdigit() and len(text) <= 19 and int(text) <= MAX_COUNT):
+    if not (isinstance(text, str) and text.isascii() and text.isdigit() and len(text) <= 19
+            and int(text) <= MAX_COUNT):
         raise IncompatibleArtifactError(f"{path}: its {key} is {text[:30]!r}; expected a whole number")
     value = int(text)
     if key == "batch" and value < 1:

@@ -39,14 +39,17 @@ class Stream:
 
     def __init__(self, runner: BaseRunner, batch: int = 1, check_finite: bool = True,
                  decode_runner: BaseRunner | None = None):
+        if spec.TOKENS not in {s.name for s in runner.input_specs}:
+            raise BadInputError(f"runner runs a graph with inputs {[s.name for s in runner.input_specs]}; a Stream "
+                                "needs the segment step's (pass the decode runner as decode_runner=)")
         if not runner.is_active:
             runner.activate()
         self.runner = runner
         self.config = runner.config
         self.decode_runner = _check_decode_runner(runner, decode_runner)
-        self.batch = int(batch)
-        if self.batch < 1:
-            raise BadInputError(f"batch must be at least 1, got {batch}")
+        if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 16:
+            raise BadInputError(f"batch must be an integer in [1, 65536], got {batch!r}")
+        self.batch = batch
         cfg = self.config
         cache = 2 * cfg.n_layer * cfg.n_head * cfg.segment_len * cfg.d_head * 4 if decode_runner else 0
         check_fits(self.batch * (2 * cfg.state_bytes(1) + cache) + cfg.step_bytes(self.batch),
@@ -287,12 +290,17 @@ class Stream:
         if isinstance(tokens, torch.Tensor):
             t = tokens
         else:
-            arr = np.asarray(tokens)
-            if not arr.flags.writeable:
-                arr = arr.copy()
+            arr = np.asarray(tokens) if isinstance(tokens, (np.ndarray, list, tuple, range)) or np.isscalar(tokens) \
+                else np.asarray(None)
             if arr.size == 0:
                 arr = arr.astype(np.int64)
-            t = torch.from_numpy(np.ascontiguousarray(arr))
+            if arr.dtype.kind not in "iu":
+                raise BadInputError(f"tokens must be integers, got {type(tokens).__name__} of dtype {arr.dtype}")
+            if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
+                raise BadInputError(f"tokens hold id {int(arr.max())}, which is no token id (above 2^63 - 1)")
+            if not arr.flags.writeable:
+                arr = arr.copy()
+            t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
         if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
             raise BadInputError(f"tokens must be integers, got dtype {str(t.dtype).removeprefix('torch.')}")
         if t.dim() == 1 and self.batch == 1:

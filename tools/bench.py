@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
 from ..atomic import write_text
+from ..paths import check_output_path
 from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, seed_option
 
 
@@ -41,12 +41,14 @@ def runners(model, count, batch, threads, precision, repeat, seed, profile_prefi
 
     from ..limits import check_fits
 
-    check_outputs(force, {"--json-out": json_out})
+    check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
+    if profile_prefix:
+        check_output_path(Path(profile_prefix), folder=False, create=False)
     torch.set_num_threads(threads)
     count = parse_count(count)
     check_fits(batch * count * 8, f"--batch {batch} x --tokens {count:,} of token ids")
     tokens = np.random.default_rng(seed).integers(0, 256, (batch, count), dtype=np.int64)
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch() as tmp:
         export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
         result = _measure(export_dir, tokens, threads, repeat, compare_throughput)
         if profile_prefix:
@@ -60,6 +62,14 @@ def runners(model, count, batch, threads, precision, repeat, seed, profile_prefi
                f"{result['tokens']:,} tokens)")
     if json_out:
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def _scratch():
+    """Temporary exports under the user cache: a killed run's are removed by the next one (atomic.py)."""
+    from ..atomic import scratch_folder
+    from .demo import cache_root
+
+    return scratch_folder(cache_root() / "scratch")
 
 
 def _profile(export_dir: Path, tokens, threads: int, prefix: str) -> dict:
@@ -118,7 +128,7 @@ def long(model, count, batch, threads, precision, checkpoints, seed, json_out, f
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.stream import Stream
 
-    check_outputs(force, {"--json-out": json_out})
+    check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     torch.set_num_threads(threads)
     tokens = parse_count(count)
 
@@ -126,7 +136,7 @@ def long(model, count, batch, threads, precision, checkpoints, seed, json_out, f
         click.echo(f"{row['tokens']:>12,} tokens {row['seconds']:>8.1f} s  RSS {human_bytes(row['rss_bytes'])}  "
                    f"max|z| {_fmt(row['max_abs_z'])}  max|M| {_fmt(row['max_abs_m'])}")
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch() as tmp:
         export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", precision, seed)
         with OrtRunner(export_dir, "cpu", threads) as runner:
             result = long_stream(Stream(runner, batch), tokens, checkpoints=checkpoints, seed=seed,
@@ -174,7 +184,7 @@ def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, 
     from ..runtime.stream import Stream
     from ..runtime.torch_runner import TorchRunner
 
-    check_outputs(force, {"--json-out": json_out, "--plot": plot_out})
+    check_outputs(force, {"--json-out": json_out, "--plot": plot_out}, folders={"MODEL": Path(model)})
     torch.set_num_threads(threads)
     lengths = sorted(parse_count(x, "--lengths") for x in lengths.split(",") if x.strip())
     chosen = [b.strip() for b in backends.split(",") if b.strip()]
@@ -202,7 +212,7 @@ def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, 
     if "torch" in chosen:
         result["infini_torch"] = mb.infini_rows(Stream(TorchRunner(net)), lengths, repeat, seed, show("Infini torch"))
     if "onnxruntime" in chosen:
-        with tempfile.TemporaryDirectory() as tmp:
+        with _scratch() as tmp:
             from ..export.exporter import export_model
 
             # not validated here: a timing run; `infini export` checks the graphs against torch

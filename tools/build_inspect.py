@@ -32,6 +32,7 @@ def build(export_dir, backend, min_n, opt_n, max_n, min_batch, opt_batch, max_ba
 
     if timing_cache is not None:
         check_output_path(timing_cache, folder=False, create=False)
+        _check_timing_cache(timing_cache, export_dir)
     options = BuildOptions(backend, min_n, opt_n, max_n, min_batch, opt_batch, max_batch, tuple(target_cc), plugin,
                            str(timing_cache) if timing_cache else None)
     record = build_engines(export_dir, options).tensorrt
@@ -43,6 +44,20 @@ def build(export_dir, backend, min_n, opt_n, max_n, min_batch, opt_batch, max_ba
         first, shapes = next(iter(e["profiles"][0].items()))
         click.echo(f"  {name}: {export_dir / e['file']} ({e['bytes']:,} bytes, {e['build_s']:.1f} s), profile "
                    f"{first} min {shapes['min']} opt {shapes['opt']} max {shapes['max']}")
+
+
+def _check_timing_cache(cache: Path, export_dir: Path) -> None:
+    """The timing cache is read and rewritten: it must not be one of the export's own files."""
+    from ..errors import BadInputError
+    from ..export.engine import is_engine_name
+    from ..export.manifest import MANIFEST_FILE, load_manifest
+
+    try:
+        relative = cache.resolve().relative_to(export_dir.resolve()).as_posix()
+    except ValueError:
+        return
+    if relative == MANIFEST_FILE or relative in load_manifest(export_dir).files or is_engine_name(relative):
+        raise BadInputError(f"--timing-cache {cache} is a file of the export folder; give another file")
 
 
 @click.command()

@@ -12,6 +12,7 @@ import signal
 
 import click
 
+from .. import signals
 from ..errors import InfiniError
 from .bench import bench
 from .build_inspect import build, inspect
@@ -39,20 +40,31 @@ def describe_os_error(e: OSError) -> str:
 class InfiniGroup(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            signals.check()   # a signal whose exception something swallowed: the command did not finish
+            return result
         except InfiniError as e:
             raise UserError(_one_line(str(e))) from None
         except OSError as e:
+            if signals.received:
+                _interrupted(signals.received[0])
             raise UserError(_one_line(describe_os_error(e))) from None
         except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            click.echo(f"interrupted ({signal.Signals(signum).name}): outputs left as they were", err=True)
-            raise click.exceptions.Exit(128 + signum) from None
+            _interrupted(getattr(e, "signum", signal.SIGINT))
+        except Exception:
+            if signals.received:   # a library turned the interrupt into its own error (torch.onnx.export does)
+                _interrupted(signals.received[0])
+            raise
+
+
+def _interrupted(signum: int):
+    click.echo(f"interrupted ({signal.Signals(signum).name}): outputs left as they were", err=True)
+    raise click.exceptions.Exit(128 + signum) from None
 
 
 def _one_line(message: str) -> str:
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    return lines[0] if lines else message
+    """The message on one line: line breaks (a path may hold one) are shown as \\n."""
+    return message.strip().replace("\r", "\\r").replace("\n", "\\n")
 
 
 @click.group(cls=InfiniGroup)

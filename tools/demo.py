@@ -37,7 +37,7 @@ def cached_export(checkpoint: Path, echo=click.echo) -> Path:
 
     A cached export that fails its checks (a file deleted, changed or truncated; a broken manifest) is
     exported again; the cache is this tool's own folder, so it is replaced without asking."""
-    import shutil
+    import time
 
     from ..export.exporter import export_model
     from ..models.checkpoint import load_checkpoint
@@ -51,8 +51,9 @@ def cached_export(checkpoint: Path, echo=click.echo) -> Path:
         if problem is None:
             echo(f"export: {folder} (cached)")
             return folder
-        echo(f"export: {folder} is damaged ({problem}); exporting it again")
-        shutil.rmtree(folder)
+        aside = folder.with_name(f"export.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        os.rename(folder, aside)   # not deleted: it may hold a file someone put there
+        echo(f"export: {folder} is damaged ({problem}); moved to {aside.name}, exporting it again")
     else:
         echo(f"export: {folder} (exporting and validating once)")
     export_model(load_checkpoint(checkpoint), folder, "fp32")

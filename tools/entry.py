@@ -1,8 +1,9 @@
 """The `infini` executable's entry point: signals first, then the (heavy) imports, then the CLI.
 
-SIGTERM and SIGHUP are turned into KeyboardInterrupt, as Ctrl-C is, before anything else is imported, so a
-signal at any moment (even while torch loads) ends in one line and exit 128 + signal, never a traceback, and
-every writer's cleanup runs (atomic.py).
+Ctrl-C, SIGTERM and SIGHUP become one KeyboardInterrupt (errors.Interrupted), recorded in signals.py, before
+anything else is imported: a signal at any moment (even while torch loads) ends in one line and exit
+128 + signal, never a traceback, every writer's cleanup runs (atomic.py), and a signal whose exception a
+library swallowed still stops the command before its output is committed.
 """
 
 from __future__ import annotations
@@ -10,20 +11,30 @@ from __future__ import annotations
 import signal
 import sys
 
+from .. import signals
 from ..errors import Interrupted
 
 
-def _terminate(signum, frame):
-    raise Interrupted(signum)
+def _interrupt(signum, frame):
+    """Record the signal (signals.py) and raise it once; a second signal during cleanup is only recorded,
+    so cleanup is not cut short by a traceback (SIGKILL still ends the process)."""
+    first = not signals.received
+    signals.received.append(signum)
+    if first:
+        raise Interrupted(signum)
 
 
 def main():
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _terminate)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     try:
         from .cli import cli
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"interrupted ({signal.Signals(signum).name}) while starting: nothing was done", file=sys.stderr)
         sys.exit(128 + signum)
-    cli(prog_name="infini")
+    try:
+        cli(prog_name="infini")
+    finally:   # the command is over, its outputs written or not: a signal now changes nothing
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)

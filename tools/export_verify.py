@@ -57,7 +57,7 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
     from ..runtime.compare import TOLERANCES, check_tolerance, drift, format_table, summary_rows, worst
     from ..runtime.torch_runner import TorchRunner
 
-    check_outputs(force, {"--json-out": json_out})
+    check_outputs(force, {"--json-out": json_out}, folders={"EXPORT_DIR": export_dir})
     if threads:
         torch.set_num_threads(threads)
     manifest, model = load_export(export_dir)
@@ -92,10 +92,18 @@ def load_export(export_dir: Path):
     from ..export.manifest import load_manifest
     from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 
+    from ..errors import IncompatibleArtifactError
+    from ..models.checkpoint import weights_digest
+
     manifest = load_manifest(export_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         manifest.verify(export_dir, f"{CHECKPOINT_DIR}/{name}")
-    return manifest, load_checkpoint(Path(export_dir) / CHECKPOINT_DIR)
+    model = load_checkpoint(Path(export_dir) / CHECKPOINT_DIR)
+    if manifest.weights_sha256 and weights_digest(model) != manifest.weights_sha256:
+        raise IncompatibleArtifactError(f"{export_dir}/{CHECKPOINT_DIR}/{WEIGHTS_FILE} holds other weights than the "
+                                        "export's graphs (its tensors' sha256 differs from infini.json's "
+                                        "weights_sha256): a checkpoint from another export put in its place?")
+    return manifest, model
 
 
 def exported_runners(export_dir: Path, threads: int | None = None) -> dict:

@@ -146,7 +146,7 @@ def length_label(n: int) -> str:
 @common_options
 def passkey(model, lengths, depths, trials, seed, filler, json_out, force, backend, device, threads, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
-    check_outputs(force, {"--json-out": json_out})
+    check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
     if not lengths:
         raise BadInputError("--lengths is empty; expected lengths such as 4k,32k")

@@ -62,11 +62,14 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
     check_outputs(force, {"--save-state": save_state, "--json-out": json_out},
-                  {"--input": input_file, "--resume": resume})
+                  {"--input": input_file, "--resume": resume}, {"MODEL": Path(model)})
     total = limit or count_tokens(path)
     runner, backend = make_runner(model, backend, device, threads, seed)
     with runner:
         stream = Stream.load(resume, runner) if resume else Stream(runner)
+        if stream.batch != 1:
+            raise BadInputError(f"--resume {resume} holds a stream of batch {stream.batch}; `infini run` streams "
+                                "one input (resume it with the Python API: Stream.load)")
         result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress,
                                    flush=save_state is None)
         if save_state is not None:

@@ -44,7 +44,7 @@ def parse_count(text: str | None, option: str = "--tokens", limit: int = MAX_TOK
     text = str(text).strip()
     scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
     digits = text[:-1] if scale > 1 else text
-    if not (digits.isdigit() and len(digits) <= 15):
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 15):
         raise BadInputError(f"{option} {text[:30]!r}: expected a count such as 65536, 64k or 1m")
     value = int(digits) * scale
     if value < 1:
@@ -88,20 +88,44 @@ def force_option(help_text: str = "Replace the output files if they exist."):
     return click.option("--force", is_flag=True, help=help_text)
 
 
-def check_outputs(force: bool, outputs: dict[str, Path | None], inputs: dict[str, Path | None] = {}) -> None:
-    """Before the work: every output can be written, exists only with ``force``, and is none of the inputs
-    nor another output. ``outputs``/``inputs``: option name -> path (None: not given)."""
+def check_outputs(force: bool, outputs: dict[str, Path | None], inputs: dict[str, Path | None] = {},
+                  folders: dict[str, Path | None] = {}) -> None:
+    """Before the work: every output can be written, exists only with ``force`` (and then only as a regular
+    file), is none of the inputs nor another output, and lies in none of the input ``folders`` (a model or
+    export folder: a report must never overwrite the model it ran). Each output is then locked for the rest
+    of the command (a second command writing it fails at once). ``outputs``/``inputs``/``folders``: option
+    name -> path (None: not given)."""
+    from ..atomic import check_file_replaceable, output_lock
+
     given = {k: Path(v) for k, v in outputs.items() if v is not None}
     for option, path in given.items():
         check_output_path(path, folder=False, create=False)
-        if path.exists() and not force:
-            raise BadInputError(f"{option} {path} exists; choose a new file or pass --force to replace it")
+        try:
+            check_file_replaceable(path, force)
+        except BadInputError as e:
+            raise BadInputError(f"{option} {e}") from None
+        for name, folder in folders.items():
+            if folder is not None and Path(folder).is_dir() and _inside(path, Path(folder)):
+                raise BadInputError(f"{option} {path} is inside {name} {folder}; write it elsewhere (an output "
+                                    "must never change the model it runs)")
     seen: dict[str, str] = {}
     for option, path in [*((k, Path(v)) for k, v in inputs.items() if v is not None), *given.items()]:
         key = _identity(path)
         if key in seen:
             raise BadInputError(f"{option} {path} is also the {seen[key]} of this command; choose another file")
         seen[key] = option
+    ctx = click.get_current_context(silent=True)
+    for path in given.values():
+        if ctx is not None and path.parent.is_dir():
+            ctx.with_resource(output_lock(path))
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        resolved, root = path.resolve(), folder.resolve()
+    except (RuntimeError, OSError):
+        return False
+    return root in resolved.parents
 
 
 def _identity(path: Path) -> str:

@@ -46,7 +46,8 @@ def train():
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @seed_option()
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
-@click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True)
+@click.option("--update", type=click.Choice(UPDATE_RULES), default=None,
+              help="Memory update rule [default: linear; with --init, the checkpoint's].")
 @click.option("--max-minutes", type=Number(0, 1e6, min_open=True), default=None,
               help="Stop (and save) after this long; the LR schedule then follows time as well as steps.")
 @click.option("--threads", type=THREADS, default=None, help="torch intra-op threads.")
@@ -70,13 +71,15 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     if init_from is not None:
         model = load_checkpoint(init_from)
         model_cfg = model.config
-        if model_cfg.update != update:
-            raise BadInputError(f"--init {init_from} uses the {model_cfg.update} update rule; pass --update "
-                                f"{model_cfg.update} (got --update {update})")
+        if update is not None and model_cfg.update != update:
+            raise BadInputError(f"--init {init_from} uses the {model_cfg.update} update rule, not --update {update}: "
+                                f"drop --update (or pass --update {model_cfg.update})")
     else:
-        model_cfg = preset(preset_name, update=update)
+        model_cfg = preset(preset_name, update=update or "linear")
         model = init_model(model_cfg, seed)
-    check_fits(16 * model_cfg.parameter_count(), "training this model (weights, gradients and AdamW state)")
+    check_fits(16 * model_cfg.parameter_count() + max_segments * model_cfg.n_layer * model_cfg.step_bytes(batch),
+               f"training this model at --batch {batch} over {max_segments} segments (weights, gradients, AdamW "
+               "state, activations)")
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,

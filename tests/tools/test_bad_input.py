@@ -161,6 +161,60 @@ def demo_cache(tmp, content):
     return ["demo", "--tokens", "4k", "--no-progress", "--no-engine"]
 
 
+def fifo(tmp):
+    import os
+    os.mkfifo(tmp / "fifo")
+    return tmp / "fifo"
+
+
+def hf_folder(tmp):
+    folder = tmp / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (folder / "model.safetensors").write_bytes(b"their weights")
+    return folder
+
+
+def swapped_from(tmp, export, other_export, name):
+    folder = copy(export, tmp / "x")
+    shutil.copy(other_export / name, folder / name)
+    rehash(folder, name)
+    return folder
+
+
+def other_export(tmp):
+    from infini_deploy.export.exporter import export_model
+    from infini_deploy.models import init_model, preset
+    return export_model(init_model(preset("tiny"), seed=1), tmp / "other", validate=False) and tmp / "other"
+
+
+def external_data_onnx(tmp, location):
+    import onnx
+    from onnx import TensorProto, helper
+    tensor = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.ClearField("float_data")
+    tensor.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [tensor])
+    onnx.save(helper.make_model(graph), str(tmp / "f.onnx"))
+    return tmp / "f.onnx"
+
+
+def batch_two_snapshot(tmp):
+    from infini_deploy.models import init_model, preset
+    stream = Stream(TorchRunner(init_model(preset("tiny"), seed=0)), batch=2)
+    stream.feed(torch.zeros(2, 10, dtype=torch.int64), keep="none")
+    return stream.save(tmp / "b2.safetensors")
+
+
+def weights_as_folder(tmp, ckpt):
+    folder = copy(ckpt, tmp / "c")
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+    return folder
+
+
 # (id, setup(tmp, ckpt, export) -> argv, message the one line must contain)
 CASES = [
     # checkpoints
@@ -327,6 +381,46 @@ CASES = [
     ("snapshot-pending-out-of-vocabulary", lambda t, c, e: [*RUN, "--resume", bad_pending(t)],
      "its pending tokens hold ids outside the vocabulary"),
     ("snapshot-is-a-folder", lambda t, c, e: [*RUN, "--resume", t], "snapshot"),
+    # found by the hostile-user pass after the first round of fixes
+    ("json-out-a-fifo", lambda t, c, e: [*RUN, "--tokens", "10", "--json-out", fifo(t), "--force"],
+     "is not a regular file (a device, FIFO or socket); refusing to replace it"),
+    ("json-out-a-symlink", lambda t, c, e: [*RUN, "--tokens", "10", "--json-out",
+                                            (t / "l").symlink_to(text(t, b"x")) or t / "l", "--force"],
+     "is a symbolic link; refusing to replace it"),
+    ("json-out-into-the-model", lambda t, c, e: [*RUN, copy(c, t / "c"), "--tokens", "10", "--json-out",
+                                                 t / "c" / "config.json", "--force"],
+     "is inside MODEL"),
+    ("save-state-into-the-export", lambda t, c, e: [*RUN, copy(e, t / "x"), "--tokens", "10", "--save-state",
+                                                    t / "x" / "s.st"], "is inside MODEL"),
+    ("force-over-a-hugging-face-folder", lambda t, c, e: ["init", "tiny", hf_folder(t), "--force"],
+     "is not a checkpoint written by infini-deploy"),
+    ("force-over-a-fake-export", lambda t, c, e: ["export", "tiny", t / "fx", "--force"]
+     if (t / "fx").mkdir() or (t / "fx" / "infini.json").write_text("notes") else [],
+     "is not an export folder written by infini-deploy"),
+    ("force-onto-a-symlink", lambda t, c, e: ["init", "tiny", (t / "link").symlink_to(copy(c, t / "real")) or
+                                              t / "link", "--force"], "is a symbolic link; refusing to replace it"),
+    ("count-superscript-digit", lambda t, c, e: [*RUN, "--tokens", "\u00b2"], "expected a count such as 65536"),
+    ("graph-from-another-export-rehashed", lambda t, c, e: [*RUN, swapped_from(t, e, other_export(t), "segment.onnx")],
+     "is not this export's segment graph: its weights sha256 is"),
+    ("checkpoint-from-another-export-rehashed", lambda t, c, e: [
+        "verify", swapped_from(t, e, other_export(t), "checkpoint/model.safetensors")],
+     "holds other weights than the export's graphs"),
+    ("onnx-external-data-outside", lambda t, c, e: ["inspect", external_data_onnx(t, "../../../../etc/hostname")],
+     "a path outside the folder"),
+    ("onnx-external-data-missing", lambda t, c, e: ["inspect", external_data_onnx(t, "weights.bin")],
+     "its external data 'weights.bin' is missing"),
+    ("manifest-bad-trt-profiles", lambda t, c, e: [*RUN, manifest_change(t, e, lambda d: d.update(tensorrt={
+        "flavour": "tensorrt-rtx", "version": "1", "precision": "fp32", "strongly_typed": True,
+        "compute_capabilities": [], "options": {}, "engines": {"segment": {
+            "file": "segment.engine", "graph": "segment.onnx", "sha256": "0" * 64, "bytes": 1, "build_s": 1,
+            "layers": 1, "profiles": [{"tokens": 5}]}}}))], "profiles[0].tokens is int 5; expected dict"),
+    ("path-with-a-newline", lambda t, c, e: [*RUN, "--input", t / "no\nfile"], "no\\nfile does not exist"),
+    ("text-named-npy", lambda t, c, e: [*RUN, "--input", text(t, b"hello").rename(t / "x.npy") or t / "x.npy"],
+     "is not a .npy file (no NumPy header)"),
+    ("resume-a-batch-2-snapshot", lambda t, c, e: [*RUN, "--resume", batch_two_snapshot(t)],
+     "holds a stream of batch 2; `infini run` streams one input"),
+    ("weights-are-a-folder", lambda t, c, e: [*RUN, weights_as_folder(t, c)], "model.safetensors is a folder"),
+    ("config-with-fields-missing", lambda t, c, e: [*RUN, config_text(t, c, b"{}")], "the config lacks the fields"),
     # output paths that exist
     ("init-exists", lambda t, c, e: ["init", "tiny", c], "exists; choose a new folder or pass --force"),
     ("export-exists", lambda t, c, e: ["export", "tiny", c], "exists; choose a new folder or pass --force"),
@@ -354,7 +448,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup
 @pytest.mark.parametrize("command", ["init", "bench"])
 def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, error, command):
     def boom(*a, **k):
-        raise error(f"a {error.__name__}\nwith a second line the CLI must not print")
+        raise error(f"a {error.__name__}\nwith a second line the CLI shows on the same line")
     if command == "init":
         monkeypatch.setattr("infini_deploy.tools.init_run.save_checkpoint", boom)
         argv = ["init", "tiny", str(tmp_path / "m")]
@@ -363,7 +457,7 @@ def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, e
         argv = ["bench", "long", "--tokens", "1k"]
     res = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert res.exit_code == 2
-    assert res.output.startswith(f"Error: a {error.__name__}") and "Traceback" not in res.output
+    assert res.output == f"Error: a {error.__name__}\\nwith a second line the CLI shows on the same line\n"
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):

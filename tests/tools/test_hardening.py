@@ -358,3 +358,79 @@ def test_a_training_output_under_a_file_fails_before_training(tmp_path, monkeypa
                    "is a file; expected a folder for the checkpoint")
     with pytest.raises(BadInputError):
         save_checkpoint(init_model(preset("tiny")), tmp_path / "afile" / "x")
+
+
+# -- found by the hostile-user pass after the first round ------------------------------------------------------
+
+def test_force_never_reaches_through_a_symlinked_folder(tmp_path):
+    """An edited manifest listing a symlinked `checkpoint` made `export --force` delete the link's target."""
+    assert invoke("export", "tiny", tmp_path / "x").exit_code == 0
+    assert invoke("init", "tiny", tmp_path / "userck").exit_code == 0
+    shutil.rmtree(tmp_path / "x" / "checkpoint")
+    (tmp_path / "x" / "checkpoint").symlink_to(tmp_path / "userck")
+    _edit(tmp_path / "x", lambda d: d["files"].update(checkpoint="0" * 64))
+    before = tree(tmp_path / "userck")
+    invoke("export", "tiny", tmp_path / "x", "--force")
+    assert tree(tmp_path / "userck") == before
+
+
+def test_a_swallowed_signal_still_stops_the_output(tmp_path, monkeypatch):
+    """A signal whose KeyboardInterrupt was raised inside a weakref callback (and so ignored by Python) let
+    the export finish and exit 0."""
+    from infini_deploy import signals
+    from infini_deploy.errors import Interrupted
+
+    monkeypatch.setattr(signals, "received", [signal.SIGTERM])
+    with pytest.raises(Interrupted):
+        save_checkpoint(init_model(preset("tiny")), tmp_path / "c")
+    assert list(tmp_path.iterdir()) == []
+    res = CliRunner().invoke(cli, ["init", "tiny", str(tmp_path / "d")])
+    assert res.exit_code == 128 + signal.SIGTERM and not (tmp_path / "d").exists()
+
+
+def test_a_damaged_demo_cache_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    from infini_deploy.tools.demo import BUNDLED, cached_export
+
+    monkeypatch.setenv("INFINI_CACHE", str(tmp_path))
+    folder = cached_export(BUNDLED, echo=lambda *_: None)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "decode.onnx").write_bytes(b"damaged")
+    messages = []
+    assert cached_export(BUNDLED, echo=messages.append) == folder
+    assert "is damaged" in messages[0]
+    kept = [p for p in folder.parent.iterdir() if p.name.startswith("export.damaged-")]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "mine"
+
+
+def test_a_killed_benchmarks_scratch_is_removed_by_the_next_one(tmp_path):
+    from infini_deploy.atomic import scratch_folder
+
+    dead = tmp_path / "999999-abcd"
+    dead.mkdir()
+    (dead / "export").mkdir()
+    with scratch_folder(tmp_path) as mine:
+        assert mine.is_dir() and not dead.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_names_sharing_a_prefix_do_not_share_a_lock(tmp_path):
+    from infini_deploy.atomic import output_lock
+
+    a, b = tmp_path / ("L" * 80 + "_v1"), tmp_path / ("L" * 80 + "_v2")
+    with output_lock(a):
+        assert invoke("init", "tiny", b).exit_code == 0
+
+
+def test_the_stream_api_refuses_what_it_cannot_run(tiny_linear_model, tmp_path):
+    with pytest.raises(BadInputError, match="needs the segment step's"):
+        Stream(TorchRunner(tiny_linear_model, graph="decode"))
+    stream = Stream(TorchRunner(tiny_linear_model))
+    for bad, message in [("text", "tokens must be integers"), (None, "tokens must be integers"),
+                         (np.array([2**64 - 1], np.uint64), "no token id")]:
+        with pytest.raises(BadInputError, match=message):
+            stream.feed(bad)
+    for batch in ("x", 2.5, 0):
+        with pytest.raises(BadInputError, match="batch must be an integer"):
+            Stream(TorchRunner(tiny_linear_model), batch=batch)
+    with pytest.raises(BadInputError, match="a snapshot needs a file name"):
+        stream.save(None)

@@ -42,4 +42,4 @@ def test_train_passkey_init_fine_tunes_a_checkpoint(tmp_path):
     changed = [n for n, p in tuned.state_dict().items() if not (p == before.state_dict()[n]).all()]
     assert changed                                              # and its weights, trained one step further
     bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--init", str(base), "--update", "delta"])
-    assert bad.exit_code == 2 and "uses the linear update rule; pass --update linear" in bad.output
+    assert bad.exit_code == 2 and "uses the linear update rule, not --update delta: drop --update" in bad.output
