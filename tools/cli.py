@@ -20,6 +20,7 @@ from .demo import demo
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
+from .serve import serve
 from .train import train
 
 
@@ -84,6 +85,7 @@ cli.add_command(generate)
 cli.add_command(passkey)
 cli.add_command(train)
 cli.add_command(demo)
+cli.add_command(serve)
 
 
 def main():

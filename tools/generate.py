@@ -73,8 +73,12 @@ def common_options(f):
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=Number(0, 1, min_open=True), default=None)
 @seed_option("Sampling seed (and the init seed when MODEL is a preset).")
+@click.option("--server", default=None, help="Generate on the model a Triton server serves (`infini serve`), at "
+              "this HTTP address (host:port), instead of MODEL.")
+@click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
+              help="With --server: the stream to continue (default: a new one).")
 @common_options
-def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed,
+def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, server, stream_id,
              backend, device, threads, progress):
     """Stream a prompt through MODEL (a checkpoint folder or a preset name) and print what it generates."""
     if (prompt_file is None) == (prompt_text is None):
@@ -89,7 +93,12 @@ def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k
             raise BadInputError(f"--prompt is not valid UTF-8 text (character {e.start}); give UTF-8 text, or "
                                 "a file with --prompt-file") from None
         prompt, total = iter([encode(data)]), len(data)
-    stream, backend = open_stream(model, backend, device, seed, threads)
+    if server is not None:
+        from ..runtime.serving.remote import RemoteStream
+
+        stream = RemoteStream(server, stream_id=stream_id)
+    else:
+        stream, backend = open_stream(model, backend, device, seed, threads)
     text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     marks = [time.perf_counter()]
 
@@ -99,7 +108,7 @@ def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k
         if int(token[0]) < 256:
             click.echo(text.decode(bytes([int(token[0])])), nl=False)
 
-    stops = [EOS] if EOS < stream.config.vocab_size else []
+    stops = [EOS] if server is None and EOS < stream.config.vocab_size else []
     out = stream.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, on_token,
                           total=total, progress=progress)
     click.echo(text.decode(b"", final=True))

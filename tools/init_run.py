@@ -55,8 +55,17 @@ def init(preset_name, out_dir, update, seed, force):
               help="Save the stream's state here at the end (the last segment is left unfinished, to resume).")
 @click.option("--force", is_flag=True, help="Replace the --save-state and --json-out files if they exist.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def run(model, input_file, limit, device, backend, threads, seed, json_out, resume, save_state, force, progress):
+@click.option("--server", default=None, help="Stream through the model a Triton server serves (`infini serve`), "
+              "at this HTTP address (host:port), instead of MODEL.")
+@click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
+              help="With --server: the stream to continue (default: a new one).")
+@click.option("--end/--no-end", "end_stream", default=True, show_default=True,
+              help="With --server: end the stream afterwards (the server persists it with a --state-dir).")
+def run(model, input_file, limit, device, backend, threads, seed, json_out, resume, save_state, force, progress,
+        server, stream_id, end_stream):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
+    if server is not None:
+        return _run_remote(server, stream_id, end_stream, input_file, limit, json_out, force, progress)
     if threads:
         torch.set_num_threads(threads)
     limit = parse_count(limit)
@@ -87,6 +96,32 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
     click.echo(f"state {result['state_bytes']:,} bytes ({human_bytes(result['state_bytes'])}, constant at any length) "
                f"vs KV cache of a full-attention model of the same shape at {result['tokens']:,} tokens: "
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
+    if json_out:
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def _run_remote(server, stream_id, end_stream, input_file, limit, json_out, force, progress):
+    import time
+
+    from ..runtime.serving.remote import RemoteStream
+
+    limit = parse_count(limit)
+    path = input_file or Path(str(SAMPLE_TEXT))
+    check_outputs(force, {"--json-out": json_out}, {"--input": input_file})
+    total = limit or count_tokens(path)
+    stream = RemoteStream(server, stream_id=stream_id)
+    start_position = stream.open()
+    began = time.perf_counter()
+    stream.feed_chunks(iter_tokens(path, limit), keep="none", total=total, progress=progress)
+    seconds = time.perf_counter() - began
+    tokens = stream.position - start_position
+    persisted = stream.end() if end_stream else stream.persisted
+    result = {"server": server, "stream_id": stream.stream_id, "input": str(path), "tokens": tokens,
+              "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
+              "position": stream.position, "persisted": persisted}
+    click.echo(f"streamed {tokens:,} tokens through {server} (stream {stream.stream_id}, now at token "
+               f"{stream.position:,}) in {seconds:.2f} s: {result['tokens_per_s']:,.0f} tokens/s; "
+               + (f"persisted at token {persisted:,}" if persisted >= 0 else "not persisted (no --state-dir)"))
     if json_out:
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
 

@@ -1,0 +1,109 @@
+"""``serve_benchmark``: S concurrent remote streams through a real server against the same work in process.
+
+Every stream feeds its own T random tokens in requests of R tokens and keeps the last logits of each
+request. The same requests then run in this process, every stream's request j fed together in one
+feed_streams call (the in-process batched runner, the baseline), and each stream's replies must equal them
+bit for bit. Figures: aggregate tokens/s of both, per-request latency percentiles, and the RSS of the
+server's processes (the server and its Python-backend stubs) before the streams and after them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..feeding import feed_streams
+from ..stream import Stream
+
+
+def process_tree_rss(pid: int) -> int:
+    """RSS bytes of a process and all its descendants (Linux /proc)."""
+    total, todo = 0, [pid]
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        todo += children.get(p, [])
+    return total
+
+
+def serve_benchmark(server, make_runner, streams: int, tokens: int, request_tokens: int, seed: int = 0,
+                    vocab: int = 256) -> dict:
+    """Run the benchmark against a started ``server``; ``make_runner()`` gives the in-process runner."""
+    from .remote import RemoteStream
+
+    rng = np.random.default_rng(seed)
+    inputs = [rng.integers(0, vocab, tokens) for _ in range(streams)]
+    rss_start = process_tree_rss(server.process.pid)
+    replies, latencies, errors, rss_warm = [[] for _ in range(streams)], [], [], []
+
+    def client(i):
+        try:
+            remote = RemoteStream(server.url, stream_id=1000 + i, request_tokens=request_tokens)
+            for start in range(0, tokens, request_tokens):
+                began = time.perf_counter()
+                replies[i].append(remote.feed(inputs[i][start:start + request_tokens], "last"))
+                latencies.append(time.perf_counter() - began)
+                if len(latencies) == 2 * streams:   # every stream served twice: the server is warm
+                    rss_warm.append(process_tree_rss(server.process.pid))
+            remote.end()
+        except Exception as e:   # noqa: BLE001 (reported below)
+            errors.append(f"stream {i}: {type(e).__name__}: {e}")
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    served_s = time.perf_counter() - began
+    rss_end = process_tree_rss(server.process.pid)
+    local_s, mismatches = _in_process(make_runner, inputs, request_tokens, replies)
+    ms = sorted(x * 1e3 for x in latencies)
+    return {"streams": streams, "tokens_per_stream": tokens, "request_tokens": request_tokens,
+            "errors": errors, "mismatched_replies": mismatches,
+            "served": {"seconds": served_s, "tokens_per_s": streams * tokens / served_s,
+                       "latency_ms_p50": _percentile(ms, 50), "latency_ms_p99": _percentile(ms, 99),
+                       "requests": len(ms)},
+            "in_process_batched": {"seconds": local_s, "tokens_per_s": streams * tokens / local_s},
+            "ratio": local_s / served_s, "server_rss_start_bytes": rss_start,
+            "server_rss_warm_bytes": rss_warm[0] if rss_warm else None, "server_rss_end_bytes": rss_end}
+
+
+def _in_process(make_runner, inputs, request_tokens: int, replies) -> tuple[float, int]:
+    runner = make_runner()
+    local = [Stream(runner) for _ in inputs]
+    rounds = []
+    began = time.perf_counter()
+    for start in range(0, len(inputs[0]), request_tokens):
+        rounds.append(feed_streams(local, [torch.from_numpy(x[start:start + request_tokens]) for x in inputs], "last"))
+    seconds = time.perf_counter() - began
+    mismatches = sum(j >= len(replies[i]) or not torch.equal(replies[i][j], out.float())
+                     for j, outs in enumerate(rounds) for i, out in enumerate(outs))
+    return seconds, mismatches
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[min(int(q), 99) - 1] if q < 100 \
+        else sorted_values[-1]

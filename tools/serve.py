@@ -1,0 +1,68 @@
+"""`infini serve`: a Triton model repository from an export, and optionally the bundled server on loopback."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import click
+
+from ..export.triton_repo import STRATEGIES
+from .options import THREADS
+
+
+@click.command()
+@click.argument("export_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--repo", type=click.Path(path_type=Path), required=True, help="The model repository to write.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="oldest", show_default=True,
+              help="Sequence batcher: oldest batches requests of different streams; direct gives each a slot.")
+@click.option("--max-streams", type=click.IntRange(1, 1 << 16), default=64, show_default=True,
+              help="Streams one model instance holds in memory.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=16, show_default=True,
+              help="Requests of different streams served in one call.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Persist each stream's state here (at END, idle expiry, shutdown): any server sharing the "
+              "folder can resume it.")
+@click.option("--persist", type=click.Choice(["end", "every"]), default="end", show_default=True,
+              help="every: also after each request (nothing is lost if the server is killed).")
+@click.option("--idle", "idle_s", type=click.FloatRange(1, 1e7), default=3600, show_default=True,
+              help="Seconds after which an idle stream is persisted and dropped from memory.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="The runner inside the served model.")
+@click.option("--threads", type=THREADS, default=None, help="Intra-op threads of that runner.")
+@click.option("--start", is_flag=True, help="Also start the bundled tritonserver on loopback until Ctrl-C.")
+@click.option("--force", is_flag=True, help="Replace REPO if it is a repository of ours.")
+def serve(export_dir, repo, strategy, max_streams, max_batch, instances, state_dir, persist, idle_s, backend,
+          threads, start, force):
+    """Write a Triton Inference Server model repository for EXPORT_DIR (and serve it with --start)."""
+    from ..export.triton_repo import ServeOptions, write_repository
+
+    options = ServeOptions(strategy, max_streams, max_batch, instances, str(state_dir.resolve()) if state_dir else "",
+                           persist, idle_s, backend, threads or 0)
+    write_repository(export_dir, repo, options, force=force)
+    click.echo(f"wrote {repo}: infini_stream (Python backend, {strategy} strategy, {max_streams} streams per "
+               f"instance, persist {persist if state_dir else 'never (no --state-dir)'}), infini_segment_onnx and "
+               "infini_segment_trt (implicit state; NVIDIA's server image)")
+    if start:
+        _run_server(repo)
+
+
+def _run_server(repo: Path) -> None:
+    from ..runtime.serving.server import TritonServer
+    from .demo import cache_root
+
+    server = TritonServer(repo, cache_root(), log=repo.parent / f"{repo.name}.server.log")
+    server.start()
+    click.echo(f"serving on http://{server.url} (gRPC 127.0.0.1:{server.ports['grpc']}); log {server.log}; "
+               f"Ctrl-C stops it")
+    stop = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda s, f: stop.append(s))
+    try:
+        while not stop and server.process.poll() is None:
+            time.sleep(0.5)
+    finally:
+        code = server.stop()
+    click.echo(f"tritonserver stopped (exit {code}); streams persisted where a --state-dir was given")
