@@ -75,8 +75,8 @@ def drift(reference: BaseRunner, runners: dict[str, BaseRunner], segments: int =
 
 
 def reference_state(cfg, batch: int):
-    return (torch.zeros(cfg.n_layer, batch, cfg.n_head, cfg.d_head, cfg.d_head),
-            torch.zeros(cfg.n_layer, batch, cfg.n_head, cfg.d_head))
+    memory_shape, norm_shape = cfg.state_shape(batch)
+    return torch.zeros(memory_shape), torch.zeros(norm_shape)
 
 
 def _step(runner: BaseRunner, tokens, state: dict, key: str) -> dict:

@@ -2,9 +2,9 @@
 
 Tensors (all float32 but the token buffer):
 
-    memory (L, B, H, d, d)   norm (L, B, H, d)      the state after the last committed segment
-    pending (B, p) int64                             tokens of the unfinished segment, p < N
-    k_cache, v_cache (L, B, H, N, d), d_memory, d_norm    only mid-generation: the decode cache
+    memory (L, B, H_kv, d, d)   norm (L, B, H_kv, d)   the state after the last committed segment
+    pending (B, p) int64                                tokens of the unfinished segment, p < N
+    k_cache, v_cache (L, B, H_kv, N, d), d_memory, d_norm    only mid-generation: the decode cache
 
 The safetensors metadata names the model and the position: format and version,
 the config digest (and the config), the sha256 of the weights (of the checkpoint file for
@@ -128,7 +128,7 @@ def check_compatible(path, meta: dict, runner: BaseRunner) -> None:
 def check_shapes(path, meta: dict, tensors: dict, config) -> int:
     """The batch of a snapshot after checking every tensor's dtype and shape against ``config``."""
     B = int(meta["batch"])
-    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    L, H, d, N = config.n_layer, config.n_kv_head, config.d_head, config.segment_len   # state per KV head
     expected = {"memory": (L, B, H, d, d), "norm": (L, B, H, d)}
     if int(meta.get("cached", 0)):
         expected.update(k_cache=(L, B, H, N, d), v_cache=(L, B, H, N, d), d_memory=(L, B, H, d, d), d_norm=(L, B, H, d))

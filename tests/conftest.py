@@ -30,6 +30,21 @@ def tiny_model(request):
     return model
 
 
+def gqa_config(update: str = "linear", n_kv_head: int = 2):
+    """The tiny preset with grouped-query attention: 4 query heads of 8 over ``n_kv_head`` KV heads."""
+    return preset("tiny", n_head=4, n_kv_head=n_kv_head, d_head=8, update=update)
+
+
+@pytest.fixture(params=["linear", "delta"])
+def gqa_model(request):
+    """A GQA model (4 query heads, 2 KV heads), both update rules, a distinct non-zero gate per query head."""
+    model = init_model(gqa_config(request.param), seed=2)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, 4) + i)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_linear_model():
     """The tiny preset, linear rule, seed 0: the model behind `tiny_fp32`."""
