@@ -26,29 +26,36 @@ class InfiniConfig:
     rope_theta: float = 10000.0  # RoPE base, local attention only, positions 0..n-1
     norm_eps: float = 1e-5       # RMSNorm epsilon
     tie_embeddings: bool = True  # lm_head shares the token embedding
-    n_kv_head: int | None = None  # key/value heads (grouped-query attention); one M, z per KV head.
-    #                               None = n_head. Not serialised when equal to n_head, so the configs
-    #                               (and digests) of every model made before GQA are unchanged.
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention), one M, z per KV head; None
+    #                               means n_head (and n_head is stored as None). Read ``kv_heads``, the
+    #                               number. None is not serialised: configs made before GQA keep their
+    #                               JSON and digest, and replace(config, n_head=...) stays non-grouped.
 
     def __post_init__(self):
-        if self.n_kv_head is None:
-            object.__setattr__(self, "n_kv_head", self.n_head)   # frozen: normalise once, so == compares values
+        if self.n_kv_head == self.n_head:
+            object.__setattr__(self, "n_kv_head", None)   # one spelling of "not grouped", so == compares models
         if self.update not in UPDATE_RULES:
             raise BadInputError(f"update rule {self.update!r} is not known; expected one of: {', '.join(UPDATE_RULES)}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_head", "d_model", "d_ff", "segment_len"):
+        for name in ("vocab_size", "n_layer", "n_head", "d_head", "d_model", "d_ff", "segment_len") + \
+                (("n_kv_head",) if self.n_kv_head is not None else ()):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise BadInputError(f"config field {name} must be a positive integer, got {value!r}")
         if self.d_head % 2:
             raise BadInputError(f"d_head must be even for RoPE, got {self.d_head}")
-        if self.n_head % self.n_kv_head:
+        if self.n_head % self.kv_heads:
             raise BadInputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each KV head "
                                 "serves a group of n_head / n_kv_head query heads")
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head without grouped-query attention."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
     def group(self) -> int:
         """Query heads per KV head (1 without grouped-query attention). Query head h reads KV head h // group."""
-        return self.n_head // self.n_kv_head
+        return self.n_head // self.kv_heads
 
     # State sizes: the whole point of the model is that these do not depend on stream length.
     @property
@@ -58,21 +65,21 @@ class InfiniConfig:
 
     def state_shape(self, batch: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(memory, norm) shapes: [L, B, H_kv, d, d] and [L, B, H_kv, d] (one M, z per KV head)."""
-        L, H, d = self.n_layer, self.n_kv_head, self.d_head
+        L, H, d = self.n_layer, self.kv_heads, self.d_head
         return (L, batch, H, d, d), (L, batch, H, d)
 
     def state_bytes(self, batch: int = 1) -> int:
         """Bytes of (M, z) in float32: d x (d + 1) x H_kv x L numbers per stream."""
-        return 4 * batch * self.n_layer * self.n_kv_head * self.d_head * (self.d_head + 1)
+        return 4 * batch * self.n_layer * self.kv_heads * self.d_head * (self.d_head + 1)
 
     def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
         """Bytes a full-attention model of the same shape would hold for `tokens` of context (K and V of
         every KV head: a GQA model caches n_kv_head heads, not n_head)."""
-        return 2 * batch * self.n_layer * self.n_kv_head * self.d_head * tokens * bytes_per_value
+        return 2 * batch * self.n_layer * self.kv_heads * self.d_head * tokens * bytes_per_value
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if d["n_kv_head"] == self.n_head:   # the pre-GQA form: same JSON, same digest
+        if d["n_kv_head"] is None:   # the pre-GQA form: same JSON, same digest
             del d["n_kv_head"]
         return d
 

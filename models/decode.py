@@ -77,7 +77,7 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
     cfg = attn.config
     B = x.shape[0]
     q = attn.q_proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, 1, d)
-    k, v = (proj(x).view(B, 1, cfg.n_kv_head, cfg.d_head).transpose(1, 2)           # (B, H_kv, 1, d)
+    k, v = (proj(x).view(B, 1, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, 1, d)
             for proj in (attn.k_proj, attn.v_proj))
     a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, pos), rope(k, cfg.rope_theta, pos), v,
                                               pos, k_cache, v_cache)
@@ -123,7 +123,7 @@ class DecodeStep(nn.Module):
 
 def initial_decode_state(config: InfiniConfig, batch: int = 1, device=None):
     """Zero (k_cache, v_cache, d_memory, d_norm), float32, per KV head: the start of every segment."""
-    L, H, d, N = config.n_layer, config.n_kv_head, config.d_head, config.segment_len
+    L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len
     zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
     return zeros(L, batch, H, N, d), zeros(L, batch, H, N, d), zeros(L, batch, H, d, d), zeros(L, batch, H, d)
 

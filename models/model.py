@@ -69,7 +69,7 @@ class InfiniAttention(nn.Module):
     def __init__(self, config: InfiniConfig):
         super().__init__()
         self.config = config
-        inner, kv_inner = config.n_head * config.d_head, config.n_kv_head * config.d_head
+        inner, kv_inner = config.n_head * config.d_head, config.kv_heads * config.d_head
         self.q_proj = nn.Linear(config.d_model, inner, bias=False)
         self.k_proj = nn.Linear(config.d_model, kv_inner, bias=False)
         self.v_proj = nn.Linear(config.d_model, kv_inner, bias=False)
@@ -81,7 +81,7 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         B, n, _ = x.shape
         q = self.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
-        k, v = (proj(x).view(B, n, cfg.n_kv_head, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
+        k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
                 for proj in (self.k_proj, self.v_proj))
         if q.is_cuda and not torch.onnx.is_in_onnx_export():
             # the same function as below as one op: the fused Triton kernel (models/kernels/)

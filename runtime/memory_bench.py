@@ -39,7 +39,7 @@ class KVCacheBaseline:
 
     def new_cache(self, capacity: int, batch: int = 1, fill_random: int = 0) -> torch.Tensor:
         cfg = self.config
-        cache = torch.empty(cfg.n_layer, 2, batch, cfg.n_kv_head, capacity, cfg.d_head,
+        cache = torch.empty(cfg.n_layer, 2, batch, cfg.kv_heads, capacity, cfg.d_head,
                             device=self.model.embed_tokens.weight.device)
         if fill_random:
             cache[..., :fill_random, :].normal_()
@@ -60,13 +60,13 @@ class KVCacheBaseline:
             att = layer.self_attn
             h = layer.input_layernorm(x)
             q = att.q_proj(h).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)            # (B, H, n, d)
-            k, v = (proj(h).view(B, n, cfg.n_kv_head, cfg.d_head).transpose(1, 2)            # (B, H_kv, n, d)
+            k, v = (proj(h).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)            # (B, H_kv, n, d)
                     for proj in (att.k_proj, att.v_proj))
             q, k = (_rope_at(t, cfg.rope_theta, pos) for t in (q, k))
             cache[i, 0, :, :, position:position + n] = k
             cache[i, 1, :, :, position:position + n] = v
             a = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :position + n], cache[i, 1, :, :, :position + n],
-                                               attn_mask=mask, enable_gqa=cfg.n_kv_head < cfg.n_head)
+                                               attn_mask=mask, enable_gqa=cfg.kv_heads < cfg.n_head)
             x = x + att.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.lm_head(m.norm(x))

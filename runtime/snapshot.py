@@ -128,7 +128,7 @@ def check_compatible(path, meta: dict, runner: BaseRunner) -> None:
 def check_shapes(path, meta: dict, tensors: dict, config) -> int:
     """The batch of a snapshot after checking every tensor's dtype and shape against ``config``."""
     B = int(meta["batch"])
-    L, H, d, N = config.n_layer, config.n_kv_head, config.d_head, config.segment_len   # state per KV head
+    L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len   # state per KV head
     expected = {"memory": (L, B, H, d, d), "norm": (L, B, H, d)}
     if int(meta.get("cached", 0)):
         expected.update(k_cache=(L, B, H, N, d), v_cache=(L, B, H, N, d), d_memory=(L, B, H, d, d), d_norm=(L, B, H, d))

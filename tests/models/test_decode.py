@@ -46,7 +46,7 @@ def test_grouped_query_decoding_equals_teacher_forcing(gqa_model):
     """GQA: the cache and the pending update are per KV head; decoding still equals the segment step."""
     test_decoding_equals_the_teacher_forced_segment_step(gqa_model)
     _, _, state = decode_all(gqa_model, torch.zeros(1, 3, dtype=torch.int64))
-    assert state[0].shape[2] == gqa_model.config.n_kv_head == 2   # k_cache (L, B, H_kv, N, d)
+    assert state[0].shape[2] == gqa_model.config.kv_heads == 2   # k_cache (L, B, H_kv, N, d)
 
 
 def test_decoding_after_a_segment_step_prefill(tiny_model):

@@ -93,8 +93,8 @@ def check_against_reference(model):
     rng = np.random.default_rng(0)
     B, seg = 2, cfg.segment_len
     memory, norm = model.initial_state(B)
-    M_ref = np.zeros((B, cfg.n_layer, cfg.n_kv_head, cfg.d_head, cfg.d_head))
-    z_ref = np.zeros((B, cfg.n_layer, cfg.n_kv_head, cfg.d_head))
+    M_ref = np.zeros((B, cfg.n_layer, cfg.kv_heads, cfg.d_head, cfg.d_head))
+    z_ref = np.zeros((B, cfg.n_layer, cfg.kv_heads, cfg.d_head))
     tiny_model = model
     for n in (seg, seg, seg, 17):  # three full segments and a partial one
         tokens = rng.integers(0, cfg.vocab_size, (B, n))
