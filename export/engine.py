@@ -89,7 +89,7 @@ def NetworkFromOnnxPath(trt: Trt, path: Path, plugin: bool = False) -> Network:
         if not trt.enable_plugin_override(parser):
             raise BadInputError(f"{trt.title}'s ONNX parser has no ENABLE_PLUGIN_OVERRIDE flag: it cannot bind "
                                 "infini::Memory to the plugin (TensorRT >= 10.8 can)")
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)   # the parser reads external weights from path's folder
     if not plugin:
         proto = workarounds.function_per_call(proto)
     if not parser.parse(proto.SerializeToString(), str(path)):
@@ -143,7 +143,7 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
     ranges = dim_ranges(options, manifest.config.segment_len)
     engines, files, runs_on = {}, dict(manifest.files), []
     for name, entry in manifest.graphs.items():
-        graph = manifest.verify(export_dir, entry.file)
+        graph = manifest.verify_graph(export_dir, entry.file)
         started = time.perf_counter()
         shapes = profile_shapes(entry.inputs, ranges)
         net = NetworkFromOnnxPath(trt, graph, options.plugin)

@@ -17,10 +17,10 @@ import torch
 from .. import __version__
 from ..atomic import atomic_folder
 from ..models import spec
-from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from ..models.checkpoint import write_checkpoint
 from ..models.model import InfiniTransformer
 from . import attention, memory_function
-from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment
+from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment, graph_files
 from .manifest import GraphEntry, Manifest, sha256_file
 
 SEGMENT_FILE = "segment.onnx"
@@ -31,25 +31,32 @@ DECODE_EXTRA = 8                           # decode validation: a segment's wort
 
 
 def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 force: bool = False, validate: bool = True) -> Manifest:
-    """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees."""
+                 force: bool = False, validate: bool = True, tokenizer=None) -> Manifest:
+    """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees.
+
+    ``tokenizer`` (models/tokenizer.py): its files go into the export's checkpoint/ and the manifest,
+    so runners of the folder encode and decode with the model's own vocabulary.
+    """
     out = Path(out_dir)
     check_precision(precision, opset)
     with atomic_folder(out, force) as tmp:
-        manifest = _write(model.eval(), tmp, precision, opset)
+        manifest = _write(model.eval(), tmp, precision, opset, tokenizer)
         if validate:
             manifest = _validate(model, tmp, manifest)
     return manifest
 
 
-def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -> Manifest:
-    save_checkpoint(model, folder / CHECKPOINT_DIR).chmod(0o755)
+def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, tokenizer=None) -> Manifest:
+    (folder / CHECKPOINT_DIR).mkdir()
+    (folder / CHECKPOINT_DIR).chmod(0o755)
+    checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
     export_segment(model, folder / SEGMENT_FILE, precision, opset)
     export_decode(model, folder / DECODE_FILE, precision, opset)
+    files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE)]
     cfg = model.config
     graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
               for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE))}
-    names = [SEGMENT_FILE, DECODE_FILE, f"{CHECKPOINT_DIR}/{CONFIG_FILE}", f"{CHECKPOINT_DIR}/{WEIGHTS_FILE}"]
+    names = [*files, *(f"{CHECKPOINT_DIR}/{name}" for name in checkpoint_files)]
     op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
     manifest = Manifest(
         config=cfg, precision=precision, opset=opset, graphs=graphs,

@@ -1,4 +1,5 @@
-"""Checkpoints: a folder with ``config.json`` and ``model.safetensors``. Never unpickles."""
+"""Checkpoints: a folder with ``config.json`` and ``model.safetensors``, plus ``tokenizer.json`` and
+``tokenizer_config.json`` when the model has a real vocabulary (models/hf_tokenizer.py). Never unpickles."""
 
 from __future__ import annotations
 
@@ -19,15 +20,28 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place."""
+def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False,
+                    tokenizer=None, metadata: dict | None = None) -> Path:
+    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place.
+
+    ``tokenizer``: a models.tokenizer tokenizer whose files go with the weights (none for bytes).
+    ``metadata``: str -> str, stored in the safetensors header (e.g. where a conversion came from).
+    """
     with atomic_folder(out_dir, force) as tmp:
-        # tied weights are stored once (safetensors refuses shared storage)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
-                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+        write_checkpoint(model, tmp, tokenizer, metadata)
     return Path(out_dir)
+
+
+def write_checkpoint(model: InfiniTransformer, folder: Path, tokenizer=None, metadata: dict | None = None) -> list[str]:
+    """The checkpoint's files into an existing folder; returns their names."""
+    if tokenizer is not None:
+        tokenizer.check_vocabulary(model.config.vocab_size, str(folder))
+    # tied weights are stored once (safetensors refuses shared storage)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+             if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata=metadata)
+    (folder / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    return [CONFIG_FILE, WEIGHTS_FILE, *(tokenizer.save(folder) if tokenizer is not None else [])]
 
 
 def load_config(path: str | os.PathLike) -> InfiniConfig:
@@ -80,6 +94,21 @@ def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:
         return InfiniTransformer(config).eval()
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def checkpoint_tokenizer(path: str | os.PathLike, config: InfiniConfig | None = None):
+    """The tokenizer of a checkpoint folder (its tokenizer.json, else bytes), checked against its vocabulary."""
+    from .tokenizer import load_tokenizer
+
+    config = config or load_config(path)
+    return load_tokenizer(path, config.vocab_size)
+
+
+def resolve_tokenizer(name_or_path: str):
+    """The tokenizer of a checkpoint folder or a preset (bytes)."""
+    from .tokenizer import ByteTokenizer
+
+    return checkpoint_tokenizer(name_or_path) if Path(name_or_path).is_dir() else ByteTokenizer()
 
 
 def resolve_model(name_or_path: str, seed: int = 0, update: str | None = None) -> InfiniTransformer:

@@ -9,7 +9,7 @@ import click
 
 from ..errors import MissingBackendError
 from ..export.graph import DEFAULT_OPSET, PRECISIONS
-from ..models.checkpoint import resolve_model
+from ..models.checkpoint import resolve_model, resolve_tokenizer
 
 
 @click.command("export")
@@ -25,7 +25,8 @@ def export(model, out_dir, precision, opset, seed, force):
     validated."""
     from ..export.exporter import export_model
 
-    manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force)
+    manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force,
+                            tokenizer=resolve_tokenizer(model))
     worst = manifest.validation["worst"]
     click.echo(f"wrote {out_dir} ({precision}, opset {opset}, local attention: {manifest.attention}, memory node "
                f"{manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")

@@ -73,19 +73,20 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
         torch.set_num_threads(threads)
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
-    total = limit or count_tokens(path) if path.is_file() else None
     if save_state is not None and save_state.exists() and not force:
         raise BadInputError(f"{save_state} exists; choose a new file or pass --force to replace it")
     runner, backend = make_runner(model, backend, device, threads, seed)
+    tokenizer = model_tokenizer(model)
+    total = limit or (count_tokens(path, tokenizer) if path.is_file() else None)
     with runner:
         stream = Stream.load(resume, runner) if resume else Stream(runner)
-        result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress,
-                                   flush=save_state is None)
+        result = stream_throughput(stream, iter_tokens(path, limit, tokenizer=tokenizer), total=total,
+                                   progress=progress, flush=save_state is None)
         if save_state is not None:
             stream.save(save_state, force=force)
             click.echo(f"saved the state at token {stream.position:,} to {save_state}")
     cfg = runner.config
-    result.update(model=model, input=str(path), backend=backend, device=device,
+    result.update(model=model, input=str(path), backend=backend, device=device, tokenizer=tokenizer.kind,
                   threads=torch.get_num_threads(), config=cfg.to_dict())
     click.echo(f"streamed {result['tokens']:,} tokens in {result['segments']:,} segments of {cfg.segment_len} "
                f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({backend}, {device}, "
@@ -98,6 +99,24 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
     if json_out:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def model_tokenizer(model: str):
+    """The tokenizer MODEL carries: an export folder's (hash-checked), a checkpoint's, or bytes for a preset."""
+    from ..export.manifest import is_export_dir
+    from ..models.checkpoint import resolve_tokenizer
+
+    if not is_export_dir(model):
+        return resolve_tokenizer(model)
+    from ..export.exporter import CHECKPOINT_DIR
+    from ..export.manifest import load_manifest
+    from ..models.tokenizer import load_tokenizer
+
+    manifest = load_manifest(model)
+    for name in manifest.files:
+        if name.startswith(f"{CHECKPOINT_DIR}/tokenizer"):
+            manifest.verify(Path(model), name)
+    return load_tokenizer(Path(model) / CHECKPOINT_DIR, manifest.config.vocab_size)
 
 
 def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment"):

@@ -92,3 +92,24 @@ def test_manifest_hash_and_format_checked(tiny_fp32, tmp_path):
     (folder / MANIFEST_FILE).unlink()
     with pytest.raises(IncompatibleArtifactError, match="infini.json is missing"):
         load_manifest(folder)
+
+
+def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_linear_model, tmp_path, monkeypatch):
+    """A graph whose weights would pass 2 GiB keeps them in <graph>.onnx.data, hashed in the manifest and
+    validated like any export (the threshold is lowered here so the tiny model takes that path)."""
+    import onnx
+
+    import infini_deploy.export.graph as graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_model(tiny_linear_model, tmp_path / "ext")
+    assert {f"{SEGMENT_FILE}.data", f"{DECODE_FILE}.data"} <= set(manifest.files)
+    assert (tmp_path / "ext" / f"{SEGMENT_FILE}.data").stat().st_size > 4 * 30000   # the weights are there
+    proto = onnx.load(str(tmp_path / "ext" / SEGMENT_FILE), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert manifest.validation["worst"]["logits_max"] < 1e-4
+    (tmp_path / "ext" / f"{SEGMENT_FILE}.data").write_bytes(b"0")   # a damaged data file is refused by hash
+    from infini_deploy.runtime.ort_runner import OrtRunner
+
+    with pytest.raises(IncompatibleArtifactError, match=r"segment.onnx.data does not match its manifest"):
+        OrtRunner(tmp_path / "ext")
