@@ -11,6 +11,7 @@ import click
 from ..errors import InfiniError
 from .bench import bench
 from .build_inspect import build, inspect
+from .convert import convert
 from .demo import demo
 from .export_verify import export, verify
 from .generate import generate, passkey
@@ -37,6 +38,7 @@ def cli():
 
 
 cli.add_command(init)
+cli.add_command(convert)
 cli.add_command(run)
 cli.add_command(export)
 cli.add_command(verify)
