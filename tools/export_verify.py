@@ -78,7 +78,7 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out):
             "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n")
     for name, backend_rows in rows.items():
         check_tolerance(name, backend_rows, tolerance)
-    click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_abs:g} abs, "
+    click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_rel:g} x max(1, |logits|), "
                f"state {tolerance.state_rel:g} relative)")
 
 

@@ -43,7 +43,7 @@ def test_existing_folder_refused_without_force(tiny_linear_model, tmp_path):
 def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):
     import infini_deploy.runtime.compare as compare
 
-    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_abs=-1.0, state_rel=-1.0))
+    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_rel=-1.0, state_rel=-1.0))
     with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):
         export_model(tiny_linear_model, tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
