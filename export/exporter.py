@@ -74,13 +74,16 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
     from ..runtime.torch_runner import TorchRunner
 
     tolerance = TOLERANCES[manifest.precision]
+    low = precision_model(model, manifest.precision)   # torch in fp16/bf16: what the precision itself costs
     with TorchRunner(model) as reference, OrtRunner(folder) as ort_runner:
-        rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION)["onnxruntime"]
+        rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION,
+                     precision=TorchRunner(low).activate() if low else None)["onnxruntime"]
     check_tolerance(f"the exported segment graph ({manifest.precision}, onnxruntime CPU)", rows, tolerance)
     tokens = model.config.segment_len + DECODE_EXTRA
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:
-        decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"])
+        decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"],
+                                   precision=TorchRunner(low, graph="decode").activate() if low else None)
     check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows,
                     DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
@@ -89,6 +92,13 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
                    "worst": worst(decode_rows)}}})
     validated.write(folder)
     return validated
+
+
+def precision_model(model: InfiniTransformer, precision: str) -> InfiniTransformer | None:
+    """A copy of ``model`` in fp16/bf16 (the precision reference of runtime/compare.py); None for fp32."""
+    from .graph import cast_model
+
+    return None if precision == "fp32" else cast_model(model, precision)
 
 
 def tool_versions() -> dict:

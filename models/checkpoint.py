@@ -36,6 +36,7 @@ def write_checkpoint(model: InfiniTransformer, folder: Path, tokenizer=None, met
     """The checkpoint's files into an existing folder; returns their names."""
     if tokenizer is not None:
         tokenizer.check_vocabulary(model.config.vocab_size, str(folder))
+    metadata = metadata if metadata is not None else getattr(model, "metadata", None) or None
     # tied weights are stored once (safetensors refuses shared storage)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k == "lm_head.weight")}
@@ -83,7 +84,16 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
         if not tensors[name].is_floating_point():
             raise IncompatibleArtifactError(f"{weights}: tensor {name} has dtype {tensors[name].dtype}, expected float")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.metadata = read_metadata(weights)   # e.g. where a conversion came from; saved again with the weights
     return model.to(device).eval()
+
+
+def read_metadata(weights: Path) -> dict:
+    """The safetensors header's str -> str metadata (conversion: converted_from, gate_init, context)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return dict(f.metadata() or {})
 
 
 def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:

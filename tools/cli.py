@@ -13,6 +13,7 @@ from .bench import bench
 from .build_inspect import build, inspect
 from .convert import convert
 from .demo import demo
+from .evaluate import evaluate
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
@@ -49,6 +50,7 @@ cli.add_command(generate)
 cli.add_command(passkey)
 cli.add_command(train)
 cli.add_command(demo)
+cli.add_command(evaluate)
 
 
 def main():

@@ -41,7 +41,7 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, force):
     else:
         click.echo(f"validated against transformers, gates closed, {p.tokens} probe tokens in one segment: logits "
                    f"max abs {p.max_abs:.2e} on logits of magnitude {p.logits_scale:.1f} (tolerance {p.tolerance:.2e}"
-                   f" = {PARITY_RTOL:g} x magnitude), top-1 {p.top1_agree}/{p.top1_checked}; at beta {gate:g}: "
+                   f" = {PARITY_RTOL:g} x max(1, magnitude)), top-1 {p.top1_agree}/{p.top1_checked}; at beta {gate:g}: "
                    f"max abs {p.gate_init_max_abs:.2e}")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     click.echo(f"state {human_bytes(cfg.state_bytes())} per stream; {stages}; peak RSS {human_bytes(peak_rss_bytes())}")

@@ -73,7 +73,8 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
     marks["validate"] = time.perf_counter()
     with atomic_folder(out, force) as tmp:
         write_checkpoint(model, tmp, source.tokenizer, metadata={
-            "converted_from": Path(source.origin).name, "source_kind": source.kind, "gate_init": repr(gate_init)})
+            "converted_from": Path(source.origin).name, "source_kind": source.kind, "gate_init": repr(gate_init),
+            "context": str(source.config.get("max_position_embeddings") or "")})
     marks["write"] = time.perf_counter()
     names = list(marks)
     seconds = {b: marks[b] - marks[a] for a, b in zip(names, names[1:])}

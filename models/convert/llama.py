@@ -138,3 +138,30 @@ def check_names(source, expected: dict, tied: bool) -> None:
     if extra:
         raise IncompatibleArtifactError(f"{source.origin}: tensor {extra[0]} is not part of a {', '.join(ARCHITECTURES)} "
                                         "model this converter supports (a bias, an expert, another architecture?)")
+
+
+def to_transformers(model: InfiniTransformer, context: int):
+    """A transformers LlamaForCausalLM with ``model``'s weights and full attention (the gates are dropped):
+    the source a converted model came from, for full-attention reference scores. ``context``: its trained
+    context (max_position_embeddings)."""
+    from .source import require_transformers
+
+    transformers = require_transformers("score with full attention (--reference)")
+    cfg = model.config
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads, head_dim=cfg.d_head,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=context,
+        tie_word_embeddings=cfg.tie_embeddings)
+    with torch.device("meta"):
+        reference = transformers.LlamaForCausalLM(hf)
+    state = {hf_name(k): v for k, v in model.state_dict().items()
+             if not k.endswith(".beta") and not (cfg.tie_embeddings and k == "lm_head.weight")}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    reference.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        reference.tie_weights()
+    # buffers made on the meta device (rotary frequencies) are computed again on the CPU
+    reference.model.rotary_emb = type(reference.model.rotary_emb)(config=hf)
+    return reference.float().eval()

@@ -32,3 +32,15 @@ def test_a_changed_top_token_is_refused_only_where_the_reference_was_decisive():
     decisive[0, 3], decisive[0, 4] = 0.0, 30.0                      # row 0 loses its clear winner
     with pytest.raises(NumericalFaultError, match="top token changed where the reference led by 30"):
         check_tolerance("flip", [{**_row(decisive, ref), "logits_max": 0.0}], TOLERANCES["bf16"])
+
+
+def test_half_precision_is_held_to_a_multiple_of_torchs_own_error_in_that_precision():
+    """fp16 on a deep model: 0.38 off fp32 where torch fp16 itself is 0.2 off (SmolLM2): within 4 x."""
+    ref = torch.linspace(-34.0, 34.0, 64).repeat(2, 1)
+    row = _row(ref + 0.38, ref)
+    with pytest.raises(NumericalFaultError, match=r"tolerance 0.17 = 0.005 x max\(1, \|logits\| 34\)\)"):
+        check_tolerance("fp16", [row], TOLERANCES["fp16"])
+    check_tolerance("fp16", [{**row, "precision_logits_max": 0.2, "precision_state_rel": 0.0}], TOLERANCES["fp16"])
+    with pytest.raises(NumericalFaultError, match=r"or 4 x torch's own 0.05 in this precision"):
+        check_tolerance("fp16", [{**row, "precision_logits_max": 0.05, "precision_state_rel": 0.0}],
+                        TOLERANCES["fp16"])
