@@ -9,6 +9,7 @@ a folder whose graphs match is renamed into place.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnx
@@ -40,9 +41,14 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     out = Path(out_dir)
     check_precision(precision, opset)
     with atomic_folder(out, force) as tmp:
+        started = time.perf_counter()
         manifest = _write(model.eval(), tmp, precision, opset, tokenizer)
+        written = time.perf_counter()
         if validate:
             manifest = _validate(model, tmp, manifest)
+            seconds = {"export_s": round(written - started, 1), "validate_s": round(time.perf_counter() - written, 1)}
+            manifest = Manifest(**{**manifest.__dict__, "validation": {**manifest.validation, **seconds}})
+            manifest.write(tmp)
     return manifest
 
 

@@ -10,6 +10,7 @@ import click
 from ..errors import MissingBackendError
 from ..export.graph import DEFAULT_OPSET, PRECISIONS
 from ..models.checkpoint import resolve_model, resolve_tokenizer
+from ..runtime.measure import human_bytes, peak_rss_bytes
 
 
 @click.command("export")
@@ -36,6 +37,10 @@ def export(model, out_dir, precision, opset, seed, force):
     dec = manifest.validation["decode"]
     click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
                f"logits max abs {dec['worst']['logits_max']:.2e}, state relative {dec['worst']['state_rel']:.2e}")
+    sizes = ", ".join(f"{name} {human_bytes((Path(out_dir) / name).stat().st_size)}" for name in manifest.files
+                      if name.endswith((".onnx", ".onnx.data")))
+    click.echo(f"export {manifest.validation['export_s']:.1f} s, validation {manifest.validation['validate_s']:.1f} s; "
+               f"{sizes}; peak RSS {human_bytes(peak_rss_bytes())}")
 
 
 @click.command()
