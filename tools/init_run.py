@@ -91,9 +91,12 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
     click.echo(f"streamed {result['tokens']:,} tokens in {result['segments']:,} segments of {cfg.segment_len} "
                f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({backend}, {device}, "
                f"{result['threads']} threads)")
+    trace = [rss for tokens, rss in result["rss_trace"] if tokens >= 2 * cfg.segment_len]   # after warm-up
+    span = f"; from token {2 * cfg.segment_len:,} on between {human_bytes(min(trace))} and " \
+           f"{human_bytes(max(trace))}" if trace else ""
     click.echo(f"peak RSS {human_bytes(result['peak_rss_bytes'])}; "
                f"RSS before/after streaming {human_bytes(result['rss_before_bytes'])} / "
-               f"{human_bytes(result['rss_after_bytes'])}")
+               f"{human_bytes(result['rss_after_bytes'])}{span}")
     click.echo(f"state {result['state_bytes']:,} bytes ({human_bytes(result['state_bytes'])}, constant at any length) "
                f"vs KV cache of a full-attention model of the same shape at {result['tokens']:,} tokens: "
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")

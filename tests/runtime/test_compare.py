@@ -13,13 +13,13 @@ def _row(got, ref, state_rel=0.0):
 
 
 def test_the_logits_bound_grows_with_their_magnitude():
-    """SmolLM2's fp32 export measured 1.8e-4 on logits near 40: valid, refused by a fixed 1e-4."""
+    """SmolLM2 in fp32 measured up to 3.3e-3 on logits near 35: valid, refused by a fixed 1e-4."""
     ref = torch.linspace(-40.0, 40.0, 64).repeat(3, 1)
-    got = ref + 1.8e-4
-    check_tolerance("big logits", [_row(got, ref)], TOLERANCES["fp32"])       # bound 1e-4 x 40 = 4e-3
+    got = ref + 3.3e-3                                                        # SmolLM2's worst over 50 segments
+    check_tolerance("big logits", [_row(got, ref)], TOLERANCES["fp32"])       # bound 5e-4 x 40 = 2e-2
     small = ref / 80                                                          # magnitude 0.5: the floor of 1
-    with pytest.raises(NumericalFaultError, match=r"logits max abs 0.00018 \(tolerance 0.0001 = 0.0001 x max\(1,"):
-        check_tolerance("small logits", [_row(small + 1.8e-4, small)], TOLERANCES["fp32"])
+    with pytest.raises(NumericalFaultError, match=r"logits max abs 0.0033 \(tolerance 0.0005 = 0.0005 x max\(1,"):
+        check_tolerance("small logits", [_row(small + 3.3e-3, small)], TOLERANCES["fp32"])
 
 
 def test_a_changed_top_token_is_refused_only_where_the_reference_was_decisive():

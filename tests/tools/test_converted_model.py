@@ -128,3 +128,9 @@ def test_snapshots_resume_the_converted_model_bit_identically(converted, tmp_pat
         resumed = Stream.load(tmp_path / "s.safetensors", make())
         assert resumed.memory.shape[2] == 2                      # the state per KV head
         assert torch.equal(resumed.feed(ids[:, 45:], keep="all"), ref[:, 45:])
+
+
+def test_passkey_training_refuses_a_converted_model_instead_of_feeding_it_bytes(converted, tmp_path):
+    res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 1)
+    assert res.exit_code == 2 and "trains the byte-level presets only" in res.output, res.output
+    assert not (tmp_path / "t").exists()
