@@ -95,7 +95,7 @@ def NetworkFromOnnxPath(trt: Trt, path: Path, plugin: bool = False) -> Network:
         if not trt.enable_plugin_override(parser):
             raise BadInputError(f"{trt.title}'s ONNX parser has no ENABLE_PLUGIN_OVERRIDE flag: it cannot bind "
                                 "infini::Memory to the plugin (TensorRT >= 10.8 can)")
-    proto = load_onnx(path)
+    proto = load_onnx(path, external_data=False)   # the parser reads external weights from path's folder
     if not plugin:
         proto = workarounds.function_per_call(proto)
     if not parser.parse(proto.SerializeToString(), str(path)):
@@ -192,7 +192,7 @@ def _build_all(export_dir: Path, manifest: Manifest, trt: Trt, options: BuildOpt
     engines, files, runs_on = {}, {k: v for k, v in manifest.files.items() if not is_engine_name(k)}, []
     with deferred_signals() as received:
         for name, entry in manifest.graphs.items():
-            graph = manifest.verify(export_dir, entry.file)
+            graph = manifest.verify_graph(export_dir, entry.file)
             _check_graph(graph, entry, manifest, name)
             started = time.perf_counter()
             shapes = profile_shapes(entry.inputs, ranges)

@@ -9,6 +9,7 @@ a folder whose graphs match is renamed into place.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import onnx
@@ -18,11 +19,11 @@ from .. import __version__
 from ..atomic import atomic_folder
 from ..errors import InfiniError
 from ..models import spec
-from ..models.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, WEIGHTS_FILE, weights_digest, write_checkpoint
+from ..models.checkpoint import CHECKPOINT_FILES, weights_digest, write_checkpoint
 from ..models.model import InfiniTransformer
 from ..paths import parse_json
 from . import attention, memory_function
-from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment
+from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment, graph_files
 from .manifest import MANIFEST_FILE, GraphEntry, Manifest, sha256_file
 
 SEGMENT_FILE = "segment.onnx"
@@ -33,26 +34,37 @@ DECODE_EXTRA = 8                           # decode validation: a segment's wort
 
 
 def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 force: bool = False, validate: bool = True) -> Manifest:
-    """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees."""
+                 force: bool = False, validate: bool = True, tokenizer=None) -> Manifest:
+    """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees.
+
+    ``tokenizer`` (models/tokenizer.py): its files go into the export's checkpoint/ and the manifest,
+    so runners of the folder encode and decode with the model's own vocabulary.
+    """
     out = Path(out_dir)
     check_precision(precision, opset)
     with atomic_folder(out, force, owned_export, "export folder") as tmp:
-        manifest = _write(model.eval(), tmp, precision, opset)
+        started = time.perf_counter()
+        manifest = _write(model.eval(), tmp, precision, opset, tokenizer)
+        written = time.perf_counter()
         if validate:
             manifest = _validate(model, tmp, manifest)
+            seconds = {"export_s": round(written - started, 1), "validate_s": round(time.perf_counter() - written, 1)}
+            manifest = Manifest(**{**manifest.__dict__, "validation": {**manifest.validation, **seconds}})
+            manifest.write(tmp)
     return manifest
 
 
-def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int) -> Manifest:
-    (folder / CHECKPOINT_DIR).mkdir(mode=0o755)
-    write_checkpoint(model, folder / CHECKPOINT_DIR)
+def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, tokenizer=None) -> Manifest:
+    (folder / CHECKPOINT_DIR).mkdir()
+    (folder / CHECKPOINT_DIR).chmod(0o755)
+    checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
     export_segment(model, folder / SEGMENT_FILE, precision, opset)
     export_decode(model, folder / DECODE_FILE, precision, opset)
+    files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE)]
     cfg = model.config
     graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
               for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE))}
-    names = [SEGMENT_FILE, DECODE_FILE, f"{CHECKPOINT_DIR}/{CONFIG_FILE}", f"{CHECKPOINT_DIR}/{WEIGHTS_FILE}"]
+    names = [*files, *(f"{CHECKPOINT_DIR}/{name}" for name in checkpoint_files)]
     op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
     manifest = Manifest(
         config=cfg, precision=precision, opset=opset, graphs=graphs,
@@ -70,13 +82,16 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
     from ..runtime.torch_runner import TorchRunner
 
     tolerance = TOLERANCES[manifest.precision]
+    low = precision_model(model, manifest.precision)   # torch in fp16/bf16: what the precision itself costs
     with TorchRunner(model) as reference, OrtRunner(folder) as ort_runner:
-        rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION)["onnxruntime"]
+        rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION,
+                     precision=TorchRunner(low).activate() if low else None)["onnxruntime"]
     check_tolerance(f"the exported segment graph ({manifest.precision}, onnxruntime CPU)", rows, tolerance)
     tokens = model.config.segment_len + DECODE_EXTRA
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:
-        decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"])
+        decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"],
+                                   precision=TorchRunner(low, graph="decode").activate() if low else None)
     check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows,
                     DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
@@ -101,7 +116,8 @@ def owned_export(folder: Path) -> set[str] | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None
-    names = {MANIFEST_FILE, SEGMENT_FILE, DECODE_FILE, *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES)}
+    names = {MANIFEST_FILE, SEGMENT_FILE, DECODE_FILE, f"{SEGMENT_FILE}.data", f"{DECODE_FILE}.data",
+             *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES)}
     listed = manifest.get("files", {})
     if isinstance(listed, dict):
         names |= {n for n in listed if isinstance(n, str) and ".." not in Path(n).parts and not Path(n).is_absolute()}
@@ -111,6 +127,13 @@ def owned_export(folder: Path) -> set[str] | None:
                 if f.read(4) in MAGIC:
                     names.add(path.name)
     return names
+
+
+def precision_model(model: InfiniTransformer, precision: str) -> InfiniTransformer | None:
+    """A copy of ``model`` in fp16/bf16 (the precision reference of runtime/compare.py); None for fp32."""
+    from .graph import cast_model
+
+    return None if precision == "fp32" else cast_model(model, precision)
 
 
 def tool_versions() -> dict:

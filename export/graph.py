@@ -24,6 +24,10 @@ from ..runtime.runner import TORCH_DTYPES
 from . import attention, memory_function, workarounds
 
 PRECISIONS = spec.PRECISIONS
+# Weights past this go to "<graph>.onnx.data" next to the graph: protobuf cannot serialise a message of
+# 2 GiB or more, so one file cannot hold them (ONNX's external data; onnxruntime and TensorRT's parser
+# read it from the graph's folder). The margin leaves room for the graph itself.
+EXTERNAL_DATA_BYTES = (2 << 30) - (128 << 20)
 DEFAULT_OPSET = 23
 MIN_OPSET = {"fp32": 18, "fp16": 23, "bf16": 23}   # the Attention op needs 23
 
@@ -75,21 +79,28 @@ def export_decode(model: InfiniTransformer, path: Path, precision: str = "fp32",
 
 
 def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, opset: int) -> onnx.ModelProto:
+    """Trace, tidy, name, check and save one graph; returns the proto (without external weights)."""
     check_precision(precision, opset)
     program = _trace(graph, cast_model(model, precision), precision, opset)
     ir_model = program.model
+    del program
     _tidy(ir_model, opset)
     _name_nodes(ir_model)
-    proto = ir.serde.serialize_model(ir_model)
-    proto.producer_name = "infini-deploy"
-    set_identity(proto, graph, model)
-    check_graph(proto, memory_node=graph == "segment")
+    ir_model.producer_name = "infini-deploy"
+    set_identity(ir_model, graph, model)
+    if weight_bytes(ir_model) < EXTERNAL_DATA_BYTES:
+        proto = ir.serde.serialize_model(ir_model)
+        check_graph(proto, memory_node=graph == "segment")
+        onnx.save(proto, str(path))
+    else:   # checked from the file: the checker cannot serialise a proto of 2 GiB or more either
+        ir.save(ir_model, str(path), external_data=external_data_name(path))
+        check_graph(str(path), memory_node=graph == "segment")
+        proto = onnx.load(str(path), load_external_data=False)
     check_io(proto, *spec.graph_specs(graph, model.config, PRECISIONS[precision]))
-    onnx.save(proto, str(path))
     return proto
 
 
-def set_identity(proto: onnx.ModelProto, graph: str, model: InfiniTransformer) -> None:
+def set_identity(ir_model: ir.Model, graph: str, model: InfiniTransformer) -> None:
     """Name in the graph's own metadata which step it is and the model it computes (config digest, weights'
     tensors), so a graph swapped for another one's, its hash rewritten, is still refused
     (export/manifest_schema.check_identity)."""
@@ -97,11 +108,27 @@ def set_identity(proto: onnx.ModelProto, graph: str, model: InfiniTransformer) -
 
     identity = {IDENTITY["graph"]: graph, IDENTITY["config"]: model.config.digest(),
                 IDENTITY["weights"]: weights_digest(model)}
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **identity})
+    ir_model.metadata_props.update(identity)
 
 
 IDENTITY = {"graph": "infini_deploy.graph", "config": "infini_deploy.config_digest",
             "weights": "infini_deploy.weights_sha256"}
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the graph's initializers (the weights)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def external_data_name(path: Path) -> str:
+    """The external data file of a graph: ``segment.onnx`` -> ``segment.onnx.data`` (in the same folder)."""
+    return Path(path).name + ".data"
+
+
+def graph_files(path: Path) -> list[str]:
+    """The files a saved graph consists of, by name: the graph, and its external data when it has some."""
+    data = Path(path).with_name(external_data_name(path))
+    return [Path(path).name, *([data.name] if data.is_file() else [])]
 
 
 def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):
@@ -166,15 +193,18 @@ def eval_list(text: str) -> list[str]:
     return re.findall(r"'([^']*)'", text)
 
 
-def check_graph(proto: onnx.ModelProto, memory_node: bool = True) -> None:
+def check_graph(proto: onnx.ModelProto | str, memory_node: bool = True) -> None:
     """ONNX checker (full, with strict shape inference) and, for the segment graph
-    (``memory_node``), the memory node with its local function present."""
+    (``memory_node``), the memory node with its local function present. ``proto`` may be a path
+    (a graph with external data)."""
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise IncompatibleArtifactError(f"the exported graph fails the ONNX checker: {e}") from None
     if not memory_node:
         return
+    if isinstance(proto, str):
+        proto = onnx.load(proto, load_external_data=False)
     ops = {(n.domain, n.op_type) for n in proto.graph.node}
     functions = {(f.domain, f.name) for f in proto.functions}
     memory_ops = {(d, o) for d, o in ops if d == memory_function.DOMAIN}

@@ -88,6 +88,12 @@ class Manifest:
                    d.get("attention", ""), d.get("memory_op", {}), d.get("versions", {}),
                    d.get("validation", {}), d.get("tensorrt", {}), d.get("weights_sha256", ""))
 
+    def verify_graph(self, export_dir: Path, name: str) -> Path:
+        """:meth:`verify` for a graph file and, when the manifest lists one, its external data (.onnx.data)."""
+        if f"{name}.data" in self.files:
+            self.verify(export_dir, f"{name}.data")
+        return self.verify(export_dir, name)
+
     def verify(self, export_dir: Path, name: str) -> Path:
         """The path of file ``name`` after checking it is inside the folder, exists and matches its sha256."""
         path = inside(Path(export_dir), name)

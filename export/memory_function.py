@@ -5,15 +5,19 @@ The node is ``infini::Memory`` (linear rule, Eq 8) or ``infini::MemoryDelta``
 function of standard ops, so onnxruntime runs it with no custom-op library and
 TensorRT can bind the same node to a plugin of that name::
 
-    q, k, v, a_dot (B,H,n,d) act. dtype      memory (B,H,d,d) f32   norm (B,H,d) f32   beta (H,)
+    q, a_dot (B,H,n,d), k, v (B,Hkv,n,d)     memory (B,Hkv,d,d) f32   norm (B,Hkv,d) f32   beta (H,)
        |      |                                  |                      |
      Cast   Cast -> Elu+1 = sk --------------+---|----------------------|-----+
        |                                      |  |                      |     |
-     Elu+1 = sq --MatMul(memory)-- Div --+    |  +--- update: M + sk^T (v [- delta retrieval(sk)])
-       |                        |        |    |                         |
-       +-----MatMul(norm)+eps---+    gate: sigmoid(beta) mix with a_dot  +--- z + sum_n sk
-                                         |
-                                         a (act. dtype)  memory_out f32  norm_out f32
+     Elu+1 = sq -Reshape(B,Hkv,G*n,d)-MatMul(memory)- Div -Reshape(B,H,n,d)-+  +- update: M + sk^T (v [- delta ...])
+       |                        |                    |                      |
+       +---------MatMul(norm)+eps-------------------+   gate: sigmoid(beta) mix with a_dot  +--- z + sum_n sk
+                                                        |
+                                                        a (act. dtype)  memory_out f32  norm_out f32
+
+Grouped-query attention (Hkv < H): the G = H / Hkv query heads of a KV head are consecutive, so
+(B, H, n, d) regroups as (B, Hkv, G*n, d) and every query head reads its KV head's memory with its
+own sigma(Q) and its own beta (Hkv = H: the reshapes are identities).
 
 Everything inside computes in float32, like ``models.memory.memory_reference``.
 Intermediate names carry their stage (``retrieve_``, ``gate_``, ``update_``),
@@ -45,12 +49,16 @@ def Memory(q: TFloat, k: TFloat, v: TFloat, a_dot: TFloat, memory: FLOAT, norm: 
     retrieve_eps = op.Constant(value_float=eps)
     retrieve_q32 = op.Cast(q, to=1)
     retrieve_elu_q = op.Elu(retrieve_q32)
-    retrieve_sq = op.Add(retrieve_elu_q, retrieve_one)                 # sigma(Q)
-    retrieve_num = op.MatMul(retrieve_sq, memory)                       # sigma(Q) M_prev
+    retrieve_sq = op.Add(retrieve_elu_q, retrieve_one)                 # sigma(Q) (B, H, n, d)
+    retrieve_group_shape = op.Concat(op.Shape(memory, start=0, end=2), op.Constant(value_ints=[-1]),
+                                     op.Shape(q, start=3), axis=0)      # [B, H_kv, -1, d]
+    retrieve_sqg = op.Reshape(retrieve_sq, retrieve_group_shape)       # (B, H_kv, G*n, d): GQA groups
+    retrieve_num = op.MatMul(retrieve_sqg, memory)                      # sigma(Q) M_prev
     retrieve_norm = op.Unsqueeze(norm, [-1])
-    retrieve_dot = op.MatMul(retrieve_sq, retrieve_norm)                # sigma(Q) z_prev
+    retrieve_dot = op.MatMul(retrieve_sqg, retrieve_norm)               # sigma(Q) z_prev
     retrieve_den = op.Add(retrieve_dot, retrieve_eps)
-    retrieve_a_mem = op.Div(retrieve_num, retrieve_den)                 # Eq 7
+    retrieve_a_memg = op.Div(retrieve_num, retrieve_den)                # Eq 7
+    retrieve_a_mem = op.Reshape(retrieve_a_memg, op.Shape(q))           # (B, H, n, d)
     gate_beta32 = op.Cast(beta, to=1)
     gate_sig = op.Sigmoid(gate_beta32)
     gate_g = op.Reshape(gate_sig, [1, -1, 1, 1])
@@ -80,11 +88,15 @@ def MemoryDelta(q: TFloat, k: TFloat, v: TFloat, a_dot: TFloat, memory: FLOAT, n
     retrieve_q32 = op.Cast(q, to=1)
     retrieve_elu_q = op.Elu(retrieve_q32)
     retrieve_sq = op.Add(retrieve_elu_q, retrieve_one)
-    retrieve_num = op.MatMul(retrieve_sq, memory)
+    retrieve_group_shape = op.Concat(op.Shape(memory, start=0, end=2), op.Constant(value_ints=[-1]),
+                                     op.Shape(q, start=3), axis=0)
+    retrieve_sqg = op.Reshape(retrieve_sq, retrieve_group_shape)
+    retrieve_num = op.MatMul(retrieve_sqg, memory)
     retrieve_norm = op.Unsqueeze(norm, [-1])
-    retrieve_dot = op.MatMul(retrieve_sq, retrieve_norm)
+    retrieve_dot = op.MatMul(retrieve_sqg, retrieve_norm)
     retrieve_den = op.Add(retrieve_dot, retrieve_eps)
-    retrieve_a_mem = op.Div(retrieve_num, retrieve_den)
+    retrieve_a_memg = op.Div(retrieve_num, retrieve_den)
+    retrieve_a_mem = op.Reshape(retrieve_a_memg, op.Shape(q))
     gate_beta32 = op.Cast(beta, to=1)
     gate_sig = op.Sigmoid(gate_beta32)
     gate_g = op.Reshape(gate_sig, [1, -1, 1, 1])

@@ -10,8 +10,9 @@ The registration below is written against the documented `tensorrt.plugin` API
 The nodes (the exporter's contract, export/memory_function.py):
 
     domain "infini", op "Memory" (linear rule, Eq 8) or "MemoryDelta" (delta rule, Eq 9)
-    inputs  q, k, v, a_dot (B, H, n, d) fp16/bf16/fp32;  memory (B, H, d, d) f32;
-            norm (B, H, d) f32;  beta (H,) in the activation dtype
+    inputs  q, a_dot (B, H, n, d), k, v (B, H_kv, n, d) fp16/bf16/fp32;  memory (B, H_kv, d, d) f32;
+            norm (B, H_kv, d) f32;  beta (H,) in the activation dtype. H_kv < H is grouped-query
+            attention: the group size H / H_kv is static in every export and compiled in (GROUP).
     attrs   eps (float)
     outputs a (like a_dot), memory_out (like memory), norm_out (like norm)
 
@@ -37,12 +38,13 @@ _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _registered = False
 
 
-def kernel_source(dtype: str, d: int, delta: bool, eps: float):
+def kernel_source(dtype: str, d: int, delta: bool, eps: float, group: int = 1):
     """The Triton ASTSource of `_memory_kernel` for one specialisation, and its launch shape.
 
-    dtype: "float16" | "bfloat16" | "float32" (the activations). Returns
-    (source, num_warps, block_c): grid (B * H, d // block_c), block num_warps * 32 threads,
-    kernel arguments (q, k, v, a_dot, memory, norm, beta, n, H, a, memory_out, norm_out).
+    dtype: "float16" | "bfloat16" | "float32" (the activations); group: query heads per KV head
+    (H / H_kv, a constant of the export). Returns (source, num_warps, block_c): grid (B * H, d // block_c),
+    block num_warps * 32 threads, kernel arguments (q, k, v, a_dot, memory, norm, beta, n, H, a,
+    memory_out, norm_out).
     """
     import triton
 
@@ -54,10 +56,12 @@ def kernel_source(dtype: str, d: int, delta: bool, eps: float):
     signature = {"Q": f"*{act}", "K": f"*{act}", "V": f"*{act}", "ADOT": f"*{act}", "M": "*fp32",
                  "Z": "*fp32", "BETA": f"*{act}", "n_ctx": "i32", "H": "i32", "A": f"*{act}", "MO": "*fp32",
                  "ZO": "*fp32", "EPS": "constexpr", "D": "constexpr", "BLOCK_T": "constexpr",
-                 "BLOCK_C": "constexpr", "DELTA": "constexpr", "MEM_PRECISION": "constexpr"}
+                 "BLOCK_C": "constexpr", "DELTA": "constexpr", "MEM_PRECISION": "constexpr", "GROUP": "constexpr"}
+    if group < 1:
+        raise ValueError(f"group (query heads per KV head) must be at least 1, got {group}")
     block_t, block_c, num_warps = memory_launch(d)
     constexprs = {"EPS": float(eps), "D": d, "BLOCK_T": block_t, "BLOCK_C": block_c, "DELTA": bool(delta),
-                  "MEM_PRECISION": "ieee" if dtype == "float32" else "tf32"}
+                  "MEM_PRECISION": "ieee" if dtype == "float32" else "tf32", "GROUP": int(group)}
     return triton.compiler.ASTSource(fn=_memory_kernel, signature=signature, constexprs=constexprs), num_warps, block_c
 
 
@@ -92,8 +96,9 @@ def _define(trt, trtp, plugin_id: str, delta: bool):
                    outputs: Tuple[trtp.TensorDesc], tactic: int
                    ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         import triton
-        d = int(q.shape_expr[3].constant_value())   # the head size is static in every export
-        source, num_warps, block_c = kernel_source(dtype_names[q.dtype], d, delta, eps)
+        d = int(q.shape_expr[3].constant_value())   # the head size and head counts are static in every export
+        group = int(q.shape_expr[1].constant_value()) // int(k.shape_expr[1].constant_value())
+        source, num_warps, block_c = kernel_source(dtype_names[q.dtype], d, delta, eps, group)
         compiled = triton.compile(source, options={"num_warps": num_warps})
         B, H, n = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
         launch = trtp.KernelLaunchParams()

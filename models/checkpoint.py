@@ -1,4 +1,5 @@
-"""Checkpoints: a folder with ``config.json`` and ``model.safetensors``. Never unpickles."""
+"""Checkpoints: a folder with ``config.json`` and ``model.safetensors``, plus ``tokenizer.json`` and
+``tokenizer_config.json`` when the model has a real vocabulary (models/hf_tokenizer.py). Never unpickles."""
 
 from __future__ import annotations
 
@@ -35,8 +36,23 @@ def owned_checkpoint(folder: Path) -> set[str] | None:
     return set(CHECKPOINT_FILES)
 
 
-def write_checkpoint(model: InfiniTransformer, folder: Path) -> None:
-    """Write config.json and model.safetensors into the (temp) folder ``folder``; refuses NaN/Inf weights."""
+def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False,
+                    tokenizer=None, metadata: dict | None = None) -> Path:
+    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place (atomic.py).
+
+    ``tokenizer``: a models.tokenizer tokenizer whose files go with the weights (none for bytes).
+    ``metadata``: str -> str, stored in the safetensors header (e.g. where a conversion came from).
+    """
+    with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
+        write_checkpoint(model, tmp, tokenizer, metadata)
+    return Path(out_dir)
+
+
+def write_checkpoint(model: InfiniTransformer, folder: Path, tokenizer=None, metadata: dict | None = None) -> list[str]:
+    """The checkpoint's files into an existing (temp) folder; returns their names. Refuses NaN/Inf weights."""
+    if tokenizer is not None:
+        tokenizer.check_vocabulary(model.config.vocab_size, str(folder))
+    metadata = metadata if metadata is not None else getattr(model, "metadata", None) or None
     # tied weights are stored once (safetensors refuses shared storage)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()
              if not (model.config.tie_embeddings and k == "lm_head.weight")}
@@ -44,16 +60,10 @@ def write_checkpoint(model: InfiniTransformer, folder: Path) -> None:
     if bad is not None:
         raise NumericalFaultError(f"refusing to write a checkpoint with NaN/Inf weights (tensor {bad}); "
                                   "nothing was written")
-    save_file(state, str(folder / WEIGHTS_FILE))
+    save_file(state, str(folder / WEIGHTS_FILE), metadata=metadata)
     (folder / WEIGHTS_FILE).chmod(0o644)   # safetensors makes it private; the folder is meant to be shared
     (folder / CONFIG_FILE).write_text(model.config.to_json() + "\n")
-
-
-def save_checkpoint(model: InfiniTransformer, out_dir: str | os.PathLike, force: bool = False) -> Path:
-    """Write the checkpoint folder atomically: a sibling temp folder, renamed into place (atomic.py)."""
-    with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
-        write_checkpoint(model, tmp)
-    return Path(out_dir)
+    return [CONFIG_FILE, WEIGHTS_FILE, *(tokenizer.save(folder) if tokenizer is not None else [])]
 
 
 def load_config(path: str | os.PathLike) -> InfiniConfig:
@@ -96,6 +106,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
         if not tensors[name].is_floating_point():
             raise IncompatibleArtifactError(f"{weights}: tensor {name} has dtype {tensors[name].dtype}, expected float")
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
+    model.metadata = read_metadata(weights)   # e.g. where a conversion came from; saved again with the weights
     return model.to(device).eval()
 
 
@@ -116,6 +127,14 @@ def weights_digest(model: InfiniTransformer) -> str:
         return tensors_digest({k: v.float() for k, v in model.state_dict().items()})
 
 
+def read_metadata(weights: Path) -> dict:
+    """The safetensors header's str -> str metadata (conversion: converted_from, gate_init, context)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:
     """A randomly initialised model, deterministic for a seed."""
     check_fits(4 * config.parameter_count(), "this model config")
@@ -125,6 +144,21 @@ def init_model(config: InfiniConfig, seed: int = 0) -> InfiniTransformer:
         return InfiniTransformer(config).eval()
     finally:
         torch.random.set_rng_state(gen_state)
+
+
+def checkpoint_tokenizer(path: str | os.PathLike, config: InfiniConfig | None = None):
+    """The tokenizer of a checkpoint folder (its tokenizer.json, else bytes), checked against its vocabulary."""
+    from .tokenizer import load_tokenizer
+
+    config = config or load_config(path)
+    return load_tokenizer(path, config.vocab_size)
+
+
+def resolve_tokenizer(name_or_path: str):
+    """The tokenizer of a checkpoint folder or a preset (bytes)."""
+    from .tokenizer import ByteTokenizer
+
+    return checkpoint_tokenizer(name_or_path) if Path(name_or_path).is_dir() else ByteTokenizer()
 
 
 def resolve_model(name_or_path: str, seed: int = 0, update: str | None = None) -> InfiniTransformer:

@@ -18,7 +18,7 @@ INT_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "d_head": 
 FLOAT_LIMITS = {"eps": (1e-30, 1.0), "rope_theta": (1.0, 1e12), "norm_eps": (1e-30, 1.0)}
 
 
-OPTIONAL_FIELDS: frozenset = frozenset()   # fields a config file may leave out (their default is implied)
+OPTIONAL_FIELDS = frozenset({"n_kv_head"})   # fields a config file may leave out (their default is implied)
 
 
 def _show(value) -> str:
@@ -33,7 +33,7 @@ def _show(value) -> str:
 class InfiniConfig:
     vocab_size: int = 260        # byte-level: 256 bytes + 4 special tokens (models/tokenizer.py)
     n_layer: int = 2             # transformer blocks, each with one Infini-attention
-    n_head: int = 2              # heads per layer; one M, z and beta per head
+    n_head: int = 2              # query heads per layer; one gate beta per query head
     d_head: int = 16             # d = d_key = d_value; M is [d, d], z is [d]
     d_model: int = 32            # residual width
     d_ff: int = 96               # SwiGLU hidden width
@@ -43,12 +43,19 @@ class InfiniConfig:
     rope_theta: float = 10000.0  # RoPE base, local attention only, positions 0..n-1
     norm_eps: float = 1e-5       # RMSNorm epsilon
     tie_embeddings: bool = True  # lm_head shares the token embedding
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention), one M, z per KV head; None
+    #                               means n_head (and n_head is stored as None). Read ``kv_heads``, the
+    #                               number. None is not serialised: configs made before GQA keep their
+    #                               JSON and digest, and replace(config, n_head=...) stays non-grouped.
 
     def __post_init__(self):
+        if self.n_kv_head == self.n_head:
+            object.__setattr__(self, "n_kv_head", None)   # one spelling of "not grouped", so == compares models
         if not isinstance(self.update, str) or self.update not in UPDATE_RULES:
             raise BadInputError(f"update rule {_show(self.update)} is not known; expected one of: "
                                 f"{', '.join(UPDATE_RULES)}")
-        for name, hi in INT_LIMITS.items():
+        limits = {**INT_LIMITS, **({"n_kv_head": INT_LIMITS["n_head"]} if self.n_kv_head is not None else {})}
+        for name, hi in limits.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= hi:
                 raise BadInputError(f"config field {name} must be an integer in [1, {hi}], got {_show(value)}")
@@ -61,23 +68,41 @@ class InfiniConfig:
             object.__setattr__(self, name, float(value))   # 1 and 1.0 are one model: one digest
         if not isinstance(self.tie_embeddings, bool):
             raise BadInputError(f"config field tie_embeddings must be true or false, got {_show(self.tie_embeddings)}")
+        if self.n_head % self.kv_heads:
+            raise BadInputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each KV head "
+                                "serves a group of n_head / n_kv_head query heads")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head without grouped-query attention."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention). Query head h reads KV head h // group."""
+        return self.n_head // self.kv_heads
 
     def parameter_count(self) -> int:
         """Parameters of the model this config describes (closed form, nothing allocated)."""
-        D, F, V = self.d_model, self.d_ff, self.vocab_size
-        inner = self.n_head * self.d_head
-        per_layer = 4 * D * inner + self.n_head + 3 * D * F + 2 * D   # q, k, v, o; beta; MLP; two norms
+        D, F, V, d = self.d_model, self.d_ff, self.vocab_size, self.d_head
+        attention = 2 * D * self.n_head * d + 2 * D * self.kv_heads * d + self.n_head   # q, o; k, v; beta
+        per_layer = attention + 3 * D * F + 2 * D                                        # MLP; two norms
         return V * D * (1 if self.tie_embeddings else 2) + self.n_layer * per_layer + D
 
     # State sizes: the whole point of the model is that these do not depend on stream length.
     @property
     def memory_shape(self) -> tuple[int, ...]:
-        """Shape of the stacked memory for batch 1: [L, 1, H, d, d]."""
-        return (self.n_layer, 1, self.n_head, self.d_head, self.d_head)
+        """Shape of the stacked memory for batch 1: [L, 1, H_kv, d, d]."""
+        return self.state_shape(1)[0]
+
+    def state_shape(self, batch: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(memory, norm) shapes: [L, B, H_kv, d, d] and [L, B, H_kv, d] (one M, z per KV head)."""
+        L, H, d = self.n_layer, self.kv_heads, self.d_head
+        return (L, batch, H, d, d), (L, batch, H, d)
 
     def state_bytes(self, batch: int = 1) -> int:
-        """Bytes of (M, z) in float32: d x (d + 1) x H x L numbers per stream."""
-        return 4 * batch * self.n_layer * self.n_head * self.d_head * (self.d_head + 1)
+        """Bytes of (M, z) in float32: d x (d + 1) x H_kv x L numbers per stream."""
+        return 4 * batch * self.n_layer * self.kv_heads * self.d_head * (self.d_head + 1)
 
     def step_bytes(self, batch: int = 1, n: int | None = None) -> int:
         """A rough upper estimate of the memory one segment step of ``batch`` rows of ``n`` tokens allocates
@@ -87,11 +112,15 @@ class InfiniConfig:
         return 4 * batch * n * (self.vocab_size + 8 * self.d_model + 3 * self.d_ff + 2 * self.n_head * n)
 
     def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
-        """Bytes a full-attention model of the same shape would hold for `tokens` of context."""
-        return 2 * batch * self.n_layer * self.n_head * self.d_head * tokens * bytes_per_value
+        """Bytes a full-attention model of the same shape would hold for `tokens` of context (K and V of
+        every KV head: a GQA model caches n_kv_head heads, not n_head)."""
+        return 2 * batch * self.n_layer * self.kv_heads * self.d_head * tokens * bytes_per_value
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["n_kv_head"] is None:   # the pre-GQA form: same JSON, same digest
+            del d["n_kv_head"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

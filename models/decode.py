@@ -4,7 +4,7 @@ A pure function of fixed-shape tensors, so it exports to one ONNX graph
 (``decode.onnx``) and suits TensorRT and CUDA graphs. Per layer:
 
     token (B,), pos (B,) --embed--> x (B, 1, D)
-      q, k, v = proj(rmsnorm(x))                              (B, H, 1, d)
+      q, k, v = proj(rmsnorm(x))                              (B, H, 1, d); k, v (B, H_kv, 1, d)
       k_cache[:, :, pos] = rope(k, pos)    v_cache[:, :, pos] = v      (a where() on a one-hot slot)
       a_dot = softmax(rope(q, pos) k_cache^T / sqrt(d), slots <= pos) v_cache
       a, dM, dz = memory_decode(q, k, v, a_dot, M, z, dM, dz)  M, z: read only (retrieval uses M_prev)
@@ -29,50 +29,56 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import InfiniConfig
-from .memory import sigma
+from .memory import retrieve, sigma
 from .model import Block, InfiniAttention, InfiniTransformer, rope
 
 
 def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta, delta: bool, eps: float):
     """The memory block for one token: retrieval from M_prev, the gate, and the pending update.
 
-    q, k, v, a_dot: (B, H, 1, d); q and k *without* RoPE.  memory, norm: (B, H, d, d), (B, H, d) f32,
-    M_prev and z_prev (read only).  d_memory, d_norm: the segment's pending update so far (f32).
-    Returns (a, d_memory_out, d_norm_out). Same float32 math as memory.memory_reference.
+    q, a_dot: (B, H, 1, d); k, v: (B, H_kv, 1, d); q and k *without* RoPE.  memory, norm:
+    (B, H_kv, d, d), (B, H_kv, d) f32, M_prev and z_prev (read only).  d_memory, d_norm: the segment's
+    pending update so far (f32, per KV head). Returns (a, d_memory_out, d_norm_out). Same float32 math
+    as memory.memory_reference.
     """
-    sq, sk = sigma(q.float()), sigma(k.float())                          # (B, H, 1, d)
-    a_mem = (sq @ memory) / (sq @ norm.unsqueeze(-1) + eps)              # Eq 7, M_prev
+    sq, sk = sigma(q.float()), sigma(k.float())                          # (B, H, 1, d), (B, H_kv, 1, d)
+    a_mem = retrieve(sq, memory, norm, eps)                              # Eq 7, M_prev
     g = torch.sigmoid(beta.float()).view(1, -1, 1, 1)                    # (1, H, 1, 1)
     a = g * a_mem + (1.0 - g) * a_dot.float()                            # Eq 10
     v_new = v.float()
     if delta:                                                            # Eq 9, per token, against M_prev
         v_new = v_new - (sk @ memory) / (sk @ norm.unsqueeze(-1) + eps)
-    d_memory_out = d_memory + sk.transpose(-1, -2) @ v_new               # (B, H, d, d)
-    d_norm_out = d_norm + sk.squeeze(-2)                                 # (B, H, d)
+    d_memory_out = d_memory + sk.transpose(-1, -2) @ v_new               # (B, H_kv, d, d)
+    d_norm_out = d_norm + sk.squeeze(-2)                                 # (B, H_kv, d)
     return a.to(a_dot.dtype), d_memory_out, d_norm_out
 
 
 def cache_attention(q, k, v, pos, k_cache, v_cache):
     """Write (k, v) at slot ``pos`` and attend to slots 0..pos. Static shapes: no indexing by value.
 
-    q, k: (B, H, 1, d) with RoPE; v: (B, H, 1, d); pos: (B,) int64; caches (B, H, N, d) f32.
+    q: (B, H, 1, d), k: (B, H_kv, 1, d) with RoPE; v: (B, H_kv, 1, d); pos: (B,) int64; caches
+    (B, H_kv, N, d) f32: one cache per KV head. The G = H / H_kv query heads of a group attend as G
+    query rows of their KV head, (B, H_kv, G, d), so the cache is never repeated.
     Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out).
     """
+    B, H, _, d = q.shape
     slots = torch.arange(k_cache.shape[-2], device=pos.device)                     # (N,)
     write = (slots == pos[:, None]).view(-1, 1, k_cache.shape[-2], 1)              # (B, 1, N, 1)
     k_cache = torch.where(write, k.float(), k_cache)
     v_cache = torch.where(write, v.float(), v_cache)
     visible = (slots <= pos[:, None]).view(-1, 1, 1, k_cache.shape[-2])            # (B, 1, 1, N)
-    a_dot = F.scaled_dot_product_attention(q.float(), k_cache, v_cache, attn_mask=visible)
-    return a_dot.to(q.dtype), k_cache, v_cache
+    grouped = q.float().reshape(B, k_cache.shape[1], -1, d)                        # (B, H_kv, G, d)
+    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=visible)
+    return a_dot.reshape(B, H, 1, d).to(q.dtype), k_cache, v_cache
 
 
 def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
     """InfiniAttention for one token. x: (B, 1, D); per-layer state slices. Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
     B = x.shape[0]
-    q, k, v = (proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)    # (B, H, 1, d)
-               for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q = attn.q_proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, 1, d)
+    k, v = (proj(x).view(B, 1, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, 1, d)
+            for proj in (attn.k_proj, attn.v_proj))
     a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, pos), rope(k, cfg.rope_theta, pos), v,
                                               pos, k_cache, v_cache)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
@@ -90,8 +96,8 @@ def block_decode(block: Block, x, pos, *state):
 def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
     """The decode step, a pure function (see the module docstring).
 
-    token, pos: (B,) int64, 0 <= pos < N;  memory (L, B, H, d, d), norm (L, B, H, d) f32: read only;
-    k_cache, v_cache (L, B, H, N, d), d_memory (L, B, H, d, d), d_norm (L, B, H, d): f32.
+    token, pos: (B,) int64, 0 <= pos < N;  memory (L, B, H_kv, d, d), norm (L, B, H_kv, d) f32: read only;
+    k_cache, v_cache (L, B, H_kv, N, d), d_memory (L, B, H_kv, d, d), d_norm (L, B, H_kv, d): f32.
     Returns (logits (B, V), k_cache_out, v_cache_out, d_memory_out, d_norm_out): new tensors.
     Inputs are not checked here (it is traced for export): runners check them.
     """
@@ -116,8 +122,8 @@ class DecodeStep(nn.Module):
 
 
 def initial_decode_state(config: InfiniConfig, batch: int = 1, device=None):
-    """Zero (k_cache, v_cache, d_memory, d_norm), float32: the start of every segment."""
-    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    """Zero (k_cache, v_cache, d_memory, d_norm), float32, per KV head: the start of every segment."""
+    L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len
     zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=torch.float32)  # noqa: E731
     return zeros(L, batch, H, N, d), zeros(L, batch, H, N, d), zeros(L, batch, H, d, d), zeros(L, batch, H, d)
 

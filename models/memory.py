@@ -18,24 +18,39 @@ def sigma(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1.0
 
 
+def retrieve(sq, memory, norm, eps: float):
+    """Eq 7 with grouped-query attention: every query head reads its KV head's memory.
+
+    sq: sigma(Q) (B, H, n, d) f32; memory (B, H_kv, d, d), norm (B, H_kv, d) f32, H = G * H_kv.
+    Query head h belongs to KV head h // G (Llama's repeat_kv order), so the G heads of a group
+    are consecutive and (B, H, n, d) regroups as (B, H_kv, G * n, d) without moving data.
+    Returns A_mem (B, H, n, d) f32.
+    """
+    B, H, n, d = sq.shape
+    grouped = sq.reshape(B, memory.shape[1], -1, d)                      # (B, H_kv, G*n, d)
+    a_mem = (grouped @ memory) / (grouped @ norm.unsqueeze(-1) + eps)    # eps: M = z = 0 at segment 1
+    return a_mem.reshape(B, H, n, d)
+
+
 def memory_reference(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float):
     """One layer's memory block over a segment.
 
-    q, k, v, a_dot: (B, H, n, d), activation dtype; q and k *without* RoPE.
-    memory: (B, H, d, d) float32 = M_prev.   norm: (B, H, d) float32 = z_prev.
-    beta: (H,) gate logits.  delta: the Eq 9 rule instead of Eq 8.
+    q, a_dot: (B, H, n, d); k, v: (B, H_kv, n, d), activation dtype; q and k *without* RoPE.
+    memory: (B, H_kv, d, d) float32 = M_prev.   norm: (B, H_kv, d) float32 = z_prev.
+    beta: (H,) gate logits, one per query head.  delta: the Eq 9 rule instead of Eq 8.
+    H_kv = H without grouped-query attention; otherwise H_kv divides H (see :func:`retrieve`).
     Returns (a, memory_out, norm_out): a in the activation dtype, state in float32.
     Retrieval reads M_prev; the update follows it.
     """
-    sq, sk = sigma(q.float()), sigma(k.float())                          # (B, H, n, d)
-    a_mem = (sq @ memory) / (sq @ norm.unsqueeze(-1) + eps)              # Eq 7; eps: M = z = 0 at segment 1
+    sq, sk = sigma(q.float()), sigma(k.float())                          # (B, H, n, d), (B, H_kv, n, d)
+    a_mem = retrieve(sq, memory, norm, eps)                              # Eq 7
     g = torch.sigmoid(beta.float()).view(1, -1, 1, 1)                    # (1, H, 1, 1)
     a = g * a_mem + (1.0 - g) * a_dot.float()                            # Eq 10
     v_new = v.float()
     if delta:                                                            # Eq 9: store only what M lacks
         v_new = v_new - (sk @ memory) / (sk @ norm.unsqueeze(-1) + eps)
-    memory_out = memory + sk.transpose(-1, -2) @ v_new                   # (B, H, d, d)
-    norm_out = norm + sk.sum(dim=-2)                                     # (B, H, d)
+    memory_out = memory + sk.transpose(-1, -2) @ v_new                   # (B, H_kv, d, d)
+    norm_out = norm + sk.sum(dim=-2)                                     # (B, H_kv, d)
     return a.to(a_dot.dtype), memory_out, norm_out
 
 

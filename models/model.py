@@ -50,33 +50,46 @@ def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -
     return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
 
 
+def local_attention(q, k, v):
+    """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, n, d).
+
+    With grouped-query attention each KV head is repeated for its G = H / H_kv query heads (Llama's
+    repeat_kv: query head h reads KV head h // G); without it (G = 1) the graph has no repeat at all.
+    """
+    B, H, n, d = q.shape
+    if H != k.shape[1]:   # expand + reshape, as transformers does: exports as Expand/Reshape, no copy in torch
+        k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], n, d).reshape(B, H, n, d)
+                for t in (k, v))                                                        # (B, H, n, d)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class InfiniAttention(nn.Module):
     """Causal softmax attention inside the segment, mixed with retrieval from a compressive memory."""
 
     def __init__(self, config: InfiniConfig):
         super().__init__()
         self.config = config
-        inner = config.n_head * config.d_head
+        inner, kv_inner = config.n_head * config.d_head, config.kv_heads * config.d_head
         self.q_proj = nn.Linear(config.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(config.d_model, inner, bias=False)
-        self.v_proj = nn.Linear(config.d_model, inner, bias=False)
+        self.k_proj = nn.Linear(config.d_model, kv_inner, bias=False)
+        self.v_proj = nn.Linear(config.d_model, kv_inner, bias=False)
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
-        self.beta = nn.Parameter(torch.zeros(config.n_head))  # gate logits; sigmoid(0) = 0.5 at init
+        self.beta = nn.Parameter(torch.zeros(config.n_head))  # gate logits per query head; sigmoid(0) = 0.5
 
     def forward(self, x, memory, norm):
-        """x: (B, n, D); memory: (B, H, d, d) f32; norm: (B, H, d) f32 -> (y, memory', norm')."""
+        """x: (B, n, D); memory: (B, H_kv, d, d) f32; norm: (B, H_kv, d) f32 -> (y, memory', norm')."""
         cfg = self.config
         B, n, _ = x.shape
-        q, k, v = (proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)   # (B, H, n, d)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q = self.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
+        k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
+                for proj in (self.k_proj, self.v_proj))
         if q.is_cuda and not torch.onnx.is_in_onnx_export():
             # the same function as below as one op: the fused Triton kernel (models/kernels/)
             a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
                                            cfg.eps, cfg.rope_theta)
         else:
             # RoPE on the local path only: the memory has no positions.
-            a_dot = F.scaled_dot_product_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v,
-                                                   is_causal=True)
+            a_dot = local_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
                                         cfg.update == "delta", cfg.eps)
         y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
@@ -132,17 +145,16 @@ class InfiniTransformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def initial_state(self, batch: int = 1, device=None):
-        """Zero state (M = 0, z = 0), float32: memory (L, B, H, d, d), norm (L, B, H, d)."""
-        cfg = self.config
-        shape = (cfg.n_layer, batch, cfg.n_head, cfg.d_head)
+        """Zero state (M = 0, z = 0), float32: memory (L, B, H_kv, d, d), norm (L, B, H_kv, d)."""
+        memory_shape, norm_shape = self.config.state_shape(batch)
         device = device if device is not None else self.embed_tokens.weight.device
-        return (torch.zeros(*shape, cfg.d_head, device=device, dtype=torch.float32),
-                torch.zeros(*shape, device=device, dtype=torch.float32))
+        return (torch.zeros(memory_shape, device=device, dtype=torch.float32),
+                torch.zeros(norm_shape, device=device, dtype=torch.float32))
 
     def step(self, tokens, memory, norm):
         """The segment step, a pure function.
 
-        tokens: (B, n) int64, n <= segment_len; memory: (L, B, H, d, d) f32; norm: (L, B, H, d) f32.
+        tokens: (B, n) int64, n <= segment_len; memory: (L, B, H_kv, d, d) f32; norm: (L, B, H_kv, d) f32.
         Returns logits (B, n, V) in the weights' dtype, memory_out and norm_out (float32, new tensors).
         Inputs are not checked here (it is traced for export): runners check them.
         """

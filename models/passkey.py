@@ -6,14 +6,17 @@
 A prompt is described by a small frozen dataclass and produced lazily,
 chunk by chunk, so a 1M-token prompt is never one string. It is a pure
 function of (length, depth, seed, filler): evaluation and training build the
-same prompts from the same seeds. Lengths count tokens of the byte-level
-tokenizer (models/tokenizer.py), i.e. UTF-8 bytes.
+same prompts from the same seeds. Lengths count tokens of the prompt's
+tokenizer (models/tokenizer.py): UTF-8 bytes by default, a checkpoint's own
+vocabulary when one is given. Each piece is encoded on its own (intro, then
+" " + block, " " + needle, " " + question): with a real tokenizer a piece that
+starts with a space starts a word, so the ids are those of the whole text.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -45,6 +48,7 @@ class PasskeyPrompt:
     seed: int              # draws the key (and the varied filler)
     filler: str = "fixed"  # "fixed": the paper's block repeated; "varied": blocks of shuffled sentences
     digits: int = 5        # the key has this many digits (no leading zero)
+    tokenizer: object = field(default=None, compare=False, repr=False)   # None: bytes (models/tokenizer.py)
 
     def __post_init__(self):
         if not 0 <= self.depth <= 1:
@@ -53,13 +57,14 @@ class PasskeyPrompt:
             raise BadInputError(f"filler {self.filler!r} is not known; expected one of: {', '.join(FILLERS)}")
         if not 1 <= self.digits <= 18:
             raise BadInputError(f"digits must be in 1..18, got {self.digits}")
-        if self.length < self.shortest(self.digits):
+        least = self._fixed() + self._count(b" " + FILLER.encode()) if self.tokenizer else self.shortest(self.digits)
+        if self.length < least:
             raise BadInputError(f"length {self.length} is too short for a passkey prompt; expected at least "
-                                f"{self.shortest(self.digits)} tokens")
+                                f"{least} tokens")
 
     @staticmethod
     def shortest(digits: int = 5) -> int:
-        """The least ``length`` a prompt accepts: intro, needle, question and one filler block."""
+        """The least ``length`` a prompt of bytes accepts: intro, needle, question and one filler block."""
         return _fixed_bytes(digits) + len(FILLER) + 1
 
     @property
@@ -73,37 +78,48 @@ class PasskeyPrompt:
         return f" {self.key}"
 
     def __len__(self) -> int:
-        return sum(len(piece) for piece in self.pieces())
+        return sum(len(ids) for ids in self.piece_ids())
 
     def pieces(self) -> Iterator[bytes]:
         """The prompt as UTF-8 pieces (intro, filler blocks, needle, question), in order."""
-        budget = self.length - self._fixed_bytes()       # bytes left for filler blocks
-        needle_at = round(self.depth * budget)           # filler bytes before the needle, about
-        yield INTRO.encode()
+        for piece, _ in self._layout():
+            yield piece
+
+    def piece_ids(self) -> Iterator[np.ndarray]:
+        """The token ids of each piece, in order."""
+        for _, ids in self._layout():
+            yield ids
+
+    def _layout(self) -> Iterator[tuple[bytes, np.ndarray]]:
+        """(piece, its ids): the filler blocks fill the budget in tokens, the needle at the depth."""
+        budget = self.length - self._fixed()              # tokens left for filler blocks
+        needle_at = round(self.depth * budget)            # filler tokens before the needle, about
+        yield INTRO.encode(), self._ids(INTRO.encode())
         used, placed = 0, False
         for block in self._blocks():
-            if not placed and used + len(block) / 2 > needle_at:
-                yield b" " + self._needle()
+            ids = self._ids(b" " + block)
+            if not placed and used + (len(ids) - 1) / 2 > needle_at:   # half the block, its space aside
+                yield b" " + self._needle(), self._ids(b" " + self._needle())
                 placed = True
-            if used + len(block) + 1 > budget:
+            if used + len(ids) > budget:
                 break
-            yield b" " + block
-            used += len(block) + 1
+            yield b" " + block, ids
+            used += len(ids)
         if not placed:
-            yield b" " + self._needle()
-        yield b" " + QUESTION.encode()
+            yield b" " + self._needle(), self._ids(b" " + self._needle())
+        yield b" " + QUESTION.encode(), self._ids(b" " + QUESTION.encode())
 
     def chunks(self, chunk: int = CHUNK) -> Iterator[np.ndarray]:
         """The prompt's token ids (int64) in chunks of about ``chunk`` tokens."""
         buf, size = [], 0
-        for piece in self.pieces():
-            buf.append(piece)
-            size += len(piece)
+        for ids in self.piece_ids():
+            buf.append(ids)
+            size += len(ids)
             if size >= chunk:
-                yield encode(b"".join(buf))
+                yield np.concatenate(buf)
                 buf, size = [], 0
         if buf:
-            yield encode(b"".join(buf))
+            yield np.concatenate(buf)
 
     def text(self) -> str:
         """The whole prompt as one string: for tests and short prompts only."""
@@ -121,11 +137,33 @@ class PasskeyPrompt:
     def _needle(self) -> bytes:
         return NEEDLE.format(key=self.key).encode()
 
-    def _fixed_bytes(self) -> int:
-        return _fixed_bytes(self.digits)
+    def _fixed(self) -> int:
+        """Tokens of the intro, needle and question with their separating spaces."""
+        if self.tokenizer is None:
+            return _fixed_bytes(self.digits)
+        return sum(self._count(p) for p in (INTRO.encode(), b" " + self._needle(), b" " + QUESTION.encode()))
+
+    def _ids(self, piece: bytes) -> np.ndarray:
+        return encode(piece) if self.tokenizer is None else _encode_cached(self.tokenizer, piece)
+
+    def _count(self, piece: bytes) -> int:
+        return len(self._ids(piece))
 
     def _blocks(self) -> Iterator[bytes]:
         return filler_blocks(self.seed, self.filler)
+
+
+_CACHE: dict = {}
+
+
+def _encode_cached(tokenizer, piece: bytes) -> np.ndarray:
+    """Filler blocks repeat (the fixed filler is one block, the varied one a few thousand): encode each once."""
+    key = (id(tokenizer), piece)
+    if key not in _CACHE:
+        if len(_CACHE) > 1 << 14:
+            _CACHE.clear()
+        _CACHE[key] = tokenizer.encode(piece)
+    return _CACHE[key]
 
 
 def _fixed_bytes(digits: int) -> int:

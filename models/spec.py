@@ -67,8 +67,9 @@ class TensorSpec:
 
 
 def state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpec]:
-    """memory (L, batch, H, d, d) and norm (L, batch, H, d): float32 in every precision."""
-    L, H, d = config.n_layer, config.n_head, config.d_head
+    """memory (L, batch, H_kv, d, d) and norm (L, batch, H_kv, d): float32 in every precision, one M and z
+    per KV head (H_kv = n_kv_head, = n_head without grouped-query attention)."""
+    L, H, d = config.n_layer, config.kv_heads, config.d_head
     return [TensorSpec(MEMORY + suffix, "float32", (L, BATCH, H, d, d)),
             TensorSpec(NORM + suffix, "float32", (L, BATCH, H, d))]
 
@@ -86,9 +87,9 @@ def segment_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list
 
 def decode_state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpec]:
     """The decode step's carried state, float32 in every precision:
-    k_cache, v_cache (L, batch, H, N, d): RoPE'd keys and values of the unfinished segment, slot t = position t;
-    d_memory (L, batch, H, d, d), d_norm (L, batch, H, d): its pending update, folded into (M, z) at N tokens."""
-    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    k_cache, v_cache (L, batch, H_kv, N, d): RoPE'd keys and values of the unfinished segment, slot t = position t;
+    d_memory (L, batch, H_kv, d, d), d_norm (L, batch, H_kv, d): its pending update, folded into (M, z) at N tokens."""
+    L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len
     return [TensorSpec(K_CACHE + suffix, "float32", (L, BATCH, H, N, d)),
             TensorSpec(V_CACHE + suffix, "float32", (L, BATCH, H, N, d)),
             TensorSpec(D_MEMORY + suffix, "float32", (L, BATCH, H, d, d)),

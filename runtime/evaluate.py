@@ -7,7 +7,7 @@ import time
 from typing import Callable, Iterable
 
 from ..models.passkey import PasskeyPrompt
-from ..models.tokenizer import decode
+from ..models.tokenizer import ByteTokenizer
 from .measure import peak_rss_bytes
 from .stream import Stream
 
@@ -19,13 +19,15 @@ def trial_seed(seed: int, length: int, depth: float, trial: int) -> int:
 
 
 def passkey_trial(stream: Stream, prompt: PasskeyPrompt, progress: bool = False) -> dict:
-    """Reset ``stream`` (batch 1), stream the prompt, decode the answer greedily and check its digits."""
+    """Reset ``stream`` (batch 1), stream the prompt, decode the answer greedily and check its digits.
+
+    The prompt's tokenizer (bytes unless it has one) encodes the prompt and decodes the answer."""
     stream.reset()
     n = len(prompt)
     start = time.perf_counter()
     out = stream.generate(prompt.chunks(), max_new_tokens=len(prompt.answer) + 1, total=n, progress=progress)
     seconds = time.perf_counter() - start
-    generated = decode(out[0])
+    generated = (prompt.tokenizer or ByteTokenizer()).decode(out[0])
     tokens = n + out.shape[1]
     return {"length": prompt.length, "depth": prompt.depth, "seed": prompt.seed, "key": prompt.key,
             "generated": generated, "correct": prompt.check(generated), "prompt_tokens": n,
@@ -35,13 +37,18 @@ def passkey_trial(stream: Stream, prompt: PasskeyPrompt, progress: bool = False)
 
 def passkey_eval(stream: Stream, lengths: Iterable[int], depths: Iterable[float], trials: int, seed: int = 0,
                  filler: str = "fixed", on_result: Callable[[dict], None] | None = None,
-                 progress: bool = False) -> list[dict]:
-    """Every (length, depth, trial) of the grid; one result dict per trial (see passkey_trial)."""
+                 progress: bool = False, tokenizer=None) -> list[dict]:
+    """Every (length, depth, trial) of the grid; one result dict per trial (see passkey_trial).
+
+    ``tokenizer``: the model's (models/tokenizer.py); lengths count its tokens. None: bytes."""
+    if tokenizer is not None and tokenizer.kind == "bytes":
+        tokenizer = None   # the byte prompts, exactly as before tokenizers existed
     results = []
     for length in lengths:
         for depth in depths:
             for trial in range(trials):
-                prompt = PasskeyPrompt(length, depth, trial_seed(seed, length, depth, trial), filler)
+                prompt = PasskeyPrompt(length, depth, trial_seed(seed, length, depth, trial), filler,
+                                       tokenizer=tokenizer)
                 result = passkey_trial(stream, prompt, progress) | {"trial": trial}
                 results.append(result)
                 if on_result is not None:

@@ -16,26 +16,31 @@ from ..paths import check_input_file
 CHUNK = 1 << 16  # tokens (bytes, for text) read per chunk
 
 
-def count_tokens(path: str | os.PathLike) -> int:
-    """Tokens in a file without reading it: bytes for text, elements for .npy."""
+def count_tokens(path: str | os.PathLike, tokenizer=None) -> int | None:
+    """Tokens in a file without reading it: bytes for text (byte-level tokenizer), elements for .npy;
+    None for text under a real tokenizer (only encoding it would tell)."""
     path = check_input_file(path)
     if path.suffix.lower() == ".npy":
         return int(_load_npy(path).shape[0])
+    if tokenizer is not None and tokenizer.kind != "bytes":
+        return None
     return path.stat().st_size
 
 
-def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = CHUNK) -> Iterator[np.ndarray]:
+def iter_tokens(path: str | os.PathLike, limit: int | None = None, chunk: int = CHUNK,
+                tokenizer=None) -> Iterator[np.ndarray]:
     """Yield int64 chunks of a file's tokens; with ``limit``, exactly that many, cycling the file.
 
-    A ``.npy`` file holds a 1-D integer array of token ids; any other file is
-    UTF-8 text, tokenised as bytes (models/tokenizer.py).
+    A ``.npy`` file holds a 1-D integer array of token ids; any other file is UTF-8 text, encoded
+    by ``tokenizer`` (models/tokenizer.py; default: bytes) in chunks, with the tokenizer's
+    ``start_ids`` (e.g. BOS) before every pass over the file.
     """
     path = check_input_file(path)
     if count_tokens(path) == 0:
         raise BadInputError(f"input file {path} is empty; expected text or a .npy token array")
     remaining = limit
     while remaining is None or remaining > 0:
-        for piece in (_iter_npy(path, chunk) if path.suffix.lower() == ".npy" else _iter_text(path, chunk)):
+        for piece in (_iter_npy(path, chunk) if path.suffix.lower() == ".npy" else _iter_text(path, chunk, tokenizer)):
             if remaining is not None:
                 piece = piece[:remaining]
                 remaining -= len(piece)
@@ -73,7 +78,19 @@ def _iter_npy(path: Path, chunk: int) -> Iterator[np.ndarray]:
         yield piece.astype(np.int64)  # a copy: the map is read-only
 
 
-def _iter_text(path: Path, chunk: int) -> Iterator[np.ndarray]:
+def _iter_text(path: Path, chunk: int, tokenizer=None) -> Iterator[np.ndarray]:
+    if tokenizer is None or tokenizer.kind == "bytes":
+        yield from _iter_utf8(path, chunk)
+        return
+    if tokenizer.start_ids:
+        yield np.asarray(tokenizer.start_ids, dtype=np.int64)
+    for ids in tokenizer.encode_stream(_iter_utf8(path, chunk, raw=True)):
+        for start in range(0, len(ids), chunk):
+            yield ids[start:start + chunk]
+
+
+def _iter_utf8(path: Path, chunk: int, raw: bool = False) -> Iterator[np.ndarray | bytes]:
+    """The file's bytes, checked to be UTF-8, as uint8 ids (or the raw bytes with ``raw``)."""
     check = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0
     with open(path, "rb") as f:
@@ -84,7 +101,7 @@ def _iter_text(path: Path, chunk: int) -> Iterator[np.ndarray]:
                 raise BadInputError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); "
                                     "give a UTF-8 file or a .npy token file") from None
             offset += len(data)
-            yield np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+            yield data if raw else np.frombuffer(data, dtype=np.uint8).astype(np.int64)
         try:
             check.decode(b"", final=True)
         except UnicodeDecodeError:

@@ -32,8 +32,9 @@ def stream_throughput(stream: Stream, chunks, total: int | None = None, progress
     cfg = stream.config
     rss_before = current_rss_bytes()
     position, segments = stream.position, stream.segments  # non-zero for a resumed stream
+    trace = []                                              # (tokens so far, RSS) every TRACE_EVERY tokens
     start = time.perf_counter()
-    stream.feed_chunks(chunks, keep="none", total=total, progress=progress)
+    stream.feed_chunks(_traced(chunks, stream, trace, position), keep="none", total=total, progress=progress)
     if flush:
         stream.flush()
     seconds = time.perf_counter() - start
@@ -49,4 +50,18 @@ def stream_throughput(stream: Stream, chunks, total: int | None = None, progress
         "state_bytes": cfg.state_bytes(stream.batch),
         "kv_cache_bytes_fp32": cfg.kv_cache_bytes(stream.position, stream.batch, 4),
         "kv_cache_bytes_fp16": cfg.kv_cache_bytes(stream.position, stream.batch, 2),
+        "rss_trace": trace,
     }
+
+
+TRACE_EVERY = 8192   # tokens between two RSS samples of stream_throughput
+
+
+def _traced(chunks, stream: Stream, trace: list, position: int):
+    """The chunks cut into pieces of at most TRACE_EVERY tokens (any chunking streams the same), with the
+    RSS recorded before each piece: whether memory stays flat along the stream, not only at its ends."""
+    for chunk in chunks:
+        for lo in range(0, max(len(chunk), 1), TRACE_EVERY):
+            trace.append([stream.position - position, current_rss_bytes()])
+            yield chunk[lo:lo + TRACE_EVERY]
+

@@ -30,7 +30,7 @@ from .measure import current_rss_bytes, human_bytes, peak_rss_bytes
 class KVCacheBaseline:
     """Full causal attention over a preallocated KV cache, with an InfiniTransformer's weights.
 
-    cache: (L, 2, B, H, capacity, d) float32; ``step`` writes the new keys/values at
+    cache: (L, 2, B, H_kv, capacity, d) float32; ``step`` writes the new keys/values at
     [position, position + n) and attends over [0, position + n).
     """
 
@@ -40,7 +40,7 @@ class KVCacheBaseline:
 
     def new_cache(self, capacity: int, batch: int = 1, fill_random: int = 0) -> torch.Tensor:
         cfg = self.config
-        cache = torch.empty(cfg.n_layer, 2, batch, cfg.n_head, capacity, cfg.d_head,
+        cache = torch.empty(cfg.n_layer, 2, batch, cfg.kv_heads, capacity, cfg.d_head,
                             device=self.model.embed_tokens.weight.device)
         if fill_random:
             cache[..., :fill_random, :].normal_()
@@ -60,13 +60,14 @@ class KVCacheBaseline:
         for i, layer in enumerate(m.layers):
             att = layer.self_attn
             h = layer.input_layernorm(x)
-            q, k, v = (proj(h).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)
-                       for proj in (att.q_proj, att.k_proj, att.v_proj))
+            q = att.q_proj(h).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)            # (B, H, n, d)
+            k, v = (proj(h).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)            # (B, H_kv, n, d)
+                    for proj in (att.k_proj, att.v_proj))
             q, k = (_rope_at(t, cfg.rope_theta, pos) for t in (q, k))
             cache[i, 0, :, :, position:position + n] = k
             cache[i, 1, :, :, position:position + n] = v
             a = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :position + n], cache[i, 1, :, :, :position + n],
-                                               attn_mask=mask)
+                                               attn_mask=mask, enable_gqa=cfg.kv_heads < cfg.n_head)
             x = x + att.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.lm_head(m.norm(x))

@@ -118,7 +118,7 @@ class OrtRunner(BaseRunner):
         self.graph = graph
         self.provider = check_provider(provider)
         super().__init__(self.manifest.config, entry.inputs, entry.outputs, "cuda" if provider == "cuda" else "cpu")
-        self.path = self.manifest.verify(self.export_dir, entry.file)
+        self.path = self.manifest.verify_graph(self.export_dir, entry.file)
         self.threads = threads
         self.session = None
 

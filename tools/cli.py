@@ -16,7 +16,9 @@ from .. import signals
 from ..errors import InfiniError
 from .bench import bench
 from .build_inspect import build, inspect
+from .convert import convert
 from .demo import demo
+from .evaluate import evaluate
 from .export_verify import export, verify
 from .generate import generate, passkey
 from .init_run import init, run
@@ -75,6 +77,7 @@ def cli():
 
 
 cli.add_command(init)
+cli.add_command(convert)
 cli.add_command(run)
 cli.add_command(export)
 cli.add_command(verify)
@@ -86,6 +89,7 @@ cli.add_command(passkey)
 cli.add_command(train)
 cli.add_command(demo)
 cli.add_command(serve)
+cli.add_command(evaluate)
 
 
 def main():

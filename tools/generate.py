@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import json
 import time
 from pathlib import Path
@@ -13,7 +12,6 @@ import torch
 from ..errors import BadInputError
 from ..models.checkpoint import resolve_model
 from ..models.passkey import FILLERS
-from ..models.tokenizer import EOS, encode
 from ..runtime.evaluate import passkey_eval, summarise
 from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.measure import human_bytes, peak_rss_bytes
@@ -21,7 +19,7 @@ from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
 from ..atomic import write_text
 from ..paths import check_input_file
-from .init_run import make_runner
+from .init_run import make_runner, model_tokenizer
 from .options import (DEVICE, THREADS, Number, check_outputs, force_option, json_out_option, parse_count,
                       seed_option)
 
@@ -73,47 +71,78 @@ def common_options(f):
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=Number(0, 1, min_open=True), default=None)
 @seed_option("Sampling seed (and the init seed when MODEL is a preset).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
+@click.option("--system", default=None, help="With --chat: a system message before the prompt.")
 @click.option("--server", default=None, help="Generate on the model a Triton server serves (`infini serve`), at "
-              "this HTTP address (host:port), instead of MODEL.")
+              "this HTTP address (host:port); MODEL then gives only the tokenizer (the export the server runs).")
 @click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
               help="With --server: the stream to continue (default: a new one).")
 @common_options
-def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, server, stream_id,
+def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
+             server, stream_id,
              backend, device, threads, progress):
-    """Stream a prompt through MODEL (a checkpoint folder or a preset name) and print what it generates."""
+    """Stream a prompt through MODEL (a checkpoint folder, an export folder or a preset name) and print what it
+    generates, encoded and decoded with MODEL's tokenizer; generation stops at its end-of-text tokens."""
     if (prompt_file is None) == (prompt_text is None):
         raise BadInputError("give exactly one of --prompt-file and --prompt")
+    if system is not None and not chat:
+        raise BadInputError("--system needs --chat")
     if prompt_file is not None:
         check_input_file(prompt_file, "prompt file")
-        prompt, total = iter_tokens(prompt_file), count_tokens(prompt_file)
-    else:
-        try:
-            data = prompt_text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise BadInputError(f"--prompt is not valid UTF-8 text (character {e.start}); give UTF-8 text, or "
-                                "a file with --prompt-file") from None
-        prompt, total = iter([encode(data)]), len(data)
+    elif any("\ud800" <= c <= "\udfff" for c in prompt_text):   # bytes that were not UTF-8 on the command line
+        raise BadInputError("--prompt is not valid UTF-8 text; give UTF-8 text, or a file with --prompt-file")
+    tokenizer = model_tokenizer(model)
     if server is not None:
         from ..runtime.serving.remote import RemoteStream
 
         stream = RemoteStream(server, stream_id=stream_id)
     else:
         stream, backend = open_stream(model, backend, device, seed, threads)
-    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    prompt, total = prompt_tokens(tokenizer, prompt_file, prompt_text, chat, system)
+    text = tokenizer.decoder()
     marks = [time.perf_counter()]
 
     def on_token(token):
         if len(marks) == 1:
             marks.append(time.perf_counter())  # prefill done
-        if int(token[0]) < 256:
-            click.echo(text.decode(bytes([int(token[0])])), nl=False)
+        click.echo(text.step(int(token[0])), nl=False)
 
-    stops = [EOS] if server is None and EOS < stream.config.vocab_size else []
+    vocab = stream.config.vocab_size if server is None else tokenizer.vocab_size
+    stops = [i for i in tokenizer.stop_ids if i < vocab]
     out = stream.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, stops, on_token,
                           total=total, progress=progress)
-    click.echo(text.decode(b"", final=True))
+    click.echo(text.end())
     marks.append(time.perf_counter())
     _report_generate(stream.position - out.shape[1], out.shape[1], marks)
+
+
+def prompt_tokens(tokenizer, prompt_file: Path | None, prompt_text: str | None, chat: bool, system: str | None):
+    """(an iterator of id chunks, their count or None): a file streamed in chunks, or one text; with
+    ``chat``, the text as the user message of the chat template (the template writes the special tokens)."""
+    import numpy as np
+
+    if chat:
+        if prompt_text is None:
+            prompt_text = _read_prompt(prompt_file)
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": prompt_text}]
+        ids = tokenizer.encode(tokenizer.chat(messages, add_generation_prompt=True))
+        return iter([ids]), len(ids)
+    if prompt_file is not None:
+        return iter_tokens(prompt_file, tokenizer=tokenizer), count_tokens(prompt_file, tokenizer)
+    ids = np.concatenate([np.asarray(tokenizer.start_ids, dtype=np.int64), tokenizer.encode(prompt_text)])
+    return iter([ids]), len(ids)
+
+
+def _read_prompt(path: Path) -> str:
+    if path.suffix == ".npy":
+        raise BadInputError("--chat takes a text prompt (--prompt or a UTF-8 --prompt-file), not a .npy of ids")
+    if not path.is_file():
+        raise BadInputError(f"prompt file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInputError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
 
 
 def _report_generate(n_prompt: int, n_new: int, marks: list[float]) -> None:
@@ -160,9 +189,10 @@ def passkey(model, lengths, depths, trials, seed, filler, json_out, force, backe
     if not lengths:
         raise BadInputError("--lengths is empty; expected lengths such as 4k,32k")
     depths = parse_depths(depths)
+    tokenizer = model_tokenizer(model)
     stream, backend = open_stream(model, backend, device, seed, threads)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
-                           on_result=_echo_trial if progress else None)
+                           on_result=_echo_trial if progress else None, tokenizer=tokenizer)
     rows = summarise(results)
     cfg = stream.config
     click.echo(f"passkey retrieval: {model} ({cfg.update} rule, segment {cfg.segment_len}), {trials} trial(s) "

@@ -72,27 +72,31 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
     path = input_file or Path(str(SAMPLE_TEXT))
     check_outputs(force, {"--save-state": save_state, "--json-out": json_out},
                   {"--input": input_file, "--resume": resume}, {"MODEL": Path(model)})
-    total = limit or count_tokens(path)
     runner, backend = make_runner(model, backend, device, threads, seed)
+    tokenizer = model_tokenizer(model)
+    total = limit or count_tokens(path, tokenizer)
     with runner:
         stream = Stream.load(resume, runner) if resume else Stream(runner)
         if stream.batch != 1:
             raise BadInputError(f"--resume {resume} holds a stream of batch {stream.batch}; `infini run` streams "
                                 "one input (resume it with the Python API: Stream.load)")
-        result = stream_throughput(stream, iter_tokens(path, limit), total=total, progress=progress,
-                                   flush=save_state is None)
+        result = stream_throughput(stream, iter_tokens(path, limit, tokenizer=tokenizer), total=total,
+                                   progress=progress, flush=save_state is None)
         if save_state is not None:
             stream.save(save_state, force=force)
             click.echo(f"saved the state at token {stream.position:,} to {save_state}")
     cfg = runner.config
-    result.update(model=model, input=str(path), backend=backend, device=device,
+    result.update(model=model, input=str(path), backend=backend, device=device, tokenizer=tokenizer.kind,
                   threads=torch.get_num_threads(), config=cfg.to_dict())
     click.echo(f"streamed {result['tokens']:,} tokens in {result['segments']:,} segments of {cfg.segment_len} "
                f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({backend}, {device}, "
                f"{result['threads']} threads)")
+    trace = [rss for tokens, rss in result["rss_trace"] if tokens >= 2 * cfg.segment_len]   # after warm-up
+    span = f"; from token {2 * cfg.segment_len:,} on between {human_bytes(min(trace))} and " \
+           f"{human_bytes(max(trace))}" if trace else ""
     click.echo(f"peak RSS {human_bytes(result['peak_rss_bytes'])}; "
                f"RSS before/after streaming {human_bytes(result['rss_before_bytes'])} / "
-               f"{human_bytes(result['rss_after_bytes'])}")
+               f"{human_bytes(result['rss_after_bytes'])}{span}")
     click.echo(f"state {result['state_bytes']:,} bytes ({human_bytes(result['state_bytes'])}, constant at any length) "
                f"vs KV cache of a full-attention model of the same shape at {result['tokens']:,} tokens: "
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
@@ -124,6 +128,24 @@ def _run_remote(server, stream_id, end_stream, input_file, limit, json_out, forc
                + (f"persisted at token {persisted:,}" if persisted >= 0 else "not persisted (no --state-dir)"))
     if json_out:
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def model_tokenizer(model: str):
+    """The tokenizer MODEL carries: an export folder's (hash-checked), a checkpoint's, or bytes for a preset."""
+    from ..export.manifest import is_export_dir
+    from ..models.checkpoint import resolve_tokenizer
+
+    if not is_export_dir(model):
+        return resolve_tokenizer(model)
+    from ..export.exporter import CHECKPOINT_DIR
+    from ..export.manifest import load_manifest
+    from ..models.tokenizer import load_tokenizer
+
+    manifest = load_manifest(model)
+    for name in manifest.files:
+        if name.startswith(f"{CHECKPOINT_DIR}/tokenizer"):
+            manifest.verify(Path(model), name)
+    return load_tokenizer(Path(model) / CHECKPOINT_DIR, manifest.config.vocab_size)
 
 
 def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment"):

@@ -69,6 +69,11 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     if threads:
         torch.set_num_threads(threads)
     if init_from is not None:
+        from ..models.hf_tokenizer import TOKENIZER_FILE
+
+        if (init_from / TOKENIZER_FILE).is_file():
+            raise BadInputError(f"--init {init_from} has its own tokenizer ({TOKENIZER_FILE}); passkey training builds "
+                                "byte-level batches, so it trains the byte-level presets only (not converted models)")
         model = load_checkpoint(init_from)
         model_cfg = model.config
         if update is not None and model_cfg.update != update:

@@ -8,8 +8,9 @@ Two entry points, both the same function as the reference (models/memory.py):
         q, k, v (B,H,n,d)           M_prev, z_prev (f32)
           |  k, v                      |
           v                            v
-      [_update_kernel]  grid (S, B*H): q_rope, k_rope = RoPE(q), RoPE(k); partial dM_s = sk^T v'
+      [_update_kernel]  grid (S, B*H_kv): q_rope, k_rope = RoPE(q), RoPE(k); partial dM_s = sk^T v'
           |  q_rope, k_rope,   and dz_s over one token chunk each (v' = v, or v - retrieval for delta)
+          |                    (the GROUP = H / H_kv query heads of a KV head are RoPE'd by its program)
           v  partials
       [_attn_kernel]    grid (B*H, n/BLOCK_M), query blocks last-first: flash attention of q_rope
                         over k_rope, v (online softmax, f32), retrieval sigma(q) M_prev /
@@ -78,28 +79,31 @@ def _rope_store(src, dst, offs_t, mask_t, stride_t, COS, SIN, D: tl.constexpr):
 @triton.jit
 def _update_kernel(Q, K, V, M, Z, COS, SIN, QR, KR, PM, PZ,
                    s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt,
-                   H, n_ctx, tiles_per_prog, eps,
+                   H_KV, n_ctx, tiles_per_prog, eps,
                    D: tl.constexpr, BLOCK_T: tl.constexpr, DELTA: tl.constexpr, ROPE: tl.constexpr,
-                   MEM_PRECISION: tl.constexpr):
+                   MEM_PRECISION: tl.constexpr, GROUP: tl.constexpr):
+    # grid (S, B*H_kv): one program per token chunk and (batch, KV head); the KV head's GROUP query
+    # heads (GROUP = H / H_kv, 1 without grouped-query attention) get their RoPE here too.
     pid_s = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bkv = tl.program_id(1)
+    b = bkv // H_KV
+    j = bkv % H_KV
     offs_d = tl.arange(0, D)
-    q_base = Q + b * s_qb + h * s_qh
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    k_base = K + b * s_kb + j * s_kh
+    v_base = V + b * s_vb + j * s_vh
     acc = tl.zeros((D, D), dtype=tl.float32)   # sum_t sk_t^T v'_t over this program's tokens
     zacc = tl.zeros((D,), dtype=tl.float32)
     if DELTA:
-        m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_d[None, :])
-        z_prev = tl.load(Z + bh * D + offs_d)
+        m_prev = tl.load(M + bkv * D * D + offs_d[:, None] * D + offs_d[None, :])
+        z_prev = tl.load(Z + bkv * D + offs_d)
     for i in range(0, tiles_per_prog):
         offs_t = (pid_s * tiles_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         mask_t = offs_t < n_ctx
         if ROPE:   # RoPE(q), RoPE(k) once per token, for the attention kernel
-            _rope_store(q_base, QR + bh * n_ctx * D, offs_t, mask_t, s_qt, COS, SIN, D)
-            _rope_store(k_base, KR + bh * n_ctx * D, offs_t, mask_t, s_kt, COS, SIN, D)
+            for g in tl.static_range(GROUP):   # query head j * GROUP + g of (B, H, n, d)
+                _rope_store(Q + b * s_qb + (j * GROUP + g) * s_qh, QR + (bkv * GROUP + g) * n_ctx * D,
+                            offs_t, mask_t, s_qt, COS, SIN, D)
+            _rope_store(k_base, KR + bkv * n_ctx * D, offs_t, mask_t, s_kt, COS, SIN, D)
         k = tl.load(k_base + offs_t[:, None] * s_kt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
         v = tl.load(v_base + offs_t[:, None] * s_vt + offs_d[None, :], mask=mask_t[:, None], other=0.0)
         sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)   # padded rows add nothing
@@ -110,7 +114,7 @@ def _update_kernel(Q, K, V, M, Z, COS, SIN, QR, KR, PM, PZ,
             vn = vn - ret / den[:, None]
         acc += tl.dot(tl.trans(sk), vn, input_precision=MEM_PRECISION)
         zacc += tl.sum(sk, axis=0)
-    part = pid_s * tl.num_programs(1) + bh
+    part = pid_s * tl.num_programs(1) + bkv
     tl.store(PM + part * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
     tl.store(PZ + part * D + offs_d, zacc)
 
@@ -149,21 +153,24 @@ def _attn_kernel(Q, QR, KR, V, M, Z, BETA, A, PM, PZ, MO, ZO,
                  s_qb, s_qh, s_qt, s_rb, s_rh, s_rt, s_vb, s_vh, s_vt,
                  H, n_ctx, n_parts, eps, qk_scale,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_R: tl.constexpr,
-                 RET_K: tl.constexpr, ATT_PRECISION: tl.constexpr, MEM_PRECISION: tl.constexpr):
+                 RET_K: tl.constexpr, ATT_PRECISION: tl.constexpr, MEM_PRECISION: tl.constexpr,
+                 GROUP: tl.constexpr):
     # grid (B*H, n/BLOCK_M): the heads vary fastest and the query blocks run last-first, so
     # the longest causal rows of every head start in the first wave (longest job first).
+    # Query head h reads KV head h // GROUP: its keys, values and memory (bkv below).
     bh = tl.program_id(0)
     start_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // H
     h = bh % H
+    bkv = b * (H // GROUP) + h // GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     mask_m = offs_m < n_ctx
     # RoPE(q) as kernel 1 stored it (or q itself without RoPE)
     qr = tl.load(QR + b * s_rb + h * s_rh + offs_m[:, None] * s_rt + offs_d[None, :], mask=mask_m[:, None],
                  other=0.0)
-    kr_base = KR + bh * n_ctx * D
-    v_base = V + b * s_vb + h * s_vh
+    kr_base = KR + bkv * n_ctx * D
+    v_base = V + b * s_vb + (h // GROUP) * s_vh
     # -- local causal attention, online softmax (base 2) --------------------------------------
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -185,29 +192,31 @@ def _attn_kernel(Q, QR, KR, V, M, Z, BETA, A, PM, PZ, MO, ZO,
     for c in range(0, D, RET_K):
         offs_c = c + tl.arange(0, RET_K)
         sq = _sigma(tl.load(q_base + offs_c[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32))
-        den += tl.sum(sq * tl.load(Z + bh * D + offs_c)[None, :], axis=1)
+        den += tl.sum(sq * tl.load(Z + bkv * D + offs_c)[None, :], axis=1)
     w = g / (den + eps)
     for c in range(0, D, RET_K):
         offs_c = c + tl.arange(0, RET_K)
         sq = _sigma(tl.load(q_base + offs_c[None, :], mask=mask_m[:, None], other=0.0).to(tl.float32))
-        m_rows = tl.load(M + bh * D * D + offs_c[:, None] * D + offs_d[None, :])   # (RET_K, D)
+        m_rows = tl.load(M + bkv * D * D + offs_c[:, None] * D + offs_d[None, :])   # (RET_K, D)
         a = tl.dot(sq * w[:, None], m_rows, acc=a, input_precision=MEM_PRECISION)
-    z_prev = tl.load(Z + bh * D + offs_d)
+    z_prev = tl.load(Z + bkv * D + offs_d)
     tl.store(A + bh * n_ctx * D + offs_m[:, None] * D + offs_d[None, :], a.to(qr.dtype), mask=mask_m[:, None])
-    # -- this program's slice of M_out = M_prev + sum of the partials (kernel 1 has finished) ----
-    n_bh = tl.num_programs(0)
-    offs_r = tl.arange(0, ROWS_R)
-    for r0 in range(start_m * ROWS_R, D, tl.num_programs(1) * ROWS_R):
-        rows = (r0 + offs_r)[:, None] * D + offs_d[None, :]
-        tile = tl.load(M + bh * D * D + rows)
-        for s in range(0, n_parts):
-            tile += tl.load(PM + (s * n_bh + bh) * D * D + rows)
-        tl.store(MO + bh * D * D + rows, tile)
-    if start_m == 0:
-        zt = z_prev
-        for s in range(0, n_parts):
-            zt += tl.load(PZ + (s * n_bh + bh) * D + offs_d)
-        tl.store(ZO + bh * D + offs_d, zt)
+    # -- this program's slice of M_out = M_prev + sum of the partials (kernel 1 has finished); with
+    # grouped-query attention only the group's first query head writes its KV head's state ------
+    if h % GROUP == 0:
+        n_bkv = tl.num_programs(0) // GROUP
+        offs_r = tl.arange(0, ROWS_R)
+        for r0 in range(start_m * ROWS_R, D, tl.num_programs(1) * ROWS_R):
+            rows = (r0 + offs_r)[:, None] * D + offs_d[None, :]
+            tile = tl.load(M + bkv * D * D + rows)
+            for s in range(0, n_parts):
+                tile += tl.load(PM + (s * n_bkv + bkv) * D * D + rows)
+            tl.store(MO + bkv * D * D + rows, tile)
+        if start_m == 0:
+            zt = z_prev
+            for s in range(0, n_parts):
+                zt += tl.load(PZ + (s * n_bkv + bkv) * D + offs_d)
+            tl.store(ZO + bkv * D + offs_d, zt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,37 +226,45 @@ def _attn_kernel(Q, QR, KR, V, M, Z, BETA, A, PM, PZ, MO, ZO,
 @triton.jit
 def _memory_kernel(Q, K, V, ADOT, M, Z, BETA, n_ctx, H, A, MO, ZO,
                    EPS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                   DELTA: tl.constexpr, MEM_PRECISION: tl.constexpr):
+                   DELTA: tl.constexpr, MEM_PRECISION: tl.constexpr, GROUP: tl.constexpr):
+    # grid (B*H, D/BLOCK_C): q, a_dot, A are (B, H, n, D); k, v (B, H_kv, n, D) and the state per KV head,
+    # H = GROUP * H_kv. Every program retrieves for its query head; the group's first also updates.
     bh = tl.program_id(0)
     c = tl.program_id(1)       # this program's block of value columns
     h = bh % H
+    bkv = (bh // H) * (H // GROUP) + h // GROUP
     offs_d = tl.arange(0, D)
     offs_c = c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_prev = tl.load(M + bh * D * D + offs_d[:, None] * D + offs_c[None, :])   # (D, BLOCK_C)
-    z_prev = tl.load(Z + bh * D + offs_d)
+    m_prev = tl.load(M + bkv * D * D + offs_d[:, None] * D + offs_c[None, :])   # (D, BLOCK_C)
+    z_prev = tl.load(Z + bkv * D + offs_d)
     g = 1.0 / (1.0 + tl.exp(-tl.load(BETA + h).to(tl.float32)))
-    acc = tl.zeros((D, BLOCK_C), dtype=tl.float32)
-    zacc = tl.zeros((D,), dtype=tl.float32)
     base = bh * n_ctx * D
-    for t0 in range(0, n_ctx, BLOCK_T):
+    for t0 in range(0, n_ctx, BLOCK_T):   # retrieval (Eq 7) and the gate (Eq 10)
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < n_ctx
-        full = base + offs_t[:, None] * D + offs_d[None, :]
-        cols = base + offs_t[:, None] * D + offs_c[None, :]
-        q = tl.load(Q + full, mask=mask_t[:, None], other=0.0)
+        q = tl.load(Q + base + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=0.0)
         sq = _sigma(q.to(tl.float32))
         a_mem = tl.dot(sq, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sq * z_prev[None, :], axis=1) + EPS)[:, None]
+        cols = base + offs_t[:, None] * D + offs_c[None, :]
         a_dot = tl.load(ADOT + cols, mask=mask_t[:, None], other=0.0)
         tl.store(A + cols, (g * a_mem + (1.0 - g) * a_dot.to(tl.float32)).to(a_dot.dtype), mask=mask_t[:, None])
-        k = tl.load(K + full, mask=mask_t[:, None], other=0.0)
-        sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)
-        vn = tl.load(V + cols, mask=mask_t[:, None], other=0.0).to(tl.float32)
-        if DELTA:
-            vn = vn - tl.dot(sk, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sk * z_prev[None, :], axis=1) + EPS)[:, None]
-        acc += tl.dot(tl.trans(sk), vn, input_precision=MEM_PRECISION)
-        zacc += tl.sum(sk, axis=0)
-    tl.store(MO + bh * D * D + offs_d[:, None] * D + offs_c[None, :], m_prev + acc)
-    tl.store(ZO + bh * D + offs_d, z_prev + zacc, mask=offs_d + c * D < D)   # one program per head writes z
+    if h % GROUP == 0:   # the update (Eq 8 / 9), once per KV head
+        acc = tl.zeros((D, BLOCK_C), dtype=tl.float32)
+        zacc = tl.zeros((D,), dtype=tl.float32)
+        kv_base = bkv * n_ctx * D
+        for t0 in range(0, n_ctx, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            mask_t = offs_t < n_ctx
+            k = tl.load(K + kv_base + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None], other=0.0)
+            sk = tl.where(mask_t[:, None], _sigma(k.to(tl.float32)), 0.0)
+            vn = tl.load(V + kv_base + offs_t[:, None] * D + offs_c[None, :], mask=mask_t[:, None],
+                         other=0.0).to(tl.float32)
+            if DELTA:
+                vn = vn - tl.dot(sk, m_prev, input_precision=MEM_PRECISION) / (tl.sum(sk * z_prev[None, :], axis=1) + EPS)[:, None]
+            acc += tl.dot(tl.trans(sk), vn, input_precision=MEM_PRECISION)
+            zacc += tl.sum(sk, axis=0)
+        tl.store(MO + bkv * D * D + offs_d[:, None] * D + offs_c[None, :], m_prev + acc)
+        tl.store(ZO + bkv * D + offs_d, z_prev + zacc, mask=offs_d + c * D < D)   # one program per head writes z
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,17 +288,21 @@ def rope_tables(n: int, d: int, theta: float, device) -> tuple[torch.Tensor, tor
     return _TABLES[key]
 
 
-def _check(q, k, v, memory, norm, beta):
+def _check(q, k, v, memory, norm, beta) -> int:
+    """The group size G = H / H_kv after checking the shapes: q (B, H, n, d), k, v (B, H_kv, n, d), state per KV head."""
     B, H, n, d = q.shape
+    H_kv = k.shape[1]
     if d not in SUPPORTED_DIMS:
         raise ValueError(f"d_head {d} is not supported by the Triton kernels; supported: {SUPPORTED_DIMS}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if memory.shape != (B, H, d, d) or norm.shape != (B, H, d) or beta.shape != (H,):
+    if k.shape != (B, H_kv, n, d) or v.shape != k.shape or H % H_kv:
+        raise ValueError(f"q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} do not match: k and v "
+                         "must have one shape, with a number of heads that divides q's")
+    if memory.shape != (B, H_kv, d, d) or norm.shape != (B, H_kv, d) or beta.shape != (H,):
         raise ValueError(f"state shapes {tuple(memory.shape)}, {tuple(norm.shape)}, {tuple(beta.shape)} do not "
                          f"match q {tuple(q.shape)}")
     if memory.dtype != torch.float32 or norm.dtype != torch.float32:
         raise ValueError("memory and norm must be float32")
+    return H // H_kv
 
 
 def _precisions(dtype, cfg: KernelConfig) -> tuple[str, str]:
@@ -304,16 +325,18 @@ def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_t
                     config: KernelConfig | None = None, _split: dict | None = None):
     """The whole segment step of one layer: RoPE, causal local attention, retrieval, gate, update.
 
-    q, k, v: (B, H, n, d) fp16/bf16/fp32, *without* RoPE (rope_theta=None: no RoPE at all);
-    memory (B, H, d, d) f32; norm (B, H, d) f32; beta (H,). Returns (a (B, H, n, d) in q's
+    q: (B, H, n, d), k, v: (B, H_kv, n, d) fp16/bf16/fp32, *without* RoPE (rope_theta=None: no RoPE at
+    all); H_kv divides H (grouped-query attention: query head h reads KV head h // (H / H_kv));
+    memory (B, H_kv, d, d) f32; norm (B, H_kv, d) f32; beta (H,). Returns (a (B, H, n, d) in q's
     dtype, memory_out, norm_out) as new tensors; the same numbers as
     ``memory_reference(q, k, v, sdpa(rope(q), rope(k), v, is_causal=True), ...)``.
     No host synchronisation: safe inside CUDA-graph capture once warmed up.
     ``_split`` (a dict; profiling only): launch nothing, put the two launches there as
     callables "update" and "attn" (run in that order) over the returned, still empty, outputs.
     """
-    _check(q, k, v, memory, norm, beta)
+    group = _check(q, k, v, memory, norm, beta)
     B, H, n, d = q.shape
+    H_kv = H // group
     cfg = config or default_config(d, q.dtype)
     if cfg.block_m % cfg.block_n:
         raise ValueError(f"block_n {cfg.block_n} must divide block_m {cfg.block_m}")
@@ -324,22 +347,22 @@ def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_t
     cos, sin = rope_tables(n, d, rope_theta, q.device) if rope else (memory, memory)  # unused when no RoPE
     # RoPE(q), RoPE(k) written by kernel 1 as contiguous (B, H, n, d); without RoPE, q is read in place
     qr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else q
-    kr = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype) if rope else k.contiguous()
+    kr = torch.empty((B, H_kv, n, d), device=q.device, dtype=q.dtype) if rope else k.contiguous()
     tiles = triton.cdiv(n, cfg.block_t)
-    parts = cfg.parts or max(1, _num_sms(q.device) // (B * H))
+    parts = cfg.parts or max(1, _num_sms(q.device) // (B * H_kv))
     tiles_per_prog = triton.cdiv(tiles, min(parts, tiles))
     parts = triton.cdiv(tiles, tiles_per_prog)
-    pm = torch.empty((parts, B * H, d, d), device=q.device, dtype=torch.float32)
-    pz = torch.empty((parts, B * H, d), device=q.device, dtype=torch.float32)
+    pm = torch.empty((parts, B * H_kv, d, d), device=q.device, dtype=torch.float32)
+    pz = torch.empty((parts, B * H_kv, d), device=q.device, dtype=torch.float32)
     a = torch.empty((B, H, n, d), device=q.device, dtype=q.dtype)
     memory_out = torch.empty_like(memory)
     norm_out = torch.empty_like(norm)
     update = functools.partial(
-        _update_kernel[(parts, B * H)],
+        _update_kernel[(parts, B * H_kv)],
         q, k, v, memory, norm, cos, sin, qr, kr, pm, pz,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), H, n, tiles_per_prog, eps,
-        D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=rope, MEM_PRECISION=mem_prec,
+        v.stride(0), v.stride(1), v.stride(2), H_kv, n, tiles_per_prog, eps,
+        D=d, BLOCK_T=cfg.block_t, DELTA=bool(delta), ROPE=rope, MEM_PRECISION=mem_prec, GROUP=group,
         num_warps=cfg.update_warps, num_stages=cfg.update_stages)
     attn = functools.partial(
         _attn_kernel[(B * H, triton.cdiv(n, cfg.block_m))],
@@ -347,7 +370,7 @@ def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_t
         q.stride(0), q.stride(1), q.stride(2), qr.stride(0), qr.stride(1), qr.stride(2),
         v.stride(0), v.stride(1), v.stride(2), H, n, parts, eps, LOG2E / math.sqrt(d),
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d),
-        RET_K=min(cfg.ret_k, d), ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec,
+        RET_K=min(cfg.ret_k, d), ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec, GROUP=group,
         num_warps=cfg.attn_warps, num_stages=cfg.attn_stages)
     if _split is not None:   # the two launches, for timing each on its own (tools/gpu_check.py)
         _split["update"], _split["attn"] = update, attn
@@ -361,9 +384,9 @@ def fused_memory(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float,
                  config: KernelConfig | None = None):
     """The memory block alone (retrieval, gate, update) given a_dot; see memory_reference.
 
-    The TensorRT plugin's kernel. Inputs are made contiguous (B, H, n, d).
+    The TensorRT plugin's kernel. Inputs are made contiguous: q, a_dot (B, H, n, d), k, v (B, H_kv, n, d).
     """
-    _check(q, k, v, memory, norm, beta)
+    group = _check(q, k, v, memory, norm, beta)
     B, H, n, d = q.shape
     cfg = config or default_config(d, q.dtype)
     _, mem_prec = _precisions(q.dtype, cfg)
@@ -375,7 +398,7 @@ def fused_memory(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float,
     _memory_kernel[(B * H, d // block_c)](
         q, k, v, a_dot, memory, norm, beta, n, H, a, memory_out, norm_out,
         EPS=float(eps), D=d, BLOCK_T=min(cfg.block_t, block_t), BLOCK_C=block_c, DELTA=bool(delta),
-        MEM_PRECISION=mem_prec, num_warps=warps)
+        MEM_PRECISION=mem_prec, GROUP=group, num_warps=warps)
     return a, memory_out, norm_out
 
 

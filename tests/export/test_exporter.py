@@ -57,7 +57,7 @@ def test_force_never_deletes_what_export_did_not_write(tiny_linear_model, tmp_pa
 def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):
     import infini_deploy.runtime.compare as compare
 
-    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_abs=-1.0, state_rel=-1.0))
+    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_rel=-1.0, state_rel=-1.0))
     with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):
         export_model(tiny_linear_model, tmp_path / "bad")
     assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
@@ -76,13 +76,15 @@ def test_a_decode_graph_that_disagrees_fails_the_export_atomically(tiny_linear_m
     def wrong_weights(model, path, precision, opset):
         import onnx
 
-        from infini_deploy.export.graph import set_identity
+        from infini_deploy.export.graph import IDENTITY
+        from infini_deploy.models.checkpoint import weights_digest
         other = copy.deepcopy(model)
         with torch.no_grad():
             other.lm_head.weight.mul_(1.01)
-        proto = real(other, path, precision, opset)
-        set_identity(proto, "decode", model)   # it claims the right weights: only the comparison can tell
-        onnx.save(proto, str(path))
+        proto = onnx.load(str(path)) if real(other, path, precision, opset) is not None else None
+        props = {p.key: p.value for p in proto.metadata_props}
+        onnx.helper.set_model_props(proto, {**props, IDENTITY["weights"]: weights_digest(model)})
+        onnx.save(proto, str(path))   # it claims the right weights: only the comparison can tell
         return proto
 
     monkeypatch.setattr(exporter, "export_decode", wrong_weights)
@@ -112,3 +114,24 @@ def test_manifest_hash_and_format_checked(tiny_fp32, tmp_path):
     (folder / MANIFEST_FILE).unlink()
     with pytest.raises(IncompatibleArtifactError, match="infini.json is missing"):
         load_manifest(folder)
+
+
+def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_linear_model, tmp_path, monkeypatch):
+    """A graph whose weights would pass 2 GiB keeps them in <graph>.onnx.data, hashed in the manifest and
+    validated like any export (the threshold is lowered here so the tiny model takes that path)."""
+    import onnx
+
+    import infini_deploy.export.graph as graph
+
+    monkeypatch.setattr(graph, "EXTERNAL_DATA_BYTES", 0)
+    manifest = export_model(tiny_linear_model, tmp_path / "ext")
+    assert {f"{SEGMENT_FILE}.data", f"{DECODE_FILE}.data"} <= set(manifest.files)
+    assert (tmp_path / "ext" / f"{SEGMENT_FILE}.data").stat().st_size > 4 * 30000   # the weights are there
+    proto = onnx.load(str(tmp_path / "ext" / SEGMENT_FILE), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert manifest.validation["worst"]["logits_max"] < 1e-4
+    (tmp_path / "ext" / f"{SEGMENT_FILE}.data").write_bytes(b"0")   # a damaged data file is refused by hash
+    from infini_deploy.runtime.ort_runner import OrtRunner
+
+    with pytest.raises(IncompatibleArtifactError, match=r"segment.onnx.data does not match its manifest"):
+        OrtRunner(tmp_path / "ext")

@@ -38,18 +38,21 @@ import json, sys
 from triton.backends.compiler import GPUTarget
 import triton
 from infini_deploy.export.trt_plugin import kernel_source
-src, warps, block_c = kernel_source("bfloat16", 64, True, 1e-6)
+src, warps, block_c = kernel_source("bfloat16", 64, True, 1e-6, group=int(sys.argv[1]))
 k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 print(json.dumps({"name": k.metadata.name, "ptx": k.asm["ptx"], "shared": k.metadata.shared, "block_c": block_c}))
 """
 
 
 @pytest.mark.slow
-def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu():
+@pytest.mark.parametrize("group", [1, 3], ids=["mha", "gqa3"])
+def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu(group):
+    """group 3: SmolLM2's 9 query heads over 3 KV heads."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # a real compile, not the interpreter
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE, str(group)], capture_output=True, text=True, env=env,
+                          timeout=300)
     if proc.returncode and "GPUTarget" in proc.stderr:
         pytest.skip("this triton cannot compile for a CUDA target here")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -79,3 +79,32 @@ def test_config_validation_and_presets():
     assert paper.state_bytes() // 4 == 128 * 129 * 8 * 12
     with pytest.raises(BadInputError, match="neither a checkpoint folder nor a preset"):
         resolve_model("no-such-model")
+
+
+def test_configs_made_before_grouped_query_attention_keep_their_json_and_digest():
+    """n_kv_head = n_head is not serialised: the bundled model's config.json (and so every manifest and
+    snapshot digest made before GQA) reads back and writes out byte for byte the same."""
+    from importlib.resources import files
+
+    text = (files("infini_deploy.models") / "bundled" / "passkey" / "config.json").read_text()
+    config = InfiniConfig.from_dict(json.loads(text))
+    assert config.n_kv_head is None and config.kv_heads == config.n_head and config.group == 1
+    assert config.to_json() + "\n" == text
+    assert InfiniConfig.from_dict({**json.loads(text), "n_kv_head": config.n_head}) == config
+    # replacing n_head of a non-grouped config keeps it non-grouped (no stale n_kv_head)
+    assert preset("tiny", n_head=4, d_head=8).kv_heads == 4
+    assert preset("tiny").digest() == "173a1f01f53d5085288bff6db15ea05028a3eaea657048afabfbe1ae4553a5d6"
+
+
+def test_grouped_query_checkpoint_round_trips_and_checks_its_heads(tmp_path):
+    model = init_model(preset("tiny", n_head=4, n_kv_head=2, d_head=8), seed=1)
+    save_checkpoint(model, tmp_path / "gqa")
+    assert json.loads((tmp_path / "gqa" / "config.json").read_text())["n_kv_head"] == 2
+    loaded = load_checkpoint(tmp_path / "gqa")
+    assert loaded.config == model.config and loaded.config.digest() != preset("tiny", n_head=4, d_head=8).digest()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert model.config.state_bytes() == 4 * 2 * 2 * 8 * 9            # L x H_kv x d x (d + 1) float32
+    assert model.config.kv_cache_bytes(1000) == 2 * 2 * 2 * 8 * 1000 * 4
+    with pytest.raises(BadInputError, match=r"n_kv_head \(3\) must divide n_head \(4\)"):
+        preset("tiny", n_head=4, n_kv_head=3)

@@ -42,6 +42,13 @@ def test_decoding_equals_the_teacher_forced_segment_step(tiny_model):
     assert not torch.allclose(folds[1][0], folds[0][0])  # the memory did change: the check is not vacuous
 
 
+def test_grouped_query_decoding_equals_teacher_forcing(gqa_model):
+    """GQA: the cache and the pending update are per KV head; decoding still equals the segment step."""
+    test_decoding_equals_the_teacher_forced_segment_step(gqa_model)
+    _, _, state = decode_all(gqa_model, torch.zeros(1, 3, dtype=torch.int64))
+    assert state[0].shape[2] == gqa_model.config.kv_heads == 2   # k_cache (L, B, H_kv, N, d)
+
+
 def test_decoding_after_a_segment_step_prefill(tiny_model):
     """Prefill one segment with the segment step, decode the next ones: same logits as teacher forcing."""
     N = tiny_model.config.segment_len

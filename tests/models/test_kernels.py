@@ -87,6 +87,33 @@ def test_fused_memory_matches_reference_over_segments(dtype, delta):
         _close(norm, ref_z, tol_s, f"norm, segment {i}")
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["linear", "delta"])
+@pytest.mark.parametrize("H_kv", [1, 2], ids=["kv1", "kv2"])
+def test_grouped_query_kernels_match_reference_over_segments(delta, H_kv):
+    """GQA: 4 query heads over 1 or 2 KV heads; both kernels against the reference, the state per KV head."""
+    B, H, d = 2, 4, 16
+    g = torch.Generator().manual_seed(4)
+    beta = torch.randn(H, generator=g).to(DEVICE)
+    state = {"fused": (torch.zeros(B, H_kv, d, d, device=DEVICE), torch.zeros(B, H_kv, d, device=DEVICE))}
+    state["memory"] = state["ref"] = state["ref_memory"] = state["fused"]
+    for i, n in enumerate((40, 40, 13)):
+        q = torch.randn(B, H, n, d, generator=g).to(DEVICE)
+        k, v = (torch.randn(B, H_kv, n, d, generator=g).to(DEVICE) for _ in range(2))
+        a_dot = torch.randn(B, H, n, d, generator=g).to(DEVICE)
+        a, *state["fused"] = triton_infini.fused_attention(q, k, v, *state["fused"], beta, delta, EPS, THETA)
+        ref_a, *state["ref"] = ops.attention_reference(q, k, v, *state["ref"], beta, delta, EPS, THETA)
+        am, *state["memory"] = triton_infini.fused_memory(q, k, v, a_dot, *state["memory"], beta, delta, EPS)
+        ref_am, *state["ref_memory"] = memory_reference(q, k, v, a_dot, *state["ref_memory"], beta, delta, EPS)
+        tol_a, tol_s = TOL[torch.float32]
+        _close(a, ref_a, tol_a, f"fused a, segment {i}")
+        _close(am, ref_am, tol_a, f"memory-kernel a, segment {i}")
+        for got, want, what in zip((*state["fused"], *state["memory"]), (*state["ref"], *state["ref_memory"]),
+                                   ("fused memory", "fused norm", "kernel memory", "kernel norm")):
+            assert got.shape[1] == H_kv
+            _close(got, want, tol_s, f"{what}, segment {i}")
+    assert state["ref"][1].min() > 0
+
+
 def test_fused_attention_takes_the_models_strided_views():
     """q, k, v as the model makes them: (B, n, H, d) projections transposed to (B, H, n, d)."""
     B, H, n, d = 1, 2, 24, 16
@@ -108,6 +135,48 @@ def test_unsupported_head_size_is_refused_with_the_supported_list():
     with pytest.raises(ValueError, match=r"d_head 24 .* supported: \(16, 32, 64, 128\)"):
         triton_infini.fused_attention(q, q, q, memory, norm, torch.zeros(1, device=DEVICE), False, EPS, THETA)
     assert not ops.use_kernel(q)   # so the op falls back to the reference for it
+
+
+def test_a_grouped_query_model_streams_the_same_through_the_kernel():
+    """The whole GQA model on the kernel path (infini::attention) against the CPU reference path."""
+    torch.manual_seed(0)
+    model = InfiniTransformer(preset("tiny", n_head=4, n_kv_head=2, d_head=16, update="delta")).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, 4))
+    tokens = torch.randint(0, 260, (1, 64 * 2 + 9))
+    memory, norm = model.initial_state(1)
+    with torch.no_grad():
+        ref_logits, ref_memory, _ = model(tokens)
+        logits = []
+        for start in range(0, tokens.shape[1], 64):
+            out, memory, norm = _kernel_step(model, tokens[:, start:start + 64].to(DEVICE), memory.to(DEVICE),
+                                             norm.to(DEVICE))
+            logits.append(out.cpu())
+    _close(torch.cat(logits, 1), ref_logits, 2e-4, "logits")
+    _close(memory.cpu(), ref_memory, 1e-4, "memory")
+    assert memory.shape[2] == 2
+
+
+def _kernel_step(model, tokens, memory, norm):
+    """model.step with every layer's attention through triton_infini.fused_attention, on any device
+    (the model routes to the kernel only for CUDA tensors; the interpreter runs it on the CPU)."""
+    cfg = model.config
+    model = model.to(tokens.device)
+    x = model.embed_tokens(tokens)
+    ms, zs = [], []
+    for i, layer in enumerate(model.layers):
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        B, n, _ = h.shape
+        q = attn.q_proj(h).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)
+        k, v = (p(h).view(B, n, cfg.n_kv_head, cfg.d_head).transpose(1, 2) for p in (attn.k_proj, attn.v_proj))
+        a, m, z = triton_infini.fused_attention(q, k, v, memory[i], norm[i], attn.beta, cfg.update == "delta",
+                                                cfg.eps, cfg.rope_theta)
+        x = x + attn.o_proj(a.transpose(1, 2).reshape(B, n, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        ms.append(m)
+        zs.append(z)
+    return model.lm_head(model.norm(x)), torch.stack(ms), torch.stack(zs)
 
 
 def test_cuda_graph_runner_refuses_a_cpu_device():

@@ -26,9 +26,13 @@ def rope(x, theta):  # x (n, d), positions 0..n-1, rotate-half layout
 
 def reference_step(W, cfg, tokens, M, z):
     """One segment for one stream, float64, straight from the formulas.
-    tokens (n,), M (L, H, d, d), z (L, H, d). Returns logits (n, V), M', z'."""
+    tokens (n,), M (L, H_kv, d, d), z (L, H_kv, d). Returns logits (n, V), M', z'.
+    Grouped-query attention: query head i uses KV head j = i // (H / H_kv) for its local attention
+    and retrieves from memory j; memory j is updated once, from KV head j's keys and values."""
     n, H, d = len(tokens), cfg.n_head, cfg.d_head
+    G = H // M.shape[1]
     x = W["embed_tokens.weight"][tokens]
+    M_prev, z_prev = M.copy(), z.copy()
     M, z = M.copy(), z.copy()
     causal = np.tril(np.ones((n, n), bool))
     for l in range(cfg.n_layer):
@@ -36,23 +40,26 @@ def reference_step(W, cfg, tokens, M, z):
         h = rms(x, p("input_layernorm.weight"), cfg.norm_eps)
         heads = []
         for i in range(H):
-            sl = slice(i * d, (i + 1) * d)
-            q, k, v = (h @ p(f"self_attn.{m}_proj.weight")[sl].T for m in "qkv")
+            j = i // G
+            q = h @ p("self_attn.q_proj.weight")[i * d:(i + 1) * d].T
+            k, v = (h @ p(f"self_attn.{m}_proj.weight")[j * d:(j + 1) * d].T for m in "kv")
             # Eq 6: causal softmax attention inside the segment, RoPE on q and k only here
             s = rope(q, cfg.rope_theta) @ rope(k, cfg.rope_theta).T / np.sqrt(d)
             s = np.where(causal, s, -np.inf)
             a_dot = np.exp(s - s.max(1, keepdims=True))
             a_dot = a_dot / a_dot.sum(1, keepdims=True) @ v
-            sq, sk = elu1(q), elu1(k)
-            a_mem = sq @ M[l, i] / (sq @ z[l, i] + cfg.eps)[:, None]              # Eq 7
+            sq = elu1(q)
+            a_mem = sq @ M_prev[l, j] / (sq @ z_prev[l, j] + cfg.eps)[:, None]    # Eq 7
             g = 1 / (1 + np.exp(-p("self_attn.beta")[i]))
             heads.append(g * a_mem + (1 - g) * a_dot)                              # Eq 10
+        for j in range(M.shape[1]):
+            k, v = (h @ p(f"self_attn.{m}_proj.weight")[j * d:(j + 1) * d].T for m in "kv")
+            sk = elu1(k)
             if cfg.update == "delta":                                              # Eq 9
-                M_new = M[l, i] + sk.T @ (v - sk @ M[l, i] / (sk @ z[l, i] + cfg.eps)[:, None])
+                M[l, j] = M_prev[l, j] + sk.T @ (v - sk @ M_prev[l, j] / (sk @ z_prev[l, j] + cfg.eps)[:, None])
             else:                                                                  # Eq 8
-                M_new = M[l, i] + sk.T @ v
-            z[l, i] = z[l, i] + sk.sum(0)
-            M[l, i] = M_new
+                M[l, j] = M_prev[l, j] + sk.T @ v
+            z[l, j] = z_prev[l, j] + sk.sum(0)
         x = x + np.concatenate(heads, 1) @ p("self_attn.o_proj.weight").T
         h = rms(x, p("post_attention_layernorm.weight"), cfg.norm_eps)
         gate, up = h @ p("mlp.gate_proj.weight").T, h @ p("mlp.up_proj.weight").T
@@ -62,13 +69,33 @@ def reference_step(W, cfg, tokens, M, z):
 
 
 def test_step_equals_paper_equations_over_segments(tiny_model):
-    cfg = tiny_model.config
-    W = {k: v.double().numpy() for k, v in tiny_model.state_dict().items()}
+    check_against_reference(tiny_model)
+
+
+@pytest.mark.parametrize("rule", ["linear", "delta"])
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_grouped_query_step_equals_paper_equations(rule, n_kv_head):
+    """GQA: 4 query heads over 1, 2 or 4 KV heads (one memory per KV head), both rules."""
+    cfg = preset("tiny", n_head=4, n_kv_head=n_kv_head, d_head=8, update=rule)
+    model = init_model(cfg, seed=3)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, 4) + i)   # a distinct gate per query head
+    memory, _ = model.initial_state(1)
+    assert memory.shape == (cfg.n_layer, 1, n_kv_head, 8, 8)
+    assert model.layers[0].self_attn.k_proj.weight.shape == (n_kv_head * 8, cfg.d_model)
+    check_against_reference(model)
+
+
+def check_against_reference(model):
+    cfg = model.config
+    W = {k: v.double().numpy() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(0)
     B, seg = 2, cfg.segment_len
-    memory, norm = tiny_model.initial_state(B)
-    M_ref = np.zeros((B, cfg.n_layer, cfg.n_head, cfg.d_head, cfg.d_head))
-    z_ref = np.zeros((B, cfg.n_layer, cfg.n_head, cfg.d_head))
+    memory, norm = model.initial_state(B)
+    M_ref = np.zeros((B, cfg.n_layer, cfg.kv_heads, cfg.d_head, cfg.d_head))
+    z_ref = np.zeros((B, cfg.n_layer, cfg.kv_heads, cfg.d_head))
+    tiny_model = model
     for n in (seg, seg, seg, 17):  # three full segments and a partial one
         tokens = rng.integers(0, cfg.vocab_size, (B, n))
         with torch.no_grad():

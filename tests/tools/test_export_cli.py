@@ -45,7 +45,7 @@ def test_verify_prints_drift_and_writes_json(exported, tmp_path):
 def test_verify_fails_above_tolerance(exported, monkeypatch):
     import infini_deploy.runtime.compare as compare
 
-    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_abs=1e-12, state_rel=1e-12))
+    monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_rel=1e-12, state_rel=1e-12))
     result = invoke("verify", exported, "--segments", 2)
     assert result.exit_code == 2 and "onnxruntime-cpu differs from torch at segment 0" in result.output
 

@@ -1,0 +1,81 @@
+"""`infini convert`: a pretrained Llama-family checkpoint (Hugging Face folder or GGUF) -> an Infini checkpoint.
+
+Stages, each checked before the next (docs/conversion.md):
+
+    read      source.py     config.json + safetensors, or a GGUF through transformers; tokenizer
+    map       llama.py      InfiniConfig (refusing what is not implemented), weights, beta = gate_init
+    validate  validate.py   gates closed, one segment over a probe prompt: logits equal transformers'
+    write     checkpoint    config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+                            written atomically: on any error nothing is left at OUT_DIR
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...atomic import atomic_folder
+from ..checkpoint import write_checkpoint
+from ..config import UPDATE_RULES
+from ...errors import BadInputError
+from .llama import build_model, infini_config
+from .source import read_source, transformers_available
+from .validate import Parity, check_parity, probe_ids, refuse
+
+DEFAULT_SEGMENT = 2048   # the paper's segment; at most the source's trained context
+# sigmoid(-6) = 0.0025: the converted model is its block-local self to within a quarter percent of
+# each attention output, yet d sigmoid / d beta = 0.0025 (sigmoid(-30) would give 9e-14, below
+# Adam's eps: a gate that can never open). docs/conversion.md has the measurements behind it.
+DEFAULT_GATE_INIT = -6.0
+
+
+@dataclass
+class Converted:
+    model: object
+    tokenizer: object
+    parity: Parity | None
+    seconds: dict           # per stage
+    source_kind: str
+
+
+def convert(src, out_dir, segment_len: int | None = None, update: str = "linear",
+            gate_init: float = DEFAULT_GATE_INIT, validate: bool = True, force: bool = False) -> Converted:
+    """Convert SRC into a checkpoint at OUT_DIR (see the module docstring); returns what was done.
+
+    ``validate``: run the parity check when transformers is installed (``parity`` is None otherwise).
+
+    BadInputError for an unsupported source, IncompatibleArtifactError for damaged files,
+    NumericalFaultError when the parity check fails; OUT_DIR is then untouched.
+    """
+    if update not in UPDATE_RULES:
+        raise BadInputError(f"--update {update!r}; expected one of: {', '.join(UPDATE_RULES)}")
+    if not -1e3 < gate_init < 1e3:
+        raise BadInputError(f"--gate-init {gate_init} is out of range; expected a gate logit such as -6")
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise BadInputError(f"{out} exists; choose a new folder or pass --force to replace it")
+    marks = {"start": time.perf_counter()}
+    source = read_source(src)
+    if source.tokenizer is None:
+        raise BadInputError(f"{src} has no tokenizer.json (nor a tokenizer transformers can build); the converted "
+                            "model needs its vocabulary")
+    marks["read"] = time.perf_counter()
+    segment = segment_len or min(DEFAULT_SEGMENT, source.config.get("max_position_embeddings") or DEFAULT_SEGMENT)
+    config = infini_config(source.config, segment, update, source.origin)
+    source.tokenizer.check_vocabulary(config.vocab_size, source.origin)
+    model = build_model(config, source, gate_init)
+    marks["map"] = time.perf_counter()
+    parity = None
+    if validate and transformers_available():
+        parity = check_parity(model, source, probe_ids(source.tokenizer, config.segment_len))
+        refuse(parity, source.origin)
+    marks["validate"] = time.perf_counter()
+    with atomic_folder(out, force) as tmp:
+        write_checkpoint(model, tmp, source.tokenizer, metadata={
+            "converted_from": Path(source.origin).name, "source_kind": source.kind, "gate_init": repr(gate_init),
+            "context": str(source.config.get("max_position_embeddings") or "")})
+    marks["write"] = time.perf_counter()
+    names = list(marks)
+    seconds = {b: marks[b] - marks[a] for a, b in zip(names, names[1:])}
+    return Converted(model, source.tokenizer, parity, seconds, source.kind)

@@ -1,0 +1,120 @@
+"""Perplexity over long texts, streamed segment by segment, with the loss broken down by position.
+
+Streamed (:func:`stream_nll`): the tokens go through a Stream in whole segments, so the state
+carries across them exactly as in deployment; only one segment's logits exist at a time. The
+logits at segment position q (0..N-1) predict the next token, which may be the first of the next
+segment; the loss is filed under q, the local context the prediction had (q + 1 tokens of the
+segment; the memory holds the rest). A block-local model loses most at small q.
+
+Full attention (:func:`full_attention_nll`): the same tokens through a transformers causal LM in
+windows of at most its trained context, each window attending to itself only (no window sees
+another); it is the ceiling a converted model's memory tries to reach.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .stream import Stream
+
+BUCKETS = (0, 16, 64, 256, 1024, 4096)   # position ranges of the by-position table: [0, 16), [16, 64), ...
+
+
+def stream_nll(stream: Stream, tokens: np.ndarray) -> dict:
+    """Negative log-likelihood of ``tokens`` (T,) through ``stream`` (batch 1, reset first); see the module."""
+    stream.reset()
+    N = stream.config.segment_len
+    T = len(tokens)
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    nll = torch.zeros(N, dtype=torch.float64)     # summed loss per segment position of the predicting logits
+    count = torch.zeros(N, dtype=torch.float64)
+    start = time.perf_counter()
+    for s in range(0, T - 1, N):
+        seg = ids[s:s + N]
+        logits = stream.feed(seg[None], keep="all")[0]         # (n, V); a partial last segment is not committed
+        targets = ids[s + 1:s + 1 + len(seg)]                  # next tokens; the last may be missing
+        k = len(targets)
+        logp = torch.log_softmax(logits[:k].float(), dim=-1)
+        loss = -logp.gather(-1, targets[:, None])[:, 0].double()
+        nll[:k] += loss
+        count[:k] += 1
+    seconds = time.perf_counter() - start
+    return summarise(nll, count, seconds, T)
+
+
+def full_attention_nll(model, tokens: np.ndarray, context: int) -> dict:
+    """The same figures for a transformers causal LM with full attention, in windows of ``context`` tokens."""
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    T = len(ids)
+    nll = torch.zeros(context, dtype=torch.float64)
+    count = torch.zeros(context, dtype=torch.float64)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, T - 1, context):
+            window = ids[s:s + context]
+            logits = model(window[None]).logits[0].float()
+            targets = ids[s + 1:s + 1 + len(window)]
+            k = len(targets)
+            loss = -torch.log_softmax(logits[:k], -1).gather(-1, targets[:, None])[:, 0].double()
+            nll[:k] += loss
+            count[:k] += 1
+    return summarise(nll, count, time.perf_counter() - start, T)
+
+
+def summarise(nll: torch.Tensor, count: torch.Tensor, seconds: float, tokens: int) -> dict:
+    """Mean loss (nats), perplexity, and the loss per position and per position range."""
+    total, n = float(nll.sum()), float(count.sum())
+    mean = total / n
+    per_position = [float(a / b) if b else None for a, b in zip(nll, count)]
+    buckets = []
+    for lo, hi in zip(BUCKETS, [*BUCKETS[1:], math.inf]):
+        sel = slice(lo, None if hi == math.inf else int(hi))
+        c = float(count[sel].sum())
+        if c:
+            buckets.append({"from": lo, "to": None if hi == math.inf else int(hi), "predictions": int(c),
+                            "nll": float(nll[sel].sum()) / c})
+    return {"tokens": tokens, "predictions": int(n), "nll": mean, "ppl": math.exp(mean), "seconds": seconds,
+            "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
+            "by_position": buckets, "per_position": per_position}
+
+
+def read_tokens(chunks: Iterable[np.ndarray], limit: int | None) -> np.ndarray:
+    """The first ``limit`` ids of a token source (all of them without a limit); no cycling."""
+    out, n = [], 0
+    for chunk in chunks:
+        out.append(chunk)
+        n += len(chunk)
+        if limit is not None and n >= limit:
+            break
+    ids = np.concatenate(out) if out else np.zeros(0, np.int64)
+    return ids[:limit] if limit is not None else ids
+
+
+def plot(results: dict, path) -> bool:
+    """Loss against position in the segment, one line per (file, model); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, r in results.items():
+        y = np.array([np.nan if v is None else v for v in r["per_position"]], dtype=float)
+        width = max(1, len(y) // 128)
+        smooth = np.convolve(np.nan_to_num(y, nan=np.nanmean(y)), np.ones(width) / width, mode="valid")
+        ax.plot(np.arange(len(smooth)) + width // 2, smooth, label=f"{label}: ppl {r['ppl']:.1f}", lw=1)
+    ax.set_xscale("symlog", linthresh=16)
+    ax.set_xlabel("position of the predicting token in its segment (full attention: in its window)")
+    ax.set_ylabel("loss (nats)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,136 @@
+"""A converted model (tiny random Llama with its own tokenizer) through every command: export carries the
+tokenizer, generate and --chat encode and stop with it, run and passkey count its tokens, eval ppl, snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("transformers")
+
+from infini_deploy.export.exporter import export_model  # noqa: E402
+from infini_deploy.export.manifest import load_manifest  # noqa: E402
+from infini_deploy.models import load_checkpoint, save_checkpoint  # noqa: E402
+from infini_deploy.models.checkpoint import checkpoint_tokenizer  # noqa: E402
+from infini_deploy.models.convert import convert  # noqa: E402
+from infini_deploy.models.passkey import PasskeyPrompt  # noqa: E402
+from infini_deploy.runtime import Stream, TorchRunner  # noqa: E402
+from infini_deploy.runtime.ort_runner import OrtRunner  # noqa: E402
+from infini_deploy.tools.cli import cli  # noqa: E402
+
+from ..conftest import TEXT  # noqa: E402
+from ..llama_fixtures import tiny_llama  # noqa: E402
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(checkpoint, export folder) of a tiny GQA Llama converted with segment 32, gates partly open."""
+    root = tmp_path_factory.mktemp("converted")
+    convert(tiny_llama(root / "src", seed=4), root / "ckpt", segment_len=32, gate_init=-1.0)
+    export_model(load_checkpoint(root / "ckpt"), root / "export", tokenizer=checkpoint_tokenizer(root / "ckpt"))
+    return root / "ckpt", root / "export"
+
+
+def test_the_export_carries_the_tokenizer_in_its_manifest(converted):
+    ckpt, export = converted
+    manifest = load_manifest(export)
+    assert {"checkpoint/tokenizer.json", "checkpoint/tokenizer_config.json"} <= set(manifest.files)
+    assert (export / "checkpoint" / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    (export / "checkpoint" / "tokenizer.json").write_text("{}")   # a changed tokenizer is refused by hash
+    res = invoke("generate", export, "--prompt", "hi", "--no-progress")
+    (export / "checkpoint" / "tokenizer.json").write_bytes((ckpt / "tokenizer.json").read_bytes())
+    assert res.exit_code == 2 and "tokenizer.json does not match its manifest" in res.output
+
+
+def test_greedy_chat_is_the_same_in_torch_and_onnxruntime(converted):
+    ckpt, export = converted
+    args = ["--prompt", "What is the pass key?", "--chat", "--max-new-tokens", 40, "--no-progress"]
+    torch_out, ort_out = invoke("generate", ckpt, *args), invoke("generate", export, *args)
+    assert torch_out.exit_code == ort_out.exit_code == 0, torch_out.output + ort_out.output
+    assert torch_out.stdout == ort_out.stdout and len(torch_out.stdout.strip()) > 10
+    tok = checkpoint_tokenizer(ckpt)
+    n_prompt = len(tok.encode(tok.chat([{"role": "user", "content": "What is the pass key?"}])))
+    assert f"prompt {n_prompt} tokens" in torch_out.stderr and n_prompt > 32   # a fold during the prompt
+
+
+def test_generation_stops_at_the_tokenizers_eos_not_a_byte_id(converted, tmp_path):
+    """A model that always answers id 0, with a tokenizer whose EOS is id 0: one token and stop.
+    (The byte tokenizer's EOS is 257, an ordinary token of this vocabulary of 300.)"""
+    ckpt, _ = converted
+    model = load_checkpoint(ckpt)
+    with torch.no_grad():
+        model.norm.weight.zero_()                                  # logits all 0: greedy picks id 0
+    tok = checkpoint_tokenizer(ckpt)
+    tok.config["eos_token"], tok.special["eos_token"], tok.stop_ids = "<|endoftext|>", "<|endoftext|>", (0,)
+    save_checkpoint(model, tmp_path / "eos0", tokenizer=tok)
+    res = invoke("generate", tmp_path / "eos0", "--prompt", "The grass", "--max-new-tokens", 20, "--no-progress")
+    assert res.exit_code == 0 and "generated 1 tokens" in res.stderr, res.output
+
+
+def test_run_streams_text_in_the_models_own_tokens(converted, tmp_path):
+    ckpt, export = converted
+    (tmp_path / "t.txt").write_text(TEXT * 30)
+    res = invoke("run", export, "--input", tmp_path / "t.txt", "--json-out", tmp_path / "r.json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    tok = checkpoint_tokenizer(ckpt)
+    assert result["tokenizer"] == "tokenizer.json"
+    assert result["tokens"] == len(tok.start_ids) + len(tok.encode(TEXT * 30)) < len((TEXT * 30).encode())
+
+
+def test_passkey_prompts_count_the_models_tokens(converted):
+    tok = checkpoint_tokenizer(converted[0])
+    prompt = PasskeyPrompt(2000, 0.5, seed=1, tokenizer=tok)
+    ids = np.concatenate(list(prompt.chunks()))
+    assert 1900 < len(prompt) == len(ids) <= 2000
+    assert np.array_equal(ids, tok.encode(prompt.text()))     # piece by piece = the whole text's ids
+    assert len(prompt.text().encode()) > 2000                   # lengths are not bytes
+    res = invoke("passkey", converted[1], "--lengths", "300", "--depths", "0.5", "--no-progress")
+    assert res.exit_code == 0 and "passkey retrieval" in res.output, res.output
+
+
+def test_eval_ppl_gates_closed_in_one_segment_equals_full_attention(converted, tmp_path):
+    ckpt, export = converted
+    (tmp_path / "t.txt").write_text(TEXT * 20)
+    res = invoke("eval", "ppl", ckpt, tmp_path / "t.txt", "--tokens", 500, "--segment-len", 512, "--gate", "closed",
+                 "--reference", "--json-out", tmp_path / "p.json")
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "p.json").read_text())["files"][str(tmp_path / "t.txt")]
+    assert row["infini"]["predictions"] == row["full_attention"]["predictions"] == 499
+    assert row["infini"]["nll"] == pytest.approx(row["full_attention"]["nll"], rel=1e-5)
+    streamed = [invoke("eval", "ppl", m, tmp_path / "t.txt", "--tokens", 500, "--json-out", tmp_path / f"{i}.json")
+                for i, m in enumerate((ckpt, export))]
+    torch_row, ort_row = (json.loads((tmp_path / f"{i}.json").read_text())["files"][str(tmp_path / "t.txt")]
+                          ["infini"] for i in range(2))
+    assert all(r.exit_code == 0 for r in streamed)
+    assert torch_row["nll"] == pytest.approx(ort_row["nll"], rel=1e-5) and len(torch_row["per_position"]) == 32
+    assert abs(torch_row["nll"] - row["infini"]["nll"]) > 1e-5   # segments of 32 and open gates: not the same
+
+
+def test_snapshots_resume_the_converted_model_bit_identically(converted, tmp_path):
+    ckpt, export = converted
+    tok = checkpoint_tokenizer(ckpt)
+    ids = torch.as_tensor(tok.encode(TEXT * 6))[None]
+    for make in (lambda: TorchRunner(load_checkpoint(ckpt)), lambda: OrtRunner(export)):
+        whole = Stream(make())
+        ref = whole.feed(ids, keep="all")
+        first = Stream(make())
+        first.feed(ids[:, :45], keep="none")
+        first.save(tmp_path / "s.safetensors", force=True)
+        resumed = Stream.load(tmp_path / "s.safetensors", make())
+        assert resumed.memory.shape[2] == 2                      # the state per KV head
+        assert torch.equal(resumed.feed(ids[:, 45:], keep="all"), ref[:, 45:])
+
+
+def test_passkey_training_refuses_a_converted_model_instead_of_feeding_it_bytes(converted, tmp_path):
+    res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 1)
+    assert res.exit_code == 2 and "trains the byte-level presets only" in res.output, res.output
+    assert not (tmp_path / "t").exists()

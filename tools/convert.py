@@ -1,0 +1,47 @@
+"""`infini convert`: wiring only; the work is in models/convert/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..models.config import UPDATE_RULES
+
+
+@click.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--segment-len", type=click.IntRange(min=1), default=None,
+              help="Tokens per segment N [default: 2048, at most the source's trained context].")
+@click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True,
+              help="Memory update rule: linear (Eq 8) or delta (Eq 9).")
+@click.option("--gate-init", type=float, default=None,
+              help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
+@click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+def convert(src, out_dir, segment_len, update, gate_init, no_validate, force):
+    """Convert SRC (a Hugging Face Llama-family folder or a .gguf file) into an Infini checkpoint at OUT_DIR,
+    checked against transformers with the gates closed."""
+    from ..models.convert import DEFAULT_GATE_INIT, convert as run
+    from ..models.convert.validate import PARITY_RTOL
+    from ..runtime.measure import human_bytes, peak_rss_bytes
+
+    gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
+    result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force)
+    cfg = result.model.config
+    n = sum(p.numel() for p in result.model.parameters())
+    click.echo(f"wrote {out_dir}: {n:,} parameters, {cfg.n_layer} layers, {cfg.n_head} query / {cfg.kv_heads} KV "
+               f"heads of {cfg.d_head}, vocabulary {cfg.vocab_size:,}, segment {cfg.segment_len}, {cfg.update} rule, "
+               f"gates at beta {gate:g}")
+    p = result.parity
+    if p is None:
+        click.echo("not validated: " + ("--no-validate" if no_validate else
+                                       "transformers is not installed (pip install 'infini-deploy[convert]')"))
+    else:
+        click.echo(f"validated against transformers, gates closed, {p.tokens} probe tokens in one segment: logits "
+                   f"max abs {p.max_abs:.2e} on logits of magnitude {p.logits_scale:.1f} (tolerance {p.tolerance:.2e}"
+                   f" = {PARITY_RTOL:g} x max(1, magnitude)), top-1 {p.top1_agree}/{p.top1_checked}; at beta {gate:g}: "
+                   f"max abs {p.gate_init_max_abs:.2e}")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    click.echo(f"state {human_bytes(cfg.state_bytes())} per stream; {stages}; peak RSS {human_bytes(peak_rss_bytes())}")

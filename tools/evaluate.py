@@ -1,0 +1,124 @@
+"""`infini eval ppl`: wiring only; the computation is runtime/perplexity.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import BadInputError
+from .init_run import make_runner, model_tokenizer, parse_count
+
+
+@click.group("eval")
+def evaluate():
+    """Quality measurements of a model on text."""
+
+
+@evaluate.command("ppl")
+@click.argument("model")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--tokens", "limit", default="4k", show_default=True, help="Score the first N tokens of each file.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="auto: onnxruntime for an export folder, torch otherwise.")
+@click.option("--segment-len", type=click.IntRange(min=1), default=None,
+              help="Torch only: stream with this segment length instead of the checkpoint's.")
+@click.option("--gate", default=None, help="Torch only: set every gate logit beta to this ('closed': shut).")
+@click.option("--reference", is_flag=True,
+              help="Also score with full attention in transformers, in windows of the model's trained context.")
+@click.option("--context", type=click.IntRange(min=1), default=None,
+              help="The trained context for --reference [default: recorded by `infini convert`].")
+@click.option("--threads", type=int, default=None)
+@click.option("--json-out", type=click.Path(path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="A PNG of loss against position in the segment (needs matplotlib).")
+def ppl(model, files, limit, backend, segment_len, gate, reference, context, threads, json_out, plot_path):
+    """Perplexity of MODEL over FILES, streamed segment by segment; the loss by position in the segment."""
+    import torch
+
+    from ..runtime import perplexity
+    from ..runtime.inputs import iter_tokens
+    from ..runtime.stream import Stream
+
+    if threads:
+        torch.set_num_threads(threads)
+    limit = parse_count(limit)
+    tokenizer = model_tokenizer(model)
+    runner, backend = _runner(model, backend, segment_len, gate, threads)
+    label = f"{Path(model).name} ({backend}, segment {runner.config.segment_len}" + (f", gate {gate})" if gate else ")")
+    results, curves = {}, {}
+    with runner:
+        stream = Stream(runner)
+        for file in files:
+            ids = perplexity.read_tokens(iter_tokens(file, tokenizer=tokenizer), limit)
+            if len(ids) < 2:
+                raise BadInputError(f"{file} has fewer than 2 tokens; nothing to score")
+            row = {"infini": perplexity.stream_nll(stream, ids)}
+            curves[f"{file.name}: {label}"] = row["infini"]
+            if reference:
+                row["full_attention"] = _reference(model, ids, context)
+                curves[f"{file.name}: full attention"] = row["full_attention"]
+            results[str(file)] = row
+            _echo(file, row)
+    if json_out:
+        json_out.write_text(json.dumps({"model": model, "backend": backend, "config": runner.config.to_dict(),
+                                        "gate": gate, "tokens": limit, "files": results}, indent=1) + "\n")
+    if plot_path and not perplexity.plot(curves, plot_path):
+        click.echo("no plot: matplotlib is not installed (pip install 'infini-deploy[plot]')", err=True)
+
+
+def _runner(model: str, backend: str, segment_len: int | None, gate: str | None, threads: int | None):
+    """The segment runner; --segment-len and --gate rebuild the torch model with them (checkpoints only)."""
+    if segment_len is None and gate is None:
+        return make_runner(model, backend, "cpu", threads, 0)
+    from ..export.manifest import is_export_dir
+    from ..models.checkpoint import resolve_model
+    from ..models.model import InfiniTransformer
+    from ..runtime.torch_runner import TorchRunner
+
+    if backend == "onnxruntime" or is_export_dir(model):
+        raise BadInputError("--segment-len and --gate change the model: give a checkpoint (torch), not an export")
+    net = resolve_model(model)
+    config = dataclasses.replace(net.config, segment_len=segment_len or net.config.segment_len)
+    if config != net.config:
+        other = InfiniTransformer(config).eval()
+        other.load_state_dict(net.state_dict())
+        other.metadata = getattr(net, "metadata", {})
+        net = other
+    if gate is not None:
+        value = -1e4 if gate == "closed" else _float(gate)
+        for layer in net.layers:
+            layer.self_attn.beta.data.fill_(value)
+    return TorchRunner(net), "torch"
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise BadInputError(f"--gate {text!r}: expected a number such as -6, or 'closed'") from None
+
+
+def _reference(model: str, ids, context: int | None) -> dict:
+    from ..export.manifest import is_export_dir
+    from ..models.checkpoint import load_checkpoint
+    from ..models.convert.llama import to_transformers
+    from ..runtime.perplexity import full_attention_nll
+
+    folder = Path(model) / "checkpoint" if is_export_dir(model) else Path(model)
+    if not folder.is_dir():
+        raise BadInputError("--reference needs a checkpoint or export folder of a converted model, not a preset")
+    net = load_checkpoint(folder)
+    context = context or int(getattr(net, "metadata", {}).get("context") or 0)
+    if not context:
+        raise BadInputError(f"{model} does not record its trained context (convert it again, or give --context)")
+    return full_attention_nll(to_transformers(net, context), ids, context)
+
+
+def _echo(file: Path, row: dict) -> None:
+    for name, r in row.items():
+        buckets = ", ".join(f"[{b['from']}, {b['to'] or 'end'}) {b['nll']:.2f}" for b in r["by_position"])
+        click.echo(f"{file.name}: {name}: {r['tokens']:,} tokens, ppl {r['ppl']:.2f} (loss {r['nll']:.3f} nats; "
+                   f"by position: {buckets}), {r['tokens_per_s']:,.0f} tokens/s")
