@@ -23,11 +23,13 @@ from ..models.checkpoint import CHECKPOINT_FILES, weights_digest, write_checkpoi
 from ..models.model import InfiniTransformer
 from ..paths import parse_json
 from . import attention, memory_function
-from .graph import DEFAULT_OPSET, PRECISIONS, check_precision, export_decode, export_segment, graph_files
+from .graph import (DEFAULT_OPSET, PRECISIONS, check_precision, export_chunk, export_decode, export_segment,
+                    graph_files)
 from .manifest import MANIFEST_FILE, GraphEntry, Manifest, sha256_file
 
 SEGMENT_FILE = "segment.onnx"
 DECODE_FILE = "decode.onnx"
+CHUNK_FILE = "chunk.onnx"
 CHECKPOINT_DIR = "checkpoint"
 VALIDATION = {"segments": 3, "batch": 2}   # two full segments, then a partial one
 DECODE_EXTRA = 8                           # decode validation: a segment's worth of tokens, a fold, 8 more
@@ -60,10 +62,11 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
     export_segment(model, folder / SEGMENT_FILE, precision, opset)
     export_decode(model, folder / DECODE_FILE, precision, opset)
-    files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE)]
+    export_chunk(model, folder / CHUNK_FILE, precision, opset)
+    files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE), *graph_files(folder / CHUNK_FILE)]
     cfg = model.config
     graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
-              for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE))}
+              for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE), ("chunk", CHUNK_FILE))}
     names = [*files, *(f"{CHECKPOINT_DIR}/{name}" for name in checkpoint_files)]
     op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
     manifest = Manifest(
@@ -77,7 +80,8 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
 
 
 def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
-    from ..runtime.compare import DECODE_TOLERANCES, TOLERANCES, check_tolerance, decode_drift, drift, worst
+    from ..runtime.compare import (DECODE_TOLERANCES, TOLERANCES, check_tolerance, chunk_drift, decode_drift, drift,
+                                   worst)
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner
 
@@ -94,10 +98,18 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
                                    precision=TorchRunner(low, graph="decode").activate() if low else None)
     check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows,
                     DECODE_TOLERANCES[manifest.precision])
+    with TorchRunner(model) as prefill, TorchRunner(model, graph="chunk") as reference, \
+            OrtRunner(folder, graph="chunk") as ort_runner:
+        chunk_rows = chunk_drift(reference, ort_runner, prefill, VALIDATION["batch"],
+                                 precision=TorchRunner(low, graph="chunk").activate() if low else None)
+    check_tolerance(f"the exported chunk graph ({manifest.precision}, onnxruntime CPU)", chunk_rows,
+                    DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
         **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
         "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,
-                   "worst": worst(decode_rows)}}})
+                   "worst": worst(decode_rows)},
+        "chunk": {"pieces": [r["n"] for r in chunk_rows], "batch": VALIDATION["batch"],
+                  "worst": worst(chunk_rows)}}})
     validated.write(folder)
     return validated
 
@@ -116,7 +128,7 @@ def owned_export(folder: Path) -> set[str] | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         return None
-    names = {MANIFEST_FILE, SEGMENT_FILE, DECODE_FILE, f"{SEGMENT_FILE}.data", f"{DECODE_FILE}.data",
+    names = {MANIFEST_FILE, *(f"{g}{ext}" for g in (SEGMENT_FILE, DECODE_FILE, CHUNK_FILE) for ext in ("", ".data")),
              *(f"{CHECKPOINT_DIR}/{n}" for n in CHECKPOINT_FILES)}
     listed = manifest.get("files", {})
     if isinstance(listed, dict):

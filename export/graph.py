@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models import spec
+from ..models.chunk import ChunkStep
 from ..models.decode import DecodeStep, initial_decode_state
 from ..models.model import InfiniTransformer
 from ..runtime.runner import TORCH_DTYPES
@@ -76,6 +77,13 @@ def export_decode(model: InfiniTransformer, path: Path, precision: str = "fp32",
     the memory read and the pending update are plain nodes (docs/onnx.md says why).
     """
     return _export("decode", model, path, precision, opset)
+
+
+def export_chunk(model: InfiniTransformer, path: Path, precision: str = "fp32",
+                 opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Write the chunk step (models/chunk.py) of ``model`` to ``path`` in ``precision``: tokens [batch, n]
+    appended at pos [batch] to the decode state's cache; outputs logits [batch, n, V] and the decode state."""
+    return _export("chunk", model, path, precision, opset)
 
 
 def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, opset: int) -> onnx.ModelProto:
@@ -142,6 +150,14 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):
         module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
         table = {torch.ops.infini.memory.default: memory_function.translate_memory,
                  **attention.translations(PRECISIONS[precision])}
+    elif graph == "chunk":
+        seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
+        dims = {s.name: {0: batch} if s.name == spec.POS else {1: batch} for s in inputs}
+        dims[spec.TOKENS] = {0: batch, 1: seq}
+        n = max(2, cfg.segment_len // 2)   # neither 1 nor N, so the trace keeps n symbolic
+        tokens, pos = torch.zeros(2, n, dtype=torch.int64), torch.tensor([0, 1])
+        module, args = ChunkStep(model), (tokens, pos, memory, norm, *initial_decode_state(cfg, 2))
+        table = attention.decode_translations()
     else:
         dims = {s.name: {0 if s.name in (spec.TOKEN, spec.POS) else 1: batch} for s in inputs}
         token, pos = torch.zeros(2, dtype=torch.int64), torch.tensor([0, 1])

@@ -36,7 +36,7 @@ from .model import Block, InfiniAttention, InfiniTransformer, rope
 def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta, delta: bool, eps: float):
     """The memory block for one token: retrieval from M_prev, the gate, and the pending update.
 
-    q, a_dot: (B, H, 1, d); k, v: (B, H_kv, 1, d); q and k *without* RoPE.  memory, norm:
+    q, a_dot: (B, H, n, d); k, v: (B, H_kv, n, d), n = 1 (or n tokens: the chunk step); q and k *without* RoPE.  memory, norm:
     (B, H_kv, d, d), (B, H_kv, d) f32, M_prev and z_prev (read only).  d_memory, d_norm: the segment's
     pending update so far (f32, per KV head). Returns (a, d_memory_out, d_norm_out). Same float32 math
     as memory.memory_reference.
@@ -49,7 +49,7 @@ def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta
     if delta:                                                            # Eq 9, per token, against M_prev
         v_new = v_new - (sk @ memory) / (sk @ norm.unsqueeze(-1) + eps)
     d_memory_out = d_memory + sk.transpose(-1, -2) @ v_new               # (B, H_kv, d, d)
-    d_norm_out = d_norm + sk.squeeze(-2)                                 # (B, H_kv, d)
+    d_norm_out = d_norm + sk.sum(dim=-2)                                 # (B, H_kv, d); n tokens: chunk.py
     return a.to(a_dot.dtype), d_memory_out, d_norm_out
 
 

@@ -33,7 +33,7 @@ V_CACHE_OUT = "v_cache_out"
 D_MEMORY_OUT = "d_memory_out"
 D_NORM_OUT = "d_norm_out"
 
-GRAPHS = ("segment", "decode")
+GRAPHS = ("segment", "decode", "chunk")
 
 # export precision -> dtype of weights, activations and logits (the state is float32 in every precision)
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -109,10 +109,25 @@ def decode_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[
             *decode_state_specs(config, suffix="_out")]
 
 
+def chunk_inputs(config: InfiniConfig) -> list[TensorSpec]:
+    """tokens (batch, n), pos (batch,) = tokens already in the current segment, memory, norm (read only),
+    then the decode state: the argument order of models.chunk.chunk_step (pos + n <= N is the caller's)."""
+    tokens = TensorSpec(TOKENS, "int64", (BATCH, SEQ), {SEQ: config.segment_len}, (0, config.vocab_size - 1))
+    pos = TensorSpec(POS, "int64", (BATCH,), value_range=(0, config.segment_len - 1))
+    return [tokens, pos, *state_specs(config), *decode_state_specs(config)]
+
+
+def chunk_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
+    return [TensorSpec(LOGITS, logits_dtype, (BATCH, SEQ, config.vocab_size)),
+            *decode_state_specs(config, suffix="_out")]
+
+
 def graph_specs(graph: str, config: InfiniConfig, logits_dtype: str = "float32"):
-    """(inputs, outputs) of one graph: "segment" or "decode"."""
+    """(inputs, outputs) of one graph: "segment", "decode" or "chunk"."""
     if graph == "segment":
         return segment_inputs(config), segment_outputs(config, logits_dtype)
     if graph == "decode":
         return decode_inputs(config), decode_outputs(config, logits_dtype)
+    if graph == "chunk":
+        return chunk_inputs(config), chunk_outputs(config, logits_dtype)
     raise BadInputError(f"graph {graph!r} is not known; expected one of: {', '.join(GRAPHS)}")

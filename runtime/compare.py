@@ -181,6 +181,53 @@ def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner,
     return with_precision(rows, precision_rows or None)
 
 
+CHUNK_PIECES = (1, 5, 2)   # then the rest of the segment, and a piece of the next (validation of chunk.onnx)
+
+
+def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, batch: int = 1, seed: int = 0,
+                precision: BaseRunner | None = None) -> list[dict]:
+    """The chunk step through two runners over pieces of a segment (1, 5, 2 tokens, the rest of the segment,
+    then 3 tokens of the next), each carrying its own cache and folding its pending update when the segment
+    fills; one row per piece, as :func:`decode_drift`'s per token (``token``: the piece's first token; ``pos``:
+    its last position)."""
+    from ..models.decode import fold, initial_decode_state
+
+    cfg, N = reference.config, reference.config.segment_len
+    pieces = [n for n in CHUNK_PIECES if n < N]
+    pieces += [N - sum(pieces), 3] if N > sum(pieces) else [3]
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, cfg.vocab_size, (batch, N), generator=gen)
+    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: reference_state(cfg, batch)[0],
+                         spec.NORM: reference_state(cfg, batch)[1]})
+    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
+    runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
+    memory = {name: start for name in runners}
+    cache = {name: initial_decode_state(cfg, batch) for name in runners}
+    rows, precision_rows, t = [], [], 0
+    for n in pieces:
+        pos = t % N
+        tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen)
+        outs = {}
+        for name, r in runners.items():
+            feed = {spec.TOKENS: tokens, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
+                    spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
+                    **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
+            outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
+            cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
+        if pos + n == N:   # the segment filled: each folds its own pending update
+            for name in runners:
+                memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
+                cache[name] = initial_decode_state(cfg, batch)
+        last = pos + n - 1
+        rows.append({**_decode_row(t, last, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N),
+                     "n": n})
+        if precision is not None:
+            precision_rows.append(_decode_row(t, last, outs[PRECISION], outs["__ref__"], memory[PRECISION],
+                                              memory["__ref__"], N))
+        t += n
+    return with_precision(rows, precision_rows or None)
+
+
 def _decode_row(t: int, pos: int, got: dict, ref: dict, memory: tuple, ref_memory: tuple, N: int) -> dict:
     row = {"token": t, "pos": pos, "logits_max": float((got[spec.LOGITS] - ref[spec.LOGITS]).abs().max()),
            **logits_figures(got[spec.LOGITS], ref[spec.LOGITS]),

@@ -35,6 +35,7 @@ class _Plan:
     norm: torch.Tensor
     kept: list = field(default_factory=list)
     error: InfiniError | None = None
+    cache: tuple | None = None     # the decode cache after a chunk step over the unfinished segment (else None)
 
 
 def feed_streams(streams: list, tokens: list, keep: str = "last") -> list:
@@ -91,14 +92,54 @@ def _commit_rounds(plans: list[_Plan], keep: str) -> None:
 
 
 def _pending_logits(plans: list[_Plan], keep: str) -> None:
-    """Logits of the tokens left in each unfinished segment (the segment step over them, not committed);
-    streams whose unfinished segments have one length run together."""
+    """Logits of the tokens left in each unfinished segment: with a chunk runner, the chunk step over the
+    tokens not yet in the stream's decode cache (they join it: a piece costs its own tokens); without one,
+    the segment step over the whole unfinished segment, not committed. Streams whose pieces have one length
+    run together."""
     todo = [p for p in plans if p.buf.shape[1] > p.n_full and (keep == "all" or not p.kept)]
+    _chunked([p for p in todo if p.stream.chunk_runner is not None], keep)
+    todo = [p for p in todo if p.stream.chunk_runner is None]
     for n in sorted({p.buf.shape[1] - p.n_full for p in todo}):
         group = [p for p in todo if p.buf.shape[1] - p.n_full == n]
         logits, memory, norm = _run(group, [p.buf[:, p.n_full:] for p in group])
         for p, (lg, _, _) in zip(group, _split(group, logits, memory, norm)):
             p.kept.append(lg[:, max(p.n_old - p.n_full, 0):] if keep == "all" else lg[:, -1])
+
+
+def _chunked(plans: list[_Plan], keep: str) -> None:
+    from ..models.decode import initial_decode_state
+    from .stream import check_state_finite
+
+    def start(p):   # the tokens of the unfinished segment already in the cache (none after a commit)
+        return 0 if p.n_full else p.stream._cached
+
+    for n in sorted({p.buf.shape[1] - p.n_full - start(p) for p in plans}):
+        group = [p for p in plans if p.buf.shape[1] - p.n_full - start(p) == n]
+        caches = [initial_decode_state(p.stream.config, p.stream.batch, p.stream.runner.device) if p.n_full
+                  else p.stream.cache for p in group]
+        feed = {spec.TOKENS: torch.cat([p.buf[:, p.n_full + start(p):] for p in group]),
+                spec.POS: torch.cat([torch.full((p.stream.batch,), start(p), dtype=torch.int64) for p in group]),
+                spec.MEMORY: torch.cat([p.memory for p in group], dim=1),
+                spec.NORM: torch.cat([p.norm for p in group], dim=1)}
+        for i, name in enumerate((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM)):
+            feed[name] = torch.cat([c[i] for c in caches], dim=1)
+        out = group[0].stream.chunk_runner.infer(feed)
+        row = 0
+        for p in group:
+            rows = slice(row, row + p.stream.batch)
+            row += p.stream.batch
+            cache = tuple(out[name][:, rows].clone() for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
+                                                                   spec.D_MEMORY_OUT, spec.D_NORM_OUT))
+            try:
+                if p.stream.check_finite:
+                    check_state_finite(cache[2], cache[3], p.stream.segments + p.n_full // p.stream.config.segment_len)
+            except InfiniError as e:
+                p.error = e
+                continue
+            logits = out[spec.LOGITS][rows]                          # (B, n, V): the tokens not yet cached
+            p.cache = cache
+            first = max(p.n_old - p.n_full, 0) - start(p)            # the new tokens among them
+            p.kept.append(logits[:, first:] if keep == "all" else logits[:, -1])
 
 
 def _run(group: list[_Plan], segments: list[torch.Tensor]):
@@ -137,6 +178,8 @@ def _finish(p: _Plan, keep: str):
     s.segments += p.n_full // N
     if p.n_full:
         s._reset_cache()   # the decode cache held the segment just committed by the segment step
+    if p.cache is not None:   # the chunk step put the whole unfinished segment in the cache
+        s._cache, s._cached = p.cache, s.pending.shape[1]
     s.position += n_new
     if keep == "none":
         return None

@@ -38,7 +38,7 @@ class Stream:
     """
 
     def __init__(self, runner: BaseRunner, batch: int = 1, check_finite: bool = True,
-                 decode_runner: BaseRunner | None = None):
+                 decode_runner: BaseRunner | None = None, chunk_runner: BaseRunner | None = None):
         if spec.TOKENS not in {s.name for s in runner.input_specs}:
             raise BadInputError(f"runner runs a graph with inputs {[s.name for s in runner.input_specs]}; a Stream "
                                 "needs the segment step's (pass the decode runner as decode_runner=)")
@@ -46,12 +46,13 @@ class Stream:
             runner.activate()
         self.runner = runner
         self.config = runner.config
-        self.decode_runner = _check_decode_runner(runner, decode_runner)
+        self.decode_runner = _check_step_runner(runner, decode_runner, "decode_runner", spec.TOKEN)
+        self.chunk_runner = _check_step_runner(runner, chunk_runner, "chunk_runner", spec.TOKENS)
         if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 16:
             raise BadInputError(f"batch must be an integer in [1, 65536], got {batch!r}")
         self.batch = batch
         cfg = self.config
-        cache = 2 * cfg.n_layer * cfg.n_head * cfg.segment_len * cfg.d_head * 4 if decode_runner else 0
+        cache = 2 * cfg.n_layer * cfg.kv_heads * cfg.segment_len * cfg.d_head * 4 if decode_runner or chunk_runner else 0
         check_fits(self.batch * (2 * cfg.state_bytes(1) + cache) + cfg.step_bytes(self.batch),
                    f"a stream of batch {self.batch}")
         self.check_finite = check_finite
@@ -170,7 +171,7 @@ class Stream:
 
     @classmethod
     def load(cls, path, runner: BaseRunner, decode_runner: BaseRunner | None = None,
-             check_finite: bool = True) -> "Stream":
+             check_finite: bool = True, chunk_runner: BaseRunner | None = None) -> "Stream":
         """A stream over ``runner`` that continues exactly where the stream saved to ``path`` stopped.
 
         IncompatibleArtifactError for a corrupt or truncated file or one from another model;
@@ -181,7 +182,7 @@ class Stream:
         meta, tensors = read_snapshot(path)
         check_compatible(path, meta, runner)
         counts = check_shapes(path, meta, tensors, runner.config)
-        stream = cls(runner, counts["batch"], check_finite, decode_runner)
+        stream = cls(runner, counts["batch"], check_finite, decode_runner, chunk_runner)
         device = stream.runner.device
         memory, norm = tensors["memory"].to(device), tensors["norm"].to(device)
         if check_finite:
@@ -194,7 +195,7 @@ class Stream:
 
     def fork(self) -> "Stream":
         """An independent copy of this stream over the same runners: both continue from here."""
-        other = Stream(self.runner, self.batch, self.check_finite, self.decode_runner)
+        other = Stream(self.runner, self.batch, self.check_finite, self.decode_runner, self.chunk_runner)
         other.memory, other.norm, other.pending = self.memory.clone(), self.norm.clone(), self.pending.clone()
         other.position, other.segments, other._cached = self.position, self.segments, self._cached
         other._cache = tuple(t.clone() for t in self._cache)
@@ -207,7 +208,7 @@ class Stream:
 
     # -- internals ------------------------------------------------------------------------------
     def _reset_cache(self) -> None:
-        runner = self.decode_runner or self.runner
+        runner = self.decode_runner or self.chunk_runner or self.runner
         self._cache = initial_decode_state(self.config, self.batch, runner.device)
         self._cached = 0  # pending[:, :_cached] are in the cache; the rest wait for _catch_up
 
@@ -239,14 +240,32 @@ class Stream:
         self.position += tokens.shape[1]
 
     def _catch_up(self) -> torch.Tensor | None:
-        """Run the decode step over the pending tokens not yet in the cache; logits of the last (B, V)."""
+        """Run the decode step over the pending tokens not yet in the cache (all at once with the chunk step,
+        when the stream has one); logits of the last (B, V)."""
         logits, N = None, self.config.segment_len
+        if self.chunk_runner is not None and self.pending.shape[1] - self._cached > 1:
+            logits = self._chunk(self.pending[:, self._cached:], self._cached)[:, -1]
+            self._cached = self.pending.shape[1]
+            if self._cached == N:
+                self._fold()
         while self._cached < self.pending.shape[1]:
             logits = self._decode(self.pending[:, self._cached], self._cached)
             self._cached += 1
             if self._cached == N:
                 self._fold()
         return logits
+
+    def _chunk(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """The chunk step over (B, n) tokens at positions pos..pos+n-1: updates the cache, returns logits (B, n, V)."""
+        feed = {spec.TOKENS: tokens, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
+                spec.MEMORY: self.memory, spec.NORM: self.norm}
+        feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
+        out = self.chunk_runner.infer(feed)
+        self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
+                                                   spec.D_MEMORY_OUT, spec.D_NORM_OUT))
+        if self.check_finite:
+            check_state_finite(self._cache[2], self._cache[3], self.segments)
+        return out[spec.LOGITS]
 
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         feed = {spec.TOKEN: token, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
@@ -321,20 +340,19 @@ def check_state_finite(memory: torch.Tensor, norm: torch.Tensor, segment: int) -
                                   "refusing to continue (the state is float32: check the inputs and weights)")
 
 
-def _check_decode_runner(runner: BaseRunner, decode_runner: BaseRunner | None) -> BaseRunner | None:
-    """The decode runner must run the decode graph of the same model on the same device."""
-    if decode_runner is None:
+def _check_step_runner(runner: BaseRunner, other: BaseRunner | None, what: str, token_input: str):
+    """A decode or chunk runner runs its step of the same model on the same device as the segment runner."""
+    if other is None:
         return None
-    names = {s.name for s in decode_runner.input_specs}
-    if spec.POS not in names:
-        raise BadInputError(f"decode_runner runs a graph with inputs {sorted(names)}; expected the decode step's "
-                            f"({', '.join(s.name for s in spec.decode_inputs(runner.config))})")
-    if decode_runner.config != runner.config:
-        raise BadInputError("decode_runner's model config differs from the segment runner's; "
-                            "both must run the same model")
-    if decode_runner.device != runner.device:
-        raise BadInputError(f"decode_runner is on {decode_runner.device}, the segment runner on {runner.device}; "
+    names = {s.name for s in other.input_specs}
+    if spec.POS not in names or token_input not in names:
+        raise BadInputError(f"{what} runs a graph with inputs {sorted(names)}; expected the "
+                            f"{what.removesuffix('_runner')} step's")
+    if other.config != runner.config:
+        raise BadInputError(f"{what}'s model config differs from the segment runner's; both must run the same model")
+    if other.device != runner.device:
+        raise BadInputError(f"{what} is on {other.device}, the segment runner on {runner.device}; "
                             "expected the same device")
-    if not decode_runner.is_active:
-        decode_runner.activate()
-    return decode_runner
+    if not other.is_active:
+        other.activate()
+    return other

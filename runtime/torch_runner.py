@@ -8,14 +8,16 @@ import torch
 
 from ..errors import MissingBackendError
 from ..models import spec
+from ..models.chunk import chunk_step
 from ..models.decode import decode_step
 from ..models.model import InfiniTransformer
 from .runner import BaseRunner
 
 
 class TorchRunner(BaseRunner):
-    """Runs one graph of the model in inference mode: ``graph="segment"`` (``InfiniTransformer.step``)
-    or ``graph="decode"`` (``models.decode.decode_step``, one token with the in-segment KV cache).
+    """Runs one graph of the model in inference mode: ``graph="segment"`` (``InfiniTransformer.step``),
+    ``graph="decode"`` (``models.decode.decode_step``, one token with the in-segment KV cache) or
+    ``graph="chunk"`` (``models.chunk.chunk_step``, n tokens appended to that cache).
     Inputs and outputs are named by models/spec.py; state stays on ``device``."""
 
     name = "torch"
@@ -28,7 +30,8 @@ class TorchRunner(BaseRunner):
         super().__init__(config, *spec.graph_specs(graph, config, dtype), device)
         self.model = model
         self.graph = graph
-        self._fn = model.step if graph == "segment" else partial(decode_step, model)
+        self._fn = {"segment": model.step, "decode": partial(decode_step, model),
+                    "chunk": partial(chunk_step, model)}[graph]
 
     def activate_impl(self):
         self.model.to(self.device).eval()

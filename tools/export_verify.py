@@ -40,6 +40,10 @@ def export(model, out_dir, precision, opset, seed, force):
     dec = manifest.validation["decode"]
     click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
                f"logits max abs {dec['worst']['logits_max']:.2e}, state relative {dec['worst']['state_rel']:.2e}")
+    chunk = manifest.validation["chunk"]
+    click.echo(f"validated chunk.onnx against torch (pieces of {', '.join(map(str, chunk['pieces']))} "
+               f"tokens): logits max abs {chunk['worst']['logits_max']:.2e}, state relative "
+               f"{chunk['worst']['state_rel']:.2e}")
     sizes = ", ".join(f"{name} {human_bytes((Path(out_dir) / name).stat().st_size)}" for name in manifest.files
                       if name.endswith((".onnx", ".onnx.data")))
     click.echo(f"export {manifest.validation['export_s']:.1f} s, validation {manifest.validation['validate_s']:.1f} s; "

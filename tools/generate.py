@@ -27,10 +27,10 @@ GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None) -> tuple[Stream, str]:
-    """(a batch-1 stream over MODEL's segment and decode steps on one backend, the backend's name).
+    """(a batch-1 stream over MODEL's segment, decode and chunk steps on one backend, the backend's name).
 
-    auto: onnxruntime for an export folder (its segment.onnx and decode.onnx), torch otherwise.
-    tensorrt: the folder's segment and decode engines (`infini build`), on a GPU they run on."""
+    auto: onnxruntime for an export folder (its segment.onnx, decode.onnx and chunk.onnx when it has one),
+    torch otherwise. tensorrt: the folder's engines (`infini build`), on a GPU they run on."""
     from ..export.manifest import is_export_dir
 
     if backend not in GENERATE_BACKENDS:
@@ -39,10 +39,23 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
         torch.set_num_threads(threads)
     if backend in ("auto", "torch") and not is_export_dir(model):   # one model for both steps
         net = resolve_model(model, seed)
-        return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode")), "torch"
+        return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode"),
+                      chunk_runner=TorchRunner(net, device, graph="chunk")), "torch"
     runner, backend = make_runner(model, backend, device, threads, seed)
     decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode")
-    return Stream(runner, decode_runner=decode_runner), backend
+    chunk_runner = None
+    if _has_graph(model, backend, "chunk"):   # exports made before chunk.onnx: the decode step alone
+        chunk_runner, _ = make_runner(model, backend, device, threads, seed, graph="chunk")
+    return Stream(runner, decode_runner=decode_runner, chunk_runner=chunk_runner), backend
+
+
+def _has_graph(model: str, backend: str, graph: str) -> bool:
+    from ..export.manifest import is_export_dir, load_manifest
+
+    if not is_export_dir(model):
+        return True
+    manifest = load_manifest(model)
+    return graph in (manifest.tensorrt.get("engines", {}) if backend == "tensorrt" else manifest.graphs)
 
 
 def common_options(f):

@@ -30,12 +30,12 @@ class StreamPool:
     """Streams by id (int > 0) over one export's segment and decode runners."""
 
     def __init__(self, runner, decode_runner=None, max_streams: int = 64, state_dir=None, persist: str = "end",
-                 idle_s: float | None = None):
+                 idle_s: float | None = None, chunk_runner=None):
         if persist not in PERSIST:
             raise BadInputError(f"persist={persist!r}; expected one of: {', '.join(PERSIST)}")
         if max_streams < 1:
             raise BadInputError(f"max_streams must be at least 1, got {max_streams}")
-        self.runner, self.decode_runner = runner, decode_runner
+        self.runner, self.decode_runner, self.chunk_runner = runner, decode_runner, chunk_runner
         self.max_streams, self.persist, self.idle_s = max_streams, persist, idle_s
         self.state_dir = Path(state_dir) if state_dir else None
         if self.state_dir is not None:
@@ -59,9 +59,9 @@ class StreamPool:
                                     "or use another server")
             path = self.path(sid)
             if path is not None and path.is_file():
-                stream = Stream.load(path, self.runner, decode_runner=self.decode_runner)
+                stream = Stream.load(path, self.runner, decode_runner=self.decode_runner, chunk_runner=self.chunk_runner)
             else:
-                stream = Stream(self.runner, decode_runner=self.decode_runner)
+                stream = Stream(self.runner, decode_runner=self.decode_runner, chunk_runner=self.chunk_runner)
             self.streams[sid] = stream
             return self._touch(sid)
 

@@ -75,8 +75,11 @@ class RemoteStream:
         tokens = _as_tokens(tokens)
         kept = []
         for start in range(0, tokens.size, self.request_tokens):
-            out = self._request(tokens[start:start + self.request_tokens], keep)
-            kept = kept + [out[P.LOGITS]] if keep == "all" else [out[P.LOGITS]]
+            last = start + self.request_tokens >= tokens.size
+            asked = "none" if keep == "last" and not last else keep   # only the last request's logits are kept
+            out = self._request(tokens[start:start + self.request_tokens], asked)
+            if asked != "none":
+                kept = kept + [out[P.LOGITS]] if keep == "all" else [out[P.LOGITS]]
         if keep == "none" or not kept:
             return None
         return torch.from_numpy(np.concatenate(kept, axis=1) if keep == "all" else kept[-1][:, -1])

@@ -26,10 +26,13 @@ from .pool import StreamPool
 def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
     """The StreamPool of an export, from the model's parameters (strings, as config.pbtxt holds them)."""
     backend, threads = params.get("backend", "onnxruntime"), int(params.get("threads", "0")) or None
+    chunk = None
     if backend == "onnxruntime":
         from ..ort_runner import OrtRunner
 
         runner, decode = OrtRunner(export_dir, threads=threads), OrtRunner(export_dir, threads=threads, graph="decode")
+        if "chunk" in runner.manifest.graphs:
+            chunk = OrtRunner(export_dir, threads=threads, graph="chunk")
     elif backend == "torch":
         import torch
 
@@ -39,7 +42,7 @@ def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
         if threads:
             torch.set_num_threads(threads)
         model = load_checkpoint(export_dir / "checkpoint")
-        runner, decode = TorchRunner(model), TorchRunner(model, graph="decode")
+        runner, decode, chunk = TorchRunner(model), TorchRunner(model, graph="decode"), TorchRunner(model, graph="chunk")
     elif backend == "tensorrt":
         from ..trt_runner import TrtRunner
 
@@ -48,7 +51,8 @@ def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
         raise InfiniError(f"backend {backend!r} is not known; expected onnxruntime, torch or tensorrt")
     idle = float(params.get("idle_s", "0")) or None
     return StreamPool(runner.activate(), decode.activate(), int(params.get("max_streams", "64")),
-                      params.get("state_dir") or None, params.get("persist", "end"), idle)
+                      params.get("state_dir") or None, params.get("persist", "end"), idle,
+                      chunk.activate() if chunk is not None else None)
 
 
 class TritonPythonModel:

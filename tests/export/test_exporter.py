@@ -7,7 +7,7 @@ import json
 import pytest
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
-from infini_deploy.export.exporter import DECODE_FILE, SEGMENT_FILE, export_model
+from infini_deploy.export.exporter import CHUNK_FILE, DECODE_FILE, SEGMENT_FILE, export_model
 from infini_deploy.export.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.runtime.compare import Tolerance
@@ -22,9 +22,14 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
     assert segment.inputs[0].shape == (spec.BATCH, spec.SEQ) and segment.inputs[0].max_dims == {spec.SEQ: 64}
     for name, digest in manifest.files.items():
         assert sha256_file(tiny_fp32 / name) == digest
-    assert set(manifest.files) == {SEGMENT_FILE, DECODE_FILE, "checkpoint/config.json", "checkpoint/model.safetensors"}
+    assert set(manifest.files) == {SEGMENT_FILE, DECODE_FILE, CHUNK_FILE, "checkpoint/config.json",
+                                   "checkpoint/model.safetensors"}
     assert manifest.graphs["decode"].file == DECODE_FILE
     assert manifest.graphs["decode"].outputs[0].shape == (spec.BATCH, 260)
+    assert manifest.graphs["chunk"].file == CHUNK_FILE
+    assert manifest.graphs["chunk"].outputs[0].shape == (spec.BATCH, spec.SEQ, 260)
+    assert manifest.validation["chunk"]["pieces"] == [1, 5, 2, 56, 3]
+    assert manifest.validation["chunk"]["worst"]["logits_max"] < 1e-4
     assert {"torch", "onnx", "onnxruntime", "infini_deploy"} <= set(manifest.versions)
     assert manifest.validation["batch"] == 2 and manifest.validation["worst"]["logits_max"] < 1e-4
     assert manifest.memory_op == {"domain": "infini", "op_type": "Memory", "version": 1}

@@ -70,7 +70,7 @@ def test_greedy_generation_in_onnxruntime_equals_torch(tiny_fp32, tiny_linear_mo
 def test_decode_graph_is_in_the_manifest_with_its_specs(tiny_fp32, tiny_linear_model):
     m = load_manifest(tiny_fp32)
     cfg = tiny_linear_model.config
-    assert set(m.graphs) == {"segment", "decode"}
+    assert set(m.graphs) == {"segment", "decode", "chunk"}
     decode = m.graphs["decode"]
     assert decode.file == "decode.onnx" and m.files["decode.onnx"] == sha256_file(tiny_fp32 / "decode.onnx")
     assert decode.inputs == spec.decode_inputs(cfg) and decode.outputs == spec.decode_outputs(cfg)

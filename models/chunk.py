@@ -1,0 +1,111 @@
+"""The chunk step: n tokens appended to the unfinished segment, at the cost of those n tokens.
+
+The decode step (models/decode.py) for several tokens at once: the tokens at positions pos..pos+n-1 of the
+current segment write their keys and values into the in-segment KV cache, attend causally to every slot up to
+their own, read the memory without changing it, and add their part to the pending update (dM, dz). So a
+stream fed in small pieces (a chat turn, a live transcript) pays for the pieces, not for the whole unfinished
+segment on every call. Both update rules decompose per token given M_prev (decode.py), so any chunking gives
+the teacher-forced logits; the segment is committed by the segment step when it fills (runtime/feeding.py).
+
+    tokens (B, n), pos (B,) --embed--> x (B, n, D)
+      q, k, v = proj(rmsnorm(x))                         (B, H, n, d); k, v (B, H_kv, n, d)
+      k_cache[:, :, pos + i] = rope(k_i, pos + i)        one-hot writes: static shapes, no indexing by value
+      a_dot = softmax(rope(q, pos + i) k_cache^T / sqrt(d), slots <= pos + i) v_cache
+      a, dM, dz = memory_decode(q, k, v, a_dot, M, z, dM, dz)     M, z: read only
+    logits = lm_head(rmsnorm(x))                         (B, n, V)
+
+The caller keeps pos + n <= N (the segment length).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .decode import memory_decode_reference
+from .model import Block, InfiniAttention, InfiniTransformer
+
+
+def rope_from(x: torch.Tensor, theta: float, start: torch.Tensor) -> torch.Tensor:
+    """RoPE at positions start[b] + 0..n-1 of each row. x: (B, H, n, d); start: (B,) int64.
+    The same arithmetic per token as model.rope with one position per row (the decode step's)."""
+    n, d = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    pos = start.to(torch.float32).view(-1, 1, 1, 1) + torch.arange(n, device=x.device, dtype=torch.float32).view(1, 1, -1, 1)
+    angles = torch.cat((pos * inv_freq, pos * inv_freq), dim=-1)                             # (B, 1, n, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
+
+
+def chunk_cache_attention(q, k, v, pos, k_cache, v_cache):
+    """Write n (k, v) at slots pos..pos+n-1 and attend causally to slots 0..pos+i. Static shapes.
+
+    q: (B, H, n, d), k: (B, H_kv, n, d) with RoPE; v: (B, H_kv, n, d); pos: (B,); caches (B, H_kv, N, d) f32.
+    The G = H / H_kv query heads of a group attend as G * n query rows of their KV head.
+    Returns (a_dot (B, H, n, d), k_cache_out, v_cache_out).
+    """
+    B, H, n, d = q.shape
+    N, H_kv = k_cache.shape[-2], k_cache.shape[1]
+    slots = torch.arange(N, device=pos.device)                                              # (N,)
+    at = pos[:, None] + torch.arange(n, device=pos.device)                                  # (B, n)
+    onehot = slots.view(1, 1, N) == at[:, :, None]                                          # (B, n, N)
+    written = onehot.any(dim=1).view(B, 1, N, 1)                                            # (B, 1, N, 1)
+    place = onehot.to(torch.float32).transpose(1, 2).unsqueeze(1)                           # (B, 1, N, n)
+    k_cache = torch.where(written, place @ k.float(), k_cache)    # exact: one 1.0 * value, the rest + 0
+    v_cache = torch.where(written, place @ v.float(), v_cache)
+    visible = slots.view(1, 1, N) <= at[:, :, None]                                         # (B, n, N)
+    G = H // H_kv
+    mask = visible.unsqueeze(1).expand(B, G, n, N).reshape(B, 1, G * n, N)                  # (B, 1, G*n, N)
+    grouped = q.float().reshape(B, H_kv, G * n, d)                                          # (B, H_kv, G*n, d)
+    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)
+    return a_dot.reshape(B, H, n, d).to(q.dtype), k_cache, v_cache
+
+
+def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+    """InfiniAttention for n tokens of the unfinished segment. x: (B, n, D). Returns (y, k_c, v_c, dM, dz)."""
+    cfg = attn.config
+    B, n, _ = x.shape
+    q = attn.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
+    k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
+            for proj in (attn.k_proj, attn.v_proj))
+    a_dot, k_cache, v_cache = chunk_cache_attention(rope_from(q, cfg.rope_theta, pos), rope_from(k, cfg.rope_theta, pos),
+                                                    v, pos, k_cache, v_cache)
+    a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
+                                                  cfg.update == "delta", cfg.eps)
+    y = attn.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
+    return y, k_cache, v_cache, d_memory, d_norm
+
+
+def block_chunk(block: Block, x, pos, *state):
+    h, *state = attention_chunk(block.self_attn, block.input_layernorm(x), pos, *state)
+    x = x + h
+    return (x + block.mlp(block.post_attention_layernorm(x)), *state)
+
+
+def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+    """The chunk step, a pure function (see the module docstring).
+
+    tokens: (B, n) int64; pos: (B,) int64, the tokens already in the segment (pos + n <= N); memory, norm:
+    read only; the decode state as models/decode.decode_step takes it. Returns (logits (B, n, V), k_cache_out,
+    v_cache_out, d_memory_out, d_norm_out): new tensors. Inputs are not checked here (runners check them).
+    """
+    x = model.embed_tokens(tokens)                                           # (B, n, D)
+    outs = []
+    for i, layer in enumerate(model.layers):
+        x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])
+        outs.append(state)
+    logits = model.lm_head(model.norm(x))                                    # (B, n, V)
+    return (logits, *(torch.stack(s) for s in zip(*outs)))
+
+
+class ChunkStep(nn.Module):
+    """``chunk_step`` as a module's forward, for exporters that take an ``nn.Module``."""
+
+    def __init__(self, model: InfiniTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+        return chunk_step(self.model, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm)
