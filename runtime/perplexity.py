@@ -95,6 +95,19 @@ def read_tokens(chunks: Iterable[np.ndarray], limit: int | None) -> np.ndarray:
     return ids[:limit] if limit is not None else ids
 
 
+def log_bins(per_position: list, bins: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """(position, mean loss) over bins evenly spaced in log(position + 1): every position up to 16 on its own,
+    wider bins further on, so the first tokens of a segment and the long tail both read. Positions without
+    a prediction are dropped."""
+    y = np.asarray(per_position, dtype=float)
+    y = y[:np.max(np.nonzero(~np.isnan(y))[0]) + 1] if np.any(~np.isnan(y)) else y[:0]
+    edges = np.unique(np.round(np.geomspace(1, len(y) + 1, bins)).astype(int) - 1)
+    edges = np.unique(np.concatenate([np.arange(min(16, len(y))), edges, [len(y)]]))
+    x = [(lo + hi - 1) / 2 + 1 for lo, hi in zip(edges, edges[1:])]
+    means = [np.nanmean(y[lo:hi]) for lo, hi in zip(edges, edges[1:])]
+    return np.asarray(x), np.asarray(means)
+
+
 def plot(results: dict, path) -> bool:
     """Loss against position in the segment, one line per (file, model); False without matplotlib."""
     try:
@@ -105,12 +118,10 @@ def plot(results: dict, path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, r in results.items():
-        y = np.array([np.nan if v is None else v for v in r["per_position"]], dtype=float)
-        width = max(1, len(y) // 128)
-        smooth = np.convolve(np.nan_to_num(y, nan=np.nanmean(y)), np.ones(width) / width, mode="valid")
-        ax.plot(np.arange(len(smooth)) + width // 2, smooth, label=f"{label}: ppl {r['ppl']:.1f}", lw=1)
-    ax.set_xscale("symlog", linthresh=16)
-    ax.set_xlabel("position of the predicting token in its segment (full attention: in its window)")
+        x, y = log_bins([np.nan if v is None else v for v in r["per_position"]])
+        ax.plot(x, y, label=f"{label}: ppl {r['ppl']:.1f}", lw=1, marker=".", ms=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("position + 1 of the predicting token in its segment (full attention: in its window)")
     ax.set_ylabel("loss (nats)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
