@@ -155,6 +155,74 @@ def _fmt(values) -> str:
     return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
 
 
+@bench.command("feed")
+@click.argument("model", required=False)
+@click.option("--pieces", default="1,16,128,N", show_default=True,
+              help="Piece sizes in tokens (N: the model's segment length).")
+@click.option("--tokens", "count", default="2k", show_default=True, help="Tokens fed at each piece size.")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
+@click.option("--threads", type=THREADS, default=1, show_default=True)
+@seed_option()
+@json_out_option()
+@force_option("Replace the --json-out file if it exists.")
+def feed(model, pieces, count, backend, threads, seed, json_out, force):
+    """Tokens/s of feeding a stream in small pieces, with the segment step only (each piece recomputes its
+    unfinished segment) and with the chunk step (each piece costs its own tokens). MODEL: preset, checkpoint
+    or export folder; default the bundled passkey model."""
+    import torch
+
+    from .demo import BUNDLED
+
+    from ..errors import BadInputError
+    from ..export.manifest import is_export_dir
+    from ..runtime.speed import feed_throughput
+    from ..runtime.stream import Stream
+
+    model = model or str(BUNDLED)
+    check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
+    torch.set_num_threads(threads)
+    tokens = parse_count(count)
+    with _scratch() as tmp:
+        if backend == "onnxruntime":
+            from ..runtime.ort_runner import OrtRunner
+
+            export_dir = Path(model) if is_export_dir(model) else _export(model, Path(tmp) / "export", "fp32", seed)
+            runner, chunk = (OrtRunner(export_dir, "cpu", threads, graph=g) for g in ("segment", "chunk"))
+        else:
+            from ..runtime.torch_runner import TorchRunner
+            from .export_verify import load_export
+
+            net = load_export(Path(model))[1] if is_export_dir(model) else _resolve(model, seed)
+            runner, chunk = TorchRunner(net), TorchRunner(net, graph="chunk")
+        N = runner.config.segment_len
+        try:
+            sizes = [N if p.strip() == "N" else int(p) for p in pieces.split(",")]
+        except ValueError:
+            raise BadInputError(f"--pieces {pieces!r}: expected sizes in tokens separated by commas, e.g. 1,16,128,N")
+        sizes = list(dict.fromkeys(sizes))       # "128,N" with N = 128 measures once
+        if not sizes or min(sizes) < 1:
+            raise BadInputError(f"--pieces {pieces!r}: every size must be at least 1")
+        ids = torch.from_numpy(np.random.default_rng(seed).integers(0, min(256, runner.config.vocab_size),
+                                                                    (1, tokens), dtype=np.int64))
+        rows = []
+        for size in sizes:
+            for step, make in (("segment", lambda: Stream(runner)), ("chunk", lambda: Stream(runner, chunk_runner=chunk))):
+                row = feed_throughput(make, ids, size)
+                row["step"] = step
+                rows.append(row)
+                click.echo(f"pieces of {size:>5}: {row['tokens_per_s']:>9,.0f} tokens/s with the {step} step "
+                           f"(last logits vs teacher-forced {row['logits_max_abs_vs_teacher_forced']:.1e})")
+    result = {"model": model, "backend": backend, "threads": threads, "segment_len": N, "rows": rows}
+    if json_out:
+        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def _resolve(model: str, seed: int):
+    from ..models.checkpoint import resolve_model
+
+    return resolve_model(model, seed)
+
+
 @bench.command("memory")
 @click.argument("model", default="small")
 @click.option("--lengths", default="8k,32k,128k,512k,1m", show_default=True, help="Stream lengths in tokens.")
@@ -263,8 +331,12 @@ def serve(export_dir, streams, count, request_tokens, strategy, max_batch, threa
     with _scratch() as tmp:
         repo = write_repository(export_dir, Path(tmp) / "repo", options)
         with TritonServer(repo, cache_root(), log=Path(tmp) / "server.log") as server:
-            result = serve_benchmark(server, lambda: OrtRunner(export_dir, threads=threads), streams, tokens,
-                                     request_tokens, seed, vocab)
+            graphs = load_manifest(export_dir).graphs
+
+            def make_runner(graph):
+                return OrtRunner(export_dir, threads=threads, graph=graph) if graph in graphs else None
+
+            result = serve_benchmark(server, make_runner, streams, tokens, request_tokens, seed, vocab)
     result.update(export_dir=str(export_dir), strategy=strategy, max_batch=max_batch, threads=threads,
                   machine=platform.processor() or platform.machine())
     s, b = result["served"], result["in_process_batched"]

@@ -46,7 +46,8 @@ def process_tree_rss(pid: int) -> int:
 
 def serve_benchmark(server, make_runner, streams: int, tokens: int, request_tokens: int, seed: int = 0,
                     vocab: int = 256) -> dict:
-    """Run the benchmark against a started ``server``; ``make_runner()`` gives the in-process runner."""
+    """Run the benchmark against a started ``server``; ``make_runner(graph)`` gives the in-process runner of
+    a graph ("segment", or "chunk": None when the export has none), as the server runs them."""
     from .remote import RemoteStream
 
     rng = np.random.default_rng(seed)
@@ -88,8 +89,8 @@ def serve_benchmark(server, make_runner, streams: int, tokens: int, request_toke
 
 
 def _in_process(make_runner, inputs, request_tokens: int, replies) -> tuple[float, int]:
-    runner = make_runner()
-    local = [Stream(runner) for _ in inputs]
+    runner, chunk = make_runner("segment"), make_runner("chunk")
+    local = [Stream(runner, chunk_runner=chunk) for _ in inputs]
     rounds = []
     began = time.perf_counter()
     for start in range(0, len(inputs[0]), request_tokens):

@@ -105,6 +105,47 @@ class StreamPool:
                 self.end(sid)
             return idle
 
+    def drain(self) -> int:
+        """The server is about to stop: persist every open stream now, and after each request from now on
+        (a request served later is on disk before its reply). Returns how many streams were persisted."""
+        with self.lock:
+            self.persist, saved = "every", 0
+            for sid in list(self.streams):
+                try:
+                    saved += self.save(sid) >= 0
+                except (InfiniError, OSError):   # one stream's failure must not lose the others
+                    pass
+            return saved
+
+    def watch(self, drain_file: Path, interval: float = 0.25) -> threading.Thread:
+        """A daemon thread that evicts idle streams on time (Triton calls the model only when a request comes)
+        and drains the pool once ``drain_file`` appears (touched after this call), then acknowledges with
+        ``<drain_file>.<pid>.done``: what a launcher waits for before it stops the server (server.py)."""
+        import os
+
+        from ...atomic import write_text
+
+        started, drain_file = time.time(), Path(drain_file)
+
+        def run():
+            while True:
+                time.sleep(interval)
+                try:
+                    if drain_file.stat().st_mtime >= started:
+                        count = self.drain()
+                        write_text(drain_file.with_name(f"{drain_file.name}.{os.getpid()}.done"), f"{count}\n",
+                                   force=True)
+                        return
+                except FileNotFoundError:
+                    pass
+                except (InfiniError, OSError):
+                    return
+                self.evict_idle()
+
+        thread = threading.Thread(target=run, name="infini-pool-watch", daemon=True)
+        thread.start()
+        return thread
+
     def close(self) -> None:
         """Shutdown: persist every stream held in memory."""
         with self.lock:

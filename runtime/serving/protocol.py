@@ -24,6 +24,7 @@ Outputs:
 from __future__ import annotations
 
 MODEL_NAME = "infini_stream"
+DRAIN_FILE = "DRAIN"   # touched in <repo>/infini_stream/ before a stop: every instance persists its streams
 
 TOKENS, KEEP, MAX_NEW_TOKENS = "TOKENS", "KEEP", "MAX_NEW_TOKENS"
 TEMPERATURE, TOP_K, TOP_P, SEED, STOP, RESET = "TEMPERATURE", "TOP_K", "TOP_P", "SEED", "STOP", "RESET"

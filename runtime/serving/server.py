@@ -5,8 +5,9 @@ backend with the stub built for the running Python next to it (copied into the u
 site-packages may be read-only), the wheel's bundled libraries on LD_LIBRARY_PATH, this Python's folder
 first on PATH (the stub runs the environment it finds there, so it imports this installation of
 infini-deploy), free loopback ports for HTTP, gRPC and metrics, and no GPU metrics. ``start`` waits until
-the server is ready (or says why it died, with the end of its log); ``stop`` sends SIGTERM (the models'
-``finalize`` persists their streams) and SIGKILL after a grace period. Every server is stopped by its PID.
+the server is ready (or says why it died, with the end of its log); ``stop`` drains the served model (each
+instance persists its open streams: :meth:`TritonServer.drain`), sends SIGTERM, and SIGKILL after a grace
+period. Every server is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import BadInputError, MissingBackendError
+from . import protocol as P
 
 INSTALL = "pip install 'infini-deploy[serve]' (nvidia-pytriton, tritonclient)"
 
@@ -54,6 +56,14 @@ def backend_dir(cache: Path) -> Path:
     return folder
 
 
+def instance_count(config: Path) -> int:
+    """Instances of a model, from its config.pbtxt (``instance_group [ { kind: ... count: N } ]``)."""
+    import re
+
+    counts = [int(n) for n in re.findall(r"\bcount:\s*(\d+)", config.read_text())]
+    return sum(counts) or 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,7 +91,7 @@ class TritonServer:
                 "--grpc-address", "127.0.0.1", "--grpc-port", str(self.ports["grpc"]),
                 "--metrics-address", "127.0.0.1", "--metrics-port", str(self.ports["metrics"]),
                 "--allow-gpu-metrics=false", "--exit-on-error=false", "--strict-readiness=false",
-                "--exit-timeout-secs", "30"]
+                "--exit-timeout-secs", "10"]   # drained first (stop): what is served after is persisted
 
     def environment(self) -> dict:
         env = dict(os.environ)
@@ -93,6 +103,9 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         if not (Path(self.repo) / "infini_stream" / "config.pbtxt").is_file():
             raise BadInputError(f"{self.repo} is not a model repository of `infini serve` (no infini_stream)")
+        for stale in [Path(self.repo) / P.MODEL_NAME / P.DRAIN_FILE,
+                      *(Path(self.repo) / P.MODEL_NAME).glob(f"{P.DRAIN_FILE}.*.done")]:   # a previous server's
+            stale.unlink(missing_ok=True)
         log = open(self.log, "wb") if self.log else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -116,14 +129,34 @@ class TritonServer:
             return False
 
     def stop(self, grace: float = 40.0) -> int | None:
-        """SIGTERM (the models persist their streams), then SIGKILL after ``grace`` seconds."""
+        """Drain (every instance persists its open streams), then SIGTERM, then SIGKILL after ``grace`` s.
+
+        Triton counts an open sequence as an in-flight inference: with streams open it waits its exit
+        timeout and then kills the models without calling their finalize(), so persisting at shutdown
+        cannot wait for SIGTERM."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
+        self.drain()
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(grace)
         except subprocess.TimeoutExpired:
             return self.kill()
+
+    def drain(self, timeout: float = 60.0) -> int:
+        """Touch the served model's drain file and wait until each of its instances acknowledged (it then
+        persists every open stream, and each stream after every request until the server stops). Returns
+        the instances that acknowledged."""
+        folder = Path(self.repo) / P.MODEL_NAME
+        (folder / P.DRAIN_FILE).touch()
+        wanted = instance_count(folder / "config.pbtxt")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            done = len(list(folder.glob(f"{P.DRAIN_FILE}.*.done")))
+            if done >= wanted:
+                return done
+            time.sleep(0.1)
+        return len(list(folder.glob(f"{P.DRAIN_FILE}.*.done")))
 
     def kill(self) -> int:
         """SIGKILL, as a crash would: nothing is persisted that was not already."""

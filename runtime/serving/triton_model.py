@@ -64,8 +64,16 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         export_dir = Path(args["model_repository"]) / args["model_version"] / "export"
         self.pool = pool_from_export(export_dir, params)
+        # Triton counts an open sequence as an in-flight inference: a server stopped with open streams waits
+        # its exit timeout and then kills this process without calling finalize(). So a launcher drains the
+        # pool first, by touching this file (server.py; docs/serving.md for NVIDIA's image).
+        self.pool.watch(Path(args["model_repository"]) / P.DRAIN_FILE)
 
     def execute(self, requests):
+        with self.pool.lock:   # the watch thread persists streams between requests, never during one
+            return self._execute(requests)
+
+    def _execute(self, requests):
         self.pool.evict_idle()
         parsed, replies = [], [None] * len(requests)
         for i, request in enumerate(requests):

@@ -112,6 +112,20 @@ def test_with_persistence_at_end_only_the_client_is_told_what_was_lost(serve, ti
     restarted.stop()
 
 
+def test_a_server_stopped_with_sigterm_persists_its_open_streams(serve, tiny_fp32, tmp_path):
+    state = tmp_path / "state"
+    server = serve(tiny_fp32, threads=1, state_dir=str(state))    # persistence at END, idle and shutdown
+    remote, near = RemoteStream(server.url, stream_id=31, request_tokens=150), local(tiny_fp32)
+    remote.feed(TEXT[:410], "none"), near.feed(TEXT[:410], "none")
+    assert remote.persisted == -1                  # nothing on disk yet: the stream is open
+    server.stop()      # drain (the model persists its open streams), then SIGTERM: Triton, with a sequence
+    assert (state / "31.safetensors").is_file()    # open, waits its exit timeout and never calls finalize()
+    restarted = _restart_at(serve, tiny_fp32, server, state)
+    assert torch.equal(remote.feed(TEXT[410:], "all"), in_requests(near, TEXT[410:], "all", 150))
+    assert remote.position == near.position == len(TEXT)
+    restarted.stop()
+
+
 def test_a_stream_handed_over_between_two_servers_gives_the_local_result(serve, tiny_fp32, tmp_path):
     state = tmp_path / "state"
     a = serve(tiny_fp32, repo_name="a", threads=1, state_dir=str(state))
