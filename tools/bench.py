@@ -345,7 +345,8 @@ def serve(export_dir, streams, count, request_tokens, strategy, max_batch, threa
                f"{result['ratio']:.2f}x")
     click.echo(f"latency per request p50 {s['latency_ms_p50']:.1f} ms, p99 {s['latency_ms_p99']:.1f} ms; server RSS "
                f"{human_bytes(result['server_rss_start_bytes'])} at start, "
-               f"{human_bytes(result['server_rss_warm_bytes'] or 0)} once every stream was served twice, "
+               + (f"{human_bytes(result['server_rss_warm_bytes'])} once every stream was served twice, "
+                  if result["server_rss_warm_bytes"] else "") +
                f"{human_bytes(result['server_rss_end_bytes'])} at the end; "
                f"mismatched replies: {result['mismatched_replies']}; errors: {len(result['errors'])}")
     if json_out:

@@ -56,7 +56,7 @@ def init(preset_name, out_dir, update, seed, force):
 @click.option("--force", is_flag=True, help="Replace the --save-state and --json-out files if they exist.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option("--server", default=None, help="Stream through the model a Triton server serves (`infini serve`), "
-              "at this HTTP address (host:port), instead of MODEL.")
+              "at this HTTP address (host:port); MODEL then gives only the tokenizer (the export the server runs).")
 @click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
               help="With --server: the stream to continue (default: a new one).")
 @click.option("--end/--no-end", "end_stream", default=True, show_default=True,
@@ -65,7 +65,7 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
         server, stream_id, end_stream):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
     if server is not None:
-        return _run_remote(server, stream_id, end_stream, input_file, limit, json_out, force, progress)
+        return _run_remote(server, stream_id, end_stream, model, input_file, limit, json_out, force, progress)
     if threads:
         torch.set_num_threads(threads)
     limit = parse_count(limit)
@@ -104,7 +104,7 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
 
 
-def _run_remote(server, stream_id, end_stream, input_file, limit, json_out, force, progress):
+def _run_remote(server, stream_id, end_stream, model, input_file, limit, json_out, force, progress):
     import time
 
     from ..runtime.serving.remote import RemoteStream
@@ -112,15 +112,17 @@ def _run_remote(server, stream_id, end_stream, input_file, limit, json_out, forc
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
     check_outputs(force, {"--json-out": json_out}, {"--input": input_file})
-    total = limit or count_tokens(path)
+    tokenizer = model_tokenizer(model)
+    total = limit or count_tokens(path, tokenizer)
     stream = RemoteStream(server, stream_id=stream_id)
     start_position = stream.open()
     began = time.perf_counter()
-    stream.feed_chunks(iter_tokens(path, limit), keep="none", total=total, progress=progress)
+    stream.feed_chunks(iter_tokens(path, limit, tokenizer=tokenizer), keep="none", total=total, progress=progress)
     seconds = time.perf_counter() - began
     tokens = stream.position - start_position
     persisted = stream.end() if end_stream else stream.persisted
-    result = {"server": server, "stream_id": stream.stream_id, "input": str(path), "tokens": tokens,
+    result = {"server": server, "stream_id": stream.stream_id, "input": str(path), "tokenizer": tokenizer.kind,
+              "tokens": tokens,
               "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
               "position": stream.position, "persisted": persisted}
     click.echo(f"streamed {tokens:,} tokens through {server} (stream {stream.stream_id}, now at token "

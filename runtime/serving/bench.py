@@ -45,7 +45,7 @@ def process_tree_rss(pid: int) -> int:
 
 
 def serve_benchmark(server, make_runner, streams: int, tokens: int, request_tokens: int, seed: int = 0,
-                    vocab: int = 256) -> dict:
+                    vocab: int = 256, trace_s: float = 10.0) -> dict:
     """Run the benchmark against a started ``server``; ``make_runner(graph)`` gives the in-process runner of
     a graph ("segment", or "chunk": None when the export has none), as the server runs them."""
     from .remote import RemoteStream
@@ -68,13 +68,21 @@ def serve_benchmark(server, make_runner, streams: int, tokens: int, request_toke
         except Exception as e:   # noqa: BLE001 (reported below)
             errors.append(f"stream {i}: {type(e).__name__}: {e}")
 
+    trace, done = [], threading.Event()
+
+    def sample():   # the server's RSS along the run: (seconds, requests served, bytes)
+        while not done.wait(trace_s):
+            trace.append((time.perf_counter() - began, len(latencies), process_tree_rss(server.process.pid)))
+
     began = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
-    for t in threads:
+    sampler = threading.Thread(target=sample, daemon=True)
+    for t in threads + [sampler]:
         t.start()
     for t in threads:
         t.join()
     served_s = time.perf_counter() - began
+    done.set()
     rss_end = process_tree_rss(server.process.pid)
     local_s, mismatches = _in_process(make_runner, inputs, request_tokens, replies)
     ms = sorted(x * 1e3 for x in latencies)
@@ -85,7 +93,8 @@ def serve_benchmark(server, make_runner, streams: int, tokens: int, request_toke
                        "requests": len(ms)},
             "in_process_batched": {"seconds": local_s, "tokens_per_s": streams * tokens / local_s},
             "ratio": local_s / served_s, "server_rss_start_bytes": rss_start,
-            "server_rss_warm_bytes": rss_warm[0] if rss_warm else None, "server_rss_end_bytes": rss_end}
+            "server_rss_warm_bytes": rss_warm[0] if rss_warm else None, "server_rss_end_bytes": rss_end,
+            "server_rss_trace": [{"seconds": t, "requests": n, "rss_bytes": b} for t, n, b in trace]}
 
 
 def _in_process(make_runner, inputs, request_tokens: int, replies) -> tuple[float, int]:

@@ -75,6 +75,14 @@ def test_serve_start_serves_until_sigterm_and_stops_its_server(tiny_fp32, tmp_pa
         assert url and url.startswith("127.0.0.1:"), url
         remote = RemoteStream(url, stream_id=9)
         assert remote.feed(list(range(100)), "last").shape == (1, 260)
+        (tmp_path / "in.txt").write_text("héllo, served world\n" * 20)                 # 420 bytes
+        res = invoke("run", tiny_fp32, "--server", url, "--stream-id", 9, "--input", tmp_path / "in.txt",
+                     "--no-end", "--no-progress")
+        assert res.exit_code == 0 and "streamed 420 tokens" in res.output and "now at token 520" in res.output, \
+            res.output
+        res = invoke("generate", tiny_fp32, "--server", url, "--stream-id", 9, "--prompt", "ab",
+                     "--max-new-tokens", 5, "--no-progress")
+        assert res.exit_code == 0, res.output
         proc.send_signal(signal.SIGTERM)
         rest = proc.communicate(timeout=120)[0]
         assert proc.returncode == 0 and "tritonserver stopped" in rest, rest
