@@ -30,6 +30,7 @@ from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
 from . import workarounds
 from .manifest import Manifest, load_manifest, load_onnx
+from .quantize import QUANTIZED
 from .trt_shim import Logger, Trt, load
 
 ENGINE_SUFFIX = ".engine"
@@ -174,6 +175,11 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
     export_dir = Path(export_dir)
     with output_lock(export_dir):   # the lock `infini export` takes on this folder: one writer at a time
         manifest = load_manifest(export_dir)
+        if manifest.precision in QUANTIZED:
+            raise BadInputError(
+                f"{export_dir} is an {manifest.precision} export, quantized for onnxruntime's CPU kernels: TensorRT "
+                "parses neither its DynamicQuantizeLinear/MatMulInteger (int8) nor MatMulNBits over float32 "
+                "activations (int4); build an engine from an fp32, fp16 or bf16 export (docs/quantization.md)")
         remove_unnamed_engines(export_dir, manifest)   # what a killed build left
         trt = load(options.backend)
         if options.plugin and not trt.has_plugins:

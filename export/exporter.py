@@ -26,6 +26,7 @@ from . import attention, memory_function
 from .graph import (DEFAULT_OPSET, PRECISIONS, check_precision, export_chunk, export_decode, export_segment,
                     graph_files)
 from .manifest import MANIFEST_FILE, GraphEntry, Manifest, sha256_file
+from .quantize import QUANTIZED, quantize_graph
 
 SEGMENT_FILE = "segment.onnx"
 DECODE_FILE = "decode.onnx"
@@ -60,9 +61,15 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     (folder / CHECKPOINT_DIR).mkdir()
     (folder / CHECKPOINT_DIR).chmod(0o755)
     checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
-    export_segment(model, folder / SEGMENT_FILE, precision, opset)
-    export_decode(model, folder / DECODE_FILE, precision, opset)
-    export_chunk(model, folder / CHUNK_FILE, precision, opset)
+    quantized = precision in QUANTIZED   # exported in float32, then quantized by onnxruntime's tools
+    quantization = {}
+    for export, file in ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE)):
+        target = folder / (f".float32-{file}" if quantized else file)
+        export(model, target, "fp32" if quantized else precision, opset)
+        if quantized:
+            quantization = quantize_graph(target, folder / file, precision)
+            for name in graph_files(target):
+                (folder / name).unlink()
     files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE), *graph_files(folder / CHUNK_FILE)]
     cfg = model.config
     graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
@@ -74,7 +81,7 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
         files={name: sha256_file(folder / name) for name in names},
         attention="Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
         memory_op={"domain": memory_function.DOMAIN, "op_type": op_type, "version": memory_function.DOMAIN_VERSION},
-        versions=tool_versions(), weights_sha256=weights_digest(model))
+        versions=tool_versions(), weights_sha256=weights_digest(model), quantization=quantization)
     manifest.write(folder)
     return manifest
 
@@ -145,7 +152,7 @@ def precision_model(model: InfiniTransformer, precision: str) -> InfiniTransform
     """A copy of ``model`` in fp16/bf16 (the precision reference of runtime/compare.py); None for fp32."""
     from .graph import cast_model
 
-    return None if precision == "fp32" else cast_model(model, precision)
+    return None if precision in ("fp32", *QUANTIZED) else cast_model(model, precision)
 
 
 def tool_versions() -> dict:

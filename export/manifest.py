@@ -56,7 +56,7 @@ class GraphEntry:
 @dataclass(frozen=True)
 class Manifest:
     config: InfiniConfig
-    precision: str                      # fp32 | fp16 | bf16: weights and activations; state is always float32
+    precision: str                      # fp32 | fp16 | bf16 | int8 | int4 (weights); state is always float32
     opset: int
     graphs: dict[str, GraphEntry]       # "segment" -> its file and I/O
     files: dict[str, str]               # every file of the folder (graphs, checkpoint) -> sha256
@@ -66,6 +66,7 @@ class Manifest:
     validation: dict = field(default_factory=dict)     # the export-time comparison against torch
     tensorrt: dict = field(default_factory=dict)       # `infini build`: flavour, version, targets, engines
     weights_sha256: str = ""            # the weights' tensors (runtime/snapshot.py): names the model in snapshots
+    quantization: dict = field(default_factory=dict)   # int8/int4: the tool, weights, activations, nodes
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config.to_dict(),
@@ -74,7 +75,8 @@ class Manifest:
                 "graphs": {k: g.to_dict() for k, g in self.graphs.items()}, "files": dict(self.files),
                 "versions": self.versions, "validation": self.validation,
                 **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
-                **({"tensorrt": self.tensorrt} if self.tensorrt else {})}
+                **({"tensorrt": self.tensorrt} if self.tensorrt else {}),
+                **({"quantization": self.quantization} if self.quantization else {})}
 
     def write(self, export_dir: Path) -> Path:
         """Write ``infini.json`` atomically (a temp file renamed over it): readers never see half a manifest."""
@@ -86,7 +88,8 @@ class Manifest:
         return cls(InfiniConfig.from_dict(d["config"]), d["precision"], int(d["opset"]),
                    {k: GraphEntry.from_dict(g) for k, g in d["graphs"].items()}, dict(d["files"]),
                    d.get("attention", ""), d.get("memory_op", {}), d.get("versions", {}),
-                   d.get("validation", {}), d.get("tensorrt", {}), d.get("weights_sha256", ""))
+                   d.get("validation", {}), d.get("tensorrt", {}), d.get("weights_sha256", ""),
+                   d.get("quantization", {}))
 
     def verify_graph(self, export_dir: Path, name: str) -> Path:
         """:meth:`verify` for a graph file and, when the manifest lists one, its external data (.onnx.data)."""

@@ -62,7 +62,7 @@ def _fields(d, where: str, required: dict, optional: dict = {}) -> dict:
 TOP = {"format": str, "format_version": int, "config": dict, "config_digest": "hex64", "precision": str,
        "opset": int, "graphs": dict, "files": dict}
 TOP_OPTIONAL = {"attention": str, "memory_op": dict, "versions": dict, "validation": dict, "tensorrt": dict,
-                "weights_sha256": "hex64"}
+                "weights_sha256": "hex64", "quantization": dict}
 TENSOR = {"name": str, "dtype": str, "shape": list}
 TENSOR_OPTIONAL = {"max_dims": dict, "value_range": list}
 TENSORRT = {"flavour": str, "version": str, "precision": str, "strongly_typed": bool,

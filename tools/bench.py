@@ -24,7 +24,7 @@ def bench():
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @click.option("--threads", type=THREADS, default=2, show_default=True,
               help="torch intra-op threads and onnxruntime intra-op threads.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default="fp32", show_default=True,
               help="Precision of the export when MODEL is not an export folder.")
 @click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True)
 @seed_option()
@@ -111,7 +111,7 @@ def _measure(export_dir: Path, tokens, threads: int, repeat: int, compare) -> di
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @click.option("--threads", type=THREADS, default=1, show_default=True,
               help="onnxruntime intra-op threads.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default="fp32", show_default=True,
               help="Precision of the export when MODEL is not an export folder.")
 @click.option("--checkpoints", type=click.IntRange(1, 10000), default=10, show_default=True,
               help="Rows of state magnitude and RSS along the stream.")

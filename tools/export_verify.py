@@ -32,22 +32,29 @@ def export(model, out_dir, precision, opset, seed, force):
     manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force,
                             tokenizer=resolve_tokenizer(model))
     worst = manifest.validation["worst"]
-    click.echo(f"wrote {out_dir} ({precision}, opset {opset}, local attention: {manifest.attention}, memory node "
-               f"{manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")
+    quantized = f", {manifest.quantization['weights']} weights" if manifest.quantization else ""
+    click.echo(f"wrote {out_dir} ({precision}{quantized}, opset {opset}, local attention: {manifest.attention}, "
+               f"memory node {manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")
     click.echo(f"validated against torch on onnxruntime (batch {manifest.validation['batch']}, "
-               f"{manifest.validation['segments']} segments, last partial): logits max abs "
-               f"{worst['logits_max']:.2e}, state relative {worst['state_rel']:.2e}")
+               f"{manifest.validation['segments']} segments, last partial): {_figures(worst, quantized)}")
     dec = manifest.validation["decode"]
     click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
-               f"logits max abs {dec['worst']['logits_max']:.2e}, state relative {dec['worst']['state_rel']:.2e}")
+               f"{_figures(dec['worst'], quantized)}")
     chunk = manifest.validation["chunk"]
     click.echo(f"validated chunk.onnx against torch (pieces of {', '.join(map(str, chunk['pieces']))} "
-               f"tokens): logits max abs {chunk['worst']['logits_max']:.2e}, state relative "
-               f"{chunk['worst']['state_rel']:.2e}")
+               f"tokens): {_figures(chunk['worst'], quantized)}")
     sizes = ", ".join(f"{name} {human_bytes((Path(out_dir) / name).stat().st_size)}" for name in manifest.files
                       if name.endswith((".onnx", ".onnx.data")))
     click.echo(f"export {manifest.validation['export_s']:.1f} s, validation {manifest.validation['validate_s']:.1f} s; "
                f"{sizes}; peak RSS {human_bytes(peak_rss_bytes())}")
+
+
+def _figures(worst: dict, quantized) -> str:
+    text = f"logits max abs {worst['logits_max']:.2e}, state relative {worst['state_rel']:.2e}"
+    if quantized:   # what a quantized graph is gated on (runtime/compare.py)
+        text += (f"; worst row: logits cosine {worst['logits_cosine']:.4f}, top-1 agreement "
+                 f"{worst['top1_agreement']:.0%}")
+    return text
 
 
 @click.command()
@@ -64,7 +71,7 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
     """Stream the same random tokens through torch and every available exported backend; report drift."""
     import torch
 
-    from ..runtime.compare import TOLERANCES, check_tolerance, drift, format_table, summary_rows, worst
+    from ..runtime.compare import TOLERANCES, agreement, check_tolerance, drift, format_table, summary_rows, worst
     from ..runtime.torch_runner import TorchRunner
 
     check_outputs(force, {"--json-out": json_out}, folders={"EXPORT_DIR": export_dir})
@@ -96,6 +103,13 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
             "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n", force=force)
     for name, backend_rows in rows.items():
         check_tolerance(name, backend_rows, tolerance)
+    if tolerance.cosine_min is not None:
+        figures = "; ".join(f"{n}: logits cosine {a['logits_cosine']:.4f}, top-1 {a['top1_agreement']:.1%}"
+                            for n, a in ((n, agreement(r)) for n, r in rows.items()))
+        click.echo(f"all within the {manifest.precision} tolerance (over every position: mean logits cosine >= "
+                   f"{tolerance.cosine_min:g}, top-1 agreement >= {tolerance.top1_min:.0%}; state "
+                   f"{tolerance.state_rel:g} relative): {figures}")
+        return
     extra = " or 4 x torch's own error in this precision" if low else ""
     click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_rel:g} x max(1, |logits|)"
                f"{extra}; state {tolerance.state_rel:g} relative{extra})")

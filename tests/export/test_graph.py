@@ -86,5 +86,7 @@ def test_plain_onnxruntime_session_runs_dynamic_batch_and_partial_segment(tiny_f
 def test_opset_below_23_refused_for_fp16(tiny_linear_model, tmp_path):
     with pytest.raises(BadInputError, match="opset 18 cannot export fp16: expected 23"):
         export_segment(tiny_linear_model, tmp_path / "x.onnx", "fp16", opset=18)
-    with pytest.raises(BadInputError, match="precision 'int8' is not known"):
+    with pytest.raises(BadInputError, match="precision 'int3' is not known"):
+        export_segment(tiny_linear_model, tmp_path / "x.onnx", "int3")
+    with pytest.raises(BadInputError, match="int8 graphs are float32 graphs quantized afterwards"):
         export_segment(tiny_linear_model, tmp_path / "x.onnx", "int8")

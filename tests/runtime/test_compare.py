@@ -44,3 +44,26 @@ def test_half_precision_is_held_to_a_multiple_of_torchs_own_error_in_that_precis
     with pytest.raises(NumericalFaultError, match=r"or 4 x torch's own 0.05 in this precision"):
         check_tolerance("fp16", [{**row, "precision_logits_max": 0.05, "precision_state_rel": 0.0}],
                         TOLERANCES["fp16"])
+
+
+def test_quantized_gates_weigh_cosine_and_top1_over_every_position():
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 50, 30, generator=gen) * 5
+    got = ref + torch.randn(2, 50, 30, generator=gen)
+    row = logits_figures(got, ref)
+    a, b = got.reshape(-1, 30).double().numpy(), ref.reshape(-1, 30).double().numpy()   # float64, by hand
+    cosine = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert row["positions"] == 100 and abs(row["logits_cosine"] - cosine.mean()) < 1e-12
+    assert row["top1_agreement"] == (a.argmax(-1) == b.argmax(-1)).mean()
+    good = {**row, "state_rel": 0.01, "logits_cosine": 0.9999, "top1_agreement": 0.95}
+    check_tolerance("int8", [good], TOLERANCES["int8"])
+    # one bad row of 10 positions among 90 good ones: the weighted mean still passes; weighted the other way, not
+    bad = {**good, "positions": 10, "logits_cosine": 0.9, "top1_agreement": 0.1}
+    check_tolerance("int8", [{**good, "positions": 990}, bad], TOLERANCES["int8"])
+    with pytest.raises(NumericalFaultError, match=r"over 1000 positions the logits' mean cosine is 0\.\d+ \(at least "
+                                                  r"0\.995 expected\) and the top token agrees at"):
+        check_tolerance("int8", [{**good, "positions": 10}, {**bad, "positions": 990}], TOLERANCES["int8"])
+    with pytest.raises(NumericalFaultError, match="state relative 0.06 \\(tolerance 0.05\\)"):
+        check_tolerance("int8", [{**good, "segment": 3, "n": 64, "state_rel": 0.06}], TOLERANCES["int8"])

@@ -1,0 +1,84 @@
+"""int8 and int4 copies of the exported graphs, made by onnxruntime's own quantization tools.
+
+- **int8**: dynamic quantization (``onnxruntime.quantization.quantize_dynamic``): weights int8 per output
+  channel, stored quantized; activations quantized per tensor at run time (DynamicQuantizeLinear +
+  MatMulInteger, which use VNNI / AMX where the CPU has them).
+- **int4**: weight-only, ``MatMulNBitsQuantizer`` (the contrib op MatMulNBits): 4-bit weights in blocks of
+  ``INT4_BLOCK`` along the input dimension with a scale per block, symmetric; ``INT4_ACCURACY`` 4 lets the
+  CPU kernel quantize activations to int8 and use integer dot products.
+
+Only MatMuls whose weight is an initializer are quantized: the attention projections, the MLP and the LM
+head. The memory path (retrieval sigma(Q)M, the update sigma(K)^T V, the delta term, the normaliser) multiplies
+activations by state, so it has no initializer and stays float32, as do the state inputs and outputs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..errors import MissingBackendError
+
+QUANTIZED = ("int8", "int4")
+INT4_BLOCK = 32
+INT4_ACCURACY = 4
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes of the main graph whose second input is a (weight) initializer."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in weights]
+
+
+def quantize_graph(src: Path, dst: Path, precision: str) -> dict:
+    """Write a quantized copy of the float32 graph ``src`` to ``dst`` (its metadata, the graph's identity,
+    kept); the record for the manifest."""
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)   # the tools log every node at INFO, and advise pre-processing at WARNING
+    try:
+        return _quantize(src, dst, precision)
+    finally:
+        logging.disable(previous)
+
+
+def _quantize(src: Path, dst: Path, precision: str) -> dict:
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:   # pragma: no cover (onnxruntime is a base dependency)
+        raise MissingBackendError(f"quantized exports need onnxruntime's quantization tools: {e}") from None
+    model = onnx.load(str(src))
+    nodes = weight_matmuls(model)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    large = model.ByteSize() > 1_500_000_000
+    if precision == "int8":
+        del model
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:   # quantize_dynamic writes beside its output
+            out = Path(tmp) / dst.name
+            quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                             use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
+            _save(onnx.load(str(out)), dst, metadata)
+        return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
+                "activations": "int8 per tensor, dynamic", "nodes": len(nodes)}
+    if precision == "int4":
+        quantizer = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK, is_symmetric=True,
+                                         accuracy_level=INT4_ACCURACY,
+                                         nodes_to_exclude=[n.name for n in model.graph.node
+                                                           if n.op_type == "MatMul" and n.name not in nodes])
+        quantizer.process()
+        _save(quantizer.model.model, dst, metadata)
+        return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "weights": f"int4 symmetric, blocks of "
+                f"{INT4_BLOCK}", "activations": f"float32 (accuracy level {INT4_ACCURACY}: int8 inside the kernel)",
+                "nodes": len(nodes)}
+    raise ValueError(f"not a quantized precision: {precision!r}")
+
+
+def _save(model: onnx.ModelProto, dst: Path, metadata: dict) -> None:
+    onnx.helper.set_model_props(model, metadata)
+    large = model.ByteSize() > 1_900_000_000
+    onnx.save(model, str(dst), save_as_external_data=large, location=f"{dst.name}.data" if large else None)
