@@ -87,8 +87,8 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
 
 
 def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
-    from ..runtime.compare import (DECODE_TOLERANCES, TOLERANCES, check_tolerance, chunk_drift, decode_drift, drift,
-                                   worst)
+    from ..runtime.compare import (DECODE_TOLERANCES, TOLERANCES, agreement, check_tolerance, chunk_drift,
+                                   decode_drift, drift, worst)
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner
 
@@ -113,10 +113,11 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
                     DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
         **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
+        "agreement": agreement(rows),
         "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,
-                   "worst": worst(decode_rows)},
+                   "worst": worst(decode_rows), "agreement": agreement(decode_rows)},
         "chunk": {"pieces": [r["n"] for r in chunk_rows], "batch": VALIDATION["batch"],
-                  "worst": worst(chunk_rows)}}})
+                  "worst": worst(chunk_rows), "agreement": agreement(chunk_rows)}}})
     validated.write(folder)
     return validated
 

@@ -37,12 +37,16 @@ def quantize_graph(src: Path, dst: Path, precision: str) -> dict:
     kept); the record for the manifest."""
     import logging
 
-    previous = logging.root.manager.disable
+    root = logging.getLogger()
+    handlers, level, previous = list(root.handlers), root.level, logging.root.manager.disable
     logging.disable(logging.WARNING)   # the tools log every node at INFO, and advise pre-processing at WARNING
     try:
         return _quantize(src, dst, precision)
     finally:
         logging.disable(previous)
+        # importing matmul_nbits_quantizer calls logging.basicConfig(level=INFO): every later INFO record of
+        # any library (onnx_ir's passes in the next export) would reach the user's terminal
+        root.handlers[:], root.level = handlers, level
 
 
 def _quantize(src: Path, dst: Path, precision: str) -> dict:
