@@ -1,7 +1,8 @@
 #!/bin/bash
 # snapshots/resume on the converted model: (a then b, resumed) == (a + b in one run), torch and onnxruntime
-. /work/venv-convert/bin/activate
-cd /work/smol
+# usage: snapshot_check.sh [FOLDER]   (FOLDER holds the converted `smollm2` and its export `exp-fp32`)
+set -euo pipefail
+cd "${1:-.}"
 python - <<'PY'
 import numpy as np
 from infini_deploy.models.checkpoint import checkpoint_tokenizer
