@@ -161,33 +161,16 @@ def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner,
     The stream starts after one full segment through ``prefill`` (a segment runner), so the memory read
     is not zero. Rows: token, pos, logits_max, state_rel (and memory_rel, norm_rel on fold rows);
     ``precision``: as for :func:`drift`."""
-    from ..models.decode import fold, initial_decode_state
 
     cfg, N = reference.config, reference.config.segment_len
     gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, cfg.vocab_size, (batch, N), generator=gen)
-    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: reference_state(cfg, batch)[0],
-                         spec.NORM: reference_state(cfg, batch)[1]})
-    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
-    names = tuple(runners)
-    memory = {name: start for name in names}
-    cache = {name: initial_decode_state(cfg, batch) for name in names}
+    memory, cache = _prefilled(prefill, runners, batch, gen)
     rows, precision_rows = [], []
     for t in range(tokens):
         pos = t % N
         token = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
-        outs = {}
-        for name, r in runners.items():
-            feed = {spec.TOKEN: token, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
-                    spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
-                    **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
-            outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
-            cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
-        if pos == N - 1:  # the segment filled: each folds its own pending update
-            for name in names:
-                memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
-                cache[name] = initial_decode_state(cfg, batch)
+        outs = _cached_steps(runners, spec.TOKEN, token, pos, 1, memory, cache)
         rows.append(_decode_row(t, pos, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N))
         if precision is not None:
             precision_rows.append(_decode_row(t, pos, outs[PRECISION], outs["__ref__"], memory[PRECISION],
@@ -204,34 +187,18 @@ def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, 
     then 3 tokens of the next), each carrying its own cache and folding its pending update when the segment
     fills; one row per piece, as :func:`decode_drift`'s per token (``token``: the piece's first token; ``pos``:
     its last position)."""
-    from ..models.decode import fold, initial_decode_state
 
     cfg, N = reference.config, reference.config.segment_len
     pieces = [n for n in CHUNK_PIECES if n < N]
     pieces += [N - sum(pieces), 3] if N > sum(pieces) else [3]
     gen = torch.Generator().manual_seed(seed)
-    first = torch.randint(0, cfg.vocab_size, (batch, N), generator=gen)
-    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: reference_state(cfg, batch)[0],
-                         spec.NORM: reference_state(cfg, batch)[1]})
-    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
-    memory = {name: start for name in runners}
-    cache = {name: initial_decode_state(cfg, batch) for name in runners}
+    memory, cache = _prefilled(prefill, runners, batch, gen)
     rows, precision_rows, t = [], [], 0
     for n in pieces:
         pos = t % N
         tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen)
-        outs = {}
-        for name, r in runners.items():
-            feed = {spec.TOKENS: tokens, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
-                    spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
-                    **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
-            outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
-            cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
-        if pos + n == N:   # the segment filled: each folds its own pending update
-            for name in runners:
-                memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
-                cache[name] = initial_decode_state(cfg, batch)
+        outs = _cached_steps(runners, spec.TOKENS, tokens, pos, n, memory, cache)
         last = pos + n - 1
         rows.append({**_decode_row(t, last, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N),
                      "n": n})
@@ -240,6 +207,39 @@ def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, 
                                               memory["__ref__"], N))
         t += n
     return with_precision(rows, precision_rows or None)
+
+
+def _prefilled(prefill: BaseRunner, runners: dict, batch: int, gen: torch.Generator) -> tuple[dict, dict]:
+    """Per runner name: the state after one random full segment through ``prefill`` (so the memory read is not
+    zero), and an empty decode cache."""
+    from ..models.decode import initial_decode_state
+
+    cfg = prefill.config
+    first = torch.randint(0, cfg.vocab_size, (batch, cfg.segment_len), generator=gen)
+    memory, norm = reference_state(cfg, batch)
+    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: memory, spec.NORM: norm})
+    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
+    return {name: start for name in runners}, {name: initial_decode_state(cfg, batch) for name in runners}
+
+
+def _cached_steps(runners: dict, token_input: str, tokens, pos: int, n: int, memory: dict, cache: dict) -> dict:
+    """The decode or chunk step of n tokens at ``pos`` through every runner, each on its own cache (updated in
+    ``cache``); when the segment fills, each folds its pending update into its own ``memory``. Their outputs."""
+    from ..models.decode import fold, initial_decode_state
+
+    cfg, batch = next(iter(runners.values())).config, tokens.shape[0]
+    outs = {}
+    for name, r in runners.items():
+        feed = {token_input: tokens, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
+                spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
+                **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
+        outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
+        cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
+    if pos + n == cfg.segment_len:   # the segment filled: each folds its own pending update
+        for name in runners:
+            memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
+            cache[name] = initial_decode_state(cfg, batch)
+    return outs
 
 
 def _decode_row(t: int, pos: int, got: dict, ref: dict, memory: tuple, ref_memory: tuple, N: int) -> dict:

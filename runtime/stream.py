@@ -257,21 +257,17 @@ class Stream:
 
     def _chunk(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """The chunk step over (B, n) tokens at positions pos..pos+n-1: updates the cache, returns logits (B, n, V)."""
-        feed = {spec.TOKENS: tokens, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
-                spec.MEMORY: self.memory, spec.NORM: self.norm}
-        feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
-        out = self.chunk_runner.infer(feed)
-        self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
-                                                   spec.D_MEMORY_OUT, spec.D_NORM_OUT))
-        if self.check_finite:
-            check_state_finite(self._cache[2], self._cache[3], self.segments)
-        return out[spec.LOGITS]
+        return self._cached_step(self.chunk_runner, spec.TOKENS, tokens, pos)
 
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        feed = {spec.TOKEN: token, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
+        return self._cached_step(self.decode_runner, spec.TOKEN, token, pos)
+
+    def _cached_step(self, runner: BaseRunner, token_input: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """The decode or chunk step at ``pos`` over the in-segment cache: updates the cache, returns the logits."""
+        feed = {token_input: tokens, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
                 spec.MEMORY: self.memory, spec.NORM: self.norm}
         feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
-        out = self.decode_runner.infer(feed)
+        out = runner.infer(feed)
         self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
                                                    spec.D_MEMORY_OUT, spec.D_NORM_OUT))
         if self.check_finite:  # the pending update is state too: refuse it as soon as it breaks, not at the fold
