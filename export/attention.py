@@ -10,6 +10,13 @@ Which one a precision gets is decided here (docs/onnx.md explains why):
 
       q --Mul(1/sqrt(d))--MatMul-- scores (B,H,n,n) --Where(row >= col, ., -inf)--Softmax--MatMul-- out
       k --Transpose(0,1,3,2)--+                                                             v --+
+
+- ``fused=True`` (``infini export --fused``, fp32 and the int8/int4 graphs made from it): onnxruntime's
+  contrib ``com.microsoft.GroupQueryAttention`` (its CPU kernel computes only the causal half and never
+  writes the (B,H,n,n) mask), for onnxruntime only: TensorRT cannot parse contrib ops::
+
+      q, k, v (B,H,n,d) --Transpose(0,2,1,3)+Reshape(B,n,H*d)-- GroupQueryAttention(seqlens_k = n-1) --
+          Reshape(B,n,H,d)+Transpose(0,2,1,3)-- out
 """
 
 from __future__ import annotations
@@ -17,9 +24,40 @@ from __future__ import annotations
 import math
 
 import torch
+import onnx
+import onnxscript
 from onnxscript import opset18 as op
 
 USES_ATTENTION_OP = {"float32": False, "float16": True, "bfloat16": True}
+CONTRIB = "com.microsoft"
+FUSED = "GroupQueryAttention (com.microsoft)"    # the manifest's ``attention`` of a fused export
+
+
+def _contrib_op(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
+                attributes: dict[str, onnx.defs.OpSchema.AttrType]) -> onnxscript.values.Op:
+    """An op of onnxruntime's contrib domain for the exporter, with just the schema it needs to bind the
+    call (onnx's registry does not have the contrib ops). inputs: (name, type, optional)."""
+    from onnx.defs import OpSchema
+
+    P = OpSchema.FormalParameter
+    schema = OpSchema(
+        name, CONTRIB, 1,
+        inputs=[P(n, t, param_option=OpSchema.FormalParameterOption.Optional if opt else
+                  OpSchema.FormalParameterOption.Single) for n, t, opt in inputs],
+        outputs=[P(n, t) for n, t in outputs],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=[OpSchema.Attribute(a, kind, "") for a, kind in attributes.items()])
+    return onnxscript.values.Op(onnxscript.values.Opset(CONTRIB, 1), name, schema)
+
+
+_INT, _FLOAT = onnx.defs.OpSchema.AttrType.INT, onnx.defs.OpSchema.AttrType.FLOAT
+GroupQueryAttention = _contrib_op(
+    "GroupQueryAttention",
+    [("query", "T", False), ("key", "T", False), ("value", "T", False), ("past_key", "T", True),
+     ("past_value", "T", True), ("seqlens_k", "M", False), ("total_sequence_length", "M", False)],
+    [("output", "T"), ("present_key", "T"), ("present_value", "T")],
+    {"num_heads": _INT, "kv_num_heads": _INT, "scale": _FLOAT})
 
 
 def causal_attention_decomposed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -37,8 +75,28 @@ def causal_attention_decomposed(query, key, value, attn_mask=None, dropout_p=0.0
     return op.MatMul(op.Softmax(masked, axis=-1), value)
 
 
-def translations(precision_dtype: str) -> dict:
-    """Extra custom_translation_table entries for a precision."""
+def causal_attention_contrib(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                             scale=None, enable_gqa=False):
+    """Translation of ``aten.scaled_dot_product_attention`` into onnxruntime's GroupQueryAttention: a
+    first prompt (no past) of n tokens, causal. k and v arrive repeated to H heads (models/model.py)."""
+    if attn_mask is not None or not is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("only causal attention without a mask is exported (models/model.py)")
+    heads, d = query.shape[1], query.shape[-1]
+    packed = op.Constant(value_ints=[0, 0, -1])
+    q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), packed) for t in (query, key, value))  # (B, n, H*d)
+    n = op.Shape(query, start=2, end=3)                                                # [n]
+    batch = op.Shape(query, start=0, end=1)                                            # [B]
+    seqlens_k = op.Cast(op.Expand(op.Sub(n, op.Constant(value_ints=[1])), batch), to=6)  # (B,) int32: n - 1
+    total = op.Cast(op.Squeeze(n), to=6)                                               # scalar int32: n
+    out, _, _ = GroupQueryAttention(q, k, v, None, None, seqlens_k, total, num_heads=heads, kv_num_heads=heads,
+                                    scale=scale if scale is not None else 1.0 / math.sqrt(d))
+    return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, d])), perm=[0, 2, 1, 3])
+
+
+def translations(precision_dtype: str, fused: bool = False) -> dict:
+    """Extra custom_translation_table entries for a precision (``fused``: the contrib attention op)."""
+    if fused:
+        return {torch.ops.aten.scaled_dot_product_attention.default: causal_attention_contrib}
     if USES_ATTENTION_OP[precision_dtype]:
         return {}
     return {torch.ops.aten.scaled_dot_product_attention.default: causal_attention_decomposed}

@@ -30,6 +30,7 @@ from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
 from . import workarounds
 from .manifest import Manifest, load_manifest, load_onnx
+from .attention import FUSED
 from .quantize import QUANTIZED
 from .trt_shim import Logger, Trt, load
 
@@ -180,6 +181,10 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
                 f"{export_dir} is an {manifest.precision} export, quantized for onnxruntime's CPU kernels: TensorRT "
                 "parses neither its DynamicQuantizeLinear/MatMulInteger (int8) nor MatMulNBits over float32 "
                 "activations (int4); build an engine from an fp32, fp16 or bf16 export (docs/quantization.md)")
+        if manifest.attention == FUSED:
+            raise BadInputError(f"{export_dir} was exported with --fused: its local attention is onnxruntime's "
+                                f"contrib GroupQueryAttention, which TensorRT cannot parse; export without --fused "
+                                f"to build an engine")
         remove_unnamed_engines(export_dir, manifest)   # what a killed build left
         trt = load(options.backend)
         if options.plugin and not trt.has_plugins:

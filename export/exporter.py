@@ -17,7 +17,7 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_folder
-from ..errors import InfiniError
+from ..errors import BadInputError, InfiniError
 from ..models import spec
 from ..models.checkpoint import CHECKPOINT_FILES, weights_digest, write_checkpoint
 from ..models.model import InfiniTransformer
@@ -37,17 +37,23 @@ DECODE_EXTRA = 8                           # decode validation: a segment's wort
 
 
 def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 force: bool = False, validate: bool = True, tokenizer=None) -> Manifest:
+                 force: bool = False, validate: bool = True, tokenizer=None, fused: bool = False) -> Manifest:
     """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees.
+
+    ``fused``: the segment graph's local attention is onnxruntime's contrib GroupQueryAttention
+    (export/attention.py): faster on onnxruntime, not parsed by TensorRT. fp32, int8 and int4 only.
 
     ``tokenizer`` (models/tokenizer.py): its files go into the export's checkpoint/ and the manifest,
     so runners of the folder encode and decode with the model's own vocabulary.
     """
     out = Path(out_dir)
     check_precision(precision, opset)
+    if fused and precision not in ("fp32", *QUANTIZED):
+        raise BadInputError(f"--fused graphs are fp32, int8 or int4 (fp16/bf16 graphs already use the standard "
+                            f"Attention op); got {precision!r}")
     with atomic_folder(out, force, owned_export, "export folder") as tmp:
         started = time.perf_counter()
-        manifest = _write(model.eval(), tmp, precision, opset, tokenizer)
+        manifest = _write(model.eval(), tmp, precision, opset, tokenizer, fused)
         written = time.perf_counter()
         if validate:
             manifest = _validate(model, tmp, manifest)
@@ -57,7 +63,8 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     return manifest
 
 
-def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, tokenizer=None) -> Manifest:
+def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, tokenizer=None,
+           fused: bool = False) -> Manifest:
     (folder / CHECKPOINT_DIR).mkdir()
     (folder / CHECKPOINT_DIR).chmod(0o755)
     checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
@@ -65,7 +72,8 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     quantization = {}
     for export, file in ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE)):
         target = folder / (f".float32-{file}" if quantized else file)
-        export(model, target, "fp32" if quantized else precision, opset)
+        export(model, target, "fp32" if quantized else precision, opset,
+               **({"fused": fused} if export is export_segment else {}))   # decode/chunk: masked cache attention
         if quantized:
             quantization = quantize_graph(target, folder / file, precision)
             for name in graph_files(target):
@@ -79,7 +87,8 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     manifest = Manifest(
         config=cfg, precision=precision, opset=opset, graphs=graphs,
         files={name: sha256_file(folder / name) for name in names},
-        attention="Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
+        attention=attention.FUSED if fused else
+        "Attention op" if attention.USES_ATTENTION_OP[PRECISIONS[precision]] else "decomposed",
         memory_op={"domain": memory_function.DOMAIN, "op_type": op_type, "version": memory_function.DOMAIN_VERSION},
         versions=tool_versions(), weights_sha256=weights_digest(model), quantization=quantization)
     manifest.write(folder)

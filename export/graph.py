@@ -59,13 +59,13 @@ def cast_model(model: InfiniTransformer, precision: str) -> InfiniTransformer:
 
 
 def export_segment(model: InfiniTransformer, path: Path, precision: str = "fp32",
-                   opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+                   opset: int = DEFAULT_OPSET, fused: bool = False) -> onnx.ModelProto:
     """Write the segment step of ``model`` (float32 weights) to ``path`` in ``precision``.
 
     Inputs tokens int64 [batch, n], memory/norm float32 [L, batch, ...]; outputs
     logits (precision dtype) and memory_out/norm_out (float32). Returns the saved proto.
     """
-    return _export("segment", model, path, precision, opset)
+    return _export("segment", model, path, precision, opset, fused)
 
 
 def export_decode(model: InfiniTransformer, path: Path, precision: str = "fp32",
@@ -86,13 +86,16 @@ def export_chunk(model: InfiniTransformer, path: Path, precision: str = "fp32",
     return _export("chunk", model, path, precision, opset)
 
 
-def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, opset: int) -> onnx.ModelProto:
+def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, opset: int,
+            fused: bool = False) -> onnx.ModelProto:
     """Trace, tidy, name, check and save one graph; returns the proto (without external weights)."""
     check_precision(precision, opset)
     if precision in ("int8", "int4"):
         raise BadInputError(f"{precision} graphs are float32 graphs quantized afterwards: export with "
                             f"export_model(..., precision={precision!r}) (export/quantize.py)")
-    program = _trace(graph, cast_model(model, precision), precision, opset)
+    if fused and precision != "fp32":
+        raise BadInputError(f"fused graphs are fp32 (and the int8/int4 graphs quantized from them); got {precision!r}")
+    program = _trace(graph, cast_model(model, precision), precision, opset, fused)
     ir_model = program.model
     del program
     _tidy(ir_model, opset)
@@ -142,7 +145,7 @@ def graph_files(path: Path) -> list[str]:
     return [Path(path).name, *([data.name] if data.is_file() else [])]
 
 
-def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):
+def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int, fused: bool = False):
     cfg = model.config
     inputs, outputs = spec.graph_specs(graph, cfg)
     batch = torch.export.Dim(spec.BATCH, min=1, max=1 << 16)
@@ -152,7 +155,7 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int):
         dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
         module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
         table = {torch.ops.infini.memory.default: memory_function.translate_memory,
-                 **attention.translations(PRECISIONS[precision])}
+                 **attention.translations(PRECISIONS[precision], fused)}
     elif graph == "chunk":
         seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
         dims = {s.name: {0: batch} if s.name == spec.POS else {1: batch} for s in inputs}

@@ -60,7 +60,7 @@ class Manifest:
     opset: int
     graphs: dict[str, GraphEntry]       # "segment" -> its file and I/O
     files: dict[str, str]               # every file of the folder (graphs, checkpoint) -> sha256
-    attention: str = ""                 # "Attention op" or "decomposed"
+    attention: str = ""                 # "Attention op", "decomposed" or "GroupQueryAttention (com.microsoft)"
     memory_op: dict = field(default_factory=dict)      # domain, op_type, version of the memory node
     versions: dict = field(default_factory=dict)       # torch, onnx, onnxruntime, onnxscript, infini_deploy
     validation: dict = field(default_factory=dict)     # the export-time comparison against torch

@@ -29,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import InfiniConfig
-from .memory import retrieve, sigma
+from .memory import float32_path, retrieve, sigma
 from .model import Block, InfiniAttention, InfiniTransformer, rope
 
 
+@float32_path
 def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta, delta: bool, eps: float):
     """The memory block for one token: retrieval from M_prev, the gate, and the pending update.
 

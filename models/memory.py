@@ -9,8 +9,22 @@ bound, and half-precision state is a known cause of inf/NaN.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+
+def float32_path(fn):
+    """Run ``fn`` with autocast off: under ``torch.autocast`` (bf16 on a CPU, fp16 on a GPU) the matmuls of
+    the memory path would otherwise run in half precision, and M would be read and grown in it."""
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        if torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return fn(q, *args, **kwargs)
+        return fn(q, *args, **kwargs)
+    return wrapper
 
 
 def sigma(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +46,7 @@ def retrieve(sq, memory, norm, eps: float):
     return a_mem.reshape(B, H, n, d)
 
 
+@float32_path
 def memory_reference(q, k, v, a_dot, memory, norm, beta, delta: bool, eps: float):
     """One layer's memory block over a segment.
 
@@ -69,7 +84,8 @@ def memory_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a_dot: torch.Te
 
 @memory_op.register_fake
 def _(q, k, v, a_dot, memory, norm, beta, delta, eps):
-    return torch.empty_like(a_dot), torch.empty_like(memory), torch.empty_like(norm)
+    # contiguous, as op_outputs makes the real ones (empty_like would copy a_dot's transposed strides)
+    return a_dot.new_empty(a_dot.shape), memory.new_empty(memory.shape), norm.new_empty(norm.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -148,14 +148,7 @@ def baseline_rows(model: InfiniTransformer, lengths: list[int], repeat: int, kv_
 
 def plot(result: dict, path, force: bool = False) -> None:
     """Two panels against stream length: ms per segment, and bytes (state / KV cache, RSS)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from ..errors import MissingBackendError
-        raise MissingBackendError("the plot needs matplotlib: pip install 'infini-deploy[plot]' "
-                                  "(the JSON was written without it)") from None
+    plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"infini_torch": ("Infini, torch", "C0"), "infini_onnxruntime": ("Infini, onnxruntime", "C1"),
               "full_attention_torch": ("full attention + KV cache, torch", "C3")}
@@ -191,3 +184,16 @@ def plot(result: dict, path, force: bool = False) -> None:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a one-line error naming the extra."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from ..errors import MissingBackendError
+        raise MissingBackendError("the plot needs matplotlib: pip install 'infini-deploy[plot]' "
+                                  "(the JSON was written without it)") from None
+    return plt

@@ -356,3 +356,8 @@ def serve(export_dir, streams, count, request_tokens, strategy, max_batch, threa
 
         raise NumericalFaultError(f"{result['mismatched_replies']} replies differ from the local run; errors: "
                                   f"{'; '.join(result['errors'][:2]) or 'none'}")
+
+
+from .bench_cpu import cpu as _cpu  # noqa: E402  (its own module: the command is long)
+
+bench.add_command(_cpu)

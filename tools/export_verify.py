@@ -22,15 +22,18 @@ from .options import check_outputs, force_option, json_out_option, seed_option, 
               help="Weights and activations; the state stays float32.")
 @click.option("--opset", type=click.IntRange(1, 100), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset (fp16/bf16: >= 23).")
+@click.option("--fused", is_flag=True,
+              help="Local attention as onnxruntime's GroupQueryAttention (segment graph): faster on onnxruntime, "
+                   "not buildable by TensorRT. fp32, int8, int4.")
 @seed_option("Seed when MODEL is a preset.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is an export folder of ours.")
-def export(model, out_dir, precision, opset, seed, force):
+def export(model, out_dir, precision, opset, fused, seed, force):
     """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + decode.onnx + infini.json,
     validated."""
     from ..export.exporter import export_model
 
     manifest = export_model(resolve_model(model, seed), out_dir, precision, opset, force=force,
-                            tokenizer=resolve_tokenizer(model))
+                            tokenizer=resolve_tokenizer(model), fused=fused)
     quantized = f", {manifest.quantization['weights']} weights" if manifest.quantization else ""
     click.echo(f"wrote {out_dir} ({precision}{quantized}, opset {opset}, local attention: {manifest.attention}, "
                f"memory node {manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")

@@ -52,7 +52,7 @@ def _(q, k, v, memory, norm, beta, delta, eps, rope_theta):
 
 @attention_op.register_fake
 def _(q, k, v, memory, norm, beta, delta, eps, rope_theta):
-    return q.new_empty(q.shape), torch.empty_like(memory), torch.empty_like(norm)
+    return q.new_empty(q.shape), memory.new_empty(memory.shape), norm.new_empty(norm.shape)
 
 
 def _setup_context(ctx, inputs, output):

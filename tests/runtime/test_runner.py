@@ -58,3 +58,68 @@ def test_bad_feeds_name_what_was_expected(runner):
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(MissingBackendError, match="no CUDA GPU; available: cpu"):
         TorchRunner(init_model(preset("tiny")), device="cuda")
+
+
+def _stream_feed(model, segments=3, seed=0):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (1, cfg.segment_len), generator=g) for _ in range(segments)]
+
+
+def _run(runner, segments):
+    cfg = runner.config
+    f = feed(cfg)
+    memory, norm, logits = f["memory"], f["norm"], []
+    with runner:
+        for tokens in segments:
+            out = runner.infer({"tokens": tokens, "memory": memory, "norm": norm})
+            memory, norm = out["memory_out"], out["norm_out"]
+            logits.append(out["logits"])
+    return torch.cat(logits, 1), memory, norm
+
+
+def test_bf16_autocast_keeps_float32_outputs_and_state(tiny_model):
+    segments = _stream_feed(tiny_model)
+    ref = _run(TorchRunner(tiny_model), segments)
+    low = _run(TorchRunner(tiny_model, autocast="bf16"), segments)
+    for r, a in zip(ref, low):
+        assert a.dtype == torch.float32
+        assert not torch.equal(r, a)                                   # the matmuls did run in bf16
+    cos = torch.nn.functional.cosine_similarity(ref[0], low[0], dim=-1)
+    assert float(cos.min()) > 0.999
+    assert float((ref[1] - low[1]).norm() / ref[1].norm()) < 0.02
+
+
+def test_the_memory_path_stays_float32_under_autocast():
+    from infini_deploy.models.decode import memory_decode_reference
+    from infini_deploy.models.memory import memory_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, a_dot = torch.randn(2, 1, 4, 96, 16, generator=g)
+    k, v = torch.randn(2, 1, 2, 96, 16, generator=g)
+    memory, norm = torch.randn(1, 2, 16, 16, generator=g), torch.rand(1, 2, 16, generator=g) + 1
+    beta = torch.linspace(-1, 1, 4)
+    for fn, args in [(memory_reference, (q, k, v, a_dot, memory, norm, beta, True, 1e-6)),
+                     (memory_decode_reference, (q, k, v, a_dot, memory, norm, memory * 0, norm * 0, beta, True, 1e-6))]:
+        plain = fn(*args)
+        with torch.autocast("cpu", torch.bfloat16):
+            cast = fn(*args)
+        for p, c in zip(plain, cast):
+            assert c.dtype == torch.float32 and torch.equal(p, c), fn.__name__
+
+
+def test_torch_compile_matches_eager():
+    model = init_model(preset("tiny"), seed=3)
+    segments = _stream_feed(model)
+    ref = _run(TorchRunner(model), segments)
+    compiled = _run(TorchRunner(model, compile=True), segments)
+    for r, c in zip(ref, compiled):
+        torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_names_what_it_accepts():
+    model = init_model(preset("tiny"))
+    with pytest.raises(BadInputError, match=r"autocast 'int8': expected one of \['bf16', 'fp16'\] or None"):
+        TorchRunner(model, autocast="int8")
+    with pytest.raises(BadInputError, match="needs float32 weights; this model's are bfloat16"):
+        TorchRunner(model.to(torch.bfloat16), autocast="bf16")

@@ -1,0 +1,22 @@
+"""runtime/cpu_bench.py: the llama.cpp worker on the shipped GGUF (when the optional extra is installed)."""
+
+import pytest
+import torch
+
+
+@pytest.mark.real
+def test_llama_cpp_worker_prefills_the_shipped_gguf(tmp_path):
+    pytest.importorskip("llama_cpp")
+    from safetensors.torch import save_file
+
+    from infini_deploy.runtime import cpu_bench as cb
+    from ..conftest import smollm2_gguf
+
+    save_file({"stream": torch.randint(0, 49152, (1, 600))}, str(tmp_path / "in.safetensors"))
+    job = cb.Job("llama", "llama.cpp shipped", str(tmp_path / "in.safetensors"), str(tmp_path / "l"), 1, [600],
+                 gguf=str(smollm2_gguf()))
+    r = cb.run_job(job, timeout=600)
+    assert "error" not in r, r
+    (row,) = r["rows"]
+    assert row["context"] == 600 and row["tokens_per_s"] > 0
+    assert cb.llama_kv_bytes(str(smollm2_gguf()), 600) == 2 * 30 * 3 * 64 * 2 * 600   # K and V, f16
