@@ -56,7 +56,7 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
         manifest = _write(model.eval(), tmp, precision, opset, tokenizer, fused)
         written = time.perf_counter()
         if validate:
-            manifest = _validate(model, tmp, manifest)
+            manifest = _validate(model, tmp, manifest, validation_text(tokenizer))
             seconds = {"export_s": round(written - started, 1), "validate_s": round(time.perf_counter() - written, 1)}
             manifest = Manifest(**{**manifest.__dict__, "validation": {**manifest.validation, **seconds}})
             manifest.write(tmp)
@@ -95,7 +95,21 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     return manifest
 
 
-def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Manifest:
+def validation_text(tokenizer) -> torch.Tensor | None:
+    """The ids of export/data/validation.txt (original prose, shipped) in the model's own tokenizer, for a
+    model with a vocabulary of its own; None (random ids) for byte-level models."""
+    if tokenizer is None or getattr(tokenizer, "kind", "bytes") == "bytes":
+        return None
+    from importlib.resources import files
+
+    text = (files("infini_deploy.export") / "data" / VALIDATION_TEXT).read_text(encoding="utf-8")
+    return torch.as_tensor(tokenizer.encode(text), dtype=torch.int64)
+
+
+VALIDATION_TEXT = "validation.txt"
+
+
+def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest, text: torch.Tensor | None = None) -> Manifest:
     from ..runtime.compare import (DECODE_TOLERANCES, TOLERANCES, agreement, check_tolerance, chunk_drift,
                                    decode_drift, drift, worst)
     from ..runtime.ort_runner import OrtRunner
@@ -105,23 +119,24 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest) -> Man
     low = precision_model(model, manifest.precision)   # torch in fp16/bf16: what the precision itself costs
     with TorchRunner(model) as reference, OrtRunner(folder) as ort_runner:
         rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION,
-                     precision=TorchRunner(low).activate() if low else None)["onnxruntime"]
+                     precision=TorchRunner(low).activate() if low else None, text=text)["onnxruntime"]
     check_tolerance(f"the exported segment graph ({manifest.precision}, onnxruntime CPU)", rows, tolerance)
     tokens = model.config.segment_len + DECODE_EXTRA
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:
         decode_rows = decode_drift(reference, ort_runner, prefill, tokens, VALIDATION["batch"],
-                                   precision=TorchRunner(low, graph="decode").activate() if low else None)
+                                   precision=TorchRunner(low, graph="decode").activate() if low else None, text=text)
     check_tolerance(f"the exported decode graph ({manifest.precision}, onnxruntime CPU)", decode_rows,
                     DECODE_TOLERANCES[manifest.precision])
     with TorchRunner(model) as prefill, TorchRunner(model, graph="chunk") as reference, \
             OrtRunner(folder, graph="chunk") as ort_runner:
         chunk_rows = chunk_drift(reference, ort_runner, prefill, VALIDATION["batch"],
-                                 precision=TorchRunner(low, graph="chunk").activate() if low else None)
+                                 precision=TorchRunner(low, graph="chunk").activate() if low else None, text=text)
     check_tolerance(f"the exported chunk graph ({manifest.precision}, onnxruntime CPU)", chunk_rows,
                     DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
         **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
+        "tokens": f"export/data/{VALIDATION_TEXT} ({len(text):,} ids, in order)" if text is not None else "random ids",
         "agreement": agreement(rows),
         "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,
                    "worst": worst(decode_rows), "agreement": agreement(decode_rows)},

@@ -23,7 +23,9 @@ WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "train_log.json"
 # Every file a checkpoint folder of ours may hold: `--force` replaces a checkpoint only when it holds nothing else.
 CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "tokenizer.json", "tokenizer_config.json",
-                              "special_tokens_map.json", "chat_template.jinja", "generation_config.json"})
+                              "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+                              # `infini train lm`: what it changed, and the state --resume continues from
+                              "adapter.safetensors", "optimizer.safetensors", "train_state.json"})
 
 
 def owned_checkpoint(folder: Path) -> set[str] | None:

@@ -16,7 +16,9 @@ starts with a space starts a word, so the ids are those of the whole text.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -35,7 +37,7 @@ VARIED_SENTENCES = (
     "The river runs to the sea.", "The night is dark.", "The road goes ever on.", "The wind is cold.",
     "The stones are grey.", "The bird sings at dawn.", "The snow is white.", "The hills are far away.",
 )
-FILLERS = ("fixed", "varied")
+FILLERS = ("fixed", "varied", "prose")   # prose: a Haystack of real text (PasskeyPrompt.haystack)
 CHUNK = 1 << 16  # tokens per chunk, about
 
 
@@ -49,8 +51,12 @@ class PasskeyPrompt:
     filler: str = "fixed"  # "fixed": the paper's block repeated; "varied": blocks of shuffled sentences
     digits: int = 5        # the key has this many digits (no leading zero)
     tokenizer: object = field(default=None, compare=False, repr=False)   # None: bytes (models/tokenizer.py)
+    haystack: "Haystack | None" = field(default=None, compare=False, repr=False)   # filler="prose": its text
 
     def __post_init__(self):
+        if (self.filler == "prose") != (self.haystack is not None):
+            raise BadInputError("filler 'prose' takes a haystack of real text (and only it does): pass "
+                                "--haystack FILE")
         if not 0 <= self.depth <= 1:
             raise BadInputError(f"depth must be in [0, 1], got {self.depth}")
         if self.filler not in FILLERS:
@@ -102,6 +108,9 @@ class PasskeyPrompt:
                 yield b" " + self._needle(), self._ids(b" " + self._needle())
                 placed = True
             if used + len(ids) > budget:
+                if self.haystack is not None and budget > used:   # prose: exactly ``length`` tokens, the last
+                    part = ids[:budget - used]                     # block cut where the budget ends
+                    yield self._piece_of(b" " + block, part), part
                 break
             yield b" " + block, ids
             used += len(ids)
@@ -123,7 +132,7 @@ class PasskeyPrompt:
 
     def text(self) -> str:
         """The whole prompt as one string: for tests and short prompts only."""
-        return b"".join(self.pieces()).decode()
+        return b"".join(self.pieces()).decode(errors="replace")
 
     def check(self, generated: str) -> bool:
         """True when the first number in ``generated`` is the key."""
@@ -150,7 +159,53 @@ class PasskeyPrompt:
         return len(self._ids(piece))
 
     def _blocks(self) -> Iterator[bytes]:
+        if self.haystack is not None:
+            return self.haystack.blocks(self.seed)
         return filler_blocks(self.seed, self.filler)
+
+    def _piece_of(self, piece: bytes, ids: np.ndarray) -> bytes:
+        """The text of a block's first ``len(ids)`` tokens."""
+        if self.tokenizer is None:
+            return piece[:len(ids)]
+        return self.tokenizer.decode(ids).encode()
+
+
+class Haystack:
+    """Real prose as the filler (the paper's repeated sentences test nothing a model meets in use): the text
+    of some files, whitespace normalised and split into sentences. A prompt's blocks are consecutive
+    sentences, SENTENCES_PER_BLOCK at a time, from a place its seed picks, cycling through the text."""
+
+    SENTENCES_PER_BLOCK = 3
+
+    def __init__(self, texts: list[str], name: str = "haystack"):
+        sentences = []
+        for text in texts:
+            sentences += [s for s in _SENTENCE_END.split(" ".join(text.split())) if s]
+        if len(sentences) < 2 * self.SENTENCES_PER_BLOCK:
+            raise BadInputError(f"{name}: {len(sentences)} sentence(s); a haystack needs at least "
+                                f"{2 * self.SENTENCES_PER_BLOCK} (give longer text)")
+        self.sentences, self.name = sentences, name
+
+    @classmethod
+    def from_files(cls, paths) -> "Haystack":
+        texts = []
+        for path in paths:
+            try:
+                texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
+            except OSError as e:
+                raise BadInputError(f"--haystack {path}: cannot be read ({e.strerror or e})") from None
+        return cls(texts, ", ".join(Path(p).name for p in paths))
+
+    def blocks(self, seed: int) -> Iterator[bytes]:
+        rng = random.Random(f"passkey-haystack/{seed}")
+        n, k = len(self.sentences), self.SENTENCES_PER_BLOCK
+        i = rng.randrange(n)
+        while True:
+            yield " ".join(self.sentences[(i + j) % n] for j in range(k)).encode()
+            i = (i + k) % n
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 _CACHE: dict = {}
@@ -182,10 +237,10 @@ def filler_blocks(seed: int, filler: str = "varied") -> Iterator[bytes]:
         yield " ".join(rng.sample(VARIED_SENTENCES, 5)).encode()
 
 
-def filler_tokens(n: int, seed: int, filler: str = "varied") -> np.ndarray:
-    """Exactly ``n`` token ids of filler alone (no intro, needle or question)."""
+def filler_tokens(n: int, seed: int, filler: str = "varied", haystack: "Haystack | None" = None) -> np.ndarray:
+    """Exactly ``n`` token ids (bytes) of filler alone (no intro, needle or question)."""
     buf, size = [], 0
-    for block in filler_blocks(seed, filler):
+    for block in (haystack.blocks(seed) if haystack is not None else filler_blocks(seed, filler)):
         buf.append(block + b" ")
         size += len(block) + 1
         if size >= n:

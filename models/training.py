@@ -53,7 +53,8 @@ class TrainConfig:
     curriculum: float = 0.6         # fraction of training over which the maximum grows to max_segments
     answer_weight: float = 5.0
     digits: int = 5
-    filler: str = "varied"
+    filler: str = "varied"          # or "prose": blocks of real text from haystack_files (models/passkey.Haystack)
+    haystack_files: tuple[str, ...] = ()
     seed: int = 0
     log_every: int = 10
     max_minutes: float | None = None
@@ -97,7 +98,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
-               memory_only: float | None = None):
+               memory_only: float | None = None, haystack=None):
     """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
 
     Each prompt plus its answer fits in ``n_segments`` segments. The prompt ends at a random place
@@ -120,7 +121,7 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
             end = boundary + rng.randint(-(cfg.digits + 2), 3)
         seed = rng.randrange(1 << 40)
         depth = rng.random()
-        prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
+        prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, haystack=haystack)
         text = prompt.text()
         if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
@@ -128,12 +129,12 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
                 if lead + text.index("Remember it.") + len("Remember it. ") + cfg.digits < (end // seg) * seg:
                     break
                 depth *= 0.7
-                prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits)
+                prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, haystack=haystack)
                 text = prompt.text()
         # the answer ends with the needle's full stop: taught, so that generation stops after the key
-        body = text.encode() + prompt.answer.encode() + b"."
-        lead = end - len(text)
-        ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler), encode(body)]) if lead else encode(body)
+        body = b"".join(prompt.pieces()) + prompt.answer.encode() + b"."
+        lead = end - len(prompt)
+        ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler, haystack), encode(body)]) if lead else encode(body)
         rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1))
     T = max(len(ids) for ids, _ in rows)
     tokens = torch.zeros(batch, T, dtype=torch.long)
@@ -163,7 +164,8 @@ def loss_fn(logits, targets, answer, answer_weight: float):
     return lm + answer_weight * ans, ans, acc
 
 
-def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None):
+def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None,
+             haystack=None):
     """The initial state (memory, norm) of a batch: for a ``share`` of rows (default ``cfg.dilute``;
     training ramps it up with the curriculum), the state a stream of D filler tokens would leave
     (D log-uniform in ``cfg.dilute_tokens``); zero for the rest.
@@ -185,7 +187,7 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     if not any(scale):
         return None, None
     n = cfg.dilute_segments * model.config.segment_len
-    fill = torch.stack([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40), cfg.filler), dtype=torch.long)
+    fill = torch.stack([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40), cfg.filler, haystack), dtype=torch.long)
                         for _ in range(B)]).to(device)
     _, memory, norm = model(fill)
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
@@ -230,8 +232,13 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
     (unless ``max_minutes`` stops it or shortens the schedule)."""
     shortest = cfg.min_segments * model.config.segment_len - (cfg.digits + 2)
+    haystack = None
+    if cfg.filler == "prose":
+        from .passkey import Haystack
+
+        haystack = Haystack.from_files(cfg.haystack_files)
     try:
-        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits)
+        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits, haystack=haystack)
     except BadInputError as e:
         raise BadInputError(f"{cfg.min_segments} segments of {model.config.segment_len} tokens are too short for a "
                             f"passkey prompt ({e}); raise --min-segments") from None
@@ -259,10 +266,10 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                 g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
             n_seg, memory_only = curriculum_at(step, cfg, rng, frac)
             tokens, targets, answer = (t.to(device) for t in
-                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only))
+                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only, haystack))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
-            memory, norm = dilution(model, cfg, rng, device, share) if cfg.dilute else (None, None)
+            memory, norm = dilution(model, cfg, rng, device, share, haystack) if cfg.dilute else (None, None)
             logits, memory, norm = model(tokens, memory, norm)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)

@@ -105,20 +105,22 @@ def logits_figures(got: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def drift(reference: BaseRunner, runners: dict[str, BaseRunner], segments: int = 8, batch: int = 1,
-          seed: int = 0, partial: bool = True, precision: BaseRunner | None = None) -> dict[str, list[dict]]:
-    """Per runner, one row per segment (see :func:`diff`): the same random tokens through all runners.
+          seed: int = 0, partial: bool = True, precision: BaseRunner | None = None,
+          text: torch.Tensor | None = None) -> dict[str, list[dict]]:
+    """Per runner, one row per segment (see :func:`diff`): the same tokens through all runners (random ids, or
+    ``text``'s ids in order: see :class:`TokenSource`).
 
     ``precision``: torch in the runners' precision (fp16/bf16); each row then also holds its figures,
     precision_logits_max and precision_state_rel (see the module docstring)."""
     cfg = reference.config
     check_fits((len(runners) + 1) * (cfg.step_bytes(batch) + 2 * cfg.state_bytes(batch)),
                f"comparing {len(runners) + 1} backends at batch {batch}")
-    gen = torch.Generator().manual_seed(seed)
+    source = TokenSource(cfg.vocab_size, seed, batch, text)
     everyone = {**runners, **({PRECISION: precision} if precision is not None else {})}
     state = {name: reference_state(cfg, batch) for name in ["__ref__", *everyone]}
     rows: dict[str, list[dict]] = {name: [] for name in everyone}
     for i, n in enumerate(segment_lengths(cfg, segments, partial)):
-        tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen)
+        tokens = source(n)
         ref = _step(reference, tokens, state, "__ref__")
         for name, runner in everyone.items():
             rows[name].append({"segment": i, "n": n, **diff(_step(runner, tokens, state, name), ref)})
@@ -126,6 +128,26 @@ def drift(reference: BaseRunner, runners: dict[str, BaseRunner], segments: int =
 
 
 PRECISION = "__precision__"
+
+
+class TokenSource:
+    """The tokens of a comparison: random ids (the default: every id, every logit row exercised), or a text's
+    ids (1-D ``text``) in order, row b of the batch reading on from its own offset, cycling. Real text is
+    what the top-1 agreement of a quantized model with a real vocabulary means something on: on random ids
+    its next-token distributions are nearly flat and their argmax flips at the least noise."""
+
+    def __init__(self, vocab: int, seed: int, batch: int, text: torch.Tensor | None = None):
+        self.vocab, self.batch, self.text = vocab, batch, text
+        self.gen = torch.Generator().manual_seed(seed)
+        self.offsets = [len(text) * b // batch for b in range(batch)] if text is not None else None
+
+    def __call__(self, n: int) -> torch.Tensor:
+        """(batch, n) int64."""
+        if self.text is None:
+            return torch.randint(0, self.vocab, (self.batch, n), generator=self.gen)
+        rows = [self.text[(start + torch.arange(n)) % len(self.text)] for start in self.offsets]
+        self.offsets = [start + n for start in self.offsets]
+        return torch.stack(rows).to(torch.int64)
 
 
 def with_precision(rows: list[dict], precision_rows: list[dict] | None) -> list[dict]:
@@ -153,7 +175,7 @@ DECODE_STATE = ((spec.K_CACHE, spec.K_CACHE_OUT), (spec.V_CACHE, spec.V_CACHE_OU
 
 
 def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, tokens: int, batch: int = 1,
-                 seed: int = 0, precision: BaseRunner | None = None) -> list[dict]:
+                 seed: int = 0, precision: BaseRunner | None = None, text: torch.Tensor | None = None) -> list[dict]:
     """Decode ``tokens`` random tokens one by one through two decode runners, each carrying its own cache
     and pending update and folding them into its own (memory, norm) when the segment fills; one row per
     token (logits max abs; state relative: the decode state, and the folded memory after a fold).
@@ -163,13 +185,13 @@ def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner,
     ``precision``: as for :func:`drift`."""
 
     cfg, N = reference.config, reference.config.segment_len
-    gen = torch.Generator().manual_seed(seed)
+    source = TokenSource(cfg.vocab_size, seed, batch, text)
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
-    memory, cache = _prefilled(prefill, runners, batch, gen)
+    memory, cache = _prefilled(prefill, runners, source)
     rows, precision_rows = [], []
     for t in range(tokens):
         pos = t % N
-        token = torch.randint(0, cfg.vocab_size, (batch,), generator=gen)
+        token = source(1)[:, 0]
         outs = _cached_steps(runners, spec.TOKEN, token, pos, 1, memory, cache)
         rows.append(_decode_row(t, pos, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N))
         if precision is not None:
@@ -182,7 +204,7 @@ CHUNK_PIECES = (1, 5, 2)   # then the rest of the segment, and a piece of the ne
 
 
 def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, batch: int = 1, seed: int = 0,
-                precision: BaseRunner | None = None) -> list[dict]:
+                precision: BaseRunner | None = None, text: torch.Tensor | None = None) -> list[dict]:
     """The chunk step through two runners over pieces of a segment (1, 5, 2 tokens, the rest of the segment,
     then 3 tokens of the next), each carrying its own cache and folding its pending update when the segment
     fills; one row per piece, as :func:`decode_drift`'s per token (``token``: the piece's first token; ``pos``:
@@ -191,13 +213,13 @@ def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, 
     cfg, N = reference.config, reference.config.segment_len
     pieces = [n for n in CHUNK_PIECES if n < N]
     pieces += [N - sum(pieces), 3] if N > sum(pieces) else [3]
-    gen = torch.Generator().manual_seed(seed)
+    source = TokenSource(cfg.vocab_size, seed, batch, text)
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
-    memory, cache = _prefilled(prefill, runners, batch, gen)
+    memory, cache = _prefilled(prefill, runners, source)
     rows, precision_rows, t = [], [], 0
     for n in pieces:
         pos = t % N
-        tokens = torch.randint(0, cfg.vocab_size, (batch, n), generator=gen)
+        tokens = source(n)
         outs = _cached_steps(runners, spec.TOKENS, tokens, pos, n, memory, cache)
         last = pos + n - 1
         rows.append({**_decode_row(t, last, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N),
@@ -209,13 +231,13 @@ def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, 
     return with_precision(rows, precision_rows or None)
 
 
-def _prefilled(prefill: BaseRunner, runners: dict, batch: int, gen: torch.Generator) -> tuple[dict, dict]:
-    """Per runner name: the state after one random full segment through ``prefill`` (so the memory read is not
+def _prefilled(prefill: BaseRunner, runners: dict, source: TokenSource) -> tuple[dict, dict]:
+    """Per runner name: the state after one full segment through ``prefill`` (so the memory read is not
     zero), and an empty decode cache."""
     from ..models.decode import initial_decode_state
 
-    cfg = prefill.config
-    first = torch.randint(0, cfg.vocab_size, (batch, cfg.segment_len), generator=gen)
+    cfg, batch = prefill.config, source.batch
+    first = source(cfg.segment_len)
     memory, norm = reference_state(cfg, batch)
     out = prefill.infer({spec.TOKENS: first, spec.MEMORY: memory, spec.NORM: norm})
     start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())

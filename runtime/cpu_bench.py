@@ -30,7 +30,7 @@ import torch
 
 from .measure import current_rss_bytes, peak_rss_bytes
 
-# name -> (backend, precision of the export or of the autocast, torch.compile)
+# name -> (backend, precision of the export or of the autocast, torch.compile / the --fused export)
 PATHS = {
     "torch-fp32": ("torch", "fp32", False),
     "torch-bf16": ("torch", "bf16", False),
@@ -39,6 +39,9 @@ PATHS = {
     "onnxruntime-fp32": ("onnxruntime", "fp32", False),
     "onnxruntime-int8": ("onnxruntime", "int8", False),
     "onnxruntime-int4": ("onnxruntime", "int4", False),
+    "onnxruntime-fused-fp32": ("onnxruntime", "fp32", True),
+    "onnxruntime-fused-int8": ("onnxruntime", "int8", True),
+    "onnxruntime-fused-int4": ("onnxruntime", "int4", True),
 }
 REFERENCE = "torch-fp32"
 LLAMA_BATCH = 512                   # llama.cpp's default n_batch; its prefill is timed batch by batch
@@ -106,7 +109,7 @@ def infini_worker(job: Job) -> dict:
 
     torch.set_num_threads(job.threads)
     backend, precision, compiled = PATHS[job.name]
-    runner = _runner(job, backend, precision, compiled)
+    runner = _runner(job, backend, precision, compiled and backend == "torch")
     inputs = load_file(job.inputs)
     ids = inputs["stream"]
     N = runner.config.segment_len
@@ -123,23 +126,26 @@ def infini_worker(job: Job) -> dict:
 
             for _ in range(2):       # warm: allocations, JIT; torch.compile recompiles once at the second step
                 step(segs[0], memory, norm)
-            times, logits, finite = [], [], True
+            times, kept = [], []
             m, z = memory, norm
-            for tokens in segs:
+            for i, tokens in enumerate(segs):
                 t0 = time.perf_counter()
                 out, m, z = step(tokens, m, z)
                 times.append(time.perf_counter() - t0)
-                logits.append(out)
+                if not outputs:      # accuracy on the first context's segments; only what it needs is kept
+                    kept.append(_accuracy_outputs(out[0].float(), ids[0, L + i * N + 1:L + (i + 1) * N + 1], N))
+                del out
             finite = bool(torch.isfinite(m).all() and torch.isfinite(z).all())
             seconds = statistics.median(times)
             rows.append({"context": L, "ms_per_segment": seconds * 1e3, "tokens_per_s": N / seconds,
                          "seconds_all": times, "rss_bytes": current_rss_bytes(),
                          "peak_rss_bytes": peak_rss_bytes(), "state_finite": finite,
                          "state_dtype": str(m.dtype).removeprefix("torch.")})
-            if not outputs:          # accuracy on the first context's segments
-                outputs = _accuracy_outputs(torch.cat(logits, 1)[0].float(), ids[0, L + 1:L + job.segments * N + 1], N)
+            if not outputs:
+                outputs = {k: torch.cat([o[k] for o in kept]) for k in kept[0]}
     save_file(outputs, job.out + ".safetensors")
-    return {"name": job.name, "backend": backend, "precision": precision, "compiled": compiled, "rows": rows,
+    return {"name": job.name, "backend": backend, "precision": precision, "compiled": compiled and backend == "torch",
+            "fused": compiled and backend == "onnxruntime", "rows": rows,
             "peak_rss_bytes": peak_rss_bytes(), "seconds": time.perf_counter() - started,
             "segment_len": N, "label": getattr(runner, "label", backend)}
 

@@ -37,10 +37,11 @@ def passkey_trial(stream: Stream, prompt: PasskeyPrompt, progress: bool = False)
 
 def passkey_eval(stream: Stream, lengths: Iterable[int], depths: Iterable[float], trials: int, seed: int = 0,
                  filler: str = "fixed", on_result: Callable[[dict], None] | None = None,
-                 progress: bool = False, tokenizer=None) -> list[dict]:
+                 progress: bool = False, tokenizer=None, haystack=None) -> list[dict]:
     """Every (length, depth, trial) of the grid; one result dict per trial (see passkey_trial).
 
-    ``tokenizer``: the model's (models/tokenizer.py); lengths count its tokens. None: bytes."""
+    ``tokenizer``: the model's (models/tokenizer.py); lengths count its tokens. None: bytes.
+    ``haystack``: models.passkey.Haystack, the filler of ``filler="prose"``."""
     if tokenizer is not None and tokenizer.kind == "bytes":
         tokenizer = None   # the byte prompts, exactly as before tokenizers existed
     results = []
@@ -48,7 +49,7 @@ def passkey_eval(stream: Stream, lengths: Iterable[int], depths: Iterable[float]
         for depth in depths:
             for trial in range(trials):
                 prompt = PasskeyPrompt(length, depth, trial_seed(seed, length, depth, trial), filler,
-                                       tokenizer=tokenizer)
+                                       tokenizer=tokenizer, haystack=haystack)
                 result = passkey_trial(stream, prompt, progress) | {"trial": trial}
                 results.append(result)
                 if on_result is not None:

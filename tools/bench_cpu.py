@@ -21,7 +21,8 @@ from .options import THREADS, check_outputs, force_option, json_out_option, pars
               help="Threads of every backend (torch, onnxruntime, llama.cpp), pinned the same for all.")
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated Infini paths, or 'all': torch-fp32, torch-bf16, torch-compile-fp32, "
-                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int4.")
+                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int4, and "
+                   "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`).")
 @click.option("--segments", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Segments timed per context and path (the median is reported).")
 @click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -85,14 +86,15 @@ def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_f
         cb.build_inputs(net, ids, rounded, inputs)
         exports = {}
         for name in names:
-            backend, precision, compiled = cb.PATHS[name]
+            backend, precision, flag = cb.PATHS[name]
             job = cb.Job("infini", name, str(inputs), str(tmp / name), threads, rounded, segments, model=model, seed=seed)
             if backend == "onnxruntime":
-                if precision not in exports:
-                    click.echo(f"exporting {precision} (not validated here: a timing run; `infini export` gates it)")
-                    exports[precision] = tmp / f"export-{precision}"
-                    export_model(net, exports[precision], precision, validate=False)
-                job.export_dir = str(exports[precision])
+                key = ("fused-" if flag else "") + precision
+                if key not in exports:
+                    click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
+                    exports[key] = tmp / f"export-{key}"
+                    export_model(net, exports[key], precision, validate=False, fused=flag)
+                job.export_dir = str(exports[key])
             r = cb.run_job(job, timeout)
             result["paths"][name] = r
             _echo_path(name, r, human_bytes)

@@ -19,8 +19,10 @@ from ..models.config import UPDATE_RULES
 @click.option("--gate-init", type=float, default=None,
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
+@click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
+              help="Apply an `infini train lm` adapter (folder or adapter.safetensors) trained on this base.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def convert(src, out_dir, segment_len, update, gate_init, no_validate, force):
+def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, force):
     """Convert SRC (a Hugging Face Llama-family folder or a .gguf file) into an Infini checkpoint at OUT_DIR,
     checked against transformers with the gates closed."""
     from ..models.convert import DEFAULT_GATE_INIT, convert as run
@@ -28,7 +30,7 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, force):
     from ..runtime.measure import human_bytes, peak_rss_bytes
 
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
-    result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force)
+    result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter)
     cfg = result.model.config
     n = sum(p.numel() for p in result.model.parameters())
     click.echo(f"wrote {out_dir}: {n:,} parameters, {cfg.n_layer} layers, {cfg.n_head} query / {cfg.kv_heads} KV "
@@ -43,5 +45,7 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, force):
                    f"max abs {p.max_abs:.2e} on logits of magnitude {p.logits_scale:.1f} (tolerance {p.tolerance:.2e}"
                    f" = {PARITY_RTOL:g} x max(1, magnitude)), top-1 {p.top1_agree}/{p.top1_checked}; at beta {gate:g}: "
                    f"max abs {p.gate_init_max_abs:.2e}")
+    if adapter is not None:
+        click.echo(f"applied the adapter {adapter} (its base model's weights sha256 matched)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     click.echo(f"state {human_bytes(cfg.state_bytes())} per stream; {stages}; peak RSS {human_bytes(peak_rss_bytes())}")

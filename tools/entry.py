@@ -38,3 +38,7 @@ def main():
     finally:   # the command is over, its outputs written or not: a signal now changes nothing
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
+
+
+if __name__ == "__main__":   # python -m infini_deploy.tools.entry (torchrun runs modules)
+    main()

@@ -66,13 +66,17 @@ def _figures(record: dict, quantized) -> str:
 @click.option("--segments", type=click.IntRange(1, 10**9), default=16, show_default=True)
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @seed_option("Seed of the random tokens.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Stream this text (the export's tokenizer) instead of random ids [default for a model with its "
+                   "own vocabulary: the validation text export/data/validation.txt].")
 @click.option("--every", type=click.IntRange(min=1), default=None,
               help="Print every k-th segment (and the last) [default: about 20 rows].")
 @threads_option("Threads of every backend.")
 @json_out_option("Write every segment's figures.")
 @force_option("Replace the --json-out file if it exists.")
-def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
-    """Stream the same random tokens through torch and every available exported backend; report drift."""
+def verify(export_dir, segments, batch, seed, text_file, every, threads, json_out, force):
+    """Stream the same tokens through torch and every available exported backend; report drift. Random ids, or
+    text for a model with its own vocabulary (where a quantized model's top-1 agreement means something)."""
     import torch
 
     from ..runtime.compare import TOLERANCES, agreement, check_tolerance, drift, format_table, summary_rows, worst
@@ -85,25 +89,26 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
 
     manifest, model = load_export(export_dir)
     runners = exported_runners(export_dir, threads)
+    text, source = _verify_text(export_dir, text_file)
     low = precision_model(model, manifest.precision)   # torch in the export's precision, for its tolerance
     with TorchRunner(model) as reference:
         for r in runners.values():
             r.activate()
         try:
             rows = drift(reference, runners, segments, batch, seed,
-                         precision=TorchRunner(low).activate() if low else None)
+                         precision=TorchRunner(low).activate() if low else None, text=text)
         finally:
             for r in runners.values():
                 r.deactivate()
     tolerance = TOLERANCES[manifest.precision]
     click.echo(f"{export_dir}: {manifest.precision}, {segments} segments of up to {manifest.config.segment_len} "
-               f"tokens (last partial), batch {batch}; differences against torch fp32")
+               f"tokens (last partial), batch {batch}, {source}; differences against torch fp32")
     for name, backend_rows in rows.items():
         click.echo(format_table(name, summary_rows(backend_rows, every)))
     if json_out:
         write_text(json_out, json.dumps({
             "export_dir": str(export_dir), "precision": manifest.precision, "segments": segments, "batch": batch,
-            "seed": seed, "tolerance": tolerance.__dict__,
+            "seed": seed, "tokens": source, "tolerance": tolerance.__dict__,
             "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n", force=force)
     for name, backend_rows in rows.items():
         check_tolerance(name, backend_rows, tolerance)
@@ -117,6 +122,24 @@ def verify(export_dir, segments, batch, seed, every, threads, json_out, force):
     extra = " or 4 x torch's own error in this precision" if low else ""
     click.echo(f"all within the {manifest.precision} tolerance (logits {tolerance.logits_rel:g} x max(1, |logits|)"
                f"{extra}; state {tolerance.state_rel:g} relative{extra})")
+
+
+def _verify_text(export_dir: Path, text_file: Path | None):
+    """(ids or None, what they are): --text, else the validation text for a model with its own vocabulary."""
+    import numpy as np
+    import torch
+
+    from ..export.exporter import VALIDATION_TEXT, validation_text
+    from .init_run import model_tokenizer
+
+    tokenizer = model_tokenizer(str(export_dir))
+    if text_file is None:
+        ids = validation_text(tokenizer)
+        return ids, (f"export/data/{VALIDATION_TEXT}" if ids is not None else "random ids")
+    from ..runtime.inputs import iter_tokens
+
+    ids = torch.from_numpy(np.concatenate(list(iter_tokens(text_file, tokenizer=tokenizer))))
+    return ids, f"{text_file} ({len(ids):,} ids)"
 
 
 def load_export(export_dir: Path):

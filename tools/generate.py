@@ -190,31 +190,45 @@ def length_label(n: int) -> str:
 @click.option("--trials", type=click.IntRange(1, 100000), default=1, show_default=True,
               help="Prompts (random keys) per cell.")
 @seed_option("Seeds the keys and filler (and the init when MODEL is a preset).")
-@click.option("--filler", type=click.Choice(FILLERS), default="fixed", show_default=True,
-              help="fixed: the paper's filler repeated; varied: shuffled sentences.")
+@click.option("--filler", type=click.Choice(FILLERS), default=None,
+              help="fixed: the paper's filler repeated (its table's setting); varied: shuffled sentences; prose: "
+                   "the --haystack text [default: prose with --haystack, else fixed].")
+@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Real text as the filler, in the model's own tokenizer (repeat for several files).")
 @json_out_option("Also write the results as JSON.")
 @force_option("Replace the --json-out file if it exists.")
 @common_options
-def passkey(model, lengths, depths, trials, seed, filler, json_out, force, backend, device, threads, progress):
+def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_out, force, backend, device, threads,
+            progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
     if not lengths:
         raise BadInputError("--lengths is empty; expected lengths such as 4k,32k")
     depths = parse_depths(depths)
+    filler = filler or ("prose" if haystack_files else "fixed")
+    haystack = None
+    if filler == "prose" or haystack_files:
+        from ..models.passkey import Haystack
+
+        if filler != "prose" or not haystack_files:
+            raise BadInputError("--filler prose and --haystack FILE go together")
+        haystack = Haystack.from_files(haystack_files)
     tokenizer = model_tokenizer(model)
     stream, backend = open_stream(model, backend, device, seed, threads)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
-                           on_result=_echo_trial if progress else None, tokenizer=tokenizer)
+                           on_result=_echo_trial if progress else None, tokenizer=tokenizer, haystack=haystack)
     rows = summarise(results)
     cfg = stream.config
     click.echo(f"passkey retrieval: {model} ({cfg.update} rule, segment {cfg.segment_len}), {trials} trial(s) "
-               f"per cell, {backend} on {device}, {torch.get_num_threads()} threads; accuracy %")
+               f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {backend} on {device}, "
+               f"{torch.get_num_threads()} threads; accuracy %")
     click.echo(format_table(rows, depths))
     if json_out:
         write_text(json_out, json.dumps({"model": model, "backend": backend, "device": device,
                                         "threads": torch.get_num_threads(), "config": cfg.to_dict(),
-                                        "seed": seed, "filler": filler, "summary": rows,
+                                        "seed": seed, "filler": filler,
+                                        "haystack": [str(f) for f in haystack_files], "summary": rows,
                                         "trials": results}, indent=2) + "\n", force=force)
 
 

@@ -46,6 +46,10 @@ def init(preset_name, out_dir, update, seed, force):
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True, help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
               "tensorrt: the folder's engine (`infini build`), on a GPU it runs on.")
+@click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
+              help="torch backend: bf16 autocast of the weights' matmuls (the state stays float32). auto: bf16 on a "
+                   "CPU with native bf16 (AMX or AVX-512 BF16) for models at least 256 wide, the fastest CPU path "
+                   "measured (docs/cpu.md); off: float32.")
 @threads_option("torch intra-op threads [default: torch's].")
 @seed_option("Seed when MODEL is a preset.")
 @json_out_option()
@@ -61,8 +65,8 @@ def init(preset_name, out_dir, update, seed, force):
               help="With --server: the stream to continue (default: a new one).")
 @click.option("--end/--no-end", "end_stream", default=True, show_default=True,
               help="With --server: end the stream afterwards (the server persists it with a --state-dir).")
-def run(model, input_file, limit, device, backend, threads, seed, json_out, resume, save_state, force, progress,
-        server, stream_id, end_stream):
+def run(model, input_file, limit, device, backend, autocast, threads, seed, json_out, resume, save_state, force,
+        progress, server, stream_id, end_stream):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
     if server is not None:
         return _run_remote(server, stream_id, end_stream, model, input_file, limit, json_out, force, progress)
@@ -72,7 +76,7 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
     path = input_file or Path(str(SAMPLE_TEXT))
     check_outputs(force, {"--save-state": save_state, "--json-out": json_out},
                   {"--input": input_file, "--resume": resume}, {"MODEL": Path(model)})
-    runner, backend = make_runner(model, backend, device, threads, seed)
+    runner, backend = make_runner(model, backend, device, threads, seed, autocast=autocast)
     tokenizer = model_tokenizer(model)
     total = limit or count_tokens(path, tokenizer)
     with runner:
@@ -86,10 +90,11 @@ def run(model, input_file, limit, device, backend, threads, seed, json_out, resu
             stream.save(save_state, force=force)
             click.echo(f"saved the state at token {stream.position:,} to {save_state}")
     cfg = runner.config
-    result.update(model=model, input=str(path), backend=backend, device=device, tokenizer=tokenizer.kind,
+    result.update(model=model, input=str(path), backend=backend, autocast=getattr(runner, "autocast", None) or "off",
+                  device=device, tokenizer=tokenizer.kind,
                   threads=torch.get_num_threads(), config=cfg.to_dict())
     click.echo(f"streamed {result['tokens']:,} tokens in {result['segments']:,} segments of {cfg.segment_len} "
-               f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({backend}, {device}, "
+               f"in {result['seconds']:.2f} s: {result['tokens_per_s']:,.0f} tokens/s ({getattr(runner, 'label', backend)}, {device}, "
                f"{result['threads']} threads)")
     trace = [rss for tokens, rss in result["rss_trace"] if tokens >= 2 * cfg.segment_len]   # after warm-up
     span = f"; from token {2 * cfg.segment_len:,} on between {human_bytes(min(trace))} and " \
@@ -150,9 +155,11 @@ def model_tokenizer(model: str):
     return load_tokenizer(Path(model) / CHECKPOINT_DIR, manifest.config.vocab_size)
 
 
-def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment"):
+def make_runner(model: str, backend: str, device: str, threads: int | None, seed: int, graph: str = "segment",
+                autocast: str = "off"):
     """(runner, backend name): an export folder runs on onnxruntime unless --backend torch is asked for.
-    ``graph``: the segment step, or the decode step (`infini generate`, `infini passkey`)."""
+    ``graph``: the segment step, or the decode step (`infini generate`, `infini passkey`).
+    ``autocast`` (torch): "bf16", "off", or "auto" (:func:`fastest_autocast`)."""
     from ..export.manifest import is_export_dir
 
     exported = is_export_dir(model)
@@ -172,5 +179,23 @@ def make_runner(model: str, backend: str, device: str, threads: int | None, seed
     if exported:
         from .export_verify import load_export
 
-        return TorchRunner(load_export(Path(model))[1], device=device, graph=graph), backend
-    return TorchRunner(resolve_model(model, seed), device=device, graph=graph), backend
+        net = load_export(Path(model))[1]
+    else:
+        net = resolve_model(model, seed)
+    if autocast == "auto":
+        autocast = fastest_autocast(net, device)
+    return TorchRunner(net, device=device, graph=graph, autocast=None if autocast == "off" else autocast), backend
+
+
+AUTOCAST_MIN_WIDTH = 256   # measured: tiny (64 wide) is 1.8x slower in bf16, small (256) 1.6-3x and SmolLM2 2.1x faster
+
+
+def fastest_autocast(net, device: str) -> str:
+    """bf16 on a CPU with native bf16 matmuls for a float32 model at least AUTOCAST_MIN_WIDTH wide, else off."""
+    if str(device) != "cpu" or next(net.parameters()).dtype != torch.float32 or net.config.d_model < AUTOCAST_MIN_WIDTH:
+        return "off"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return "off"
+    return "bf16" if " amx_bf16" in flags or " avx512_bf16" in flags else "off"

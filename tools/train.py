@@ -44,6 +44,8 @@ def train():
               help="Length range (tokens, log-uniform) of that simulated stream.")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
+@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Real text as the filler (prose haystacks) instead of the varied sentences; repeat for several files.")
 @seed_option()
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--update", type=click.Choice(UPDATE_RULES), default=None,
@@ -54,7 +56,8 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, init_from, seed, device, update, max_minutes, threads, force, progress):
+            boundary, dilute, dilute_tokens, init_from, haystack_files, seed, device, update, max_minutes, threads, force,
+            progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
@@ -88,7 +91,9 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
-                      dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes)
+                      dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes,
+                      filler="prose" if haystack_files else "varied",
+                      haystack_files=tuple(str(f) for f in haystack_files))
 
     def on_log(e):
         gates = " ".join(f"{g:.2f}" for layer in e["gates"] for g in layer)
@@ -120,3 +125,8 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     click.echo(f"trained {result.steps_done} steps in {result.seconds / 60:.1f} min ({result.stopped}); "
                f"last loss {last.get('loss', float('nan')):.3f}, retrieval acc {last.get('answer_accuracy', 0):.2f}; "
                f"checkpoint in {out_dir}")
+
+
+from .train_lm import lm as _lm  # noqa: E402  (its own module)
+
+train.add_command(_lm)

@@ -40,10 +40,13 @@ class Converted:
 
 
 def convert(src, out_dir, segment_len: int | None = None, update: str = "linear",
-            gate_init: float = DEFAULT_GATE_INIT, validate: bool = True, force: bool = False) -> Converted:
+            gate_init: float = DEFAULT_GATE_INIT, validate: bool = True, force: bool = False,
+            adapter=None) -> Converted:
     """Convert SRC into a checkpoint at OUT_DIR (see the module docstring); returns what was done.
 
     ``validate``: run the parity check when transformers is installed (``parity`` is None otherwise).
+    ``adapter``: an `infini train lm` adapter (models/adapter.py) applied after the check; it refuses a
+    base whose weights (source, segment length, gate init) are not the ones it was trained from.
 
     BadInputError for an unsupported source, IncompatibleArtifactError for damaged files,
     NumericalFaultError when the parity check fails; OUT_DIR is then untouched.
@@ -71,10 +74,16 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
         parity = check_parity(model, source, probe_ids(source.tokenizer, config.segment_len))
         refuse(parity, source.origin)
     marks["validate"] = time.perf_counter()
+    metadata = {"converted_from": Path(source.origin).name, "source_kind": source.kind, "gate_init": repr(gate_init),
+                "context": str(source.config.get("max_position_embeddings") or "")}
+    if adapter is not None:
+        from ..adapter import adapter_digest, apply_adapter
+
+        apply_adapter(model, adapter)
+        metadata["adapter_sha256"] = adapter_digest(adapter)
+        marks["adapter"] = time.perf_counter()
     with atomic_folder(out, force) as tmp:
-        write_checkpoint(model, tmp, source.tokenizer, metadata={
-            "converted_from": Path(source.origin).name, "source_kind": source.kind, "gate_init": repr(gate_init),
-            "context": str(source.config.get("max_position_embeddings") or "")})
+        write_checkpoint(model, tmp, source.tokenizer, metadata=metadata)
     marks["write"] = time.perf_counter()
     names = list(marks)
     seconds = {b: marks[b] - marks[a] for a, b in zip(names, names[1:])}

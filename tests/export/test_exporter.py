@@ -29,6 +29,7 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
     assert manifest.graphs["chunk"].file == CHUNK_FILE
     assert manifest.graphs["chunk"].outputs[0].shape == (spec.BATCH, spec.SEQ, 260)
     assert manifest.validation["chunk"]["pieces"] == [1, 5, 2, 56, 3]
+    assert manifest.validation["tokens"] == "random ids"                   # a byte-level preset: every id
     assert manifest.validation["chunk"]["worst"]["logits_max"] < 1e-4
     assert {"torch", "onnx", "onnxruntime", "infini_deploy"} <= set(manifest.versions)
     assert manifest.validation["batch"] == 2 and manifest.validation["worst"]["logits_max"] < 1e-4

@@ -57,3 +57,44 @@ def test_bad_prompts_are_refused():
         PasskeyPrompt(100, 0.5, 0)
     with pytest.raises(BadInputError, match="expected one of: fixed, varied"):
         PasskeyPrompt(4096, 0.5, 0, filler="random")
+
+
+PROSE = ("The harbour town sits where a slow river meets a cold sea. Its houses are cut from grey stone. "
+         "A light stood on the rocks at the mouth of the river! Fishermen from three counties steered by it. "
+         "When the fog came in, the keeper rang the bell. Did anyone sleep on those nights? The logbook says little. "
+         "Most entries are short and plain. Wind west, moderate. Two boats in before nine. Glass cleaned at noon.")
+
+
+def test_prose_haystack_prompts_have_the_exact_length_in_a_bpe_tokenizer(tmp_path):
+    from infini_deploy.models.tokenizer import load_tokenizer
+    from infini_deploy.models.passkey import Haystack
+
+    from ..conftest import write_tiny_tokenizer
+
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
+    (tmp_path / "prose.txt").write_text(PROSE)
+    hay = Haystack.from_files([tmp_path / "prose.txt"])
+    assert hay.sentences[2] == "A light stood on the rocks at the mouth of the river!"
+    for length in (300, 301, 517, 2048):
+        for depth in (0.0, 0.5, 1.0):
+            p = PasskeyPrompt(length, depth, seed=length, filler="prose", tokenizer=tok, haystack=hay)
+            ids = np.concatenate(list(p.piece_ids()))
+            assert len(p) == len(ids) == length, (length, depth)
+            text = p.text()
+            assert text.startswith(INTRO) and text.endswith(QUESTION) and str(p.key) in text
+            assert any(s in text for s in hay.sentences)                     # the haystack's own sentences
+    a = PasskeyPrompt(800, 0.5, seed=1, filler="prose", tokenizer=tok, haystack=hay).text()
+    b = PasskeyPrompt(800, 0.5, seed=2, filler="prose", tokenizer=tok, haystack=hay).text()
+    assert a != b and a == PasskeyPrompt(800, 0.5, seed=1, filler="prose", tokenizer=tok, haystack=hay).text()
+
+
+def test_a_bytes_prose_prompt_is_exact_too_and_prose_needs_a_haystack():
+    from infini_deploy.models.passkey import Haystack
+
+    hay = Haystack([PROSE])
+    p = PasskeyPrompt(1000, 0.3, seed=4, filler="prose", haystack=hay)
+    assert len(p) == 1000 == len(np.concatenate(list(p.chunks(64))))
+    with pytest.raises(BadInputError, match="filler 'prose' takes a haystack"):
+        PasskeyPrompt(1000, 0.3, seed=4, filler="prose")
+    with pytest.raises(BadInputError, match="a haystack needs at least 6"):
+        Haystack(["One sentence. Two."], "tiny.txt")

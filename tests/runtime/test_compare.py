@@ -67,3 +67,14 @@ def test_quantized_gates_weigh_cosine_and_top1_over_every_position():
         check_tolerance("int8", [{**good, "positions": 10}, {**bad, "positions": 990}], TOLERANCES["int8"])
     with pytest.raises(NumericalFaultError, match="state relative 0.06 \\(tolerance 0.05\\)"):
         check_tolerance("int8", [{**good, "segment": 3, "n": 64, "state_rel": 0.06}], TOLERANCES["int8"])
+
+
+def test_a_text_token_source_reads_the_text_in_order_one_offset_per_row():
+    from infini_deploy.runtime.compare import TokenSource
+
+    source = TokenSource(vocab=100, seed=0, batch=2, text=torch.arange(10))
+    assert source(3).tolist() == [[0, 1, 2], [5, 6, 7]]
+    assert source(3).tolist() == [[3, 4, 5], [8, 9, 0]]                     # on from where it was, cycling
+    random = TokenSource(vocab=100, seed=7, batch=2)               # the default: the seed's random ids, as before
+    gen = torch.Generator().manual_seed(7)
+    assert torch.equal(random(4), torch.randint(0, 100, (2, 4), generator=gen))

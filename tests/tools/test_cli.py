@@ -96,3 +96,25 @@ def test_run_save_state_then_resume_equals_one_run(tmp_path):
     assert whole["pending"].shape == (1, 300 % 64)
     for name in ("memory", "norm", "pending"):
         assert torch.equal(resumed[name], whole[name]), name
+
+
+def test_run_picks_bf16_autocast_only_where_it_is_the_faster_cpu_path(tmp_path, monkeypatch):
+    from infini_deploy.models import init_model, preset
+    from infini_deploy.tools import init_run
+
+    wide, narrow = init_model(preset("small")), init_model(preset("tiny"))
+    cpuinfo = tmp_path / "cpuinfo"
+    real_open = open
+    for flags, want in ((" avx512f amx_bf16 amx_tile", "bf16"), (" avx512f avx2", "off")):
+        cpuinfo.write_text(f"flags\t:{flags}\n")
+        monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+        assert init_run.fastest_autocast(wide, "cpu") == want
+        assert init_run.fastest_autocast(narrow, "cpu") == "off"                 # 64 wide: bf16 is slower
+        monkeypatch.undo()
+    res = invoke("run", "small", "--tokens", "1k", "--autocast", "bf16", "--no-progress",
+                 "--json-out", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "(torch bf16 autocast, cpu" in res.output
+    assert json.loads((tmp_path / "r.json").read_text())["autocast"] == "bf16"
+    res = invoke("run", "tiny", "--tokens", "1k", "--no-progress", "--json-out", tmp_path / "t.json")
+    assert res.exit_code == 0 and json.loads((tmp_path / "t.json").read_text())["autocast"] == "off"

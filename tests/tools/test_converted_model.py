@@ -50,6 +50,19 @@ def test_the_export_carries_the_tokenizer_in_its_manifest(converted):
     assert res.exit_code == 2 and "tokenizer.json does not match its manifest" in res.output
 
 
+def test_a_model_with_its_own_vocabulary_is_validated_on_the_shipped_text(converted):
+    from infini_deploy.export.exporter import validation_text
+
+    ckpt, export = converted
+    ids = validation_text(checkpoint_tokenizer(ckpt))
+    assert ids is not None and len(ids) > 1000                    # the text, in the model's own tokenizer
+    validation = load_manifest(export).validation
+    assert validation["tokens"] == f"export/data/validation.txt ({len(ids):,} ids, in order)"
+    res = invoke("verify", export, "--segments", 3)
+    assert res.exit_code == 0, res.output
+    assert "export/data/validation.txt" in res.output
+
+
 def test_greedy_chat_is_the_same_in_torch_and_onnxruntime(converted):
     ckpt, export = converted
     args = ["--prompt", "What is the pass key?", "--chat", "--max-new-tokens", 40, "--no-progress"]

@@ -1,0 +1,124 @@
+"""Infini adapters: only what `infini train lm` changed, applied to the base model it was trained from.
+
+``adapter.safetensors`` holds, by trainable set: the gates (every layer's beta), the q/k/v weights, the
+low-rank factors (lora_a, lora_b, and their scale in the header) of q/k/v with the gates, or every weight.
+Its header names the base: the sha256 of the converted base model's weights (checkpoint.weights_digest,
+which covers the gates it was converted with) and its config digest. Applying it to any other model is
+refused. Applying is the function training uses to merge, so base + adapter equals the trained model
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import BadInputError, IncompatibleArtifactError
+from .checkpoint import weights_digest
+from .lm_training import QKV, LoRALinear, merge_lora
+from .model import InfiniTransformer
+
+ADAPTER_FILE = "adapter.safetensors"
+FORMAT = "infini-deploy adapter 1"
+
+
+def adapter_tensors(model: InfiniTransformer, trainable: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, extra header fields) of a trained model (before :func:`lm_training.merge_adapters`)."""
+    tensors, extra = {}, {}
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        tensors[f"layers.{i}.self_attn.beta"] = attn.beta.detach()
+        for name in QKV:
+            proj = getattr(attn, name)
+            if trainable == "lora":
+                if not isinstance(proj, LoRALinear):
+                    raise BadInputError(f"layer {i} {name} has no low-rank adapter; was the model trained with lora?")
+                tensors[f"layers.{i}.self_attn.{name}.lora_a"] = proj.lora_a.detach()
+                tensors[f"layers.{i}.self_attn.{name}.lora_b"] = proj.lora_b.detach()
+                extra["lora_scale"] = repr(proj.scale)
+            elif trainable == "qkv":
+                tensors[f"layers.{i}.self_attn.{name}.weight"] = proj.weight.detach()
+    if trainable == "all":
+        tensors = {k: v.detach() for k, v in model.state_dict().items()
+                   if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    return {k: v.float().contiguous() for k, v in tensors.items()}, extra
+
+
+def save_adapter(model: InfiniTransformer, trainable: str, base: InfiniTransformer | dict, folder: Path,
+                 info: dict | None = None) -> Path:
+    """Write ``folder/adapter.safetensors`` (into a folder being written atomically by the caller).
+    ``base``: the base model, or its {"weights_sha256", "config_digest"}."""
+    tensors, extra = adapter_tensors(model, trainable)
+    ident = base if isinstance(base, dict) else {"weights_sha256": weights_digest(base),
+                                                  "config_digest": base.config.digest()}
+    header = {"format": FORMAT, "trainable": trainable, "base_weights_sha256": ident["weights_sha256"],
+              "base_config_digest": ident["config_digest"], **extra,
+              **({"info": json.dumps(info, sort_keys=True)} if info else {})}
+    path = Path(folder) / ADAPTER_FILE
+    save_file(tensors, str(path), metadata=header)
+    path.chmod(0o644)
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of an adapter file or of a folder holding one; refuses anything else."""
+    path = Path(path)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise BadInputError(f"--adapter {path}: expected an adapter folder (with {ADAPTER_FILE}) or file, "
+                            f"written by `infini train lm`")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            header = dict(f.metadata() or {})
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise IncompatibleArtifactError(f"--adapter {file}: not a readable safetensors file ({e})") from None
+    if header.get("format") != FORMAT:
+        raise IncompatibleArtifactError(f"--adapter {file}: not an infini-deploy adapter (format "
+                                        f"{header.get('format')!r}, expected {FORMAT!r})")
+    return tensors, header
+
+
+def adapter_digest(path: str | Path) -> str:
+    """sha256 of the adapter file (of a folder holding one)."""
+    import hashlib
+
+    path = Path(path)
+    file = path / ADAPTER_FILE if path.is_dir() else path
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def apply_adapter(model: InfiniTransformer, path: str | Path) -> InfiniTransformer:
+    """Apply an adapter to its base model in place (and return it); refuses a base whose weights differ."""
+    tensors, header = read_adapter(path)
+    digest = weights_digest(model)
+    if digest != header["base_weights_sha256"] or model.config.digest() != header["base_config_digest"]:
+        raise IncompatibleArtifactError(
+            f"--adapter {path} was trained on a base model with weights sha256 {header['base_weights_sha256'][:16]}... "
+            f"(config {header['base_config_digest'][:12]}); this model's are {digest[:16]}... (config "
+            f"{model.config.digest()[:12]}): convert the base with the same source and options as the adapter's "
+            f"model card says")
+    state = model.state_dict()
+    trainable = header["trainable"]
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.endswith((".lora_a", ".lora_b")):
+                continue
+            if name not in state or state[name].shape != value.shape:
+                raise IncompatibleArtifactError(f"--adapter {path}: tensor {name} {tuple(value.shape)} does not fit "
+                                                "this model")
+            state[name].copy_(value.to(state[name].dtype))
+        if trainable == "lora":
+            scale = float(header["lora_scale"])
+            for i, layer in enumerate(model.layers):
+                for name in QKV:
+                    proj = getattr(layer.self_attn, name)
+                    a, b = tensors[f"layers.{i}.self_attn.{name}.lora_a"], tensors[f"layers.{i}.self_attn.{name}.lora_b"]
+                    proj.weight.copy_(merge_lora(proj.weight, a, b, scale))
+    return model

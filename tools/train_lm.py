@@ -1,0 +1,320 @@
+"""`infini train lm`: continual training of a model on long text, through its memory (models/lm_training.py).
+
+OUT_DIR is always a complete checkpoint: it is (re)written atomically at every --save-every and at the
+end, with the trained model (low-rank adapters merged), adapter.safetensors (what training changed, for
+`infini convert --adapter`), train_log.json, and the optimizer state that `--resume` continues from.
+Under torchrun the same command trains data-parallel (gloo on CPUs, NCCL on GPUs); rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..errors import BadInputError
+from .options import DEVICE, THREADS, Number, parse_count, seed_option
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "train_state.json"
+
+
+@click.command("lm")
+@click.argument("model")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_files", multiple=True, required=True,
+              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Training text (UTF-8, the model's tokenizer); repeat for several files.")
+@click.option("--held-out", "held_out_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Documents training never sees, for the perplexity at the end [default: the last 5% of each "
+                   "--data file, which training then never reads].")
+@click.option("--eval-tokens", default="16k", show_default=True, help="Held-out tokens evaluated (perplexity).")
+@click.option("--segment-len", type=click.IntRange(1, 1 << 16), default=None,
+              help="Train at this segment length [default: the model's].")
+@click.option("--segments", type=click.IntRange(1, 4096), default=4, show_default=True,
+              help="Segments per row: the loss backpropagates through the memory over all of them.")
+@click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="qkv", show_default=True,
+              help="What learns: the gates; gates + q/k/v; gates + low-rank adapters on q/k/v; every weight.")
+@click.option("--lora-rank", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 10**9), default=200, show_default=True)
+@click.option("--batch", type=click.IntRange(1, 1 << 16), default=4, show_default=True, help="Global batch (rows).")
+@click.option("--lr", type=Number(0, 10, min_open=True), default=2e-4, show_default=True)
+@click.option("--beta-lr", type=Number(0, 10, min_open=True), default=2e-2, show_default=True,
+              help="Learning rate of the gates (no weight decay).")
+@click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="auto", show_default=True,
+              help="bf16 autocast of the weights' matmuls (state float32); auto: as `infini run` decides.")
+@click.option("--max-minutes", type=Number(0, 1e6, min_open=True), default=None)
+@click.option("--save-every", type=click.IntRange(0, 10**9), default=0, show_default=True,
+              help="Rewrite OUT_DIR (a resumable checkpoint) every this many steps (0: at the end only).")
+@click.option("--resume", is_flag=True, help="Continue the run whose checkpoint is OUT_DIR (same data and options).")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True)
+@click.option("--threads", type=THREADS, default=None, help="torch intra-op threads.")
+@seed_option()
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, segments, trainable, lora_rank, steps,
+       batch, lr, beta_lr, autocast, max_minutes, save_every, resume, device, threads, seed, force, progress):
+    """Train MODEL (a converted checkpoint or a preset) on long text through its memory; write OUT_DIR."""
+    import torch
+
+    from ..models import lm_training as lt
+    from ..models.checkpoint import LOG_FILE, resolve_model, resolve_tokenizer
+    from .init_run import fastest_autocast
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device cuda: no CUDA device is available; available: cpu")
+    if threads:
+        torch.set_num_threads(threads)
+    if resume and not (out_dir / STATE_FILE).is_file():
+        raise BadInputError(f"--resume: {out_dir} holds no {STATE_FILE} of a run to continue")
+    if not resume:   # OUT_DIR is checked before training: a bad path fails now, not after an hour
+        from ..atomic import check_replaceable
+        from ..models.checkpoint import owned_checkpoint
+        from ..paths import check_output_path
+
+        check_replaceable(check_output_path(out_dir, folder=True), force, owned_checkpoint, "checkpoint")
+    base = resolve_model(model, seed)
+    if segment_len is not None and segment_len != base.config.segment_len:
+        base = _with_segment_len(base, segment_len)
+    tokenizer = resolve_tokenizer(model)
+    cfg = lt.LMTrainConfig(steps=steps, batch=batch, segments=segments, lr=lr, beta_lr=beta_lr, trainable=trainable,
+                           lora_rank=lora_rank, seed=seed, max_minutes=max_minutes,
+                           autocast=None if autocast == "off" else
+                           ("bf16" if autocast == "bf16" else _auto(fastest_autocast(base, device))))
+    window = segments * base.config.segment_len + 1
+    train_docs, held_out, data = _documents(data_files, held_out_files, tokenizer, window)
+    corpus = lt.Corpus(train_docs, window)
+    base_ident = {"weights_sha256": _digest(base), "config_digest": base.config.digest()}
+    net = _copy(base)
+    names = lt.prepare(net, cfg)
+    optimizer = lt.make_optimizer(net, cfg)
+    start_step, log = 0, []
+    if resume:
+        start_step, log = _load_resume(out_dir, net, optimizer, cfg, data, base_ident)
+    if rank == 0:
+        click.echo(f"training {len(names)} tensors ({sum(p.numel() for p in net.parameters() if p.requires_grad):,} "
+                   f"parameters, --trainable {trainable}) on {corpus_tokens(train_docs):,} tokens of "
+                   f"{len(data_files)} file(s), rows of {segments} x {base.config.segment_len} tokens, global batch "
+                   f"{batch}{f' over {world} processes' if world > 1 else ''}, autocast {cfg.autocast or 'off'}"
+                   + (f", from step {start_step}" if start_step else ""))
+
+    def on_log(e):
+        msg = (f"step {e['step']}: loss {e['loss']:.4f}, {e['tokens_per_s']:,.0f} tokens/s, mean gate "
+               f"{e['gates_mean']:.3f}, {e['seconds']:.0f}s")
+        if progress:
+            from tqdm import tqdm
+            tqdm.write(msg)
+        else:
+            click.echo(msg)
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta = {"argv": "infini train lm " + " ".join(sys.argv[3:]), "started": started, "device": device,
+            "world_size": world, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(), "data": data, "base_model": str(model),
+            "base": base_ident}
+
+    def save(step, result=None):
+        _write(out_dir, net, base, tokenizer, optimizer, cfg, step, log + (result.log if result else []), meta,
+               result, force or resume or step > start_step)
+
+    signal.signal(signal.SIGTERM, _interrupt)   # a killed run still writes its checkpoint and log
+    result = lt.train_lm(net, corpus, cfg, optimizer, start_step, device, rank, world, progress and rank == 0,
+                         on_log if rank == 0 else None,
+                         on_checkpoint=(lambda step: save(step)) if save_every else None, checkpoint_every=save_every)
+    if rank == 0:
+        evaluation = _evaluate(net, held_out, parse_count(eval_tokens, "--eval-tokens"), cfg)
+        meta["held_out"] = evaluation
+        save(result.steps_done, result)
+        if result.stopped == "interrupted":
+            click.echo("interrupted: the checkpoint holds the steps done; continue with --resume")
+        click.echo(f"trained to step {result.steps_done} in {result.seconds / 60:.1f} min ({result.stopped}); held-out "
+                   f"perplexity {evaluation['ppl']:.3f} over {evaluation['tokens']:,} tokens "
+                   f"({evaluation['source']}); checkpoint and adapter in {out_dir}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _auto(choice: str) -> str | None:
+    return None if choice == "off" else choice
+
+
+def _digest(model) -> str:
+    from ..models.checkpoint import weights_digest
+
+    return weights_digest(model)
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _with_segment_len(model, segment_len: int):
+    """The same weights with another segment length (the weights do not depend on it)."""
+    from dataclasses import replace
+
+    from ..models.model import InfiniTransformer
+
+    net = InfiniTransformer(replace(model.config, segment_len=segment_len))
+    net.load_state_dict(model.state_dict())
+    net.metadata = getattr(model, "metadata", None)
+    return net
+
+
+def corpus_tokens(docs) -> int:
+    return int(sum(len(d) for d in docs))
+
+
+def _documents(data_files, held_out_files, tokenizer, window: int):
+    """(training documents, held-out documents, what was used): the ids of each file; without --held-out
+    the last 5% of every --data file is held out (and never trained on)."""
+    import hashlib
+
+    from ..runtime.inputs import iter_tokens
+
+    def ids(path):
+        return np.concatenate(list(iter_tokens(path, tokenizer=tokenizer)))
+
+    train, held, used = [], [], {"train": [], "held_out": []}
+    for f in data_files:
+        doc = ids(f)
+        digest = hashlib.sha256(Path(f).read_bytes()).hexdigest()
+        if held_out_files:
+            train.append(doc)
+            used["train"].append({"file": str(f), "sha256": digest, "tokens": len(doc)})
+        else:
+            cut = int(len(doc) * 0.95)
+            train.append(doc[:cut])
+            held.append(doc[cut:])
+            used["train"].append({"file": str(f), "sha256": digest, "tokens": cut})
+            used["held_out"].append({"file": str(f), "sha256": digest, "tokens": len(doc) - cut, "part": "last 5%"})
+    for f in held_out_files:
+        doc = ids(f)
+        held.append(doc)
+        used["held_out"].append({"file": str(f), "sha256": hashlib.sha256(Path(f).read_bytes()).hexdigest(),
+                                 "tokens": len(doc)})
+    return train, held, used
+
+
+def _evaluate(net, held_out, limit: int, cfg) -> dict:
+    """Held-out perplexity, streamed through the model as deployed (runtime/perplexity.py)."""
+    from ..runtime.perplexity import stream_nll
+    from ..runtime.stream import Stream
+    from ..runtime.torch_runner import TorchRunner
+
+    ids = np.concatenate(held_out)[:limit] if held_out else np.zeros(0, np.int64)
+    if len(ids) < 2:
+        return {"tokens": 0, "ppl": float("nan"), "nll": float("nan"), "source": "no held-out text"}
+    plain = _merged_copy(net)
+    r = stream_nll(Stream(TorchRunner(plain, autocast=cfg.autocast)), ids)
+    return {"tokens": int(len(ids)), "ppl": r["ppl"], "nll": r["nll"], "by_position": r["by_position"],
+            "source": "held-out documents (see data.held_out)"}
+
+
+def _merged_copy(net):
+    import copy
+
+    from ..models.lm_training import merge_adapters
+
+    return merge_adapters(copy.deepcopy(net)).eval()
+
+
+def _write(out_dir, net, base, tokenizer, optimizer, cfg, step, log, meta, result, force) -> None:
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_folder
+    from ..models.adapter import save_adapter
+    from ..models.checkpoint import LOG_FILE, owned_checkpoint, write_checkpoint
+    from ..models.lm_training import config_dict
+
+    with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
+        write_checkpoint(_merged_copy(net).float().cpu(), tmp, tokenizer if tokenizer.kind != "bytes" else None,
+                         metadata=getattr(base, "metadata", None))
+        save_adapter(net, cfg.trainable, meta["base"], tmp, {"steps": step, "base_model": meta["base_model"]})
+        save_file(_optimizer_tensors(net, optimizer), str(tmp / OPTIMIZER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "train_config": config_dict(cfg),
+                                                  "data": meta["data"], "base": meta["base"],
+                                                  "trainable_state": _trainable_digest(net)}, indent=1) + "\n")
+        entry = {**meta, "train_config": config_dict(cfg), "steps_done": step, "log": log,
+                 "stopped_by": result.stopped if result else "checkpoint", "seconds": round(result.seconds, 1) if result else None,
+                 "skipped_steps": result.skipped if result else None}
+        (tmp / LOG_FILE).write_text(json.dumps(entry, indent=1) + "\n")
+
+
+def _optimizer_tensors(net, optimizer) -> dict:
+    """AdamW's moments and step counts by parameter name, plus the trainable tensors themselves (so a resumed
+    run continues from exactly these values, including the low-rank factors)."""
+    import torch
+
+    names = {id(p): n for n, p in net.named_parameters()}
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names[id(p)]
+            out[f"param/{n}"] = p.detach().float().contiguous()
+            for k, v in optimizer.state.get(p, {}).items():
+                out[f"{k}/{n}"] = (v if torch.is_tensor(v) else torch.tensor(float(v))).detach().contiguous()
+    return out
+
+
+def _trainable_digest(net) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for n, p in net.named_parameters():
+        if p.requires_grad:
+            h.update(n.encode())
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_resume(out_dir, net, optimizer, cfg, data, base_ident):
+    import torch
+    from safetensors.torch import load_file
+
+    from ..models.checkpoint import LOG_FILE
+    from ..models.lm_training import config_dict
+
+    state = json.loads((out_dir / STATE_FILE).read_text())
+    saved, now = state["train_config"], config_dict(cfg)
+    changed = sorted(k for k in now if k not in ("steps", "max_minutes") and saved.get(k) != now[k])
+    if changed:
+        raise BadInputError(f"--resume: options differ from the run in {out_dir}: "
+                            + ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in changed))
+    if state["base"] != base_ident:
+        raise BadInputError(f"--resume: {out_dir} was trained from another base model ({state['base']['weights_sha256'][:16]}...)")
+    if [d["sha256"] for d in state["data"]["train"]] != [d["sha256"] for d in data["train"]]:
+        raise BadInputError(f"--resume: the --data files differ from those of the run in {out_dir}")
+    tensors = load_file(str(out_dir / OPTIMIZER_FILE))
+    names = {id(p): n for n, p in net.named_parameters()}
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                n = names[id(p)]
+                p.copy_(tensors[f"param/{n}"].to(p.dtype))
+                moments = {k.split("/", 1)[0]: v for k, v in tensors.items() if k.endswith("/" + n) and not k.startswith("param/")}
+                if moments:
+                    optimizer.state[p] = {k: (v if k != "step" else v.float()) for k, v in moments.items()}
+    if _trainable_digest(net) != state["trainable_state"]:
+        raise BadInputError(f"--resume: {out_dir}/{OPTIMIZER_FILE} does not hold the state its {STATE_FILE} names")
+    log = json.loads((out_dir / LOG_FILE).read_text()).get("log", [])
+    return state["step"], log
