@@ -245,3 +245,28 @@ def filler_tokens(n: int, seed: int, filler: str = "varied", haystack: "Haystack
         size += len(block) + 1
         if size >= n:
             return encode(b"".join(buf)[:n])
+
+
+def filler_ids(n: int, seed: int, filler: str = "varied", haystack: "Haystack | None" = None,
+               tokenizer=None) -> np.ndarray:
+    """Exactly ``n`` ids of filler in ``tokenizer`` (None: bytes, :func:`filler_tokens`)."""
+    if tokenizer is None:
+        return filler_tokens(n, seed, filler, haystack)
+    buf, size = [], 0
+    for block in (haystack.blocks(seed) if haystack is not None else filler_blocks(seed, filler)):
+        ids = _encode_cached(tokenizer, b" " + block)
+        buf.append(ids)
+        size += len(ids)
+        if size >= n:
+            return np.concatenate(buf)[:n].astype(np.int64)
+    raise AssertionError("filler blocks never end")
+
+
+def needle_end(prompt: PasskeyPrompt) -> int:
+    """Tokens from the prompt's start to the end of its needle."""
+    needle, at = b" " + prompt._needle(), 0
+    for piece, ids in prompt._layout():
+        at += len(ids)
+        if piece == needle:
+            return at
+    raise AssertionError("the prompt has no needle")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
 from .model import InfiniTransformer
-from .passkey import PasskeyPrompt, filler_tokens
+from .passkey import PasskeyPrompt, filler_ids, filler_tokens, needle_end
 from .tokenizer import encode
 
 IGNORE = -100
@@ -98,7 +98,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
-               memory_only: float | None = None, haystack=None):
+               memory_only: float | None = None, haystack=None, tokenizer=None):
     """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
 
     Each prompt plus its answer fits in ``n_segments`` segments. The prompt ends at a random place
@@ -107,6 +107,8 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
     (causal, so padding changes nothing before it). With probability ``memory_only`` the needle
     is placed so that it ends before the question's segment: only the memory can carry it.
     """
+    if tokenizer is not None:
+        return _make_batch_tokenized(model_cfg, n_segments, batch, rng, cfg, memory_only, haystack, tokenizer)
     memory_only = cfg.memory_only if memory_only is None else memory_only
     seg = model_cfg.segment_len
     longest = n_segments * seg - (cfg.digits + 2)
@@ -149,6 +151,48 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
     return tokens, targets, answer
 
 
+def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random,
+                          cfg: TrainConfig, memory_only: float | None, haystack, tokenizer):
+    """make_batch in a model's own tokenizer (a converted model): the same layout, lengths in its tokens, the
+    answer the key's ids and the full stop as the tokenizer writes " 12345."."""
+    memory_only = cfg.memory_only if memory_only is None else memory_only
+    seg = model_cfg.segment_len
+    probe = np.asarray(tokenizer.encode(" " + "9" * cfg.digits + "."))
+    longest = n_segments * seg - (len(probe) + 1)
+    boundary = (n_segments - 1) * seg
+    rows = []
+    for _ in range(batch):
+        end = longest - rng.randrange(seg)
+        if rng.random() < cfg.boundary:
+            end = boundary + rng.randint(-(len(probe) + 1), 3)
+        end = min(end, longest)
+        seed, depth = rng.randrange(1 << 40), rng.random()
+        prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, tokenizer=tokenizer, haystack=haystack)
+        if rng.random() < memory_only:
+            for _ in range(8):   # push the needle out of the question's segment
+                lead = end - len(prompt)
+                if lead + needle_end(prompt) < (end // seg) * seg:
+                    break
+                depth *= 0.7
+                prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, tokenizer=tokenizer,
+                                       haystack=haystack)
+        answer = np.asarray(tokenizer.encode(prompt.answer + "."), dtype=np.int64)
+        lead = end - len(prompt)
+        parts = [filler_ids(lead, seed + 1, cfg.filler, haystack, tokenizer)] if lead > 0 else []
+        ids = np.concatenate([*parts, *prompt.piece_ids(), answer]).astype(np.int64)
+        rows.append((torch.as_tensor(ids), len(answer)))
+    T = max(len(ids) for ids, _ in rows)
+    tokens = torch.zeros(batch, T, dtype=torch.long)
+    targets = torch.full((batch, T), IGNORE, dtype=torch.long)
+    answer_mask = torch.zeros(batch, T, dtype=torch.bool)
+    for i, (ids, n_answer) in enumerate(rows):
+        n = len(ids)
+        tokens[i, :n] = ids
+        targets[i, :n - 1] = ids[1:]
+        answer_mask[i, n - n_answer - 1:n - 1] = True   # positions whose next token is the answer's
+    return tokens, targets, answer_mask
+
+
 def loss_fn(logits, targets, answer, answer_weight: float):
     """(total loss, answer loss, answer accuracy: the share of rows with every digit right)."""
     V = logits.shape[-1]
@@ -165,7 +209,7 @@ def loss_fn(logits, targets, answer, answer_weight: float):
 
 
 def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None,
-             haystack=None):
+             haystack=None, tokenizer=None):
     """The initial state (memory, norm) of a batch: for a ``share`` of rows (default ``cfg.dilute``;
     training ramps it up with the curriculum), the state a stream of D filler tokens would leave
     (D log-uniform in ``cfg.dilute_tokens``); zero for the rest.
@@ -187,7 +231,8 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     if not any(scale):
         return None, None
     n = cfg.dilute_segments * model.config.segment_len
-    fill = torch.stack([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40), cfg.filler, haystack), dtype=torch.long)
+    fill = torch.stack([torch.as_tensor(filler_ids(n, rng.randrange(1 << 40), cfg.filler, haystack, tokenizer),
+                                        dtype=torch.long)
                         for _ in range(B)]).to(device)
     _, memory, norm = model(fill)
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
@@ -228,17 +273,20 @@ class TrainResult:
 
 
 def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progress: bool = True,
-          on_log=None) -> TrainResult:
+          on_log=None, tokenizer=None) -> TrainResult:
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
     (unless ``max_minutes`` stops it or shortens the schedule)."""
     shortest = cfg.min_segments * model.config.segment_len - (cfg.digits + 2)
+    if tokenizer is not None:   # the shortest row _make_batch_tokenized draws, and a margin for keys of longer ids
+        N = model.config.segment_len
+        shortest = cfg.min_segments * N - (len(tokenizer.encode(" " + "9" * cfg.digits + ".")) + 1) - (N - 1) - 4
     haystack = None
     if cfg.filler == "prose":
         from .passkey import Haystack
 
         haystack = Haystack.from_files(cfg.haystack_files)
     try:
-        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits, haystack=haystack)
+        PasskeyPrompt(shortest, 0.5, 0, cfg.filler, cfg.digits, tokenizer=tokenizer, haystack=haystack)
     except BadInputError as e:
         raise BadInputError(f"{cfg.min_segments} segments of {model.config.segment_len} tokens are too short for a "
                             f"passkey prompt ({e}); raise --min-segments") from None
@@ -266,10 +314,12 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                 g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
             n_seg, memory_only = curriculum_at(step, cfg, rng, frac)
             tokens, targets, answer = (t.to(device) for t in
-                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only, haystack))
+                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only, haystack,
+                                                  tokenizer))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
-            memory, norm = dilution(model, cfg, rng, device, share, haystack) if cfg.dilute else (None, None)
+            memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
+                            else (None, None))
             logits, memory, norm = model(tokens, memory, norm)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)

@@ -71,13 +71,13 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         raise BadInputError("--device cuda: no CUDA device is available; available: cpu")
     if threads:
         torch.set_num_threads(threads)
+    tokenizer = None
     if init_from is not None:
-        from ..models.hf_tokenizer import TOKENIZER_FILE
+        from ..models.checkpoint import checkpoint_tokenizer
 
-        if (init_from / TOKENIZER_FILE).is_file():
-            raise BadInputError(f"--init {init_from} has its own tokenizer ({TOKENIZER_FILE}); passkey training builds "
-                                "byte-level batches, so it trains the byte-level presets only (not converted models)")
         model = load_checkpoint(init_from)
+        tokenizer = checkpoint_tokenizer(init_from)   # a converted model: prompts in its own vocabulary
+        tokenizer = None if tokenizer.kind == "bytes" else tokenizer
         model_cfg = model.config
         if update is not None and model_cfg.update != update:
             raise BadInputError(f"--init {init_from} uses the {model_cfg.update} update rule, not --update {update}: "
@@ -113,9 +113,9 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
         signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        result = run_training(model, cfg, device=device, progress=progress, on_log=on_log)
+        result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer)
         model = model.float().cpu()
-        write_checkpoint(model, tmp)
+        write_checkpoint(model, tmp, tokenizer, metadata=getattr(model, "metadata", None))
         command = "infini train passkey " + " ".join(sys.argv[3:])
         write_log(tmp / LOG_FILE, result, cfg, model_cfg,
                   {"device": device, "threads": torch.get_num_threads(), "started": started,

@@ -212,3 +212,27 @@ def test_boundary_rows_put_the_answer_across_a_segment_boundary():
         assert edge - 7 <= space <= edge + 3
         taught = decode(targets[row][answer[row]].numpy())
         assert taught[:-1].isdigit() and taught[-1] == "."
+
+
+def test_a_batch_in_a_bpe_tokenizer_with_prose_haystacks(tmp_path):
+    from infini_deploy.models.passkey import Haystack
+    from infini_deploy.models.tokenizer import load_tokenizer
+
+    from ..conftest import write_tiny_tokenizer
+    from .test_passkey import PROSE
+
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
+    cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
+    hay = Haystack([PROSE * 3])
+    tokens, targets, answer = make_batch(cfg, 4, 3, random.Random(1), _small(filler="prose", memory_only=1.0,
+                                                                            boundary=0.0), haystack=hay, tokenizer=tok)
+    assert tokens.shape[1] <= 4 * cfg.segment_len and int(tokens.max()) < 300
+    for row in range(3):
+        positions = answer[row].nonzero()[:, 0]
+        said = tok.decode(targets[row, positions].tolist())
+        text = tok.decode(tokens[row, :positions[0] + 1].tolist())
+        key = text.split("The pass key is ")[1].split(".")[0]
+        assert said == f" {key}." and text.endswith("The pass key is")
+        needle_at = text.index("Remember it.")
+        assert len(tok.encode(text[:needle_at])) < (positions[-1] // cfg.segment_len) * cfg.segment_len  # in memory
+        assert "harbour" in text or "keeper" in text or "logbook" in text or "river" in text

@@ -143,7 +143,17 @@ def test_snapshots_resume_the_converted_model_bit_identically(converted, tmp_pat
         assert torch.equal(resumed.feed(ids[:, 45:], keep="all"), ref[:, 45:])
 
 
-def test_passkey_training_refuses_a_converted_model_instead_of_feeding_it_bytes(converted, tmp_path):
-    res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 1)
-    assert res.exit_code == 2 and "trains the byte-level presets only" in res.output, res.output
-    assert not (tmp_path / "t").exists()
+def test_passkey_training_of_a_converted_model_runs_in_its_own_tokenizer_on_prose(converted, tmp_path):
+    from infini_deploy.models.training import make_batch  # noqa: F401  (the tokenized batch: tests/models)
+
+    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
+                                                 f"that night." for i in range(60)))
+    res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 2, "--batch", 2,
+                 "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t" / "tokenizer.json").read_bytes() == (converted[0] / "tokenizer.json").read_bytes()
+    log = json.loads((tmp_path / "t" / "train_log.json").read_text())
+    assert log["train_config"]["filler"] == "prose" and log["steps_done"] == 2
+    res = invoke("train", "passkey", tmp_path / "u", "--init", converted[0], "--steps", 1, "--min-segments", 8,
+                 "--max-segments", 8, "--haystack", tmp_path / "prose.txt", "--no-progress")
+    assert res.exit_code == 2 and "raise --min-segments" in res.output
