@@ -44,6 +44,9 @@ def train():
               help="Length range (tokens, log-uniform) of that simulated stream.")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
+@click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
+              help="What learns (as `infini train lm`); anything but all also writes OUT_DIR/adapter.safetensors.")
+@click.option("--lora-rank", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Real text as the filler (prose haystacks) instead of the varied sentences; repeat for several files.")
 @seed_option()
@@ -56,8 +59,8 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, init_from, haystack_files, seed, device, update, max_minutes, threads, force,
-            progress):
+            boundary, dilute, dilute_tokens, init_from, trainable, lora_rank, haystack_files, seed, device, update,
+            max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
@@ -95,6 +98,11 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
                       filler="prose" if haystack_files else "varied",
                       haystack_files=tuple(str(f) for f in haystack_files))
 
+    from ..models import lm_training as lt
+
+    base_ident = {"weights_sha256": _digest(model), "config_digest": model.config.digest()}
+    lt.prepare(model, lt.LMTrainConfig(trainable=trainable, lora_rank=lora_rank, seed=seed))
+
     def on_log(e):
         gates = " ".join(f"{g:.2f}" for layer in e["gates"] for g in layer)
         msg = (f"step {e['step']}: loss {e['loss']:.3f}, answer loss {e['answer_loss']:.3f}, "
@@ -115,6 +123,13 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer)
         model = model.float().cpu()
+        if trainable != "all":
+            from ..models.adapter import save_adapter
+
+            save_adapter(model, trainable, base_ident, tmp, {"steps": result.steps_done, "base_model": str(init_from)})
+        model = lt.merge_adapters(model)
+        for p in model.parameters():
+            p.requires_grad_(True)
         write_checkpoint(model, tmp, tokenizer, metadata=getattr(model, "metadata", None))
         command = "infini train passkey " + " ".join(sys.argv[3:])
         write_log(tmp / LOG_FILE, result, cfg, model_cfg,
@@ -130,3 +145,9 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
 from .train_lm import lm as _lm  # noqa: E402  (its own module)
 
 train.add_command(_lm)
+
+
+def _digest(model) -> str:
+    from ..models.checkpoint import weights_digest
+
+    return weights_digest(model)

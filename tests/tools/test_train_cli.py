@@ -43,3 +43,23 @@ def test_train_passkey_init_fine_tunes_a_checkpoint(tmp_path):
     assert changed                                              # and its weights, trained one step further
     bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--init", str(base), "--update", "delta"])
     assert bad.exit_code == 2 and "uses the linear update rule, not --update delta: drop --update" in bad.output
+
+
+def test_train_passkey_with_low_rank_adapters_writes_an_adapter_of_what_changed(tmp_path):
+    import torch
+
+    from infini_deploy.models.adapter import apply_adapter, read_adapter
+    from infini_deploy.models.checkpoint import init_model, save_checkpoint
+    from infini_deploy.models.config import preset
+
+    base = save_checkpoint(init_model(preset("tiny", segment_len=128, n_layer=1), seed=3), tmp_path / "base")
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "ft"), "--init", str(base), "--steps", "2",
+                                 "--batch", "1", "--threads", "1", "--trainable", "lora", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    tensors, header = read_adapter(tmp_path / "ft")
+    assert header["trainable"] == "lora" and len(tensors) == 1 + 3 * 2         # beta, and A, B of q, k, v
+    tuned, before = load_checkpoint(tmp_path / "ft"), load_checkpoint(base)
+    assert torch.equal(tuned.layers[0].mlp.up_proj.weight, before.layers[0].mlp.up_proj.weight)   # frozen
+    assert not torch.equal(tuned.layers[0].self_attn.q_proj.weight, before.layers[0].self_attn.q_proj.weight)
+    rebuilt = apply_adapter(before, tmp_path / "ft")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), tuned.state_dict().values()))
