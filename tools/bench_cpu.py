@@ -33,6 +33,9 @@ from .options import THREADS, check_outputs, force_option, json_out_option, pars
 @click.option("--llama-formats", default="shipped,q4_0", show_default=True,
               help="llama.cpp formats: 'shipped' (the GGUF as it is) and any of q4_0, q4_1, q8_0, f16 "
                    "(requantised with llama.cpp's own quantizer).")
+@click.option("--exports", "exports_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Keep the timing exports in this folder and reuse those that match MODEL (precision, --fused, "
+                   "weights sha256) on the next run [default: a scratch folder, removed].")
 @click.option("--timeout", type=click.IntRange(10, 86400), default=3600, show_default=True,
               help="Seconds each measurement process may take.")
 @seed_option()
@@ -40,8 +43,8 @@ from .options import THREADS, check_outputs, force_option, json_out_option, pars
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="Also draw tokens/s and peak RSS against context (PNG; needs the `plot` extra).")
 @force_option("Replace the --json-out and --plot files if they exist.")
-def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_formats, timeout, seed, json_out,
-        plot_out, force):
+def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_formats, exports_dir, timeout, seed,
+        json_out, plot_out, force):
     """Every CPU path of MODEL (preset or checkpoint) on the same tokens and threads, each in its own process:
     torch eager fp32 and bf16 autocast, torch.compile, onnxruntime fp32/int8/int4; and llama.cpp on the
     same weights (--gguf) at the same context lengths while its KV cache fits."""
@@ -91,9 +94,12 @@ def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_f
             if backend == "onnxruntime":
                 key = ("fused-" if flag else "") + precision
                 if key not in exports:
-                    click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
-                    exports[key] = tmp / f"export-{key}"
-                    export_model(net, exports[key], precision, validate=False, fused=flag)
+                    exports[key] = (exports_dir or tmp) / f"export-{key}"
+                    if _reusable(exports[key], net, precision, flag):
+                        click.echo(f"reusing {exports[key]}")
+                    else:
+                        click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
+                        export_model(net, exports[key], precision, validate=False, fused=flag, force=True)
                 job.export_dir = str(exports[key])
             r = cb.run_job(job, timeout)
             result["paths"][name] = r
@@ -110,6 +116,24 @@ def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_f
     if plot_out:
         cb.plot(result, plot_out, force)
         click.echo(f"plot: {plot_out}")
+
+
+def _reusable(folder: Path, net, precision: str, fused: bool) -> bool:
+    """An export of these weights in this precision and attention (the folder's files are hash-checked by the
+    runner that loads them)."""
+    from ..errors import InfiniError
+    from ..export.attention import FUSED
+    from ..export.manifest import is_export_dir, load_manifest
+    from ..models.checkpoint import weights_digest
+
+    if not is_export_dir(folder):
+        return False
+    try:
+        m = load_manifest(folder)
+    except InfiniError:
+        return False
+    return (m.precision == precision and (m.attention == FUSED) == fused
+            and m.weights_sha256 == weights_digest(net))
 
 
 def _stream_ids(model: str, text_file: Path | None, total: int, vocab: int, seed: int) -> np.ndarray:

@@ -20,3 +20,15 @@ def test_llama_cpp_worker_prefills_the_shipped_gguf(tmp_path):
     (row,) = r["rows"]
     assert row["context"] == 600 and row["tokens_per_s"] > 0
     assert cb.llama_kv_bytes(str(smollm2_gguf()), 600) == 2 * 30 * 3 * 64 * 2 * 600   # K and V, f16
+
+
+def test_a_measurement_process_reports_its_own_peak_rss_not_its_parents():
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 << 20)                # a parent far bigger than the child it starts
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = "from infini_deploy.runtime.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 400 << 20                      # ru_maxrss would report the parent's 600+ MiB here
+    del ballast

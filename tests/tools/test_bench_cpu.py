@@ -18,7 +18,8 @@ def test_bench_cpu_on_tiny_without_llama_cpp(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     out = tmp_path / "cpu.json"
     res = invoke("bench", "cpu", "tiny", "--context", "64,200", "--threads", "1", "--segments", "2",
-                 "--paths", "torch-fp32,torch-bf16,onnxruntime-int8", "--gguf", gguf, "--json-out", out)
+                 "--paths", "torch-fp32,torch-bf16,onnxruntime-int8", "--gguf", gguf, "--json-out", out,
+                 "--exports", tmp_path / "exports")
     assert res.exit_code == 0, res.output
     assert "contexts rounded to whole segments of 64: 64, 192" in res.output
     assert "llama.cpp: skipped: llama-cpp-python is not installed" in res.output
@@ -38,6 +39,12 @@ def test_bench_cpu_on_tiny_without_llama_cpp(tmp_path, monkeypatch):
     assert report["paths"]["torch-bf16"]["precision"] == "bf16"
     assert report["llama_cpp"]["skipped"].startswith("llama-cpp-python is not installed")
     assert "top-1" in res.output and "onnxruntime-int8" in res.output
+    again = invoke("bench", "cpu", "tiny", "--context", "64", "--threads", "1", "--segments", "1",
+                   "--paths", "onnxruntime-int8", "--exports", tmp_path / "exports")
+    assert again.exit_code == 0 and f"reusing {tmp_path / 'exports' / 'export-int8'}" in again.output
+    other = invoke("bench", "cpu", "tiny", "--seed", "1", "--context", "64", "--threads", "1", "--segments", "1",
+                   "--paths", "onnxruntime-int8", "--exports", tmp_path / "exports")
+    assert other.exit_code == 0 and "exporting int8" in other.output          # other weights: exported again
 
 
 def test_bench_cpu_refuses_unknown_paths_and_formats():
