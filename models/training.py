@@ -59,6 +59,7 @@ class TrainConfig:
     log_every: int = 10
     max_minutes: float | None = None
     max_bad_steps: int = 5
+    autocast: str | None = None     # "bf16": the weights' matmuls under torch.autocast (memory path, state float32)
     memory_only: float = 0.9        # fraction of prompts whose needle sits in an earlier segment, at the end
     memory_only_start: float = 0.5  # ... at the start: ramps up with the curriculum (local copies teach the
                                     # q/k/v that the memory shares with local attention)
@@ -239,6 +240,11 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
 
 
+def _autocast(cfg: TrainConfig, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
+
+
 def curriculum_growth(progress: float, cfg: TrainConfig) -> float:
     """0 -> 1 over the first ``cfg.curriculum`` of training (``progress`` in 0..1), then 1."""
     return min(1.0, progress / max(1e-9, cfg.curriculum))
@@ -318,9 +324,10 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                                                   tokenizer))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
-            memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
-                            else (None, None))
-            logits, memory, norm = model(tokens, memory, norm)
+            with _autocast(cfg, device):
+                memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
+                                else (None, None))
+                logits, memory, norm = model(tokens, memory, norm)
             loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))

@@ -47,6 +47,8 @@ def train():
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
               help="What learns (as `infini train lm`); anything but all also writes OUT_DIR/adapter.safetensors.")
 @click.option("--lora-rank", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--autocast", type=click.Choice(["bf16", "off"]), default="off", show_default=True,
+              help="bf16 autocast of the weights' matmuls (the memory path and the state stay float32).")
 @click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Real text as the filler (prose haystacks) instead of the varied sentences; repeat for several files.")
 @seed_option()
@@ -59,8 +61,8 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, init_from, trainable, lora_rank, haystack_files, seed, device, update,
-            max_minutes, threads, force, progress):
+            boundary, dilute, dilute_tokens, init_from, trainable, lora_rank, autocast, haystack_files, seed, device,
+            update, max_minutes, threads, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
@@ -96,7 +98,8 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
                       dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes,
                       filler="prose" if haystack_files else "varied",
-                      haystack_files=tuple(str(f) for f in haystack_files))
+                      haystack_files=tuple(str(f) for f in haystack_files),
+                      autocast=None if autocast == "off" else autocast)
 
     from ..models import lm_training as lt
 

@@ -236,3 +236,18 @@ def test_a_batch_in_a_bpe_tokenizer_with_prose_haystacks(tmp_path):
         needle_at = text.index("Remember it.")
         assert len(tok.encode(text[:needle_at])) < (positions[-1] // cfg.segment_len) * cfg.segment_len  # in memory
         assert "harbour" in text or "keeper" in text or "logbook" in text or "river" in text
+
+
+def test_training_under_bf16_autocast_keeps_the_state_float32_and_learns():
+    model = _model(3)
+    result = train(model, _small(steps=4, autocast="bf16"), progress=False)
+    assert result.steps_done == 4 and result.skipped == 0
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in result.log)
+    assert model.layers[0].self_attn.q_proj.weight.dtype == torch.float32       # weights stay float32
+    tokens = torch.randint(0, 256, (1, 2 * CFG.segment_len))
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, memory, norm = model(tokens)
+    assert memory.dtype == norm.dtype == torch.float32
+    plain = _model(3)
+    train(plain, _small(steps=4), progress=False)
+    assert not torch.equal(plain.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
