@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError, NumericalFaultError
-from .memory import autocast
 from .model import InfiniTransformer
-from .training import TrainResult, gate_values, lr_scale
 
 TRAINABLE = ("gates", "qkv", "lora", "all")
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -180,13 +178,30 @@ class SegmentLoss(nn.Module):
         return total / targets.numel()
 
     def _segment(self, tokens, targets, memory, norm):
-        with autocast(self.cfg.autocast, tokens.device):
+        with torch.autocast(tokens.device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.autocast,
+                            torch.float32), enabled=self.cfg.autocast is not None):
             logits, memory, norm = self.model.step(tokens, memory, norm)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         return loss, memory, norm
 
 
-LMTrainResult = TrainResult   # the same record as passkey training's
+@dataclass
+class LMTrainResult:
+    log: list[dict] = field(default_factory=list)
+    steps_done: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    stopped: str = "steps"
+
+
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+
+
+def gate_values(model: InfiniTransformer) -> list[list[float]]:
+    return [torch.sigmoid(layer.self_attn.beta.detach().float()).tolist() for layer in model.layers]
 
 
 def make_optimizer(model: nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimizer:
@@ -223,7 +238,7 @@ def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optim
                 result.stopped = "max_minutes"
                 break
             for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale(step / cfg.steps, step, cfg.warmup)
+                g["lr"] = g["base_lr"] * lr_scale(step, cfg.steps, cfg.warmup)
             tokens = corpus.batch(cfg.batch, cfg.seed, step)[rank * rows:(rank + 1) * rows].to(device)
             loss = objective(tokens)
             optimizer.zero_grad(set_to_none=True)

@@ -27,15 +27,6 @@ def float32_path(fn):
     return wrapper
 
 
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(name: str | None, device) -> torch.autocast:
-    """``torch.autocast`` for an autocast name ("bf16", "fp16"; None: off) on ``device``."""
-    dtype = AUTOCAST_DTYPES.get(name)
-    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
-
-
 def sigma(x: torch.Tensor) -> torch.Tensor:
     """ELU + 1: a positive feature map, so z > 0 once a key has been seen."""
     return F.elu(x) + 1.0

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
-from .memory import autocast
 from .model import InfiniTransformer
 from .passkey import PasskeyPrompt, filler_ids, filler_tokens, needle_end
 from .tokenizer import encode
@@ -140,22 +139,16 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         lead = end - len(prompt)
         ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler, haystack), encode(body)]) if lead else encode(body)
         rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1))
-    # the answer's digits and its final "." are predicted (not the leading space)
-    return _padded([(ids, n_answer - 1) for ids, n_answer in rows])
-
-
-def _padded(rows: list[tuple[torch.Tensor, int]]):
-    """(tokens, targets, answer mask) of rows (ids, k), padded at the end: the mask marks the positions
-    whose next token is one of the row's last k."""
     T = max(len(ids) for ids, _ in rows)
-    tokens = torch.zeros(len(rows), T, dtype=torch.long)
-    targets = torch.full((len(rows), T), IGNORE, dtype=torch.long)
-    answer = torch.zeros(len(rows), T, dtype=torch.bool)
-    for i, (ids, k) in enumerate(rows):
+    tokens = torch.zeros(batch, T, dtype=torch.long)
+    targets = torch.full((batch, T), IGNORE, dtype=torch.long)
+    answer = torch.zeros(batch, T, dtype=torch.bool)
+    for i, (ids, n_answer) in enumerate(rows):
         n = len(ids)
         tokens[i, :n] = ids
         targets[i, :n - 1] = ids[1:]
-        answer[i, n - 1 - k:n - 1] = True
+        # positions whose next token is an answer digit or the final "." (skip the leading space)
+        answer[i, n - n_answer:n - 1] = True
     return tokens, targets, answer
 
 
@@ -189,7 +182,16 @@ def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, 
         parts = [filler_ids(lead, seed + 1, cfg.filler, haystack, tokenizer)] if lead > 0 else []
         ids = np.concatenate([*parts, *prompt.piece_ids(), answer]).astype(np.int64)
         rows.append((torch.as_tensor(ids), len(answer)))
-    return _padded(rows)   # every answer id is predicted
+    T = max(len(ids) for ids, _ in rows)
+    tokens = torch.zeros(batch, T, dtype=torch.long)
+    targets = torch.full((batch, T), IGNORE, dtype=torch.long)
+    answer_mask = torch.zeros(batch, T, dtype=torch.bool)
+    for i, (ids, n_answer) in enumerate(rows):
+        n = len(ids)
+        tokens[i, :n] = ids
+        targets[i, :n - 1] = ids[1:]
+        answer_mask[i, n - n_answer - 1:n - 1] = True   # positions whose next token is the answer's
+    return tokens, targets, answer_mask
 
 
 def loss_fn(logits, targets, answer, answer_weight: float):
@@ -236,6 +238,11 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     _, memory, norm = model(fill)
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
     return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
+
+
+def _autocast(cfg: TrainConfig, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
 
 
 def curriculum_growth(progress: float, cfg: TrainConfig) -> float:
@@ -317,7 +324,7 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                                                   tokenizer))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
-            with autocast(cfg.autocast, device):
+            with _autocast(cfg, device):
                 memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
                                 else (None, None))
                 logits, memory, norm = model(tokens, memory, norm)

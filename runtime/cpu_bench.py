@@ -269,7 +269,7 @@ def _field(reader, key):
 
 def plot(result: dict, path, force: bool = False) -> None:
     """tokens/s and peak RSS against context length, every path and llama.cpp format."""
-    from .memory_bench import _pyplot, log_axes
+    from .memory_bench import _pyplot
 
     plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -281,7 +281,13 @@ def plot(result: dict, path, force: bool = False) -> None:
         a.plot(xs, [r["tokens_per_s"] for r in p["rows"]], style, color=f"C{i % 10}", label=name)
         b.plot(xs, [r.get("peak_rss_bytes", r["rss_bytes"]) / 2**20 for r in p["rows"]], style,
                color=f"C{i % 10}", label=name)
-    log_axes(((a, "tokens/s"), (b, "peak RSS (MiB)")), "context (tokens)")
+    for ax, ylabel in ((a, "tokens/s"), (b, "peak RSS (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     fig.suptitle(f"{result['model']}: {result['threads']} thread(s), {result['machine']}")
     fig.tight_layout()
     from ..atomic import atomic_file

@@ -167,7 +167,13 @@ def plot(result: dict, path, force: bool = False) -> None:
     if kv:
         b.plot([r["tokens"] for r in kv], [r["kv_cache_bytes"] / 2**20 for r in kv], "s-", color="C3",
                label="KV cache (fp32)")
-    log_axes(((a, "ms per segment"), (b, "MiB")), "stream length (tokens)")
+    for ax, ylabel in ((a, "ms per segment"), (b, "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("stream length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
     cfg = result["config"]
     fig.suptitle(f"{result['model']}: {cfg['n_layer']} layers, {cfg['n_head']} heads of {cfg['d_head']}, "
                  f"segment {cfg['segment_len']}; {result['threads']} thread(s), CPU")
@@ -178,17 +184,6 @@ def plot(result: dict, path, force: bool = False) -> None:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
-
-
-def log_axes(axes, xlabel: str) -> None:
-    """Log-log panels against a length, each (axis, y label), gridded, with a legend."""
-    for ax, ylabel in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
 
 
 def _pyplot():

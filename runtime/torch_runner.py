@@ -10,7 +10,6 @@ from ..errors import BadInputError, MissingBackendError
 from ..models import spec
 from ..models.chunk import chunk_step
 from ..models.decode import decode_step
-from ..models.memory import AUTOCAST_DTYPES, autocast
 from ..models.model import InfiniTransformer
 from .runner import TORCH_DTYPES, BaseRunner
 
@@ -50,9 +49,10 @@ class TorchRunner(BaseRunner):
 
     def infer_impl(self, feed):
         args = [feed[s.name].to(self.device) for s in self.input_specs]  # spec order = argument order
-        with torch.inference_mode(), autocast(self.autocast, self.device):
+        with torch.inference_mode(), torch.autocast(self.device.type, AUTOCAST[self.autocast],
+                                                    enabled=self.autocast is not None):
             outputs = self._fn(*args)
         return {s.name: out.to(TORCH_DTYPES[s.dtype]) for s, out in zip(self.output_specs, outputs)}
 
 
-AUTOCAST = {None: None, **AUTOCAST_DTYPES}
+AUTOCAST = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
