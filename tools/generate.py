@@ -19,14 +19,15 @@ from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
 from ..atomic import write_text
 from ..paths import check_input_file
-from .init_run import make_runner, model_tokenizer
+from .init_run import fastest_autocast, make_runner, model_tokenizer
 from .options import (DEVICE, THREADS, Number, check_outputs, force_option, json_out_option, parse_count,
                       seed_option)
 
 GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
-def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None) -> tuple[Stream, str]:
+def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None,
+                autocast: str = "off") -> tuple[Stream, str]:
     """(a batch-1 stream over MODEL's segment, decode and chunk steps on one backend, the backend's name).
 
     auto: onnxruntime for an export folder (its segment.onnx, decode.onnx and chunk.onnx when it has one),
@@ -39,13 +40,15 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
         torch.set_num_threads(threads)
     if backend in ("auto", "torch") and not is_export_dir(model):   # one model for both steps
         net = resolve_model(model, seed)
-        return Stream(TorchRunner(net, device), decode_runner=TorchRunner(net, device, graph="decode"),
-                      chunk_runner=TorchRunner(net, device, graph="chunk")), "torch"
-    runner, backend = make_runner(model, backend, device, threads, seed)
-    decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode")
+        autocast = fastest_autocast(net, device) if autocast == "auto" else autocast
+        runners = [TorchRunner(net, device, graph=g, autocast=None if autocast == "off" else autocast)
+                   for g in ("segment", "decode", "chunk")]
+        return Stream(runners[0], decode_runner=runners[1], chunk_runner=runners[2]), "torch"
+    runner, backend = make_runner(model, backend, device, threads, seed, autocast=autocast)
+    decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode", autocast=autocast)
     chunk_runner = None
     if _has_graph(model, backend, "chunk"):   # exports made before chunk.onnx: the decode step alone
-        chunk_runner, _ = make_runner(model, backend, device, threads, seed, graph="chunk")
+        chunk_runner, _ = make_runner(model, backend, device, threads, seed, graph="chunk", autocast=autocast)
     return Stream(runner, decode_runner=decode_runner, chunk_runner=chunk_runner), backend
 
 
@@ -59,7 +62,7 @@ def _has_graph(model: str, backend: str, graph: str) -> bool:
 
 
 def common_options(f):
-    """--backend, --device, --threads, --progress: shared by generate and passkey."""
+    """--backend, --device, --threads, --autocast, --progress: shared by generate and passkey."""
     for option in reversed([
         click.option("--backend", type=click.Choice(GENERATE_BACKENDS), default="auto", show_default=True,
                      help="auto: onnxruntime for an export folder (infini.json), torch otherwise; "
@@ -67,6 +70,9 @@ def common_options(f):
         click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N)."),
         click.option("--threads", type=THREADS, default=None,
                      help="intra-op threads of torch and onnxruntime [default: theirs]."),
+        click.option("--autocast", type=click.Choice(["auto", "bf16", "off"]), default="off", show_default=True,
+                     help="torch backend: bf16 autocast of the weights' matmuls, the state float32 (as `infini run`; "
+                          "auto: bf16 on a CPU with native bf16 for a model at least 256 wide)."),
         click.option("--progress/--no-progress", default=True, show_default=True),
     ]):
         f = option(f)
@@ -93,7 +99,7 @@ def common_options(f):
 @common_options
 def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
              server, stream_id,
-             backend, device, threads, progress):
+             backend, device, threads, autocast, progress):
     """Stream a prompt through MODEL (a checkpoint folder, an export folder or a preset name) and print what it
     generates, encoded and decoded with MODEL's tokenizer; generation stops at its end-of-text tokens."""
     if (prompt_file is None) == (prompt_text is None):
@@ -110,7 +116,7 @@ def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k
 
         stream = RemoteStream(server, stream_id=stream_id)
     else:
-        stream, backend = open_stream(model, backend, device, seed, threads)
+        stream, backend = open_stream(model, backend, device, seed, threads, autocast)
     prompt, total = prompt_tokens(tokenizer, prompt_file, prompt_text, chat, system)
     text = tokenizer.decoder()
     marks = [time.perf_counter()]
@@ -199,7 +205,7 @@ def length_label(n: int) -> str:
 @force_option("Replace the --json-out file if it exists.")
 @common_options
 def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_out, force, backend, device, threads,
-            progress):
+            autocast, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
@@ -215,17 +221,18 @@ def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_o
             raise BadInputError("--filler prose and --haystack FILE go together")
         haystack = Haystack.from_files(haystack_files)
     tokenizer = model_tokenizer(model)
-    stream, backend = open_stream(model, backend, device, seed, threads)
+    stream, backend = open_stream(model, backend, device, seed, threads, autocast)
+    label = getattr(stream.runner, "label", backend)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None, tokenizer=tokenizer, haystack=haystack)
     rows = summarise(results)
     cfg = stream.config
     click.echo(f"passkey retrieval: {model} ({cfg.update} rule, segment {cfg.segment_len}), {trials} trial(s) "
-               f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {backend} on {device}, "
+               f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {label} on {device}, "
                f"{torch.get_num_threads()} threads; accuracy %")
     click.echo(format_table(rows, depths))
     if json_out:
-        write_text(json_out, json.dumps({"model": model, "backend": backend, "device": device,
+        write_text(json_out, json.dumps({"model": model, "backend": backend, "runner": label, "device": device,
                                         "threads": torch.get_num_threads(), "config": cfg.to_dict(),
                                         "seed": seed, "filler": filler,
                                         "haystack": [str(f) for f in haystack_files], "summary": rows,

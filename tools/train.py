@@ -42,6 +42,8 @@ def train():
               help="Share of rows that start from the simulated state of a long filler stream (docs/training.md).")
 @click.option("--dilute-tokens", type=Number(0, 1e12, min_open=True), nargs=2, default=(1e3, 2e6), show_default=True,
               help="Length range (tokens, log-uniform) of that simulated stream.")
+@click.option("--dilute-segments", type=click.IntRange(1, 64), default=2, show_default=True,
+              help="Segments of filler run (with gradient) to measure the simulated state per token.")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
@@ -58,16 +60,20 @@ def train():
 @click.option("--max-minutes", type=Number(0, 1e6, min_open=True), default=None,
               help="Stop (and save) after this long; the LR schedule then follows time as well as steps.")
 @click.option("--threads", type=THREADS, default=None, help="torch intra-op threads.")
+@click.option("--checkpointing/--no-checkpointing", default=None,
+              help="Recompute each segment in backward (gradient checkpointing): the memory of one segment's "
+                   "activations instead of all.  [default: on when the whole row would not fit]")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, init_from, trainable, lora_rank, autocast, haystack_files, seed, device,
-            update, max_minutes, threads, force, progress):
+            boundary, dilute, dilute_tokens, dilute_segments, init_from, trainable, lora_rank, autocast, haystack_files,
+            seed, device,
+            update, max_minutes, threads, checkpointing, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
     import torch
 
     from ..atomic import atomic_folder
-    from ..limits import check_fits
+    from ..limits import available_memory_bytes, check_fits
     from ..models.checkpoint import LOG_FILE, init_model, load_checkpoint, owned_checkpoint, write_checkpoint
     from ..models.config import preset
     from ..models.training import TrainConfig, train as run_training, write_log
@@ -90,16 +96,22 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     else:
         model_cfg = preset(preset_name, update=update or "linear")
         model = init_model(model_cfg, seed)
-    check_fits(16 * model_cfg.parameter_count() + max_segments * model_cfg.n_layer * model_cfg.step_bytes(batch),
+    # activations of every segment, or (checkpointing) of one segment and the state between segments
+    whole = 16 * model_cfg.parameter_count() + max_segments * model_cfg.n_layer * model_cfg.step_bytes(batch)
+    if checkpointing is None:
+        checkpointing = whole > 0.8 * available_memory_bytes()
+    segments = 1 if checkpointing else max_segments
+    check_fits(16 * model_cfg.parameter_count() + segments * model_cfg.n_layer * model_cfg.step_bytes(batch),
                f"training this model at --batch {batch} over {max_segments} segments (weights, gradients, AdamW "
-               "state, activations)")
+               "state, activations" + (", one segment at a time)" if checkpointing else ")"))
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
-                      dilute_tokens=tuple(dilute_tokens), seed=seed, max_minutes=max_minutes,
+                      dilute_tokens=tuple(dilute_tokens), dilute_segments=dilute_segments, seed=seed,
+                      max_minutes=max_minutes,
                       filler="prose" if haystack_files else "varied",
                       haystack_files=tuple(str(f) for f in haystack_files),
-                      autocast=None if autocast == "off" else autocast)
+                      autocast=None if autocast == "off" else autocast, checkpointing=checkpointing)
 
     from ..models import lm_training as lt
 
@@ -107,7 +119,9 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     lt.prepare(model, lt.LMTrainConfig(trainable=trainable, lora_rank=lora_rank, seed=seed))
 
     def on_log(e):
-        gates = " ".join(f"{g:.2f}" for layer in e["gates"] for g in layer)
+        flat = [g for layer in e["gates"] for g in layer]
+        gates = (" ".join(f"{g:.2f}" for g in flat) if len(flat) <= 16    # a big model: its spread, not 270 numbers
+                 else f"mean {sum(flat) / len(flat):.3f} max {max(flat):.3f}")
         msg = (f"step {e['step']}: loss {e['loss']:.3f}, answer loss {e['answer_loss']:.3f}, "
                f"retrieval acc {e['answer_accuracy']:.2f}, {e['segments']} seg, gates {gates}, "
                f"|z| max {e['norm_max']:.1f}, {e['seconds']:.0f}s")
@@ -127,9 +141,10 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer)
         model = model.float().cpu()
         if trainable != "all":
-            from ..models.adapter import save_adapter
+            from ..models.adapter import base_options, save_adapter
 
-            save_adapter(model, trainable, base_ident, tmp, {"steps": result.steps_done, "base_model": str(init_from)})
+            save_adapter(model, trainable, base_ident, tmp, {"steps": result.steps_done, "base_model": str(init_from),
+                                                             "convert": base_options(model)})
         model = lt.merge_adapters(model)
         for p in model.parameters():
             p.requires_grad_(True)

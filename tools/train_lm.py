@@ -242,14 +242,15 @@ def _write(out_dir, net, base, tokenizer, optimizer, cfg, step, log, meta, resul
     from safetensors.torch import save_file
 
     from ..atomic import atomic_folder
-    from ..models.adapter import save_adapter
+    from ..models.adapter import base_options, save_adapter
     from ..models.checkpoint import LOG_FILE, owned_checkpoint, write_checkpoint
     from ..models.lm_training import config_dict
 
     with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
         write_checkpoint(_merged_copy(net).float().cpu(), tmp, tokenizer if tokenizer.kind != "bytes" else None,
                          metadata=getattr(base, "metadata", None))
-        save_adapter(net, cfg.trainable, meta["base"], tmp, {"steps": step, "base_model": meta["base_model"]})
+        save_adapter(net, cfg.trainable, meta["base"], tmp, {"steps": step, "base_model": meta["base_model"],
+                                                              "convert": base_options(base)})
         save_file(_optimizer_tensors(net, optimizer), str(tmp / OPTIMIZER_FILE))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "train_config": config_dict(cfg),
                                                   "data": meta["data"], "base": meta["base"],

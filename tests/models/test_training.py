@@ -251,3 +251,36 @@ def test_training_under_bf16_autocast_keeps_the_state_float32_and_learns():
     plain = _model(3)
     train(plain, _small(steps=4), progress=False)
     assert not torch.equal(plain.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)
+
+
+def test_checkpointed_segments_give_the_loss_and_gradients_of_the_whole_row():
+    # gradient checkpointing per segment (how a 135M model fits): the same loss and gradients, state included
+    from infini_deploy.models.training import segment_losses
+
+    model = _model(5)
+    cfg = _small(checkpointing=True)
+    tokens, targets, answer = make_batch(CFG, 3, 2, random.Random(1), cfg, 0.9)
+    memory0 = torch.rand(CFG.state_shape(2)[0]) * 0.1
+    norm0 = torch.rand(CFG.state_shape(2)[1])
+    params = [model.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.beta]
+    logits, memory, norm = model(tokens, memory0, norm0)
+    whole, whole_ans, whole_acc = loss_fn(logits, targets, answer, cfg.answer_weight)
+    g_whole = torch.autograd.grad(whole, params)
+    split, split_ans, split_acc, memory_s, norm_s = segment_losses(model, tokens, targets, answer, memory0, norm0, cfg)
+    g_split = torch.autograd.grad(split, params)
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split_ans, whole_ans, rtol=1e-6, atol=1e-6)
+    assert split_acc.item() == whole_acc.item()
+    for a, b in zip(g_split, g_whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(memory_s, memory)
+    torch.testing.assert_close(norm_s, norm)
+
+
+def test_training_with_checkpointing_follows_the_same_steps():
+    a, b = _model(2), _model(2)
+    log_a = train(a, _small(dilute=0.5, checkpointing=True), progress=False).log
+    log_b = train(b, _small(dilute=0.5), progress=False).log
+    assert [round(e["loss"], 4) for e in log_a] == [round(e["loss"], 4) for e in log_b]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)

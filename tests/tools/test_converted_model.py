@@ -157,3 +157,23 @@ def test_passkey_training_of_a_converted_model_runs_in_its_own_tokenizer_on_pros
     res = invoke("train", "passkey", tmp_path / "u", "--init", converted[0], "--steps", 1, "--min-segments", 8,
                  "--max-segments", 8, "--haystack", tmp_path / "prose.txt", "--no-progress")
     assert res.exit_code == 2 and "raise --min-segments" in res.output
+
+
+def test_convert_with_an_adapter_rebuilds_the_trained_model_from_the_source_alone(converted, tmp_path):
+    # the adapter remembers how its base was converted (segment 32, gate -1): SRC and --adapter are enough
+    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
+                                                 f"that night." for i in range(60)))
+    res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 2, "--batch", 2,
+                 "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt",
+                 "--trainable", "lora", "--checkpointing", "--no-progress")
+    assert res.exit_code == 0, res.output
+    src = converted[0].parent / "src"
+    res = invoke("convert", src, tmp_path / "rebuilt", "--adapter", tmp_path / "t")
+    assert res.exit_code == 0, res.output
+    assert "segment 32" in res.output and "gates at beta -1" in res.output
+    rebuilt, trained = load_checkpoint(tmp_path / "rebuilt"), load_checkpoint(tmp_path / "t")
+    assert rebuilt.config == trained.config
+    for (k, v), (k2, w) in zip(rebuilt.state_dict().items(), trained.state_dict().items()):
+        assert k == k2 and torch.equal(v, w), k
+    res = invoke("convert", src, tmp_path / "other", "--adapter", tmp_path / "t", "--segment-len", 64)
+    assert res.exit_code == 2 and "was trained on a base model with weights sha256" in res.output

@@ -105,3 +105,17 @@ def test_generate_tensorrt_needs_engines_and_a_gpu(tiny_fp32):
     assert res.exit_code == 2 and "--backend tensorrt needs an export folder" in res.output
     res = invoke("generate", tiny_fp32, "--backend", "tensorrt", "--prompt", "x", "--no-progress")
     assert res.exit_code == 2 and "has no TensorRT engine for the 'segment' graph" in res.output
+
+
+def test_passkey_under_bf16_autocast_names_its_runner_and_answers_like_float32(tmp_path):
+    # bf16 autocast (the fast torch path on this CPU) for long evaluations; the state stays float32
+    args = ["passkey", "tiny", "--lengths", "1k", "--depths", "0.5", "--trials", 2, "--seed", 4, "--no-progress"]
+    res = invoke(*args, "--autocast", "bf16", "--json-out", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    assert "torch bf16 autocast on cpu" in res.stdout
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["runner"] == "torch bf16 autocast" and report["backend"] == "torch"
+    plain = invoke(*args, "--json-out", tmp_path / "f.json")
+    assert json.loads((tmp_path / "f.json").read_text())["runner"] == "torch"
+    keys = lambda f: [t["key"] for t in json.loads((tmp_path / f).read_text())["trials"]]  # noqa: E731
+    assert plain.exit_code == 0 and keys("b.json") == keys("f.json")
