@@ -243,8 +243,8 @@ def filler_tokens(n: int, seed: int, filler: str = "varied", haystack: "Haystack
     for block in (haystack.blocks(seed) if haystack is not None else filler_blocks(seed, filler)):
         buf.append(block + b" ")
         size += len(block) + 1
-        if size >= n:
-            return encode(b"".join(buf)[:n])
+        if size >= n:   # raw bytes: a cut inside a UTF-8 character is still n byte tokens (not re-validated)
+            return np.frombuffer(b"".join(buf)[:n], dtype=np.uint8).astype(np.int64)
 
 
 def filler_ids(n: int, seed: int, filler: str = "varied", haystack: "Haystack | None" = None,

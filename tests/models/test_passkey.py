@@ -98,3 +98,17 @@ def test_a_bytes_prose_prompt_is_exact_too_and_prose_needs_a_haystack():
         PasskeyPrompt(1000, 0.3, seed=4, filler="prose")
     with pytest.raises(BadInputError, match="a haystack needs at least 6"):
         Haystack(["One sentence. Two."], "tiny.txt")
+
+
+def test_byte_filler_from_prose_may_cut_inside_a_character(tmp_path):
+    # a cut in the middle of "é" (2 bytes) once stopped a training run after 385 steps with "not UTF-8 text"
+    from infini_deploy.models.passkey import Haystack, filler_tokens
+
+    haystack = Haystack(["Café au lait. " * 4 + "Résumé of the day. " * 4])
+    lengths = set()
+    for n in range(1, 40):
+        ids = filler_tokens(n, 0, haystack=haystack)
+        assert ids.dtype == np.int64 and len(ids) == n and ids.max() < 256
+        lengths.add(n)
+    assert any(bytes(filler_tokens(n, 0, haystack=haystack).astype(np.uint8).tolist())[-1:] == b"\xc3"
+               for n in lengths)   # some cut does split a character
