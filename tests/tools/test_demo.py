@@ -52,6 +52,26 @@ def test_the_bundled_model_retrieves_the_key_through_its_memory(tmp_path):
     assert [t["generated"] for t in trials] == [f" {t['key']}." for t in trials]
 
 
+def test_the_bundled_model_retrieves_keys_hidden_in_prose_it_never_trained_on(tmp_path):
+    """Retrained on prose haystacks (the Bible and the Python docs; docs/model_card.md): keys hidden in the
+    project's own validation prose, which training never read, 2K and 8K tokens, every depth. The model before
+    this retraining got 6 of these 12 right."""
+    import json
+    from pathlib import Path
+
+    from infini_deploy import export
+
+    out = tmp_path / "pk.json"
+    prose = Path(export.__file__).parent / "data" / "validation.txt"
+    r = CliRunner().invoke(cli, ["passkey", str(demo_mod.BUNDLED), "--lengths", "2k,8k", "--depths", "0,0.5,1",
+                                 "--trials", "2", "--haystack", str(prose), "--threads", "1", "--no-progress",
+                                 "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    trials = json.loads(out.read_text())["trials"]
+    assert len(trials) == 12 and all(t["prompt_tokens"] == t["length"] for t in trials)
+    assert [t["generated"] for t in trials] == [f" {t['key']}." for t in trials]
+
+
 def test_demo_smollm2_converts_with_the_adapter_once_and_streams_prose(tmp_path, monkeypatch):
     """The --model smollm2 path end to end on a stand-in: a tiny GGUF Llama in the wheel's place and an adapter
     trained on its conversion (the real wheel and adapter: tests/tools/test_smollm2.py)."""
