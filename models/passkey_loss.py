@@ -1,0 +1,124 @@
+"""The passkey trainer's losses and starting states: the answer-weighted loss (whole rows, or one segment at a
+time under gradient checkpointing), the state after filler, and the diluted state of a long stream."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .model import InfiniTransformer
+from .passkey import filler_ids
+
+if TYPE_CHECKING:
+    from .training import TrainConfig
+
+IGNORE = -100
+
+
+def loss_fn(logits, targets, answer, answer_weight: float):
+    """(total loss, answer loss, answer accuracy: the share of rows with every digit right)."""
+    V = logits.shape[-1]
+    lm = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE)
+    ans_logits = logits[answer].float()
+    ans_targets = targets[answer]
+    ans = F.cross_entropy(ans_logits, ans_targets)
+    with torch.no_grad():
+        right = (ans_logits.argmax(-1) == ans_targets).float()
+        per_row = torch.zeros(answer.shape[0], device=logits.device)
+        per_row.index_add_(0, answer.nonzero()[:, 0], 1 - right)
+        acc = (per_row == 0).float().mean()
+    return lm + answer_weight * ans, ans, acc
+
+
+def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig):
+    """loss_fn, one segment at a time, each under gradient checkpointing: backward keeps the state between
+    segments and recomputes one segment's activations, so a 135M-parameter model trains on rows of several
+    segments in the memory one segment needs (the paper's recipe). Same loss as loss_fn up to summation order."""
+    if memory is None:
+        memory, norm = model.initial_state(tokens.shape[0], tokens.device)
+    N = model.config.segment_len
+    lm = ans = torch.zeros((), device=tokens.device)
+    wrong = torch.zeros(tokens.shape[0], device=tokens.device)
+    for start in range(0, tokens.shape[1], N):
+        sl = slice(start, start + N)
+        seg_lm, seg_ans, seg_wrong, memory, norm = checkpoint(_segment_loss, model, tokens[:, sl], targets[:, sl],
+                                                              answer[:, sl], memory, norm, cfg.autocast,
+                                                              use_reentrant=False)
+        lm, ans, wrong = lm + seg_lm, ans + seg_ans, wrong + seg_wrong
+    n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
+    lm, ans = lm / n_lm, ans / n_ans
+    return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
+
+
+def _segment_loss(model, tokens, targets, answer, memory, norm, autocast):
+    with _autocast_dtype(autocast, tokens.device):
+        logits, memory, norm = model.step(tokens, memory, norm)
+    logits = logits.float()
+    V = logits.shape[-1]
+    lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    ans_logits, ans_targets = logits[answer], targets[answer]
+    ans = F.cross_entropy(ans_logits, ans_targets, reduction="sum") if len(ans_targets) else lm * 0
+    with torch.no_grad():
+        wrong = torch.zeros(tokens.shape[0], device=tokens.device)
+        wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
+    return lm, ans, wrong, memory, norm
+
+
+def state_after(model: InfiniTransformer, tokens, checkpointing: bool):
+    """The state (memory, norm) after ``tokens`` from zero, with gradient (segment by segment under
+    checkpointing when asked)."""
+    memory, norm = model.initial_state(tokens.shape[0], tokens.device)
+    N = model.config.segment_len
+    for start in range(0, tokens.shape[1], N):
+        seg = tokens[:, start:start + N]
+        if checkpointing:
+            memory, norm = checkpoint(lambda t, m, z: model.step(t, m, z)[1:], seg, memory, norm,
+                                      use_reentrant=False)
+        else:
+            _, memory, norm = model.step(seg, memory, norm)
+    return memory, norm
+
+
+def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, device, share: float | None = None,
+             haystack=None, tokenizer=None):
+    """The initial state (memory, norm) of a batch: for a ``share`` of rows (default ``cfg.dilute``;
+    training ramps it up with the curriculum), the state a stream of D filler tokens would leave
+    (D log-uniform in ``cfg.dilute_tokens``); zero for the rest.
+
+    Why: retrieval reads sigma(q) M / sigma(q) z, a weighted mean over every token the memory has
+    seen, so the needle's share shrinks as 1/length unless the keys of filler are (exponentially)
+    far from the question's query. Prompts of a few segments never ask for that margin; a
+    million-token prompt needs it. Streaming D tokens per step is too slow to train on, but the
+    linear update makes the state a sum over tokens, so D tokens of filler leave about
+    D / n times the state of n filler tokens. We run ``dilute_segments`` segments of filler
+    (with gradient: the filler's keys are what must move away from the query), scale their state
+    by D / n, and start the prompt from it. Evaluation streams real prompts (infini passkey).
+    Returns (None, None) when no row is diluted.
+    """
+    B = cfg.batch
+    lo, hi = (math.log(t) for t in cfg.dilute_tokens)
+    share = cfg.dilute if share is None else share
+    scale = [math.exp(rng.uniform(lo, hi)) if rng.random() < share else 0.0 for _ in range(B)]
+    if not any(scale):
+        return None, None
+    n = cfg.dilute_segments * model.config.segment_len
+    fill = torch.stack([torch.as_tensor(filler_ids(n, rng.randrange(1 << 40), cfg.filler, haystack, tokenizer),
+                                        dtype=torch.long)
+                        for _ in range(B)]).to(device)
+    memory, norm = state_after(model, fill, cfg.checkpointing)
+    s = torch.tensor(scale, dtype=torch.float32, device=device) / n
+    return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
+
+
+def _autocast(cfg: TrainConfig, device):
+    return _autocast_dtype(cfg.autocast, device)
+
+
+def _autocast_dtype(name: str | None, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
