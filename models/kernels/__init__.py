@@ -6,7 +6,8 @@ plus local attention -- registered as the CUDA implementation of the model's
 custom ops. Runners and the TensorRT plugin (export/trt_plugin.py) only call it.
 
 Modules:
-  triton_infini  the @triton.jit kernels and their torch launchers (imports triton)
+  triton_infini  the torch launchers of the Triton kernels (imports triton)
+  triton_kernels the @triton.jit kernels themselves
   ops            the ``infini::attention`` custom op (reference + CUDA kernel) and
                  the CUDA kernel of ``infini::memory``; imports triton only when
                  a CUDA tensor first reaches them
