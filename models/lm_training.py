@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError, NumericalFaultError
+from .memory import autocast_context
 from .model import InfiniTransformer
 
 TRAINABLE = ("gates", "qkv", "lora", "all")
@@ -178,8 +179,7 @@ class SegmentLoss(nn.Module):
         return total / targets.numel()
 
     def _segment(self, tokens, targets, memory, norm):
-        with torch.autocast(tokens.device.type, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.autocast,
-                            torch.float32), enabled=self.cfg.autocast is not None):
+        with autocast_context(self.cfg.autocast, tokens.device):
             logits, memory, norm = self.model.step(tokens, memory, norm)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         return loss, memory, norm

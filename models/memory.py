@@ -14,6 +14,15 @@ import functools
 import torch
 import torch.nn.functional as F
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}   # the half precisions the weights' matmuls may take
+
+
+def autocast_context(name: str | None, device):
+    """``torch.autocast`` of the weights' matmuls in ``name`` ("bf16", "fp16"); None or "off": as they are.
+    The memory path stays float32 inside it (:func:`float32_path`)."""
+    dtype = AUTOCAST.get(name)
+    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
+
 
 def float32_path(fn):
     """Run ``fn`` with autocast off: under ``torch.autocast`` (bf16 on a CPU, fp16 on a GPU) the matmuls of

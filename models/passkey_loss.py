@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .memory import autocast_context
 from .model import InfiniTransformer
 from .passkey import filler_ids
 
@@ -56,7 +57,7 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
 
 
 def _segment_loss(model, tokens, targets, answer, memory, norm, autocast):
-    with _autocast_dtype(autocast, tokens.device):
+    with autocast_context(autocast, tokens.device):
         logits, memory, norm = model.step(tokens, memory, norm)
     logits = logits.float()
     V = logits.shape[-1]
@@ -116,9 +117,4 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
 
 
 def _autocast(cfg: TrainConfig, device):
-    return _autocast_dtype(cfg.autocast, device)
-
-
-def _autocast_dtype(name: str | None, device):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
-    return torch.autocast(torch.device(device).type, dtype or torch.float32, enabled=dtype is not None)
+    return autocast_context(cfg.autocast, device)

@@ -36,7 +36,6 @@ from .passkey import PasskeyPrompt, filler_ids, filler_tokens, needle_end
 from .passkey_loss import (  # noqa: F401  (re-exported)
     IGNORE,
     _autocast,
-    _autocast_dtype,
     dilution,
     loss_fn,
     segment_losses,

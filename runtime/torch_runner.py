@@ -10,6 +10,7 @@ from ..errors import BadInputError, MissingBackendError
 from ..models import spec
 from ..models.chunk import chunk_step
 from ..models.decode import decode_step
+from ..models.memory import AUTOCAST, autocast_context
 from ..models.model import InfiniTransformer
 from .runner import TORCH_DTYPES, BaseRunner
 
@@ -35,8 +36,8 @@ class TorchRunner(BaseRunner):
         super().__init__(config, *spec.graph_specs(graph, config, dtype), device)
         self.model = model
         self.graph = graph
-        if autocast not in AUTOCAST:
-            raise BadInputError(f"autocast {autocast!r}: expected one of {sorted(k for k in AUTOCAST if k)} or None")
+        if autocast is not None and autocast not in AUTOCAST:
+            raise BadInputError(f"autocast {autocast!r}: expected one of {sorted(AUTOCAST)} or None")
         if autocast and dtype != "float32":
             raise BadInputError(f"autocast {autocast!r} needs float32 weights; this model's are {dtype}")
         self.autocast = autocast
@@ -49,10 +50,7 @@ class TorchRunner(BaseRunner):
 
     def infer_impl(self, feed):
         args = [feed[s.name].to(self.device) for s in self.input_specs]  # spec order = argument order
-        with torch.inference_mode(), torch.autocast(self.device.type, AUTOCAST[self.autocast],
-                                                    enabled=self.autocast is not None):
+        with torch.inference_mode(), autocast_context(self.autocast, self.device):
             outputs = self._fn(*args)
         return {s.name: out.to(TORCH_DTYPES[s.dtype]) for s, out in zip(self.output_specs, outputs)}
 
-
-AUTOCAST = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
