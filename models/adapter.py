@@ -115,16 +115,38 @@ def adapter_digest(path: str | Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-def apply_adapter(model: InfiniTransformer, path: str | Path) -> InfiniTransformer:
-    """Apply an adapter to its base model in place (and return it); refuses a base whose weights differ."""
-    tensors, header = read_adapter(path)
-    digest = weights_digest(model)
+def _check_base(model: InfiniTransformer, path, header: dict, digest: str | None = None) -> None:
+    digest = digest or weights_digest(model)
     if digest != header["base_weights_sha256"] or model.config.digest() != header["base_config_digest"]:
         raise IncompatibleArtifactError(
             f"--adapter {path} was trained on a base model with weights sha256 {header['base_weights_sha256'][:16]}... "
             f"(config {header['base_config_digest'][:12]}); this model's are {digest[:16]}... (config "
             f"{model.config.digest()[:12]}): convert the base with the same source and options as the adapter's "
             f"model card says")
+
+
+def continue_adapter(model: InfiniTransformer, path: str | Path, trainable: str, base_digest: str) -> None:
+    """Load an adapter's tensors into a model being trained (after lm_training.prepare, so its LoRA modules
+    exist), to train on from where an earlier run stopped; the base must be the one the adapter was trained on
+    (``base_digest``: its weights' sha256 before prepare) and the trainable set the same."""
+    tensors, header = read_adapter(path)
+    _check_base(model, path, header, base_digest)
+    if header["trainable"] != trainable:
+        raise BadInputError(f"--init-adapter {path} trained --trainable {header['trainable']}, not {trainable}: "
+                            f"pass --trainable {header['trainable']}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name not in params or params[name].shape != value.shape:
+                raise IncompatibleArtifactError(f"--init-adapter {path}: tensor {name} {tuple(value.shape)} does not "
+                                                "fit this model (another --lora-rank?)")
+            params[name].copy_(value.to(params[name].dtype))
+
+
+def apply_adapter(model: InfiniTransformer, path: str | Path) -> InfiniTransformer:
+    """Apply an adapter to its base model in place (and return it); refuses a base whose weights differ."""
+    tensors, header = read_adapter(path)
+    _check_base(model, path, header)
     state = model.state_dict()
     trainable = header["trainable"]
     with torch.no_grad():

@@ -49,6 +49,9 @@ def train():
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
               help="What learns (as `infini train lm`); anything but all also writes OUT_DIR/adapter.safetensors.")
 @click.option("--lora-rank", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--init-adapter", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Train on from this adapter (of an earlier run on the same --init base and --trainable set) "
+                   "instead of from zero: a stage of a curriculum, whose adapter stays one adapter of that base.")
 @click.option("--autocast", type=click.Choice(["bf16", "off"]), default="off", show_default=True,
               help="bf16 autocast of the weights' matmuls (the memory path and the state stay float32).")
 @click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
@@ -66,7 +69,8 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, dilute_segments, init_from, trainable, lora_rank, autocast, haystack_files,
+            boundary, dilute, dilute_tokens, dilute_segments, init_from, trainable, lora_rank, init_adapter, autocast,
+            haystack_files,
             seed, device,
             update, max_minutes, threads, checkpointing, force, progress):
     """Train on passkey prompts (varied filler) and write a checkpoint to OUT_DIR plus OUT_DIR/train_log.json."""
@@ -115,8 +119,14 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
 
     from ..models import lm_training as lt
 
+    if init_adapter is not None and (init_from is None or trainable == "all"):
+        raise BadInputError("--init-adapter needs --init (the adapter's base) and a --trainable set other than all")
     base_ident = {"weights_sha256": _digest(model), "config_digest": model.config.digest()}
     lt.prepare(model, lt.LMTrainConfig(trainable=trainable, lora_rank=lora_rank, seed=seed))
+    if init_adapter is not None:
+        from ..models.adapter import adapter_digest, continue_adapter
+
+        continue_adapter(model, init_adapter, trainable, base_ident["weights_sha256"])
 
     def on_log(e):
         flat = [g for layer in e["gates"] for g in layer]
@@ -143,8 +153,10 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         if trainable != "all":
             from ..models.adapter import base_options, save_adapter
 
-            save_adapter(model, trainable, base_ident, tmp, {"steps": result.steps_done, "base_model": str(init_from),
-                                                             "convert": base_options(model)})
+            info = {"steps": result.steps_done, "base_model": str(init_from), "convert": base_options(model)}
+            if init_adapter is not None:
+                info["continued_from"] = {"adapter": str(init_adapter), "sha256": adapter_digest(init_adapter)}
+            save_adapter(model, trainable, base_ident, tmp, info)
         model = lt.merge_adapters(model)
         for p in model.parameters():
             p.requires_grad_(True)

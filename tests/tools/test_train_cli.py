@@ -63,3 +63,36 @@ def test_train_passkey_with_low_rank_adapters_writes_an_adapter_of_what_changed(
     assert not torch.equal(tuned.layers[0].self_attn.q_proj.weight, before.layers[0].self_attn.q_proj.weight)
     rebuilt = apply_adapter(before, tmp_path / "ft")
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), tuned.state_dict().values()))
+
+
+def test_train_passkey_init_adapter_trains_on_from_an_earlier_stage(tmp_path):
+    import torch
+
+    from infini_deploy.models.adapter import apply_adapter, read_adapter
+    from infini_deploy.models.checkpoint import init_model, save_checkpoint
+    from infini_deploy.models.config import preset
+
+    base = save_checkpoint(init_model(preset("tiny", segment_len=128, n_layer=1), seed=3), tmp_path / "base")
+    common = ["--init", str(base), "--batch", "1", "--threads", "1", "--trainable", "lora", "--no-progress"]
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "s1"), "--steps", "2", *common])
+    assert r.exit_code == 0, r.output
+    # a second stage at a vanishing learning rate ends where the first stopped, not at B = 0
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "s2"), "--steps", "1", "--lr", "1e-12",
+                                 "--beta-lr", "1e-12", "--init-adapter", str(tmp_path / "s1"), *common])
+    assert r.exit_code == 0, r.output
+    (first, _), (second, header) = read_adapter(tmp_path / "s1"), read_adapter(tmp_path / "s2")
+    assert first.keys() == second.keys()
+    assert all(torch.allclose(first[k], second[k], atol=1e-8) for k in first)
+    assert any(first[k].abs().max() > 1e-4 for k in first if k.endswith("lora_b"))    # stage 1 did move B
+    assert '"continued_from"' in header["info"]
+    rebuilt = apply_adapter(load_checkpoint(base), tmp_path / "s2")     # still one adapter of the base
+    tuned = load_checkpoint(tmp_path / "s2")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), tuned.state_dict().values()))
+
+    other = save_checkpoint(init_model(preset("tiny", segment_len=128, n_layer=1), seed=4), tmp_path / "other")
+    bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--steps", "1", *common[2:], "--init",
+                                   str(other), "--init-adapter", str(tmp_path / "s1")])
+    assert bad.exit_code != 0 and "was trained on a base model with weights sha256" in bad.output
+    bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "y"), "--steps", "1", "--init", str(base),
+                                   "--trainable", "gates", "--init-adapter", str(tmp_path / "s1")])
+    assert bad.exit_code == 2 and "trained --trainable lora, not gates: pass --trainable lora" in bad.output
