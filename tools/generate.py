@@ -27,8 +27,8 @@ GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None,
-                autocast: str = "off") -> tuple[Stream, str]:
-    """(a batch-1 stream over MODEL's segment, decode and chunk steps on one backend, the backend's name).
+                autocast: str = "off", batch: int = 1) -> tuple[Stream, str]:
+    """(a stream of ``batch`` rows over MODEL's segment, decode and chunk steps on one backend, the backend's name).
 
     auto: onnxruntime for an export folder (its segment.onnx, decode.onnx and chunk.onnx when it has one),
     torch otherwise. tensorrt: the folder's engines (`infini build`), on a GPU they run on."""
@@ -43,13 +43,13 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
         autocast = fastest_autocast(net, device) if autocast == "auto" else autocast
         runners = [TorchRunner(net, device, graph=g, autocast=None if autocast == "off" else autocast)
                    for g in ("segment", "decode", "chunk")]
-        return Stream(runners[0], decode_runner=runners[1], chunk_runner=runners[2]), "torch"
+        return Stream(runners[0], batch, decode_runner=runners[1], chunk_runner=runners[2]), "torch"
     runner, backend = make_runner(model, backend, device, threads, seed, autocast=autocast)
     decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode", autocast=autocast)
     chunk_runner = None
     if _has_graph(model, backend, "chunk"):   # exports made before chunk.onnx: the decode step alone
         chunk_runner, _ = make_runner(model, backend, device, threads, seed, graph="chunk", autocast=autocast)
-    return Stream(runner, decode_runner=decode_runner, chunk_runner=chunk_runner), backend
+    return Stream(runner, batch, decode_runner=decode_runner, chunk_runner=chunk_runner), backend
 
 
 def _has_graph(model: str, backend: str, graph: str) -> bool:
@@ -195,6 +195,8 @@ def length_label(n: int) -> str:
 @click.option("--depths", default="0,0.5,1", show_default=True, help="Needle depths: 0 = start, 1 = end.")
 @click.option("--trials", type=click.IntRange(1, 100000), default=1, show_default=True,
               help="Prompts (random keys) per cell.")
+@click.option("--batch", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Trials streamed at once, one per batch row (the same results as one by one; faster on a CPU).")
 @seed_option("Seeds the keys and filler (and the init when MODEL is a preset).")
 @click.option("--filler", type=click.Choice(FILLERS), default=None,
               help="fixed: the paper's filler repeated (its table's setting); varied: shuffled sentences; prose: "
@@ -204,7 +206,7 @@ def length_label(n: int) -> str:
 @json_out_option("Also write the results as JSON.")
 @force_option("Replace the --json-out file if it exists.")
 @common_options
-def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_out, force, backend, device, threads,
+def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, json_out, force, backend, device, threads,
             autocast, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
@@ -221,7 +223,7 @@ def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_o
             raise BadInputError("--filler prose and --haystack FILE go together")
         haystack = Haystack.from_files(haystack_files)
     tokenizer = model_tokenizer(model)
-    stream, backend = open_stream(model, backend, device, seed, threads, autocast)
+    stream, backend = open_stream(model, backend, device, seed, threads, autocast, batch)
     label = getattr(stream.runner, "label", backend)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None, tokenizer=tokenizer, haystack=haystack)
@@ -233,6 +235,7 @@ def passkey(model, lengths, depths, trials, seed, filler, haystack_files, json_o
     click.echo(format_table(rows, depths))
     if json_out:
         write_text(json_out, json.dumps({"model": model, "backend": backend, "runner": label, "device": device,
+                                        "batch": batch,
                                         "threads": torch.get_num_threads(), "config": cfg.to_dict(),
                                         "seed": seed, "filler": filler,
                                         "haystack": [str(f) for f in haystack_files], "summary": rows,

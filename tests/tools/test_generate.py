@@ -119,3 +119,24 @@ def test_passkey_under_bf16_autocast_names_its_runner_and_answers_like_float32(t
     assert json.loads((tmp_path / "f.json").read_text())["runner"] == "torch"
     keys = lambda f: [t["key"] for t in json.loads((tmp_path / f).read_text())["trials"]]  # noqa: E731
     assert plain.exit_code == 0 and keys("b.json") == keys("f.json")
+
+
+def test_passkey_batch_rows_give_the_results_of_one_by_one(tmp_path):
+    """--batch streams several trials as batch rows: each row's key and answer are those it gets alone, and the
+    last, partial batch keeps only the trials asked for."""
+    from pathlib import Path
+
+    from infini_deploy import export
+    from infini_deploy.export.exporter import VALIDATION_TEXT
+    from infini_deploy.tools.demo import BUNDLED
+
+    text = Path(export.__file__).parent / "data" / VALIDATION_TEXT
+    args = ["passkey", BUNDLED, "--lengths", "2k", "--depths", "0,1", "--trials", 5, "--seed", 2,
+            "--haystack", text, "--no-progress"]
+    one = invoke(*args, "--json-out", tmp_path / "one.json")
+    three = invoke(*args, "--batch", 3, "--json-out", tmp_path / "three.json")
+    assert one.exit_code == three.exit_code == 0, one.output + three.output
+    got, want = (json.loads((tmp_path / f).read_text()) for f in ("three.json", "one.json"))
+    fields = lambda r: [(t["depth"], t["trial"], t["key"], t["generated"], t["correct"]) for t in r["trials"]]  # noqa
+    assert fields(got) == fields(want) and len(got["trials"]) == 2 * 5
+    assert any(t["correct"] for t in got["trials"]) and got["batch"] == 3 and want["batch"] == 1
