@@ -114,7 +114,3 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     memory, norm = state_after(model, fill, cfg.checkpointing)
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
     return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
-
-
-def _autocast(cfg: TrainConfig, device):
-    return autocast_context(cfg.autocast, device)

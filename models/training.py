@@ -31,11 +31,11 @@ import torch
 
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
+from .memory import autocast_context
 from .model import InfiniTransformer
 from .passkey import PasskeyPrompt, filler_ids, filler_tokens, needle_end
 from .passkey_loss import (  # noqa: F401  (re-exported)
     IGNORE,
-    _autocast,
     dilution,
     loss_fn,
     segment_losses,
@@ -279,7 +279,7 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                                                   tokenizer))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
-            with _autocast(cfg, device):
+            with autocast_context(cfg.autocast, device):
                 memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
                                 else (None, None))
                 if not cfg.checkpointing:

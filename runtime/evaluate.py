@@ -29,11 +29,15 @@ def passkey_trial(stream: Stream, prompt: PasskeyPrompt, progress: bool = False)
     n = len(prompt)
     start = time.perf_counter()
     out = stream.generate(prompt.chunks(), max_new_tokens=len(prompt.answer) + 1, total=n, progress=progress)
-    seconds = time.perf_counter() - start
-    generated = (prompt.tokenizer or ByteTokenizer()).decode(out[0])
-    tokens = n + out.shape[1]
+    return _result(prompt, out[0], n, time.perf_counter() - start)
+
+
+def _result(prompt: PasskeyPrompt, answer, prompt_tokens: int, seconds: float) -> dict:
+    """One trial's record: the answer's tokens decoded and checked, and its speed."""
+    generated = (prompt.tokenizer or ByteTokenizer()).decode(answer)
+    tokens = prompt_tokens + len(answer)
     return {"length": prompt.length, "depth": prompt.depth, "seed": prompt.seed, "key": prompt.key,
-            "generated": generated, "correct": prompt.check(generated), "prompt_tokens": n,
+            "generated": generated, "correct": prompt.check(generated), "prompt_tokens": prompt_tokens,
             "seconds": seconds, "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
             "peak_rss_bytes": peak_rss_bytes()}
 
@@ -45,23 +49,17 @@ def passkey_rows(stream: Stream, prompts: list[PasskeyPrompt], progress: bool = 
     if len(prompts) != stream.batch:
         raise BadInputError(f"{len(prompts)} prompts for a stream of batch {stream.batch}")
     ids = [np.concatenate(list(p.piece_ids())) for p in prompts]
-    if len({len(x) for x in ids}) != 1:
-        raise BadInputError(f"batched passkey trials need prompts of one token length; got {sorted({len(x) for x in ids})}"
-                            " (this filler's prompts are not exact: run with --batch 1)")
+    lengths = sorted({len(x) for x in ids})
+    if len(lengths) != 1:
+        raise BadInputError(f"batched passkey trials need prompts of one token length; got {lengths} "
+                            "(this filler's prompts are not exact: run with --batch 1)")
     ids, n = np.stack(ids), len(ids[0])
     stream.reset()
     start = time.perf_counter()
     chunks = (ids[:, i:i + CHUNK] for i in range(0, n, CHUNK))
     out = stream.generate(chunks, max_new_tokens=max(len(p.answer) for p in prompts) + 1, total=n, progress=progress)
     seconds = (time.perf_counter() - start) / len(prompts)
-    results = []
-    for row, prompt in zip(out, prompts):
-        generated = (prompt.tokenizer or ByteTokenizer()).decode(row)
-        results.append({"length": prompt.length, "depth": prompt.depth, "seed": prompt.seed, "key": prompt.key,
-                        "generated": generated, "correct": prompt.check(generated), "prompt_tokens": n,
-                        "seconds": seconds, "tokens_per_s": (n + out.shape[1]) / seconds if seconds > 0 else
-                        float("inf"), "peak_rss_bytes": peak_rss_bytes(), "batch": stream.batch})
-    return results
+    return [_result(prompt, row, n, seconds) | {"batch": stream.batch} for row, prompt in zip(out, prompts)]
 
 
 def passkey_eval(stream: Stream, lengths: Iterable[int], depths: Iterable[float], trials: int, seed: int = 0,

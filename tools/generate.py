@@ -206,8 +206,8 @@ def length_label(n: int) -> str:
 @json_out_option("Also write the results as JSON.")
 @force_option("Replace the --json-out file if it exists.")
 @common_options
-def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, json_out, force, backend, device, threads,
-            autocast, progress):
+def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, json_out, force, backend, device,
+            threads, autocast, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
