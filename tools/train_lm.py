@@ -72,6 +72,8 @@ def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, seg
     if world > 1:
         import torch.distributed as dist
 
+        if not device.startswith("cuda"):
+            _gloo_on_loopback(os.environ)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError("--device cuda: no CUDA device is available; available: cpu")
@@ -182,6 +184,21 @@ def _with_segment_len(model, segment_len: int):
 
 def corpus_tokens(docs) -> int:
     return int(sum(len(d) for d in docs))
+
+
+def _gloo_on_loopback(env) -> None:
+    """Pin gloo to the loopback when every process runs on this machine and GLOO_SOCKET_IFNAME is unset.
+
+    gloo otherwise picks its interface by resolving the host's name, which on some machines resolves to no
+    local address or only through a slow resolver: the rendezvous then fails now and then (seen in CI). A run
+    across machines (LOCAL_WORLD_SIZE below WORLD_SIZE) and an explicit GLOO_SOCKET_IFNAME are left alone."""
+    import socket
+
+    if env.get("GLOO_SOCKET_IFNAME") or env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE")) != env.get("WORLD_SIZE"):
+        return
+    loopback = next((n for n in ("lo", "lo0") if n in {name for _, name in socket.if_nameindex()}), None)
+    if loopback:
+        env["GLOO_SOCKET_IFNAME"] = loopback
 
 
 def _documents(data_files, held_out_files, tokenizer, window: int):

@@ -16,6 +16,7 @@ from infini_deploy.models import init_model, preset
 from infini_deploy.models.adapter import apply_adapter, read_adapter
 from infini_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from infini_deploy.tools.cli import cli
+from infini_deploy.tools.train_lm import _gloo_on_loopback
 
 SENTENCES = ["The keeper lit the lamp at six and rang the bell until morning.",
              "Two boats came in before nine, and the glass was cleaned at noon.",
@@ -121,9 +122,10 @@ def test_two_processes_train_like_one_with_the_same_global_batch(corpus, tmp_pat
               "--eval-tokens", "500", "--threads", "1", "--no-progress", "--autocast", "off", "--trainable", "qkv"]
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "infini_deploy.tools.entry",
-                    common[0], common[1], common[2], str(tmp_path / "ddp"), *common[3:]], check=True, env=env,
-                   capture_output=True, timeout=600)
+    run = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "infini_deploy.tools.entry",
+                          common[0], common[1], common[2], str(tmp_path / "ddp"), *common[3:]], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"torchrun exited {run.returncode}:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     assert invoke(*common[:3], tmp_path / "one", *common[3:]).exit_code == 0
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("ddp", "one"))
     assert json.loads((tmp_path / "ddp/train_log.json").read_text())["world_size"] == 2
@@ -131,3 +133,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(corpus, tmp_pat
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     changed = [k for k in a if not torch.equal(a[k], load_file(str(corpus / "base/model.safetensors"))[k])]
     assert any("q_proj" in k for k in changed)
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "lo"),                              # one machine: loopback
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, None),                              # across machines: gloo's own
+    ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "GLOO_SOCKET_IFNAME": "eth0"}, "eth0"),   # the user's choice
+])
+def test_gloo_binds_to_the_loopback_only_when_every_rank_is_on_this_machine(given, expected):
+    env = dict(given)
+    _gloo_on_loopback(env)
+    assert env.get("GLOO_SOCKET_IFNAME") == expected
