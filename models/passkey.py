@@ -119,15 +119,18 @@ class PasskeyPrompt:
         yield b" " + QUESTION.encode(), self._ids(b" " + QUESTION.encode())
 
     def chunks(self, chunk: int = CHUNK) -> Iterator[np.ndarray]:
-        """The prompt's token ids (int64) in chunks of about ``chunk`` tokens."""
+        """The prompt's token ids (int64) in chunks of exactly ``chunk`` tokens, the last one shorter: prompts
+        of one length give aligned chunks, so they stream side by side as batch rows."""
         buf, size = [], 0
         for ids in self.piece_ids():
             buf.append(ids)
             size += len(ids)
             if size >= chunk:
-                yield np.concatenate(buf)
-                buf, size = [], 0
-        if buf:
+                flat = np.concatenate(buf)
+                whole = size - size % chunk
+                yield from (flat[i:i + chunk] for i in range(0, whole, chunk))
+                buf, size = [flat[whole:]], size - whole
+        if size:
             yield np.concatenate(buf)
 
     def text(self) -> str:

@@ -171,7 +171,10 @@ def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, 
     for _ in range(batch):
         end = longest - rng.randrange(seg)
         if rng.random() < cfg.boundary:
-            end = boundary + rng.randint(-(len(probe) + 1), 3)
+            # half of these end the prompt exactly at the boundary: the answer opens a segment, its first
+            # digit read with only the memory and a space in context (every prompt whose length is a multiple
+            # of the segment length, as 1K, 8K, 32K are); the rest put the boundary within a few tokens of it
+            end = boundary if rng.random() < 0.5 else boundary + rng.randint(-(len(probe) + 1), 3)
         end = min(end, longest)
         seed, depth = rng.randrange(1 << 40), rng.random()
         prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, tokenizer=tokenizer, haystack=haystack)

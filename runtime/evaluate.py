@@ -48,15 +48,14 @@ def passkey_rows(stream: Stream, prompts: list[PasskeyPrompt], progress: bool = 
     prompts one after another). ``seconds`` is the batch's time shared out over its rows."""
     if len(prompts) != stream.batch:
         raise BadInputError(f"{len(prompts)} prompts for a stream of batch {stream.batch}")
-    ids = [np.concatenate(list(p.piece_ids())) for p in prompts]
-    lengths = sorted({len(x) for x in ids})
+    lengths = sorted({len(p) for p in prompts})
     if len(lengths) != 1:
         raise BadInputError(f"batched passkey trials need prompts of one token length; got {lengths} "
                             "(this filler's prompts are not exact: run with --batch 1)")
-    ids, n = np.stack(ids), len(ids[0])
+    n = lengths[0]
     stream.reset()
     start = time.perf_counter()
-    chunks = (ids[:, i:i + CHUNK] for i in range(0, n, CHUNK))
+    chunks = (np.stack(rows) for rows in zip(*(p.chunks(CHUNK) for p in prompts)))   # streamed, never whole
     out = stream.generate(chunks, max_new_tokens=max(len(p.answer) for p in prompts) + 1, total=n, progress=progress)
     seconds = (time.perf_counter() - start) / len(prompts)
     return [_result(prompt, row, n, seconds) | {"batch": stream.batch} for row, prompt in zip(out, prompts)]

@@ -34,6 +34,7 @@ def test_prompts_are_deterministic_given_a_seed_and_stream_in_chunks():
     assert a.text() == b.text() and a.key == b.key and a.key != c.key
     chunks = list(a.chunks(chunk=500))
     assert len(chunks) > 5 and all(ch.dtype == np.int64 for ch in chunks)
+    assert [len(ch) for ch in chunks[:-1]] == [500] * (len(chunks) - 1) and 0 < len(chunks[-1]) <= 500  # exact
     assert np.array_equal(np.concatenate(chunks), encode(a.text()))
 
 

@@ -238,6 +238,26 @@ def test_a_batch_in_a_bpe_tokenizer_with_prose_haystacks(tmp_path):
         assert "harbour" in text or "keeper" in text or "logbook" in text or "river" in text
 
 
+def test_half_the_boundary_rows_open_a_segment_with_the_answer(tmp_path):
+    """Prompts whose length is a multiple of the segment length (1K, 8K, ...) put the answer's first token at
+    a segment start, read with the memory alone: boundary rows train that case in half their rows."""
+    from infini_deploy.models.passkey import Haystack
+    from infini_deploy.models.tokenizer import load_tokenizer
+
+    from ..conftest import write_tiny_tokenizer
+    from .test_passkey import PROSE
+
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
+    cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
+    rows = 64
+    tokens, targets, answer = make_batch(cfg, 3, rows, random.Random(5), _small(filler="prose", boundary=1.0),
+                                         haystack=Haystack([PROSE * 3]), tokenizer=tok)
+    first = [int(answer[row].nonzero()[0, 0]) + 1 for row in range(rows)]   # where the answer's first token sits
+    at_start = sum(p == 2 * cfg.segment_len for p in first)
+    assert 20 <= at_start <= 44
+    assert all(abs(p - 2 * cfg.segment_len) <= 12 for p in first)          # the rest straddle it closely
+
+
 def test_training_under_bf16_autocast_keeps_the_state_float32_and_learns():
     model = _model(3)
     result = train(model, _small(steps=4, autocast="bf16"), progress=False)
