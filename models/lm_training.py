@@ -26,11 +26,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError, NumericalFaultError
 from .memory import autocast_context
-from .model import InfiniTransformer
+from .model import InfiniTransformer, scan_segments
 
 TRAINABLE = ("gates", "qkv", "lora", "all")
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -165,17 +164,10 @@ class SegmentLoss(nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        cfg, N = self.cfg, self.model.config.segment_len
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         memory, norm = self.model.initial_state(tokens.shape[0], tokens.device)
-        total = torch.zeros((), device=tokens.device)
-        for start in range(0, inputs.shape[1], N):
-            args = (inputs[:, start:start + N], targets[:, start:start + N], memory, norm)
-            if cfg.checkpointing and torch.is_grad_enabled():
-                loss, memory, norm = checkpoint(self._segment, *args, use_reentrant=False)
-            else:
-                loss, memory, norm = self._segment(*args)
-            total = total + loss
+        (total,), _, _ = scan_segments(self._segment, self.model.config.segment_len, (inputs, targets), memory,
+                                       norm, self.cfg.checkpointing)
         return total / targets.numel()
 
     def _segment(self, tokens, targets, memory, norm):

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import InfiniConfig
 from .kernels.ops import attention_op
@@ -177,3 +178,21 @@ class InfiniTransformer(nn.Module):
             out, memory, norm = self.step(tokens[:, start:start + self.config.segment_len], memory, norm)
             logits.append(out)
         return torch.cat(logits, dim=1), memory, norm
+
+
+def scan_segments(fn, segment_len: int, sequences, memory, norm, checkpointing: bool):
+    """Fold ``fn`` over the segments of ``sequences`` (tensors (B, T, ...), split along T), carrying the state.
+
+    ``fn(*one segment of each sequence, memory, norm) -> (*values, memory, norm)``; returns (each value summed
+    over the segments, memory, norm). With ``checkpointing`` (and gradients on) every call runs under gradient
+    checkpointing: backward keeps the state between segments and recomputes one segment's activations, so
+    rows of many segments train in the memory of one (the paper's recipe)."""
+    totals = []
+    for start in range(0, sequences[0].shape[1], segment_len):
+        args = [s[:, start:start + segment_len] for s in sequences]
+        if checkpointing and torch.is_grad_enabled():
+            *values, memory, norm = checkpoint(fn, *args, memory, norm, use_reentrant=False)
+        else:
+            *values, memory, norm = fn(*args, memory, norm)
+        totals = [t + v for t, v in zip(totals, values)] if totals else values
+    return totals, memory, norm

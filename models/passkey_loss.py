@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .memory import autocast_context
-from .model import InfiniTransformer
+from .model import InfiniTransformer, scan_segments
 from .passkey import filler_ids
 
 if TYPE_CHECKING:
@@ -37,51 +36,38 @@ def loss_fn(logits, targets, answer, answer_weight: float):
 
 
 def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig):
-    """loss_fn, one segment at a time, each under gradient checkpointing: backward keeps the state between
-    segments and recomputes one segment's activations, so a 135M-parameter model trains on rows of several
-    segments in the memory one segment needs (the paper's recipe). Same loss as loss_fn up to summation order."""
+    """loss_fn, one segment at a time, each under gradient checkpointing (model.scan_segments): a 135M-parameter
+    model trains on rows of several segments in the memory one segment needs. Same loss as loss_fn up to
+    summation order."""
     if memory is None:
         memory, norm = model.initial_state(tokens.shape[0], tokens.device)
-    N = model.config.segment_len
-    lm = ans = torch.zeros((), device=tokens.device)
-    wrong = torch.zeros(tokens.shape[0], device=tokens.device)
-    for start in range(0, tokens.shape[1], N):
-        sl = slice(start, start + N)
-        seg_lm, seg_ans, seg_wrong, memory, norm = checkpoint(_segment_loss, model, tokens[:, sl], targets[:, sl],
-                                                              answer[:, sl], memory, norm, cfg.autocast,
-                                                              use_reentrant=False)
-        lm, ans, wrong = lm + seg_lm, ans + seg_ans, wrong + seg_wrong
+
+    def one(tokens, targets, answer, memory, norm):
+        with autocast_context(cfg.autocast, tokens.device):
+            logits, memory, norm = model.step(tokens, memory, norm)
+        logits = logits.float()
+        V = logits.shape[-1]
+        lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        ans_logits, ans_targets = logits[answer], targets[answer]
+        ans = F.cross_entropy(ans_logits, ans_targets, reduction="sum") if len(ans_targets) else lm * 0
+        with torch.no_grad():
+            wrong = torch.zeros(tokens.shape[0], device=tokens.device)
+            wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
+        return lm, ans, wrong, memory, norm
+
+    (lm, ans, wrong), memory, norm = scan_segments(one, model.config.segment_len, (tokens, targets, answer),
+                                                   memory, norm, checkpointing=True)
     n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
     lm, ans = lm / n_lm, ans / n_ans
     return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
-
-
-def _segment_loss(model, tokens, targets, answer, memory, norm, autocast):
-    with autocast_context(autocast, tokens.device):
-        logits, memory, norm = model.step(tokens, memory, norm)
-    logits = logits.float()
-    V = logits.shape[-1]
-    lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    ans_logits, ans_targets = logits[answer], targets[answer]
-    ans = F.cross_entropy(ans_logits, ans_targets, reduction="sum") if len(ans_targets) else lm * 0
-    with torch.no_grad():
-        wrong = torch.zeros(tokens.shape[0], device=tokens.device)
-        wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
-    return lm, ans, wrong, memory, norm
 
 
 def state_after(model: InfiniTransformer, tokens, checkpointing: bool):
     """The state (memory, norm) after ``tokens`` from zero, with gradient (segment by segment under
     checkpointing when asked)."""
     memory, norm = model.initial_state(tokens.shape[0], tokens.device)
-    N = model.config.segment_len
-    for start in range(0, tokens.shape[1], N):
-        seg = tokens[:, start:start + N]
-        if checkpointing:
-            memory, norm = checkpoint(lambda t, m, z: model.step(t, m, z)[1:], seg, memory, norm,
-                                      use_reentrant=False)
-        else:
-            _, memory, norm = model.step(seg, memory, norm)
+    _, memory, norm = scan_segments(lambda t, m, z: model.step(t, m, z)[1:], model.config.segment_len, (tokens,),
+                                    memory, norm, checkpointing)
     return memory, norm
 
 
