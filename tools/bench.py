@@ -10,7 +10,8 @@ import numpy as np
 
 from ..atomic import write_text
 from ..paths import check_output_path
-from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, seed_option
+from .options import (THREADS, check_outputs, force_option, json_out_option, parse_count, plot_option,
+                      precision_option, seed_option)
 
 
 @click.group()
@@ -24,8 +25,7 @@ def bench():
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @click.option("--threads", type=THREADS, default=2, show_default=True,
               help="torch intra-op threads and onnxruntime intra-op threads.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default="fp32", show_default=True,
-              help="Precision of the export when MODEL is not an export folder.")
+@precision_option()
 @click.option("--repeat", type=click.IntRange(1, 1000), default=3, show_default=True)
 @seed_option()
 @click.option("--profile", "profile_prefix", default=None,
@@ -111,8 +111,7 @@ def _measure(export_dir: Path, tokens, threads: int, repeat: int, compare) -> di
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @click.option("--threads", type=THREADS, default=1, show_default=True,
               help="onnxruntime intra-op threads.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8", "int4"]), default="fp32", show_default=True,
-              help="Precision of the export when MODEL is not an export folder.")
+@precision_option()
 @click.option("--checkpoints", type=click.IntRange(1, 10000), default=10, show_default=True,
               help="Rows of state magnitude and RSS along the stream.")
 @seed_option()
@@ -234,8 +233,7 @@ def _resolve(model: str, seed: int):
               help="Any of: torch, onnxruntime (the Infini model), full (full attention + KV cache, torch).")
 @seed_option()
 @json_out_option()
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
-              help="Also draw a PNG (needs matplotlib: the `plot` extra).")
+@plot_option()
 @force_option("Replace the --json-out and --plot files if they exist.")
 def memory(model, lengths, repeat, threads, kv_limit, backends, seed, json_out, plot_out, force):
     """Per-segment time and memory against stream length: the Infini model (torch, onnxruntime) and a

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from ..atomic import write_text
-from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, seed_option
+from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, plot_option, seed_option
 
 
 @click.command("cpu")
@@ -40,8 +40,7 @@ from .options import THREADS, check_outputs, force_option, json_out_option, pars
               help="Seconds each measurement process may take.")
 @seed_option()
 @json_out_option()
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
-              help="Also draw tokens/s and peak RSS against context (PNG; needs the `plot` extra).")
+@plot_option("Also draw tokens/s and peak RSS against context (PNG; needs the `plot` extra).")
 @force_option("Replace the --json-out and --plot files if they exist.")
 def cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_formats, exports_dir, timeout, seed,
         json_out, plot_out, force):

@@ -10,6 +10,7 @@ import click
 
 from ..errors import BadInputError
 from .init_run import make_runner, model_tokenizer, parse_count
+from .options import plot_option
 
 
 @click.group("eval")
@@ -32,8 +33,7 @@ def evaluate():
               help="The trained context for --reference [default: recorded by `infini convert`].")
 @click.option("--threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
-              help="A PNG of loss against position in the segment (needs matplotlib).")
+@plot_option("A PNG of loss against position in the segment (needs matplotlib).", "plot_path")
 def ppl(model, files, limit, backend, segment_len, gate, reference, context, threads, json_out, plot_path):
     """Perplexity of MODEL over FILES, streamed segment by segment; the loss by position in the segment."""
     import torch

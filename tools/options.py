@@ -84,6 +84,18 @@ def json_out_option(help_text: str = "Also write the figures as JSON."):
     return click.option("--json-out", type=click.Path(path_type=Path), default=None, help=help_text)
 
 
+def plot_option(help_text: str = "Also draw a PNG (needs matplotlib: the `plot` extra).", name: str = "plot_out"):
+    return click.option("--plot", name, type=click.Path(path_type=Path), default=None, help=help_text)
+
+
+PRECISIONS = ["fp32", "fp16", "bf16", "int8", "int4"]
+
+
+def precision_option(help_text: str = "Precision of the export when MODEL is not an export folder."):
+    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                        help=help_text)
+
+
 def force_option(help_text: str = "Replace the output files if they exist."):
     return click.option("--force", is_flag=True, help=help_text)
 
