@@ -9,17 +9,16 @@ import click
 
 from ..atomic import write_text
 from ..errors import MissingBackendError
-from ..export.graph import DEFAULT_OPSET, PRECISIONS
+from ..export.graph import DEFAULT_OPSET
 from ..models.checkpoint import resolve_model, resolve_tokenizer
 from ..runtime.measure import human_bytes, peak_rss_bytes
-from .options import check_outputs, force_option, json_out_option, seed_option, threads_option
+from .options import check_outputs, force_option, json_out_option, precision_option, seed_option, threads_option
 
 
 @click.command("export")
 @click.argument("model")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
-              help="Weights and activations; the state stays float32.")
+@precision_option("Weights and activations; the state stays float32.")
 @click.option("--opset", type=click.IntRange(1, 100), default=DEFAULT_OPSET, show_default=True,
               help="ONNX opset (fp16/bf16: >= 23).")
 @click.option("--fused", is_flag=True,

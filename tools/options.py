@@ -20,6 +20,7 @@ import click
 
 from ..errors import BadInputError
 from ..limits import max_threads
+from ..models.spec import PRECISIONS
 from ..paths import check_output_path
 
 SEED = click.IntRange(0, 2**63 - 1)
@@ -88,11 +89,8 @@ def plot_option(help_text: str = "Also draw a PNG (needs matplotlib: the `plot` 
     return click.option("--plot", name, type=click.Path(path_type=Path), default=None, help=help_text)
 
 
-PRECISIONS = ["fp32", "fp16", "bf16", "int8", "int4"]
-
-
 def precision_option(help_text: str = "Precision of the export when MODEL is not an export folder."):
-    return click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+    return click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
                         help=help_text)
 
 
