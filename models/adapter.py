@@ -69,6 +69,8 @@ def base_options(model: InfiniTransformer) -> dict:
     so `infini convert SRC OUT --adapter DIR` needs no more than SRC."""
     meta = getattr(model, "metadata", None) or {}
     options = {"segment_len": model.config.segment_len, "update": model.config.update}
+    if model.config.attend_previous:
+        options["attend_previous"] = True
     if "gate_init" in meta:
         options["gate_init"] = float(meta["gate_init"])
     if "converted_from" in meta:

@@ -18,7 +18,8 @@ INT_LIMITS = {"vocab_size": 1 << 22, "n_layer": 1024, "n_head": 1024, "d_head": 
 FLOAT_LIMITS = {"eps": (1e-30, 1.0), "rope_theta": (1.0, 1e12), "norm_eps": (1e-30, 1.0)}
 
 
-OPTIONAL_FIELDS = frozenset({"n_kv_head"})   # fields a config file may leave out (their default is implied)
+SINKS = 4   # attend_previous: the stream's first tokens, whose keys and values every later segment keeps seeing
+OPTIONAL_FIELDS = frozenset({"n_kv_head", "attend_previous"})   # fields a config file may leave out (default implied)
 
 
 def _show(value) -> str:
@@ -47,6 +48,11 @@ class InfiniConfig:
     #                               means n_head (and n_head is stored as None). Read ``kv_heads``, the
     #                               number. None is not serialised: configs made before GQA keep their
     #                               JSON and digest, and replace(config, n_head=...) stays non-grouped.
+    attend_previous: bool = False  # the local attention also sees the previous segment's keys and values
+    #                               (Transformer-XL's cache, still constant memory: 2 x L x H_kv x N x d more
+    #                               numbers per stream, and the stream's first SINKS tokens', StreamingLLM's
+    #                               attention sinks); the memory block is unchanged. Torch only for now
+    #                               (models/model.py, docs/training.md); False is not serialised.
 
     def __post_init__(self):
         if self.n_kv_head == self.n_head:
@@ -66,8 +72,9 @@ class InfiniConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo < value < hi:
                 raise BadInputError(f"config field {name} must be a number in ({lo:g}, {hi:g}), got {_show(value)}")
             object.__setattr__(self, name, float(value))   # 1 and 1.0 are one model: one digest
-        if not isinstance(self.tie_embeddings, bool):
-            raise BadInputError(f"config field tie_embeddings must be true or false, got {_show(self.tie_embeddings)}")
+        for name in ("tie_embeddings", "attend_previous"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInputError(f"config field {name} must be true or false, got {_show(getattr(self, name))}")
         if self.n_head % self.kv_heads:
             raise BadInputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each KV head "
                                 "serves a group of n_head / n_kv_head query heads")
@@ -111,6 +118,11 @@ class InfiniConfig:
         n = self.segment_len if n is None else n
         return 4 * batch * n * (self.vocab_size + 8 * self.d_model + 3 * self.d_ff + 2 * self.n_head * n)
 
+    def past_bytes(self, batch: int = 1, bytes_per_value: int = 4) -> int:
+        """Bytes of the keys and values an ``attend_previous`` model carries between segments (0 otherwise): the
+        previous segment's and the stream's first SINKS tokens'."""
+        return self.kv_cache_bytes(self.segment_len + SINKS, batch, bytes_per_value) if self.attend_previous else 0
+
     def kv_cache_bytes(self, tokens: int, batch: int = 1, bytes_per_value: int = 4) -> int:
         """Bytes a full-attention model of the same shape would hold for `tokens` of context (K and V of
         every KV head: a GQA model caches n_kv_head heads, not n_head)."""
@@ -120,6 +132,8 @@ class InfiniConfig:
         d = dataclasses.asdict(self)
         if d["n_kv_head"] is None:   # the pre-GQA form: same JSON, same digest
             del d["n_kv_head"]
+        if not d["attend_previous"]:   # likewise: a segment-local model keeps its JSON and digest
+            del d["attend_previous"]
         return d
 
     def to_json(self) -> str:

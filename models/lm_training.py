@@ -165,16 +165,16 @@ class SegmentLoss(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        memory, norm = self.model.initial_state(tokens.shape[0], tokens.device)
-        (total,), _, _ = scan_segments(self._segment, self.model.config.segment_len, (inputs, targets), memory,
-                                       norm, self.cfg.checkpointing)
+        state = self.model.start_state(tokens.shape[0], tokens.device)
+        (total,), _ = scan_segments(self._segment, self.model.config.segment_len, (inputs, targets), state,
+                                    self.cfg.checkpointing)
         return total / targets.numel()
 
-    def _segment(self, tokens, targets, memory, norm):
+    def _segment(self, tokens, targets, *state):
         with autocast_context(self.cfg.autocast, tokens.device):
-            logits, memory, norm = self.model.step(tokens, memory, norm)
+            logits, *state = self.model.step(tokens, *state)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        return loss, memory, norm
+        return loss, *state
 
 
 @dataclass

@@ -2,11 +2,14 @@
 
 Read in order: RMSNorm -> RoPE -> InfiniAttention -> MLP -> Block -> InfiniTransformer.
 The deployable unit is :meth:`InfiniTransformer.step`, a pure function of
-(tokens, memory, norm); the module holds weights and nothing else.
+(tokens, memory, norm); the module holds weights and nothing else. A model with
+``config.attend_previous`` also carries ``past``, the previous segment's keys and
+values, which its local attention sees besides the segment's own (torch only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -14,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import InfiniConfig
+from ..errors import BadInputError
+from .config import SINKS, InfiniConfig
 from .kernels.ops import attention_op
 from .memory import memory_op
 
@@ -31,17 +35,18 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Rotary embedding (Llama's rotate-half layout) at segment-local positions 0..n-1.
 
     x: (B, H, n, d). Positions restart every segment, so the step is the same
     function for every segment. ``positions`` (B,) int64 gives one position per
-    row instead, for the decode step's single token (n = 1).
+    row instead, for the decode step's single token (n = 1). ``offset`` shifts
+    them to offset..offset+n-1 (a segment after the previous one's m keys).
     """
     n, d = x.shape[-2], x.shape[-1]
     inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
     if positions is None:
-        pos = torch.arange(n, device=x.device, dtype=torch.float32)[:, None]                 # (n, 1)
+        pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)[:, None]  # (n, 1)
     else:
         pos = positions.to(torch.float32).view(-1, 1, 1, 1)                                   # (B, 1, 1, 1)
     angles = pos * inv_freq                                                                   # (n | B,1,1, d/2)
@@ -51,17 +56,23 @@ def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None) -
     return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
 
 
-def local_attention(q, k, v):
-    """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, n, d).
+def local_attention(q, k, v, past: int = 0):
+    """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, past + n, d).
 
     With grouped-query attention each KV head is repeated for its G = H / H_kv query heads (Llama's
     repeat_kv: query head h reads KV head h // G); without it (G = 1) the graph has no repeat at all.
+    ``past``: k and v open with that many keys of the previous segment, which every query sees (query i
+    sits at position past + i).
     """
     B, H, n, d = q.shape
+    m = k.shape[2]
     if H != k.shape[1]:   # expand + reshape, as transformers does: exports as Expand/Reshape, no copy in torch
-        k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], n, d).reshape(B, H, n, d)
-                for t in (k, v))                                                        # (B, H, n, d)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], m, d).reshape(B, H, m, d)
+                for t in (k, v))                                                        # (B, H, m, d)
+    if not past:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    visible = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=past)    # key j <= past + i
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
 class InfiniAttention(nn.Module):
@@ -77,13 +88,29 @@ class InfiniAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
         self.beta = nn.Parameter(torch.zeros(config.n_head))  # gate logits per query head; sigmoid(0) = 0.5
 
-    def forward(self, x, memory, norm):
-        """x: (B, n, D); memory: (B, H_kv, d, d) f32; norm: (B, H_kv, d) f32 -> (y, memory', norm')."""
+    def forward(self, x, memory, norm, past=None):
+        """x: (B, n, D); memory: (B, H_kv, d, d) f32; norm: (B, H_kv, d) f32 -> (y, memory', norm').
+
+        ``past`` (attend_previous models): (keys, values) carried from earlier segments, (B, H_kv, m, d) each,
+        without RoPE: none at the stream's start, the first segment after it, then the stream's first SINKS
+        tokens followed by the previous segment. The local attention sees them at positions 0..m-1 and the
+        segment at m..m+n-1; the result gains the (keys, values) the next segment sees. Why the sinks: a
+        window that loses the stream's first tokens loses the keys Llama-family models park attention on
+        (StreamingLLM, arXiv 2309.17453): measured on SmolLM2, ppl 82.9 without them, 39.0 with them
+        (docs/training.md)."""
         cfg = self.config
         B, n, _ = x.shape
         q = self.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
         k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
                 for proj in (self.k_proj, self.v_proj))
+        if past is not None:
+            m = past[0].shape[2]
+            keys, values = (torch.cat((p.to(t.dtype), t), dim=2) for p, t in zip(past, (k, v)))  # (B, H_kv, m+n, d)
+            a_dot = local_attention(rope(q, cfg.rope_theta, offset=m), rope(keys, cfg.rope_theta), values, past=m)
+            a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta, cfg.update == "delta", cfg.eps)
+            y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
+            sinks = min(m, SINKS)   # the stream's first keys stay (attention sinks); this segment replaces the rest
+            return y, memory, norm, tuple(torch.cat((t[:, :, :sinks], new), dim=2) for t, new in ((keys, k), (values, v)))
         if q.is_cuda and not torch.onnx.is_in_onnx_export():
             # the same function as below as one op: the fused Triton kernel (models/kernels/)
             a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
@@ -118,10 +145,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, memory, norm):
-        h, memory, norm = self.self_attn(self.input_layernorm(x), memory, norm)
+    def forward(self, x, memory, norm, past=None):
+        h, memory, norm, *kv = self.self_attn(self.input_layernorm(x), memory, norm, past)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), memory, norm
+        return x + self.mlp(self.post_attention_layernorm(x)), memory, norm, *kv
 
 
 class InfiniTransformer(nn.Module):
@@ -152,47 +179,88 @@ class InfiniTransformer(nn.Module):
         return (torch.zeros(memory_shape, device=device, dtype=torch.float32),
                 torch.zeros(norm_shape, device=device, dtype=torch.float32))
 
-    def step(self, tokens, memory, norm):
+    def initial_past(self, batch: int = 1, device=None):
+        """The previous segment's keys and values at a stream's start: (L, 2, B, H_kv, 0, d), none yet;
+        None for a model without ``attend_previous``."""
+        if not self.config.attend_previous:
+            return None
+        cfg = self.config
+        device = device if device is not None else self.embed_tokens.weight.device
+        return torch.zeros(cfg.n_layer, 2, batch, cfg.kv_heads, 0, cfg.d_head, device=device)
+
+    def start_state(self, batch: int = 1, device=None) -> tuple:
+        """Everything a stream carries, at its start: (memory, norm), and past when ``attend_previous``.
+        ``step(tokens, *state)`` takes it and returns (logits, *state) in the same form."""
+        past = self.initial_past(batch, device)
+        return (*self.initial_state(batch, device), *(() if past is None else (past,)))
+
+    def step(self, tokens, memory, norm, past=None):
         """The segment step, a pure function.
 
         tokens: (B, n) int64, n <= segment_len; memory: (L, B, H_kv, d, d) f32; norm: (L, B, H_kv, d) f32.
         Returns logits (B, n, V) in the weights' dtype, memory_out and norm_out (float32, new tensors).
         Inputs are not checked here (it is traced for export): runners check them.
+        An ``attend_previous`` model takes ``past`` (L, 2, B, H_kv, m, d), the previous segment's keys and
+        values without RoPE (:meth:`initial_past` at the start), and returns this segment's as a fourth output.
         """
+        if (past is not None) != self.config.attend_previous:
+            raise BadInputError("the segment step takes past (the previous segment's keys and values) exactly "
+                                "when config.attend_previous is true")
         x = self.embed_tokens(tokens)
-        memories, norms = [], []
+        memories, norms, pasts = [], [], []
         for i, layer in enumerate(self.layers):
-            x, m, z = layer(x, memory[i], norm[i])
+            x, m, z, *kv = layer(x, memory[i], norm[i], None if past is None else (past[i, 0], past[i, 1]))
             memories.append(m)
             norms.append(z)
+            pasts.extend(kv)
         logits = self.lm_head(self.norm(x))
-        return logits, torch.stack(memories), torch.stack(norms)
+        if past is None:
+            return logits, torch.stack(memories), torch.stack(norms)
+        return logits, torch.stack(memories), torch.stack(norms), torch.stack([torch.stack(kv) for kv in pasts])
 
-    def forward(self, tokens, memory=None, norm=None):
+    def forward(self, tokens, memory=None, norm=None, past=None):
         """Training forward over a sequence of any length: split into segments, carry the
-        state, backpropagate through the memory. tokens: (B, T) -> (logits (B, T, V), memory, norm)."""
+        state, backpropagate through the memory. tokens: (B, T) -> (logits (B, T, V), memory, norm),
+        and past after them for an ``attend_previous`` model; a state not given starts from zero."""
         if memory is None:
             memory, norm = self.initial_state(tokens.shape[0], tokens.device)
+        if past is None:
+            past = self.initial_past(tokens.shape[0], tokens.device)
+        state = (memory, norm) if past is None else (memory, norm, past)
         logits = []
         for start in range(0, tokens.shape[1], self.config.segment_len):
-            out, memory, norm = self.step(tokens[:, start:start + self.config.segment_len], memory, norm)
+            out, *state = self.step(tokens[:, start:start + self.config.segment_len], *state)
             logits.append(out)
-        return torch.cat(logits, dim=1), memory, norm
+        return torch.cat(logits, dim=1), *state
 
 
-def scan_segments(fn, segment_len: int, sequences, memory, norm, checkpointing: bool):
+def with_config(model: InfiniTransformer, **changes) -> InfiniTransformer:
+    """``model`` under its config with ``changes`` (segment_len, attend_previous: what changes no weight), the
+    same weights and metadata; ``model`` itself when nothing changes."""
+    config = dataclasses.replace(model.config, **changes)
+    if config == model.config:
+        return model
+    other = InfiniTransformer(config).eval()
+    other.load_state_dict(model.state_dict())
+    other.metadata = getattr(model, "metadata", {})
+    return other
+
+
+def scan_segments(fn, segment_len: int, sequences, state: tuple, checkpointing: bool):
     """Fold ``fn`` over the segments of ``sequences`` (tensors (B, T, ...), split along T), carrying the state.
 
-    ``fn(*one segment of each sequence, memory, norm) -> (*values, memory, norm)``; returns (each value summed
-    over the segments, memory, norm). With ``checkpointing`` (and gradients on) every call runs under gradient
-    checkpointing: backward keeps the state between segments and recomputes one segment's activations, so
-    rows of many segments train in the memory of one (the paper's recipe)."""
-    totals = []
+    ``state``: what the model's step carries, (memory, norm) or (memory, norm, past)
+    (:meth:`InfiniTransformer.start_state`). ``fn(*one segment of each sequence, *state) -> (*values, *state)``;
+    returns (each value summed over the segments, state). With ``checkpointing`` (and gradients on) every
+    call runs under gradient checkpointing: backward keeps the state between segments and recomputes one
+    segment's activations, so rows of many segments train in the memory of one (the paper's recipe)."""
+    totals, state = [], tuple(state)
     for start in range(0, sequences[0].shape[1], segment_len):
         args = [s[:, start:start + segment_len] for s in sequences]
         if checkpointing and torch.is_grad_enabled():
-            *values, memory, norm = checkpoint(fn, *args, memory, norm, use_reentrant=False)
+            out = checkpoint(fn, *args, *state, use_reentrant=False)
         else:
-            *values, memory, norm = fn(*args, memory, norm)
+            out = fn(*args, *state)
+        values, state = list(out[:len(out) - len(state)]), tuple(out[len(out) - len(state):])
         totals = [t + v for t, v in zip(totals, values)] if totals else values
-    return totals, memory, norm
+    return totals, state

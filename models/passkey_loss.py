@@ -41,10 +41,11 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
     summation order."""
     if memory is None:
         memory, norm = model.initial_state(tokens.shape[0], tokens.device)
+    past = model.initial_past(tokens.shape[0], tokens.device)   # a diluted start has no previous segment
 
-    def one(tokens, targets, answer, memory, norm):
+    def one(tokens, targets, answer, memory, norm, *past):
         with autocast_context(cfg.autocast, tokens.device):
-            logits, memory, norm = model.step(tokens, memory, norm)
+            logits, memory, norm, *past = model.step(tokens, memory, norm, *past)
         logits = logits.float()
         V = logits.shape[-1]
         lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
@@ -53,10 +54,11 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
         with torch.no_grad():
             wrong = torch.zeros(tokens.shape[0], device=tokens.device)
             wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
-        return lm, ans, wrong, memory, norm
+        return lm, ans, wrong, memory, norm, *past
 
-    (lm, ans, wrong), memory, norm = scan_segments(one, model.config.segment_len, (tokens, targets, answer),
-                                                   memory, norm, checkpointing=True)
+    (lm, ans, wrong), (memory, norm, *_) = scan_segments(one, model.config.segment_len, (tokens, targets, answer),
+                                                         (memory, norm, *([] if past is None else [past])),
+                                                         checkpointing=True)
     n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
     lm, ans = lm / n_lm, ans / n_ans
     return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
@@ -65,9 +67,8 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
 def state_after(model: InfiniTransformer, tokens, checkpointing: bool):
     """The state (memory, norm) after ``tokens`` from zero, with gradient (segment by segment under
     checkpointing when asked)."""
-    memory, norm = model.initial_state(tokens.shape[0], tokens.device)
-    _, memory, norm = scan_segments(lambda t, m, z: model.step(t, m, z)[1:], model.config.segment_len, (tokens,),
-                                    memory, norm, checkpointing)
+    _, (memory, norm, *_) = scan_segments(lambda t, *state: model.step(t, *state)[1:], model.config.segment_len,
+                                          (tokens,), model.start_state(tokens.shape[0], tokens.device), checkpointing)
     return memory, norm
 
 

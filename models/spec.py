@@ -126,6 +126,10 @@ def chunk_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[T
 
 def graph_specs(graph: str, config: InfiniConfig, logits_dtype: str = "float32"):
     """(inputs, outputs) of one graph: "segment", "decode" or "chunk"."""
+    if config.attend_previous:   # every runner, export and manifest asks here first
+        raise BadInputError("this model's local attention also sees the previous segment (attend_previous): its "
+                            "step carries past keys and values that no exported graph or runner has yet; train and "
+                            "evaluate it with the torch commands (infini train, infini passkey, infini eval ppl)")
     if graph == "segment":
         return segment_inputs(config), segment_outputs(config, logits_dtype)
     if graph == "decode":

@@ -286,7 +286,7 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                 memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
                                 else (None, None))
                 if not cfg.checkpointing:
-                    logits, memory, norm = model(tokens, memory, norm)
+                    logits, memory, norm, *_ = model(tokens, memory, norm)
             if cfg.checkpointing:
                 loss, ans_loss, acc, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg)
             else:

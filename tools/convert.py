@@ -18,12 +18,15 @@ from ..models.config import UPDATE_RULES
               help="Memory update rule: linear (Eq 8) or delta (Eq 9).  [default: linear, or the adapter's base's]")
 @click.option("--gate-init", type=float, default=None,
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
+@click.option("--attend-previous", is_flag=True, default=None,
+              help="The local attention also sees the previous segment's keys and values (constant memory; torch "
+                   "only for now, docs/training.md)  [default: off, or the adapter's base's]")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Apply an adapter of `infini train lm` or `infini train passkey` (folder or adapter.safetensors) "
                    "trained on this base; --segment-len, --update and --gate-init default to its base's.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
-def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, force):
+def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_validate, adapter, force):
     """Convert SRC (a Hugging Face Llama-family folder or a .gguf file) into an Infini checkpoint at OUT_DIR,
     checked against transformers with the gates closed."""
     from ..models.convert import DEFAULT_GATE_INIT, convert as run
@@ -37,14 +40,16 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, 
         segment_len = segment_len or base.get("segment_len")
         update = update or base.get("update")
         gate_init = base.get("gate_init") if gate_init is None else gate_init
+        attend_previous = attend_previous or base.get("attend_previous", False)
     update = update or "linear"
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
-    result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter)
+    result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter,
+                 attend_previous=bool(attend_previous))
     cfg = result.model.config
     n = sum(p.numel() for p in result.model.parameters())
     click.echo(f"wrote {out_dir}: {n:,} parameters, {cfg.n_layer} layers, {cfg.n_head} query / {cfg.kv_heads} KV "
                f"heads of {cfg.d_head}, vocabulary {cfg.vocab_size:,}, segment {cfg.segment_len}, {cfg.update} rule, "
-               f"gates at beta {gate:g}")
+               f"gates at beta {gate:g}" + (", the previous segment attended" if cfg.attend_previous else ""))
     p = result.parity
     if p is None:
         click.echo("not validated: " + ("--no-validate" if no_validate else
@@ -57,4 +62,5 @@ def convert(src, out_dir, segment_len, update, gate_init, no_validate, adapter, 
     if adapter is not None:
         click.echo(f"applied the adapter {adapter} (its base model's weights sha256 matched)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-    click.echo(f"state {human_bytes(cfg.state_bytes())} per stream; {stages}; peak RSS {human_bytes(peak_rss_bytes())}")
+    past = f" (and {human_bytes(cfg.past_bytes())} of the previous segment's keys and values)" if cfg.attend_previous else ""
+    click.echo(f"state {human_bytes(cfg.state_bytes())}{past} per stream; {stages}; peak RSS {human_bytes(peak_rss_bytes())}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 from pathlib import Path
 
@@ -27,6 +27,9 @@ def evaluate():
 @click.option("--segment-len", type=click.IntRange(min=1), default=None,
               help="Torch only: stream with this segment length instead of the checkpoint's.")
 @click.option("--gate", default=None, help="Torch only: set every gate logit beta to this ('closed': shut).")
+@click.option("--attend-previous", is_flag=True,
+              help="Torch only: the local attention also sees the previous segment's keys and values "
+                   "(config attend_previous; docs/training.md).")
 @click.option("--reference", is_flag=True,
               help="Also score with full attention in transformers, in windows of the model's trained context.")
 @click.option("--context", type=click.IntRange(min=1), default=None,
@@ -34,23 +37,31 @@ def evaluate():
 @click.option("--threads", type=int, default=None)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 @plot_option("A PNG of loss against position in the segment (needs matplotlib).", "plot_path")
-def ppl(model, files, limit, backend, segment_len, gate, reference, context, threads, json_out, plot_path):
+def ppl(model, files, limit, backend, segment_len, gate, attend_previous, reference, context, threads, json_out,
+        plot_path):
     """Perplexity of MODEL over FILES, streamed segment by segment; the loss by position in the segment."""
     import torch
 
     from ..runtime import perplexity
     from ..runtime.inputs import iter_tokens
+    from ..runtime.past_stream import PastStream
     from ..runtime.stream import Stream
 
     if threads:
         torch.set_num_threads(threads)
     limit = parse_count(limit)
     tokenizer = model_tokenizer(model)
-    runner, backend = _runner(model, backend, segment_len, gate, threads)
-    label = f"{Path(model).name} ({backend}, segment {runner.config.segment_len}" + (f", gate {gate})" if gate else ")")
+    runner, backend = _runner(model, backend, segment_len, gate, threads, attend_previous)
+    label = (f"{Path(model).name} ({backend}, segment {runner.config.segment_len}"
+             + (", previous segment attended" if runner.config.attend_previous else "")
+             + (f", gate {gate})" if gate else ")"))
     results, curves = {}, {}
-    with runner:
-        stream = Stream(runner)
+    with contextlib.ExitStack() as stack:
+        if isinstance(runner, PastStream):
+            stream = runner
+        else:
+            stack.enter_context(runner)
+            stream = Stream(runner)
         for file in files:
             ids = perplexity.read_tokens(iter_tokens(file, tokenizer=tokenizer), limit)
             if len(ids) < 2:
@@ -69,29 +80,37 @@ def ppl(model, files, limit, backend, segment_len, gate, reference, context, thr
         click.echo("no plot: matplotlib is not installed (pip install 'infini-deploy[plot]')", err=True)
 
 
-def _runner(model: str, backend: str, segment_len: int | None, gate: str | None, threads: int | None):
-    """The segment runner; --segment-len and --gate rebuild the torch model with them (checkpoints only)."""
-    if segment_len is None and gate is None:
+def _runner(model: str, backend: str, segment_len: int | None, gate: str | None, threads: int | None,
+            attend_previous: bool = False):
+    """The segment runner; --segment-len, --gate and --attend-previous rebuild the torch model with them
+    (checkpoints only). A model that attends to the previous segment streams through a PastStream instead."""
+    from ..runtime.past_stream import PastStream
+
+    if segment_len is None and gate is None and not attend_previous:
+        from ..export.manifest import is_export_dir
+        from ..models.checkpoint import resolve_model
+
+        if backend != "onnxruntime" and not is_export_dir(model):
+            net = resolve_model(model)
+            if net.config.attend_previous:
+                return PastStream(net), "torch"
         return make_runner(model, backend, "cpu", threads, 0)
     from ..export.manifest import is_export_dir
     from ..models.checkpoint import resolve_model
-    from ..models.model import InfiniTransformer
+    from ..models.model import with_config
     from ..runtime.torch_runner import TorchRunner
 
     if backend == "onnxruntime" or is_export_dir(model):
-        raise BadInputError("--segment-len and --gate change the model: give a checkpoint (torch), not an export")
+        raise BadInputError("--segment-len, --gate and --attend-previous change the model: give a checkpoint "
+                            "(torch), not an export")
     net = resolve_model(model)
-    config = dataclasses.replace(net.config, segment_len=segment_len or net.config.segment_len)
-    if config != net.config:
-        other = InfiniTransformer(config).eval()
-        other.load_state_dict(net.state_dict())
-        other.metadata = getattr(net, "metadata", {})
-        net = other
+    net = with_config(net, segment_len=segment_len or net.config.segment_len,
+                      attend_previous=attend_previous or net.config.attend_previous)
     if gate is not None:
         value = -1e4 if gate == "closed" else _float(gate)
         for layer in net.layers:
             layer.self_attn.beta.data.fill_(value)
-    return TorchRunner(net), "torch"
+    return (PastStream(net) if net.config.attend_previous else TorchRunner(net)), "torch"
 
 
 def _float(text: str) -> float:

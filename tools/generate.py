@@ -27,20 +27,32 @@ GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def open_stream(model: str, backend: str, device: str, seed: int, threads: int | None,
-                autocast: str = "off", batch: int = 1) -> tuple[Stream, str]:
+                autocast: str = "off", batch: int = 1, attend_previous: bool = False) -> tuple[Stream, str]:
     """(a stream of ``batch`` rows over MODEL's segment, decode and chunk steps on one backend, the backend's name).
 
     auto: onnxruntime for an export folder (its segment.onnx, decode.onnx and chunk.onnx when it has one),
-    torch otherwise. tensorrt: the folder's engines (`infini build`), on a GPU they run on."""
+    torch otherwise. tensorrt: the folder's engines (`infini build`), on a GPU they run on.
+    ``attend_previous``: rebuild a checkpoint's model with the local attention also seeing the previous
+    segment (models/config.py); such a model streams through runtime.past_stream.PastStream."""
     from ..export.manifest import is_export_dir
 
     if backend not in GENERATE_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not known; available: {', '.join(GENERATE_BACKENDS)}")
     if threads:
         torch.set_num_threads(threads)
+    if attend_previous and (backend not in ("auto", "torch") or is_export_dir(model)):
+        raise BadInputError("--attend-previous changes the model: give a checkpoint (torch), not an export")
     if backend in ("auto", "torch") and not is_export_dir(model):   # one model for both steps
         net = resolve_model(model, seed)
         autocast = fastest_autocast(net, device) if autocast == "auto" else autocast
+        if attend_previous:
+            from ..models.model import with_config
+
+            net = with_config(net, attend_previous=True)
+        if net.config.attend_previous:   # its step carries the previous segment: no decode or chunk graph yet
+            from ..runtime.past_stream import PastStream
+
+            return PastStream(net, batch, device, None if autocast == "off" else autocast), "torch"
         runners = [TorchRunner(net, device, graph=g, autocast=None if autocast == "off" else autocast)
                    for g in ("segment", "decode", "chunk")]
         return Stream(runners[0], batch, decode_runner=runners[1], chunk_runner=runners[2]), "torch"
@@ -203,11 +215,14 @@ def length_label(n: int) -> str:
                    "the --haystack text [default: prose with --haystack, else fixed].")
 @click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Real text as the filler, in the model's own tokenizer (repeat for several files).")
+@click.option("--attend-previous", is_flag=True,
+              help="Torch only: the local attention also sees the previous segment's keys and values "
+                   "(config attend_previous; docs/training.md).")
 @json_out_option("Also write the results as JSON.")
 @force_option("Replace the --json-out file if it exists.")
 @common_options
-def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, json_out, force, backend, device,
-            threads, autocast, progress):
+def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, attend_previous, json_out, force,
+            backend, device, threads, autocast, progress):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = [parse_count(x, "--lengths") for x in lengths.split(",") if x.strip()]
@@ -223,8 +238,8 @@ def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files,
             raise BadInputError("--filler prose and --haystack FILE go together")
         haystack = Haystack.from_files(haystack_files)
     tokenizer = model_tokenizer(model)
-    stream, backend = open_stream(model, backend, device, seed, threads, autocast, batch)
-    label = getattr(stream.runner, "label", backend)
+    stream, backend = open_stream(model, backend, device, seed, threads, autocast, batch, attend_previous)
+    label = getattr(stream, "label", None) or getattr(stream.runner, "label", backend)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None, tokenizer=tokenizer, haystack=haystack)
     rows = summarise(results)

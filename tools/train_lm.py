@@ -234,6 +234,7 @@ def _documents(data_files, held_out_files, tokenizer, window: int):
 
 def _evaluate(net, held_out, limit: int, cfg) -> dict:
     """Held-out perplexity, streamed through the model as deployed (runtime/perplexity.py)."""
+    from ..runtime.past_stream import PastStream
     from ..runtime.perplexity import stream_nll
     from ..runtime.stream import Stream
     from ..runtime.torch_runner import TorchRunner
@@ -242,7 +243,9 @@ def _evaluate(net, held_out, limit: int, cfg) -> dict:
     if len(ids) < 2:
         return {"tokens": 0, "ppl": float("nan"), "nll": float("nan"), "source": "no held-out text"}
     plain = _merged_copy(net)
-    r = stream_nll(Stream(TorchRunner(plain, autocast=cfg.autocast)), ids)
+    stream = (PastStream(plain, autocast=cfg.autocast) if plain.config.attend_previous
+              else Stream(TorchRunner(plain, autocast=cfg.autocast)))
+    r = stream_nll(stream, ids)
     return {"tokens": int(len(ids)), "ppl": r["ppl"], "nll": r["nll"], "by_position": r["by_position"],
             "source": "held-out documents (see data.held_out)"}
 

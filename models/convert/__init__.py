@@ -11,6 +11,8 @@ Stages, each checked before the next (docs/conversion.md):
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +43,13 @@ class Converted:
 
 def convert(src, out_dir, segment_len: int | None = None, update: str = "linear",
             gate_init: float = DEFAULT_GATE_INIT, validate: bool = True, force: bool = False,
-            adapter=None) -> Converted:
+            adapter=None, attend_previous: bool = False) -> Converted:
     """Convert SRC into a checkpoint at OUT_DIR (see the module docstring); returns what was done.
 
     ``validate``: run the parity check when transformers is installed (``parity`` is None otherwise).
     ``adapter``: an `infini train lm` adapter (models/adapter.py) applied after the check; it refuses a
     base whose weights (source, segment length, gate init) are not the ones it was trained from.
+    ``attend_previous``: the local attention also sees the previous segment (models/config.py; torch only).
 
     BadInputError for an unsupported source, IncompatibleArtifactError for damaged files,
     NumericalFaultError when the parity check fails; OUT_DIR is then untouched.
@@ -65,7 +68,8 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
                             "model needs its vocabulary")
     marks["read"] = time.perf_counter()
     segment = segment_len or min(DEFAULT_SEGMENT, source.config.get("max_position_embeddings") or DEFAULT_SEGMENT)
-    config = infini_config(source.config, segment, update, source.origin)
+    config = dataclasses.replace(infini_config(source.config, segment, update, source.origin),
+                                 attend_previous=bool(attend_previous))
     source.tokenizer.check_vocabulary(config.vocab_size, source.origin)
     model = build_model(config, source, gate_init)
     marks["map"] = time.perf_counter()

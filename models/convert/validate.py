@@ -95,7 +95,7 @@ def _logits(model, ids, beta: float | None) -> torch.Tensor:
         if beta is not None:
             for layer in model.layers:
                 layer.self_attn.beta.data.fill_(beta)
-        return model.step(ids, *model.initial_state(1))[0].float()[0]
+        return model.step(ids, *model.start_state(1))[0].float()[0]
     finally:
         for layer, b in zip(model.layers, saved):
             layer.self_attn.beta.data.copy_(b)

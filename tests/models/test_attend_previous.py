@@ -1,0 +1,200 @@
+"""attend_previous: the local attention also sees the previous segment (and the stream's first SINKS tokens).
+
+Checked against a float64 re-computation written here from the definition (every query's visible keys and
+their positions listed token by token, the memory summed over earlier segments), against transformers' own
+Llama with full attention (two segments: the second sees everything before it), and through the stream,
+the trainers and the refusals of the paths that do not carry the extra state."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from infini_deploy.errors import BadInputError
+from infini_deploy.models.config import InfiniConfig, preset
+from infini_deploy.models.model import SINKS, InfiniTransformer
+from infini_deploy.runtime.past_stream import PastStream
+
+
+def model_for(seed=0, n_kv_head=1, segment_len=8, beta=None, update="linear"):
+    torch.manual_seed(seed)
+    cfg = preset("tiny", attend_previous=True, n_kv_head=n_kv_head, segment_len=segment_len, update=update)
+    model = InfiniTransformer(cfg).double().eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.beta.copy_(torch.randn(cfg.n_head) if beta is None else torch.full((cfg.n_head,), beta))
+    return model
+
+
+def visible(t: int, N: int) -> tuple[list[int], list[int], int]:
+    """(keys query t sees, their RoPE positions, the query's position), from the definition."""
+    s = t // N
+    if s <= 1:                                                   # segment 1, and segment 2 sees all of segment 1
+        return list(range(t + 1)), list(range(t + 1)), t
+    first = (s - 1) * N                                          # the previous segment's first token
+    keys = list(range(SINKS)) + list(range(first, t + 1))
+    return keys, list(range(len(keys))), len(keys) - 1
+
+
+def rope64(x, pos, theta):
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv
+    ang = torch.cat((ang, ang), -1)
+    x1, x2 = x.chunk(2, -1)
+    return x * ang.cos() + torch.cat((-x2, x1), -1) * ang.sin()
+
+
+def reference(model: InfiniTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (T, V) for one row, float64, query by query (linear update rule)."""
+    cfg = model.config
+    N, H, Hk, d = cfg.segment_len, cfg.n_head, cfg.kv_heads, cfg.d_head
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    T = tokens.shape[0]
+    x = sd["embed_tokens.weight"][tokens]
+
+    def norm(v, w):
+        return w * v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+
+    for i in range(cfg.n_layer):
+        p = f"layers.{i}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(T, H, d)
+        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(T, Hk, d)
+        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(T, Hk, d)
+        g = torch.sigmoid(sd[p + "self_attn.beta"])
+        out = torch.zeros(T, H, d, dtype=torch.float64)
+        for t in range(T):
+            keys, kpos, qpos = visible(t, N)
+            earlier = (t // N) * N                               # the memory holds tokens before the segment
+            for head in range(H):
+                kv = head // (H // Hk)
+                qr = rope64(q[t, head][None], [qpos], cfg.rope_theta)[0]
+                kr = rope64(k[keys, kv], kpos, cfg.rope_theta)
+                w = torch.softmax(kr @ qr / math.sqrt(d), 0)
+                a_dot = w @ v[keys, kv]
+                sk = F.elu(k[:earlier, kv]) + 1
+                sq = F.elu(q[t, head]) + 1
+                a_mem = (sq @ (sk.T @ v[:earlier, kv])) / (sq @ sk.sum(0) + cfg.eps)
+                out[t, head] = g[head] * a_mem + (1 - g[head]) * a_dot
+        x = x + out.reshape(T, H * d) @ sd[p + "self_attn.o_proj.weight"].T
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
+    return norm(x, sd["norm.weight"]) @ sd["embed_tokens.weight"].T
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_step_matches_the_definition_over_five_segments(n_kv_head):
+    model = model_for(n_kv_head=n_kv_head)
+    tokens = torch.randint(0, 260, (2, 37))                      # 4 full segments of 8 and a partial one
+    with torch.no_grad():
+        logits, memory, norm, past = model(tokens)
+    for row in range(2):
+        torch.testing.assert_close(logits[row], reference(model, tokens[row]), rtol=1e-5, atol=1e-6)   # M, z: float32
+    cfg = model.config
+    assert past.shape == (cfg.n_layer, 2, 2, cfg.kv_heads, SINKS + 37 - 32, cfg.d_head)
+    assert memory.dtype == norm.dtype == torch.float32
+
+
+def test_two_segments_equal_transformers_full_attention(tmp_path):
+    """Gates closed: the second segment sees the whole first one, so the logits are full attention's."""
+    pytest.importorskip("transformers")
+    from infini_deploy.models.convert import convert
+
+    from ..llama_fixtures import tiny_llama
+
+    src = tiny_llama(tmp_path / "src", n_kv=2)
+    converted = convert(src, tmp_path / "out", segment_len=16, gate_init=-1e2, attend_previous=True).model.eval()
+    assert converted.config.attend_previous
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 300, (1, 32))
+    with torch.no_grad():
+        ours = converted(tokens)[0]
+        ref = hf(tokens).logits
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    local = InfiniTransformer(dataclasses.replace(converted.config, attend_previous=False)).eval()
+    local.load_state_dict(converted.state_dict())
+    with torch.no_grad():                                        # a segment-local model differs in segment 2 only
+        seg_local = local(tokens)[0]
+    torch.testing.assert_close(seg_local[:, :16], ref[:, :16], rtol=1e-4, atol=1e-4)
+    assert (seg_local[:, 16:] - ref[:, 16:]).abs().max() > 1e-2
+
+
+def test_stream_in_any_chunking_gives_the_forward_logits():
+    model = model_for(seed=1)
+    tokens = torch.randint(0, 260, (2, 45))
+    with torch.no_grad():
+        ref = model(tokens)[0].float()
+    stream = PastStream(model, batch=2)
+    got = [stream.feed(tokens[:, a:b], keep="all") for a, b in ((0, 3), (3, 3), (3, 20), (20, 21), (21, 45))]
+    torch.testing.assert_close(torch.cat([g for g in got if g is not None], dim=1), ref, rtol=1e-6, atol=1e-6)
+    assert stream.segments == 5 and stream.pending.shape == (2, 5)
+
+
+def test_generate_is_greedy_over_the_teacher_forced_logits():
+    model = model_for(seed=2)
+    prompt = torch.randint(0, 260, (1, 21))
+    out = PastStream(model).generate(iter([prompt[:, :10], prompt[:, 10:]]), max_new_tokens=6)
+    assert out.shape == (1, 6)
+    whole = torch.cat((prompt, out), dim=1)
+    with torch.no_grad():
+        logits = model(whole)[0]
+    assert torch.equal(logits[0, 20:26].argmax(-1), out[0])
+
+
+def test_stream_refuses_bad_ids_and_keeps_its_state():
+    stream = PastStream(model_for())
+    stream.feed(torch.arange(10), keep="none")
+    before = [t.clone() for t in stream.state]
+    with pytest.raises(BadInputError, match=r"token ids must be in \[0, 260\)"):
+        stream.feed(torch.tensor([1, 2, 999]))
+    assert all(torch.equal(a, b) for a, b in zip(before, stream.state)) and stream.position == 10
+
+
+def test_checkpointed_segments_give_the_same_loss_and_gradients():
+    from infini_deploy.models.lm_training import LMTrainConfig, SegmentLoss
+
+    model = model_for(seed=3).float().train()
+    tokens = torch.randint(0, 260, (2, 33))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        loss = SegmentLoss(model, LMTrainConfig(checkpointing=checkpointing))(tokens)
+        loss.backward()
+        grads.append((float(loss.detach()), [p.grad.clone() for p in model.parameters()]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert model.layers[0].self_attn.beta.grad.abs().sum() > 0
+
+
+def test_config_round_trip_and_digest():
+    cfg = preset("tiny", attend_previous=True)
+    assert cfg.to_dict()["attend_previous"] is True
+    assert InfiniConfig.from_dict(cfg.to_dict()) == cfg and cfg.digest() != preset("tiny").digest()
+    assert "attend_previous" not in preset("tiny").to_dict()   # segment-local configs keep their JSON and digest
+    assert cfg.past_bytes(2) == 2 * 2 * cfg.n_layer * cfg.kv_heads * cfg.d_head * (cfg.segment_len + SINKS) * 4
+    with pytest.raises(BadInputError, match="attend_previous must be true or false"):
+        preset("tiny", attend_previous="yes")
+
+
+def test_runners_and_export_refuse_it_in_one_line(tmp_path):
+    from infini_deploy.export.exporter import export_model as export
+    from infini_deploy.runtime.torch_runner import TorchRunner
+
+    model = model_for().float()
+    with pytest.raises(BadInputError, match="previous segment .attend_previous.: its step carries past keys"):
+        TorchRunner(model)
+    with pytest.raises(BadInputError, match="attend_previous"):
+        export(model, tmp_path / "exp")
+    assert not (tmp_path / "exp").exists()
+    with pytest.raises(BadInputError, match="takes past .* exactly when config.attend_previous"):
+        model.step(torch.zeros(1, 4, dtype=torch.long), *model.initial_state(1))
+    with pytest.raises(BadInputError, match="segment-local: use runtime.stream.Stream"):
+        PastStream(InfiniTransformer(preset("tiny")))
