@@ -104,6 +104,14 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
             {"name": "beta", "params": beta, "lr": cfg.beta_lr, "weight_decay": 0.0, "base_lr": cfg.beta_lr}]
 
 
+def local_start(end: int, model_cfg: InfiniConfig) -> int:
+    """The first token the local attention of a prompt ending at ``end`` sees: its segment's start, or the
+    previous segment's for an ``attend_previous`` model. A needle before it reaches the question by the memory
+    alone (the stream's first SINKS tokens aside: the intro's, never the needle's)."""
+    seg = model_cfg.segment_len
+    return max(0, (end // seg - (1 if model_cfg.attend_previous else 0)) * seg)
+
+
 def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
                memory_only: float | None = None, haystack=None, tokenizer=None):
     """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
@@ -112,7 +120,8 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
     in its last segment, as in a real stream (split across a segment boundary, or with the answer
     starting a new segment): a random amount of filler goes before it. Rows are padded at the end
     (causal, so padding changes nothing before it). With probability ``memory_only`` the needle
-    is placed so that it ends before the question's segment: only the memory can carry it.
+    is placed so that it ends before the question's local context (:func:`local_start`): only the memory can
+    carry it.
     """
     if tokenizer is not None:
         return _make_batch_tokenized(model_cfg, n_segments, batch, rng, cfg, memory_only, haystack, tokenizer)
@@ -135,7 +144,7 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
                 lead = end - len(text)
-                if lead + text.index("Remember it.") + len("Remember it. ") + cfg.digits < (end // seg) * seg:
+                if lead + text.index("Remember it.") + len("Remember it. ") + cfg.digits < local_start(end, model_cfg):
                     break
                 depth *= 0.7
                 prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, haystack=haystack)
@@ -181,7 +190,7 @@ def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, 
         if rng.random() < memory_only:
             for _ in range(8):   # push the needle out of the question's segment
                 lead = end - len(prompt)
-                if lead + needle_end(prompt) < (end // seg) * seg:
+                if lead + needle_end(prompt) < local_start(end, model_cfg):
                     break
                 depth *= 0.7
                 prompt = PasskeyPrompt(end, depth, seed, cfg.filler, cfg.digits, tokenizer=tokenizer,
@@ -240,6 +249,9 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
           on_log=None, tokenizer=None) -> TrainResult:
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
     (unless ``max_minutes`` stops it or shortens the schedule)."""
+    if model.config.attend_previous and max(cfg.memory_only_start, cfg.memory_only) > 0 and cfg.min_segments < 3:
+        raise BadInputError(f"--memory-only with --min-segments {cfg.min_segments}: a model that attends to the "
+                            "previous segment sees a needle one segment back without its memory; use --min-segments 3")
     shortest = cfg.min_segments * model.config.segment_len - (cfg.digits + 2)
     if tokenizer is not None:   # the shortest row _make_batch_tokenized draws, and a margin for keys of longer ids
         N = model.config.segment_len

@@ -198,3 +198,27 @@ def test_runners_and_export_refuse_it_in_one_line(tmp_path):
         model.step(torch.zeros(1, 4, dtype=torch.long), *model.initial_state(1))
     with pytest.raises(BadInputError, match="segment-local: use runtime.stream.Stream"):
         PastStream(InfiniTransformer(preset("tiny")))
+
+
+def test_memory_only_rows_put_the_needle_before_the_previous_segment():
+    import random
+
+    from infini_deploy.models.tokenizer import decode
+    from infini_deploy.models.training import TrainConfig, make_batch
+
+    cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, attend_previous=True)
+    tc = TrainConfig(steps=3, batch=4, min_segments=4, max_segments=4, memory_only=1.0, boundary=0.0)
+    tokens, _, answer = make_batch(cfg, 4, 4, random.Random(1), tc)
+    for row in range(4):
+        question_segment = int(answer[row].nonzero()[-1]) // 128
+        needle_end = decode(tokens[row].numpy()).index("Remember it.")
+        assert needle_end < (question_segment - 1) * 128   # out of the local attention's reach, previous segment too
+
+
+def test_memory_only_training_refuses_rows_of_two_segments():
+    from infini_deploy.models.training import TrainConfig, train
+
+    model = InfiniTransformer(InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128,
+                                           attend_previous=True))
+    with pytest.raises(BadInputError, match="sees a needle one segment back without its memory; use --min-segments 3"):
+        train(model, TrainConfig(steps=1, batch=1, min_segments=2, max_segments=2, memory_only=1.0), progress=False)
