@@ -3,8 +3,9 @@
 Read in order: RMSNorm -> RoPE -> InfiniAttention -> MLP -> Block -> InfiniTransformer.
 The deployable unit is :meth:`InfiniTransformer.step`, a pure function of
 (tokens, memory, norm); the module holds weights and nothing else. A model with
-``config.attend_previous`` also carries ``past``, the previous segment's keys and
-values, which its local attention sees besides the segment's own (torch only).
+``config.attend_previous`` also carries ``past``, the keys and values of the previous
+segment and of the stream's first SINKS tokens, which its local attention sees besides
+the segment's own (torch only).
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ class InfiniTransformer(nn.Module):
                 torch.zeros(norm_shape, device=device, dtype=torch.float32))
 
     def initial_past(self, batch: int = 1, device=None):
-        """The previous segment's keys and values at a stream's start: (L, 2, B, H_kv, 0, d), none yet;
-        None for a model without ``attend_previous``."""
+        """``past`` at a stream's start: (L, 2, B, H_kv, 0, d), no keys yet; None for a model without
+        ``attend_previous``."""
         if not self.config.attend_previous:
             return None
         cfg = self.config
