@@ -1,8 +1,10 @@
 """int8 and int4 copies of the exported graphs, made by onnxruntime's own quantization tools.
 
 - **int8**: dynamic quantization (``onnxruntime.quantization.quantize_dynamic``): weights int8 per output
-  channel, stored quantized; activations quantized per tensor at run time (DynamicQuantizeLinear +
-  MatMulInteger, which use VNNI / AMX where the CPU has them).
+  channel in 7 bits (``reduce_range``), stored quantized; activations quantized per tensor at run time
+  (DynamicQuantizeLinear + MatMulInteger, which use VNNI / AMX where the CPU has them). 7 bits because
+  without VNNI the uint8 x int8 products go through ``vpmaddubsw``, whose 16-bit pair sums saturate with
+  8-bit weights: the same graph then gives other numbers on such a CPU (docs/quantization.md).
 - **int4**: weight-only, ``MatMulNBitsQuantizer`` (the contrib op MatMulNBits): 4-bit weights in blocks of
   ``INT4_BLOCK`` along the input dimension with a scale per block, symmetric; ``INT4_ACCURACY`` 4 lets the
   CPU kernel quantize activations to int8 and use integer dot products.
@@ -69,7 +71,7 @@ def _quantize(src: Path, dst: Path, precision: str) -> dict:
         with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:   # quantize_dynamic writes beside its output
             out = Path(tmp) / dst.name
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                             nodes_to_quantize=nodes, per_channel=True, reduce_range=True,
                              use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
             _save(onnx.load(str(out)), dst, metadata)
         return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
