@@ -38,7 +38,9 @@ fi
 
 mkdir -p "$W" "$OUT" /tmp/infini_pp && ln -sfn "$PWD" /tmp/infini_pp/infini_deploy
 export PYTHONPATH="$W/site:/tmp/infini_pp${PYTHONPATH:+:$PYTHONPATH}" INFINI_TRITON=0 PYTHONUNBUFFERED=1
-infini() { python3 -c 'import sys; from infini_deploy.tools.cli import cli; sys.argv[0] = "infini"; cli()' "$@"; }
+mkdir -p "$W/bin" && export PATH="$W/bin:$PATH"   # a command, not a function: `timeout` runs it
+printf '#!/bin/sh\nexec python3 -c "import sys; from infini_deploy.tools.cli import cli; sys.argv[0] = \\"infini\\"; cli()" "$@"\n' > "$W/bin/infini"
+chmod +x "$W/bin/infini"
 log() { echo "[$(date +%T) +$SECONDS s] $*"; }
 TRAIN_OPTS=(--trainable lora --lora-rank 8 --autocast bf16 --batch "$BATCH" --min-segments 2 --max-segments 3
             --memory-only 1 1 --dilute 0.85 --dilute-tokens 4000 2000000 --dilute-segments 4 --boundary 0.8
@@ -69,6 +71,7 @@ EOF
 fi
 
 if [ "$PHASE" = train ]; then
+if [ ! -d "$W/base" ]; then
 cp .gpu/part-b/* "$W/"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$W/site" "$W"/gguf-*.whl || exit 1
 tar -xJf "$W/texts.tar.xz" -C "$W"
@@ -77,6 +80,7 @@ echo "$GGUF_SHA  $W/smollm2.gguf" | sha256sum -c || exit 1
 log "convert"
 infini convert "$W/smollm2.gguf" "$W/base" --segment-len 128 --gate-init -3 2>&1 | grep -v "it/s" | tail -n 4
 python3 -c "from infini_deploy.models.checkpoint import load_checkpoint, weights_digest as d; print('base weights', d(load_checkpoint('$W/base')))"
+fi
 R=$W/run; mkdir -p "$R"
 log "train $MIN min from $INIT_ADAPTER"
 timeout $(( ${MIN%.*} * 60 + 150 )) infini train passkey "$R/model" --init "$W/base" --init-adapter "$INIT_ADAPTER" \
