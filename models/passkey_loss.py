@@ -64,11 +64,14 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
     return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
 
 
-def state_after(model: InfiniTransformer, tokens, checkpointing: bool):
-    """The state (memory, norm) after ``tokens`` from zero, with gradient (segment by segment under
-    checkpointing when asked)."""
+def state_after(model: InfiniTransformer, tokens, checkpointing: bool, start=None):
+    """The state (memory, norm) after ``tokens`` from ``start`` (memory, norm; default zero), with gradient
+    (segment by segment under checkpointing when asked)."""
+    state = model.start_state(tokens.shape[0], tokens.device)
+    if start is not None:
+        state = (*start, *state[2:])
     _, (memory, norm, *_) = scan_segments(lambda t, *state: model.step(t, *state)[1:], model.config.segment_len,
-                                          (tokens,), model.start_state(tokens.shape[0], tokens.device), checkpointing)
+                                          (tokens,), state, checkpointing)
     return memory, norm
 
 
@@ -86,6 +89,12 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     D / n times the state of n filler tokens. We run ``dilute_segments`` segments of filler
     (with gradient: the filler's keys are what must move away from the query), scale their state
     by D / n, and start the prompt from it. Evaluation streams real prompts (infini passkey).
+
+    ``cfg.dilute_old_memory``: the n tokens are written on top of an old memory instead of from zero (a first
+    pass over other filler, without gradient, scaled by D / n, is their starting state; what they add to it,
+    scaled by D / n, is the diluted state). In a real stream most of the D tokens are written by hidden
+    states that already read a crowded memory, and the heads whose gate is open write other keys and values
+    then than from an empty one (docs/training.md measures the difference).
     Returns (None, None) when no row is diluted.
     """
     B = cfg.batch
@@ -95,9 +104,20 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     if not any(scale):
         return None, None
     n = cfg.dilute_segments * model.config.segment_len
-    fill = torch.stack([torch.as_tensor(filler_ids(n, rng.randrange(1 << 40), cfg.filler, haystack, tokenizer),
-                                        dtype=torch.long)
-                        for _ in range(B)]).to(device)
-    memory, norm = state_after(model, fill, cfg.checkpointing)
+
+    def filler():
+        return torch.stack([torch.as_tensor(filler_ids(n, rng.randrange(1 << 40), cfg.filler, haystack, tokenizer),
+                                            dtype=torch.long)
+                            for _ in range(B)]).to(device)
+
     s = torch.tensor(scale, dtype=torch.float32, device=device) / n
-    return memory * s.view(1, B, 1, 1, 1), norm * s.view(1, B, 1, 1)
+    s_memory, s_norm = s.view(1, B, 1, 1, 1), s.view(1, B, 1, 1)
+    old = None
+    if cfg.dilute_old_memory:
+        with torch.no_grad():
+            memory, norm = state_after(model, filler(), False)
+        old = (memory * s_memory, norm * s_norm)
+    memory, norm = state_after(model, filler(), cfg.checkpointing, old)
+    if old is not None:
+        memory, norm = memory - old[0], norm - old[1]
+    return memory * s_memory, norm * s_norm

@@ -72,6 +72,7 @@ class TrainConfig:
     dilute: float = 0.0             # share of rows that start from the state of a long filler stream ...
     dilute_tokens: tuple[float, float] = (1e3, 2e6)  # ... of this many tokens (log-uniform), simulated
     dilute_segments: int = 2        # filler segments run (with gradient) to measure that state per token
+    dilute_old_memory: bool = False  # ... written on top of an old (diluted) memory rather than from zero
     checkpointing: bool = False     # recompute each segment in backward: activations of one segment, not all
 
     def __post_init__(self):

@@ -44,6 +44,9 @@ def train():
               help="Length range (tokens, log-uniform) of that simulated stream.")
 @click.option("--dilute-segments", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Segments of filler run (with gradient) to measure the simulated state per token.")
+@click.option("--dilute-old-memory/--dilute-from-zero", default=False, show_default=True,
+              help="Measure that state with the filler written on top of an old memory (as late tokens of a long "
+                   "stream are) instead of from zero; costs a forward pass more (docs/training.md).")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
@@ -69,7 +72,7 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, dilute_segments, init_from, trainable, lora_rank, init_adapter, autocast,
+            boundary, dilute, dilute_tokens, dilute_segments, dilute_old_memory, init_from, trainable, lora_rank, init_adapter, autocast,
             haystack_files,
             seed, device,
             update, max_minutes, threads, checkpointing, force, progress):
@@ -111,7 +114,8 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     cfg = TrainConfig(steps=steps, batch=batch, lr=lr, beta_lr=beta_lr, min_segments=min_segments,
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
-                      dilute_tokens=tuple(dilute_tokens), dilute_segments=dilute_segments, seed=seed,
+                      dilute_tokens=tuple(dilute_tokens), dilute_segments=dilute_segments,
+                      dilute_old_memory=dilute_old_memory, seed=seed,
                       max_minutes=max_minutes,
                       filler="prose" if haystack_files else "varied",
                       haystack_files=tuple(str(f) for f in haystack_files),

@@ -1,5 +1,6 @@
 """Passkey training: the loss falls, runs repeat with a seed, beta's group, NaN handling."""
 
+import dataclasses
 import random
 
 import pytest
@@ -187,6 +188,37 @@ def test_dilution_is_the_filler_state_scaled_to_the_simulated_length():
     torch.testing.assert_close(four[1], 4 * norm)
     assert one[0].dtype == torch.float32 and one[0].requires_grad   # the filler's keys get the gradient
     assert dilution(model, _small(batch=3, dilute=0.0), random.Random(7), "cpu") == (None, None)
+
+
+def test_dilution_on_an_old_memory_is_what_late_filler_adds_to_it():
+    """--dilute-old-memory: a first filler draw (no gradient) scaled by D/n is the old memory; the second draw is
+    streamed on top of it, and what it adds, scaled by D/n, is the diluted state."""
+    from infini_deploy.models.passkey import filler_tokens
+    from infini_deploy.models.training import dilution
+
+    torch.manual_seed(0)
+    model = InfiniTransformer(dataclasses.replace(CFG, n_layer=2))   # layer 1 writes what layer 0 read
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.beta.fill_(2.0)   # gates open: what a token writes depends on what it reads
+    n, D = 2 * CFG.segment_len, 3000.0
+    got = dilution(model, _small(batch=2, dilute=1.0, dilute_tokens=(D, D), dilute_old_memory=True),
+                   random.Random(7), "cpu")
+    rng = random.Random(7)
+    for _ in range(2):
+        rng.random(), rng.uniform(0, 1)
+    first, second = ([torch.as_tensor(filler_tokens(n, rng.randrange(1 << 40)), dtype=torch.long) for _ in range(2)]
+                     for _ in range(2))
+    s = D / n
+    with torch.no_grad():
+        _, m0, z0 = model(torch.stack(first))
+        _, m1, z1 = model(torch.stack(second), m0 * s, z0 * s)
+    torch.testing.assert_close(got[0], (m1 - m0 * s) * s, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(got[1], (z1 - z0 * s) * s, rtol=1e-4, atol=1e-2)
+    assert got[0].requires_grad and got[0].dtype == torch.float32
+    with torch.no_grad():
+        _, fresh, _ = model(torch.stack(second))   # the same filler written from zero
+    assert ((fresh * s - got[0]).norm() / got[0].norm()).item() > 0.01   # an old memory changes what is written
 
 
 def test_dilution_bad_settings_fail_clearly():
