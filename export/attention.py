@@ -106,7 +106,9 @@ def masked_attention_decomposed(query, key, value, attn_mask=None, dropout_p=0.0
                                 scale=None, enable_gqa=False):
     """Translation of ``aten.scaled_dot_product_attention`` for the decode graph, every precision:
     one query against the fixed-size cache under a boolean mask (slots <= pos). Its inputs are float32
-    there (the cache is state), where TensorRT's attention layer is not usable (see above)::
+    there (the cache is state), where TensorRT's attention layer is not usable (see above). The segment
+    graph of an ``attend_previous`` model uses it too: n queries against the past's keys and their own,
+    under the mask key j <= past_len + i (models/model.py)::
 
         q --Mul(1/sqrt(d))--MatMul-- scores (B,H,1,N) --Where(mask, ., -inf)--Softmax--MatMul-- out
         k_cache --Transpose--+                                             v_cache --+

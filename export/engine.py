@@ -181,6 +181,9 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
                 f"{export_dir} is an {manifest.precision} export, quantized for onnxruntime's CPU kernels: TensorRT "
                 "parses neither its DynamicQuantizeLinear/MatMulInteger (int8) nor MatMulNBits over float32 "
                 "activations (int4); build an engine from an fp32, fp16 or bf16 export (docs/quantization.md)")
+        if manifest.config.attend_previous:
+            raise BadInputError(f"{export_dir} attends to the previous segment (attend_previous): no TensorRT "
+                                "profile covers its past keys and values yet; run it on onnxruntime")
         if manifest.attention == FUSED:
             raise BadInputError(f"{export_dir} was exported with --fused: its local attention is onnxruntime's "
                                 f"contrib GroupQueryAttention, which TensorRT cannot parse; export without --fused "

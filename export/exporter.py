@@ -70,7 +70,10 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
     quantized = precision in QUANTIZED   # exported in float32, then quantized by onnxruntime's tools
     quantization = {}
-    for export, file in ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE)):
+    steps = ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE))
+    if model.config.attend_previous:   # its step carries the previous segment: no decode or chunk step yet
+        steps = steps[:1]
+    for export, file in steps:
         target = folder / (f".float32-{file}" if quantized else file)
         export(model, target, "fp32" if quantized else precision, opset,
                **({"fused": fused} if export is export_segment else {}))   # decode/chunk: masked cache attention
@@ -78,10 +81,10 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
             quantization = quantize_graph(target, folder / file, precision)
             for name in graph_files(target):
                 (folder / name).unlink()
-    files = [*graph_files(folder / SEGMENT_FILE), *graph_files(folder / DECODE_FILE), *graph_files(folder / CHUNK_FILE)]
+    files = [name for _, file in steps for name in graph_files(folder / file)]
     cfg = model.config
     graphs = {graph: GraphEntry(file, *spec.graph_specs(graph, cfg, PRECISIONS[precision]))
-              for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE), ("chunk", CHUNK_FILE))}
+              for graph, file in (("segment", SEGMENT_FILE), ("decode", DECODE_FILE), ("chunk", CHUNK_FILE))[:len(steps)]}
     names = [*files, *(f"{CHECKPOINT_DIR}/{name}" for name in checkpoint_files)]
     op_type = memory_function.OP_DELTA if cfg.update == "delta" else memory_function.OP_LINEAR
     manifest = Manifest(
@@ -121,6 +124,13 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest, text: 
         rows = drift(reference, {"onnxruntime": ort_runner}, **VALIDATION,
                      precision=TorchRunner(low).activate() if low else None, text=text)["onnxruntime"]
     check_tolerance(f"the exported segment graph ({manifest.precision}, onnxruntime CPU)", rows, tolerance)
+    validation = {**VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
+                  "tokens": f"export/data/{VALIDATION_TEXT} ({len(text):,} ids, in order)" if text is not None
+                  else "random ids", "agreement": agreement(rows)}
+    if model.config.attend_previous:   # the segment step alone (three segments: the past empty, N, SINKS + N)
+        validated = Manifest(**{**manifest.__dict__, "validation": validation})
+        validated.write(folder)
+        return validated
     tokens = model.config.segment_len + DECODE_EXTRA
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:
@@ -135,9 +145,7 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest, text: 
     check_tolerance(f"the exported chunk graph ({manifest.precision}, onnxruntime CPU)", chunk_rows,
                     DECODE_TOLERANCES[manifest.precision])
     validated = Manifest(**{**manifest.__dict__, "validation": {
-        **VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
-        "tokens": f"export/data/{VALIDATION_TEXT} ({len(text):,} ids, in order)" if text is not None else "random ids",
-        "agreement": agreement(rows),
+        **validation,
         "decode": {"tokens": tokens, "batch": VALIDATION["batch"], "folds": tokens // model.config.segment_len,
                    "worst": worst(decode_rows), "agreement": agreement(decode_rows)},
         "chunk": {"pieces": [r["n"] for r in chunk_rows], "batch": VALIDATION["batch"],

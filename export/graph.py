@@ -40,8 +40,8 @@ class SegmentStep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, memory, norm):
-        return self.model.step(tokens, memory, norm)
+    def forward(self, tokens, memory, norm, past=None):
+        return self.model.step(tokens, memory, norm, past)   # past: attend_previous models (models/spec.py)
 
 
 def check_precision(precision: str, opset: int) -> None:
@@ -95,10 +95,14 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
                             f"export_model(..., precision={precision!r}) (export/quantize.py)")
     if fused and precision != "fp32":
         raise BadInputError(f"fused graphs are fp32 (and the int8/int4 graphs quantized from them); got {precision!r}")
+    if fused and model.config.attend_previous:
+        raise BadInputError("--fused (onnxruntime's GroupQueryAttention, causal over the segment alone) cannot "
+                            "attend to the previous segment: export this attend_previous model without --fused")
     program = _trace(graph, cast_model(model, precision), precision, opset, fused)
     ir_model = program.model
     del program
     _tidy(ir_model, opset)
+    _name_symbolic_outputs(ir_model, spec.graph_specs(graph, model.config)[1])
     _name_nodes(ir_model)
     ir_model.producer_name = "infini-deploy"
     set_identity(ir_model, graph, model)
@@ -154,8 +158,13 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int, fus
         seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
         dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
         module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
+        if cfg.attend_previous:   # traced with a full past (neither 0 nor 1 keys, so its length stays symbolic)
+            full = spec.past_spec(cfg).max_dims[spec.PAST_LEN]
+            dims[spec.PAST] = {2: batch, 4: torch.export.Dim(spec.PAST_LEN, min=0, max=full)}
+            args = (*args, torch.zeros(cfg.n_layer, 2, 2, cfg.kv_heads, full, cfg.d_head))
         table = {torch.ops.infini.memory.default: memory_function.translate_memory,
-                 **attention.translations(PRECISIONS[precision], fused)}
+                 **(attention.decode_translations() if cfg.attend_previous   # the past's keys under a mask
+                    else attention.translations(PRECISIONS[precision], fused))}
     elif graph == "chunk":
         seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
         dims = {s.name: {0: batch} if s.name == spec.POS else {1: batch} for s in inputs}
@@ -183,6 +192,17 @@ def _tidy(model: ir.Model, opset: int) -> None:
     onnxscript.optimizer.optimize_ir(model, inline=False)
     for function in model.functions.values():
         memory_function.name_function_nodes(function)
+
+
+def _name_symbolic_outputs(model: ir.Model, outputs: list) -> None:
+    """Give output dims the spec's names where the exporter wrote an expression of the inputs' (past_out's
+    length: ``min(past_len, 4) + n``); every other dim is left as traced, for check_io to compare."""
+    for value, s in zip(model.graph.outputs, outputs):
+        if value.shape is None or len(value.shape) != len(s.shape):
+            continue
+        dims = [d if isinstance(want, int) or str(d) == want or want not in (spec.PAST_OUT_LEN,) else ir.SymbolicDim(want)
+                for d, want in zip(value.shape, s.shape)]
+        value.shape = ir.Shape(dims)
 
 
 def _name_nodes(model: ir.Model) -> None:

@@ -65,6 +65,10 @@ def write_repository(export_dir, repo, options: ServeOptions = ServeOptions(), f
     """Write the model repository ``repo`` for ``export_dir`` (atomically; see the module docstring)."""
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
+    if manifest.config.attend_previous:
+        raise BadInputError(f"{export_dir} attends to the previous segment (attend_previous): serving does not carry "
+                            "its past keys and values yet; run it with `infini passkey`/`infini generate` "
+                            "(onnxruntime), or serve a segment-local export")
     for name in manifest.files:
         manifest.verify(export_dir, name)
     with atomic_folder(repo, force, _owned_repository, "model repository") as tmp:

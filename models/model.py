@@ -57,22 +57,23 @@ def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None, o
     return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
 
 
-def local_attention(q, k, v, past: int = 0):
+def local_attention(q, k, v, past=None):
     """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, past + n, d).
 
     With grouped-query attention each KV head is repeated for its G = H / H_kv query heads (Llama's
     repeat_kv: query head h reads KV head h // G); without it (G = 1) the graph has no repeat at all.
-    ``past``: k and v open with that many keys of the previous segment, which every query sees (query i
-    sits at position past + i).
+    ``past`` (None: none): k and v open with that many keys of the previous segment, which every query sees
+    (query i sits at position past + i); 0 is legal (a stream's first segment) and may be symbolic (export).
     """
     B, H, n, d = q.shape
     m = k.shape[2]
     if H != k.shape[1]:   # expand + reshape, as transformers does: exports as Expand/Reshape, no copy in torch
         k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], m, d).reshape(B, H, m, d)
                 for t in (k, v))                                                        # (B, H, m, d)
-    if not past:
+    if past is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    visible = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(diagonal=past)    # key j <= past + i
+    # key j <= past + i, from the shapes alone (past = m - n), so an export keeps it symbolic
+    visible = (torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
@@ -110,8 +111,9 @@ class InfiniAttention(nn.Module):
             a_dot = local_attention(rope(q, cfg.rope_theta, offset=m), rope(keys, cfg.rope_theta), values, past=m)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta, cfg.update == "delta", cfg.eps)
             y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
-            sinks = min(m, SINKS)   # the stream's first keys stay (attention sinks); this segment replaces the rest
-            return y, memory, norm, tuple(torch.cat((t[:, :, :sinks], new), dim=2) for t, new in ((keys, k), (values, v)))
+            # the stream's first keys stay (attention sinks: min(m, SINKS) of them); this segment replaces the rest
+            return y, memory, norm, tuple(torch.cat((p[:, :, :SINKS].to(new.dtype), new), dim=2)
+                                          for p, new in zip(past, (k, v)))
         if q.is_cuda and not torch.onnx.is_in_onnx_export():
             # the same function as below as one op: the fused Triton kernel (models/kernels/)
             a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
@@ -217,7 +219,8 @@ class InfiniTransformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         if past is None:
             return logits, torch.stack(memories), torch.stack(norms)
-        return logits, torch.stack(memories), torch.stack(norms), torch.stack([torch.stack(kv) for kv in pasts])
+        # past float32 in every precision, as M and z (its values are the weights' dtype: the cast is exact)
+        return logits, torch.stack(memories), torch.stack(norms), torch.stack([torch.stack(kv) for kv in pasts]).float()
 
     def forward(self, tokens, memory=None, norm=None, past=None):
         """Training forward over a sequence of any length: split into segments, carry the

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import BadInputError
-from .config import InfiniConfig
+from .config import SINKS, InfiniConfig
 
 # segment step
 TOKENS = "tokens"
@@ -33,6 +33,11 @@ V_CACHE_OUT = "v_cache_out"
 D_MEMORY_OUT = "d_memory_out"
 D_NORM_OUT = "d_norm_out"
 
+# attend_previous models (models/model.py): the segment step also carries the keys and values its local attention
+# sees before the segment's own (the stream's first SINKS tokens and the previous segment), without RoPE
+PAST = "past"
+PAST_OUT = "past_out"
+
 GRAPHS = ("segment", "decode", "chunk")
 
 # export precision -> dtype of weights, activations and logits (the state is float32 in every precision)
@@ -43,6 +48,9 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
 # symbolic dimensions
 BATCH = "batch"
 SEQ = "n"
+PAST_LEN = "past_len"           # keys carried in: 0 at a stream's start, N after one segment, SINKS + N after that
+PAST_OUT_LEN = "past_out_len"   # min(past_len, SINKS) + n
+EMPTY_DIMS = {PAST_LEN}         # symbolic dims a feed may hold 0 of (every other one is at least 1)
 
 
 @dataclass(frozen=True)
@@ -76,15 +84,24 @@ def state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpec]:
             TensorSpec(NORM + suffix, "float32", (L, BATCH, H, d))]
 
 
+def past_spec(config: InfiniConfig, output: bool = False) -> TensorSpec:
+    """An ``attend_previous`` model's past (L, 2, batch, H_kv, past_len, d), float32 in every precision: keys
+    (index 0) and values (1) without RoPE; past_out has min(past_len, SINKS) + n of them."""
+    L, H, d = config.n_layer, config.kv_heads, config.d_head
+    if output:
+        return TensorSpec(PAST_OUT, "float32", (L, 2, BATCH, H, PAST_OUT_LEN, d))
+    return TensorSpec(PAST, "float32", (L, 2, BATCH, H, PAST_LEN, d), {PAST_LEN: config.segment_len + SINKS})
+
+
 def segment_inputs(config: InfiniConfig) -> list[TensorSpec]:
     tokens = TensorSpec(TOKENS, "int64", (BATCH, SEQ), {SEQ: config.segment_len},
                         (0, config.vocab_size - 1))
-    return [tokens, *state_specs(config)]
+    return [tokens, *state_specs(config), *([past_spec(config)] if config.attend_previous else [])]
 
 
 def segment_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
     return [TensorSpec(LOGITS, logits_dtype, (BATCH, SEQ, config.vocab_size)),
-            *state_specs(config, suffix="_out")]
+            *state_specs(config, suffix="_out"), *([past_spec(config, output=True)] if config.attend_previous else [])]
 
 
 def decode_state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpec]:
@@ -126,10 +143,10 @@ def chunk_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[T
 
 def graph_specs(graph: str, config: InfiniConfig, logits_dtype: str = "float32"):
     """(inputs, outputs) of one graph: "segment", "decode" or "chunk"."""
-    if config.attend_previous:   # every runner, export and manifest asks here first
-        raise BadInputError("this model's local attention also sees the previous segment (attend_previous): its "
-                            "step carries past keys and values that no exported graph or runner has yet; train and "
-                            "evaluate it with the torch commands (infini train, infini passkey, infini eval ppl)")
+    if config.attend_previous and graph != "segment":   # every runner, export and manifest asks here first
+        raise BadInputError(f"this model's local attention also sees the previous segment (attend_previous): it has "
+                            f"a segment step only, no {graph} step yet (runtime.past_stream.PastStream streams and "
+                            f"generates with the segment step alone)")
     if graph == "segment":
         return segment_inputs(config), segment_outputs(config, logits_dtype)
     if graph == "decode":

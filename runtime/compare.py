@@ -80,14 +80,16 @@ def segment_lengths(config, segments: int, partial: bool = True) -> list[int]:
 def diff(out: dict, ref: dict) -> dict:
     """Max and mean absolute difference of logits and state, and the state's relative difference."""
     row = logits_figures(out[spec.LOGITS], ref[spec.LOGITS])
-    for key, name in (("logits", spec.LOGITS), ("memory", spec.MEMORY_OUT), ("norm", spec.NORM_OUT)):
+    pairs = (("logits", spec.LOGITS), ("memory", spec.MEMORY_OUT), ("norm", spec.NORM_OUT),
+             *((("past", spec.PAST_OUT),) if spec.PAST_OUT in ref else ()))   # attend_previous: keys and values
+    for key, name in pairs:
         a, b = out[name].detach().float().cpu(), ref[name].detach().float().cpu()
         d = (a - b).abs()
         row[f"{key}_max"] = float(d.max())
         row[f"{key}_mean"] = float(d.mean())
         if key != "logits":
             row[f"{key}_rel"] = float(d.max()) / max(float(b.abs().max()), 1e-30)
-    row["state_rel"] = max(row["memory_rel"], row["norm_rel"])
+    row["state_rel"] = max(row["memory_rel"], row["norm_rel"], row.get("past_rel", 0.0))
     return row
 
 
@@ -159,14 +161,19 @@ def with_precision(rows: list[dict], precision_rows: list[dict] | None) -> list[
 
 
 def reference_state(cfg, batch: int):
+    """(memory, norm) at zero, and an empty past for an ``attend_previous`` model (models/spec.py)."""
     memory_shape, norm_shape = cfg.state_shape(batch)
-    return torch.zeros(memory_shape), torch.zeros(norm_shape)
+    past = (torch.zeros(cfg.n_layer, 2, batch, cfg.kv_heads, 0, cfg.d_head),) if cfg.attend_previous else ()
+    return torch.zeros(memory_shape), torch.zeros(norm_shape), *past
+
+
+STATE = ((spec.MEMORY, spec.MEMORY_OUT), (spec.NORM, spec.NORM_OUT), (spec.PAST, spec.PAST_OUT))
 
 
 def _step(runner: BaseRunner, tokens, state: dict, key: str) -> dict:
-    memory, norm = state[key]
-    out = runner.infer({spec.TOKENS: tokens, spec.MEMORY: memory.to(runner.device), spec.NORM: norm.to(runner.device)})
-    state[key] = (out[spec.MEMORY_OUT], out[spec.NORM_OUT])
+    feed = {name: t.to(runner.device) for (name, _), t in zip(STATE, state[key])}
+    out = runner.infer({spec.TOKENS: tokens, **feed})
+    state[key] = tuple(out[name_out] for (_, name_out), _ in zip(STATE, state[key]))
     return out
 
 

@@ -1,19 +1,20 @@
-"""A stream of an ``attend_previous`` model in PyTorch: the state is (M, z) and the previous segment's keys and
-values, all of fixed size.
+"""A stream of an ``attend_previous`` model: the state is (M, z) and the previous segment's keys and values
+(with the stream's first SINKS tokens'), all of fixed size.
 
-Such a model's local attention sees the previous segment besides its own (models/model.py), so its step
-carries a third piece of state that no exported graph or runner has yet (models/spec.py refuses it). This
-stream runs ``InfiniTransformer.step`` directly, with the interface the passkey and perplexity evaluations
-use (``reset``, ``feed``, ``generate``; runtime/evaluate.py, runtime/perplexity.py): whole segments are
-committed to the state; the tokens of the unfinished segment (fewer than N) are run again, without
-committing, whenever logits for them are asked for. Generation is greedy and recomputes that unfinished
-segment for every new token (at most N tokens a step: cheap for a passkey's few digits, slow for long
-outputs; a decode step with a cache is the export's job once the variant pays).
+Such a model's local attention sees the previous segment besides its own (models/model.py), so its segment
+step carries a third piece of state, ``past`` (models/spec.py), and it has no decode or chunk step yet. This
+stream runs that segment step on any runner that has it (the torch model, or an export's segment.onnx in
+onnxruntime), with the interface the passkey and perplexity evaluations use (``reset``, ``feed``,
+``generate``; runtime/evaluate.py, runtime/perplexity.py): whole segments are committed to the state; the
+tokens of the unfinished segment (fewer than N) are run again, without committing, whenever logits for them
+are asked for. Generation is greedy and recomputes that unfinished segment for every new token (at most N
+tokens a step: cheap for a passkey's few digits, slow for long outputs; a decode step with a cache would be
+the next graph to export).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -21,43 +22,60 @@ from tqdm.auto import tqdm
 
 from ..errors import BadInputError
 from ..limits import check_fits
-from ..models.memory import AUTOCAST, autocast_context
+from ..models import spec
 from ..models.model import InfiniTransformer
+from .runner import BaseRunner
+from .sampling import Sampling, sample
 from .stream import check_state_finite
 
 
 class PastStream:
-    """``batch`` independent rows streamed through an ``attend_previous`` model's step (see the module)."""
+    """``batch`` independent rows streamed through an ``attend_previous`` model's segment step (see the module).
 
-    def __init__(self, model: InfiniTransformer, batch: int = 1, device: str = "cpu", autocast: str | None = None,
-                 check_finite: bool = True):
-        if not model.config.attend_previous:
-            raise BadInputError("PastStream runs models whose config has attend_previous; this one's local "
-                                "attention is segment-local: use runtime.stream.Stream")
-        if autocast is not None and autocast not in AUTOCAST:
-            raise BadInputError(f"autocast {autocast!r}: expected one of {sorted(AUTOCAST)} or None")
+    ``source``: a segment runner whose inputs include ``past`` (TorchRunner, OrtRunner), or the torch model
+    itself (run by a TorchRunner on ``device`` with ``autocast``)."""
+
+    def __init__(self, source: InfiniTransformer | BaseRunner, batch: int = 1, device: str = "cpu",
+                 autocast: str | None = None, check_finite: bool = True):
+        if isinstance(source, InfiniTransformer):
+            if not source.config.attend_previous:
+                raise BadInputError("PastStream runs models whose config has attend_previous; this one's local "
+                                    "attention is segment-local: use runtime.stream.Stream")
+            from .torch_runner import TorchRunner
+
+            source = TorchRunner(source, device, autocast=autocast)
+        names = [s.name for s in source.input_specs]
+        if spec.PAST not in names or spec.TOKENS not in names:
+            raise BadInputError(f"PastStream needs the segment step of an attend_previous model (inputs tokens, "
+                                f"memory, norm, past); this runner's inputs are {names}")
         if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= 1 << 16:
             raise BadInputError(f"batch must be an integer in [1, 65536], got {batch!r}")
-        cfg = model.config
+        cfg = source.config
         check_fits(batch * (2 * (cfg.state_bytes(1) + cfg.past_bytes(1))) + cfg.step_bytes(batch, 2 * cfg.segment_len),
                    f"a stream of batch {batch}")
-        self.model = model.to(device).eval()
-        self.config, self.batch, self.device, self.autocast = cfg, batch, device, autocast
+        if not source.is_active:
+            source.activate()
+        self.runner, self.config, self.batch = source, cfg, batch
         self.check_finite = check_finite
-        self.label = "torch" + (f" {autocast} autocast" if autocast else "") + ", previous segment attended"
+        self.label = getattr(source, "label", source.name) + ", previous segment attended"
         self.reset()
 
     def reset(self) -> None:
         """Back to the start: M = 0, z = 0, no previous segment, an empty segment buffer."""
-        self.state = self.model.start_state(self.batch, self.device)
+        cfg, device = self.config, self.runner.device
+        memory_shape, norm_shape = cfg.state_shape(self.batch)
+        past = (cfg.n_layer, 2, self.batch, cfg.kv_heads, 0, cfg.d_head)
+        self.state = tuple(torch.zeros(shape, dtype=torch.float32, device=device)
+                           for shape in (memory_shape, norm_shape, past))
         self.pending = torch.zeros(self.batch, 0, dtype=torch.int64)
         self.position = 0
         self.segments = 0
 
     def _step(self, tokens: torch.Tensor):
-        with torch.inference_mode(), autocast_context(self.autocast, self.device):
-            logits, *state = self.model.step(tokens.to(self.device), *self.state)
-        return logits.float().cpu(), tuple(state)
+        memory, norm, past = self.state
+        out = self.runner.infer({spec.TOKENS: tokens.to(self.runner.device), spec.MEMORY: memory, spec.NORM: norm,
+                                 spec.PAST: past})
+        return out[spec.LOGITS].float().cpu(), (out[spec.MEMORY_OUT], out[spec.NORM_OUT], out[spec.PAST_OUT])
 
     def feed(self, tokens, keep: str = "last"):
         """Feed tokens (B, n) (or (n,) at batch 1); returns logits of all of them (B, n, V), the last (B, V),
@@ -93,12 +111,16 @@ class PastStream:
             return kept[-1][:, -1]
         return torch.cat(kept, dim=1)[:, -n:]   # the logits of old pending + new tokens: keep the new ones
 
-    def generate(self, prompt, max_new_tokens: int, total: int | None = None, progress: bool = False,
-                 **sampling) -> torch.Tensor:
-        """Feed ``prompt`` (tokens or an iterator of chunks) and decode ``max_new_tokens`` tokens greedily;
-        returns them, (B, k) int64. Sampling options are not supported here."""
-        if any(v not in (None, 0, 0.0, ()) for v in sampling.values()):
-            raise BadInputError(f"this stream decodes greedily; it takes no {', '.join(sorted(sampling))}")
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_tokens: Iterable[int] = (),
+                 on_token: Callable[[torch.Tensor], None] | None = None, total: int | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Feed ``prompt`` (tokens or an iterator of chunks) and decode up to ``max_new_tokens`` tokens; returns
+        them, (B, k) int64. The arguments are runtime.stream.Stream.generate's: temperature 0 is greedy, ``seed``
+        makes sampling reproducible, a row that produced one of ``stop_tokens`` repeats it until every row has,
+        ``on_token(tokens (B,))`` sees each new token."""
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64)
         if max_new_tokens < 0:
             raise BadInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         chunks: Iterable = [prompt] if isinstance(prompt, (np.ndarray, torch.Tensor)) else prompt
@@ -110,9 +132,17 @@ class PastStream:
                 bar.update(int(np.shape(chunk)[-1]))
         if logits is None:
             raise BadInputError("the prompt is empty; generation needs at least one token")
-        out = []
+        generator, out = sampling.generator(), []
+        done = torch.zeros(self.batch, dtype=torch.bool)
         for i in range(max_new_tokens):
-            token = logits.argmax(-1)                                    # (B,)
+            token = sample(logits, sampling, generator)                           # (B,)
+            token = torch.where(done, out[-1], token) if out else token
+            done |= torch.isin(token, stops)
             out.append(token)
-            logits = self.feed(token[:, None], keep="last" if i < max_new_tokens - 1 else "none")
+            if on_token is not None:
+                on_token(token)
+            last = bool(done.all()) or i == max_new_tokens - 1
+            logits = self.feed(token[:, None], keep="none" if last else "last")
+            if last:
+                break
         return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, dtype=torch.int64)

@@ -13,9 +13,9 @@ import torch
 
 from ..errors import BadInputError, InfiniError
 from ..models.config import InfiniConfig
-from ..models.spec import TOKEN, TOKENS, TensorSpec
+from ..models.spec import EMPTY_DIMS, TOKEN, TOKENS, TensorSpec
 
-TORCH_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32,
+TORCH_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, "float64": torch.float64,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -103,7 +103,7 @@ def check_feed(feed: dict[str, torch.Tensor], specs: list[TensorSpec]) -> None:
                     raise BadInputError(f"input {spec.name!r} has shape {tuple(t.shape)}, "
                                         f"expected {_fmt(spec.shape)} (axis {axis} must be {dim})")
                 continue
-            if size < 1:
+            if size < 1 and dim not in EMPTY_DIMS:
                 raise BadInputError(f"input {spec.name!r} is empty along {dim!r}; expected at least 1")
             limit = spec.max_dims.get(dim)
             if limit is not None and size > limit:

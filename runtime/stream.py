@@ -42,6 +42,9 @@ class Stream:
         if spec.TOKENS not in {s.name for s in runner.input_specs}:
             raise BadInputError(f"runner runs a graph with inputs {[s.name for s in runner.input_specs]}; a Stream "
                                 "needs the segment step's (pass the decode runner as decode_runner=)")
+        if spec.PAST in {s.name for s in runner.input_specs}:
+            raise BadInputError("this model attends to the previous segment (attend_previous): its step carries past "
+                                "keys and values; stream it with runtime.past_stream.PastStream")
         if not runner.is_active:
             runner.activate()
         self.runner = runner

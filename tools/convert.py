@@ -40,7 +40,7 @@ def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_va
         segment_len = segment_len or base.get("segment_len")
         update = update or base.get("update")
         gate_init = base.get("gate_init") if gate_init is None else gate_init
-        attend_previous = attend_previous or base.get("attend_previous", False)
+        attend_previous = attend_previous or base.get("attend_previous", False)   # --attend-previous: either base
     update = update or "linear"
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
     result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter,

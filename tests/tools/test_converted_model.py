@@ -177,3 +177,10 @@ def test_convert_with_an_adapter_rebuilds_the_trained_model_from_the_source_alon
         assert k == k2 and torch.equal(v, w), k
     res = invoke("convert", src, tmp_path / "other", "--adapter", tmp_path / "t", "--segment-len", 64)
     assert res.exit_code == 2 and "was trained on a base model with weights sha256" in res.output
+    # attend_previous changes no weight: the segment-local adapter applies, the config says attend_previous
+    res = invoke("convert", src, tmp_path / "prev", "--adapter", tmp_path / "t", "--attend-previous")
+    assert res.exit_code == 0 and "the previous segment attended" in res.output, res.output
+    prev = load_checkpoint(tmp_path / "prev")
+    assert prev.config.attend_previous and not trained.config.attend_previous
+    for (k, v), (k2, w) in zip(prev.state_dict().items(), trained.state_dict().items()):
+        assert k == k2 and torch.equal(v, w), k

@@ -102,8 +102,13 @@ def test_demo_smollm2_converts_with_the_adapter_once_and_streams_prose(tmp_path,
     assert "prose (prose.txt)" in r.output and "the model answered" in r.output
     n = int(re.search(r"streaming a ([\d,]+)-token", r.output).group(1).replace(",", ""))
     assert n == 1024                                                        # prose prompts: exact length
+    assert "the previous segment attended" in r.output                     # the default: attend_previous
+    assert "the previous segment's keys and values" in r.output             # ... and its state, printed
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and again.output.count("(cached)") == 2, again.output
+    local = CliRunner().invoke(cli, [*args, "--segment-local"])             # another model: converted once more
+    assert local.exit_code == 0 and "converting tiny.gguf" in local.output, local.output
+    assert "previous segment" not in local.output
     bad = CliRunner().invoke(cli, ["demo", "--haystack", str(prose)])
     assert bad.exit_code == 2 and "--haystack goes with --model smollm2" in bad.output
     monkeypatch.setattr(demo_mod, "SMOLLM2_ADAPTER", tmp_path / "none")
