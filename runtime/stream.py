@@ -44,7 +44,8 @@ class Stream:
                                 "needs the segment step's (pass the decode runner as decode_runner=)")
         if spec.PAST in {s.name for s in runner.input_specs}:
             raise BadInputError("this model attends to the previous segment (attend_previous): its step carries past "
-                                "keys and values; stream it with runtime.past_stream.PastStream")
+                                "keys and values; stream it with runtime.past_stream.PastStream (`infini passkey`, `infini eval "
+                                "ppl`, `infini generate`, `infini demo`)")
         if not runner.is_active:
             runner.activate()
         self.runner = runner
