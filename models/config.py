@@ -51,8 +51,8 @@ class InfiniConfig:
     attend_previous: bool = False  # the local attention also sees the previous segment's keys and values
     #                               (Transformer-XL's cache, still constant memory: 2 x L x H_kv x N x d more
     #                               numbers per stream, and the stream's first SINKS tokens', StreamingLLM's
-    #                               attention sinks); the memory block is unchanged. Torch only for now
-    #                               (models/model.py, docs/training.md); False is not serialised.
+    #                               attention sinks); the memory block is unchanged. Torch and
+    #                               onnxruntime (models/model.py, docs/onnx.md); False is not serialised.
 
     def __post_init__(self):
         if self.n_kv_head == self.n_head:

@@ -5,7 +5,7 @@ The deployable unit is :meth:`InfiniTransformer.step`, a pure function of
 (tokens, memory, norm); the module holds weights and nothing else. A model with
 ``config.attend_previous`` also carries ``past``, the keys and values of the previous
 segment and of the stream's first SINKS tokens, which its local attention sees besides
-the segment's own (torch only).
+the segment's own (an export carries it as state: docs/onnx.md).
 """
 
 from __future__ import annotations
