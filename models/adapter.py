@@ -10,6 +10,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -117,9 +118,13 @@ def adapter_digest(path: str | Path) -> str:
     return hashlib.sha256(file.read_bytes()).hexdigest()
 
 
-def _check_base(model: InfiniTransformer, path, header: dict, digest: str | None = None) -> None:
+def _check_base(model: InfiniTransformer, path, header: dict, digest: str | None = None,
+                any_local_window: bool = False) -> None:
+    """``any_local_window``: the base may differ in attend_previous alone, which changes no weight."""
     digest = digest or weights_digest(model)
-    if digest != header["base_weights_sha256"] or model.config.digest() != header["base_config_digest"]:
+    configs = ({dataclasses.replace(model.config, attend_previous=v).digest() for v in (False, True)}
+               if any_local_window else {model.config.digest()})
+    if digest != header["base_weights_sha256"] or header["base_config_digest"] not in configs:
         raise IncompatibleArtifactError(
             f"--adapter {path} was trained on a base model with weights sha256 {header['base_weights_sha256'][:16]}... "
             f"(config {header['base_config_digest'][:12]}); this model's are {digest[:16]}... (config "
@@ -130,9 +135,11 @@ def _check_base(model: InfiniTransformer, path, header: dict, digest: str | None
 def continue_adapter(model: InfiniTransformer, path: str | Path, trainable: str, base_digest: str) -> None:
     """Load an adapter's tensors into a model being trained (after lm_training.prepare, so its LoRA modules
     exist), to train on from where an earlier run stopped; the base must be the one the adapter was trained on
-    (``base_digest``: its weights' sha256 before prepare) and the trainable set the same."""
+    (``base_digest``: its weights' sha256 before prepare) and the trainable set the same. The base may attend
+    to the previous segment where the adapter's did not, or the other way: training on changes the local window
+    (the new adapter names this base)."""
     tensors, header = read_adapter(path)
-    _check_base(model, path, header, base_digest)
+    _check_base(model, path, header, base_digest, any_local_window=True)
     if header["trainable"] != trainable:
         raise BadInputError(f"--init-adapter {path} trained --trainable {header['trainable']}, not {trainable}: "
                             f"pass --trainable {header['trainable']}")

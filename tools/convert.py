@@ -20,7 +20,8 @@ from ..models.config import UPDATE_RULES
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
 @click.option("--attend-previous", is_flag=True, default=None,
               help="The local attention also sees the previous segment's keys and values (constant memory; torch "
-                   "and onnxruntime, not TensorRT or serving yet; docs/onnx.md)  [default: off, or the adapter's base's]")
+                   "and onnxruntime, not TensorRT or serving yet; docs/onnx.md)  "
+                   "[default: off, or the adapter's base's]")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Apply an adapter of `infini train lm` or `infini train passkey` (folder or adapter.safetensors) "

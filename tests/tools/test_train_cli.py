@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from infini_deploy.errors import IncompatibleArtifactError
 from infini_deploy.models.checkpoint import load_checkpoint
 from infini_deploy.tools.cli import cli
 
@@ -96,3 +98,37 @@ def test_train_passkey_init_adapter_trains_on_from_an_earlier_stage(tmp_path):
     bad = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "y"), "--steps", "1", "--init", str(base),
                                    "--trainable", "gates", "--init-adapter", str(tmp_path / "s1")])
     assert bad.exit_code == 2 and "trained --trainable lora, not gates: pass --trainable lora" in bad.output
+
+
+def test_train_passkey_init_adapter_trains_on_with_the_previous_segment_attended(tmp_path):
+    import dataclasses
+
+    import torch
+
+    from infini_deploy.models.adapter import apply_adapter, read_adapter
+    from infini_deploy.models.checkpoint import init_model, save_checkpoint
+    from infini_deploy.models.config import preset
+
+    local = init_model(preset("tiny", segment_len=128, n_layer=1), seed=3)
+    base = save_checkpoint(local, tmp_path / "base")
+    common = ["--batch", "1", "--threads", "1", "--trainable", "lora", "--no-progress"]
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "s1"), "--init", str(base), "--steps", "2",
+                                 *common])
+    assert r.exit_code == 0, r.output
+    # the same weights attending to the previous segment: stage 2 trains on from the segment-local adapter
+    prev = init_model(dataclasses.replace(local.config, attend_previous=True), seed=3)
+    prev.load_state_dict(local.state_dict())
+    prev_dir = save_checkpoint(prev, tmp_path / "prev")
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "s2"), "--init", str(prev_dir), "--steps", "1",
+                                 "--lr", "1e-12", "--beta-lr", "1e-12", "--min-segments", "3", "--max-segments", "3",
+                                 "--init-adapter", str(tmp_path / "s1"), *common])
+    assert r.exit_code == 0, r.output
+    (first, _), (second, header) = read_adapter(tmp_path / "s1"), read_adapter(tmp_path / "s2")
+    assert all(torch.allclose(first[k], second[k], atol=1e-8) for k in first)     # started where s1 stopped
+    assert header["base_config_digest"] == prev.config.digest()                    # and names its own base
+    tuned = load_checkpoint(tmp_path / "s2")
+    assert tuned.config.attend_previous
+    rebuilt = apply_adapter(load_checkpoint(prev_dir), tmp_path / "s2")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), tuned.state_dict().values()))
+    with pytest.raises(IncompatibleArtifactError, match="was trained on a base model"):   # applying stays exact
+        apply_adapter(load_checkpoint(base), tmp_path / "s2")
