@@ -14,10 +14,10 @@
 #   PHASE=train MIN=4 bash tools/gpu_smollm2.sh   # assemble, convert, train MIN minutes: $OUT/smollm2_gpu.tar.gz
 #   PHASE=eval DEADLINE=400 bash tools/gpu_smollm2.sh   # passkey cells (32K, 128K, 1K/8K, 512K, 1M) within DEADLINE s
 #
-# PREV=1 (train and eval) converts the base with --attend-previous and trains rows of 3-4 segments (a needle
-# the memory alone carries must lie before the previous segment): the adapter learns with the local attention
-# it is evaluated and exported with (docs/model_card_smollm2.md: the shipped one, trained segment-local, misses
-# one key in four at depth 0 so).
+# PREV=1 (PHASE=train; eval reads it from the trained model's config) converts the base with --attend-previous
+# and trains rows of 3-4 segments (a needle the memory alone carries must lie before the previous segment): the
+# adapter learns with the local attention it is evaluated and exported with (docs/model_card_smollm2.md: the
+# shipped one, trained segment-local, misses one key in four at depth 0 so).
 #
 # The image has torch, transformers, tokenizers, safetensors, click, tqdm, jinja2, onnx; gguf comes as a wheel.
 set -u
