@@ -35,15 +35,28 @@ def loss_fn(logits, targets, answer, answer_weight: float):
     return lm + answer_weight * ans, ans, acc
 
 
-def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig):
+def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig, late=None):
     """loss_fn, one segment at a time, each under gradient checkpointing (model.scan_segments): a 135M-parameter
     model trains on rows of several segments in the memory one segment needs. Same loss as loss_fn up to
-    summation order."""
-    if memory is None:
-        memory, norm = model.initial_state(tokens.shape[0], tokens.device)
-    past = model.initial_past(tokens.shape[0], tokens.device)   # a diluted start has no previous segment
+    summation order.
 
-    def one(tokens, targets, answer, memory, norm, *past):
+    ``late``: (memory, norm, at) adds a state to each row's memory just before its segment ``at`` ((B,) int64;
+    a row with ``at`` < 0 gets nothing): the filler a long stream writes after the needle (:func:`late_dilution`)."""
+    B = tokens.shape[0]
+    if memory is None:
+        memory, norm = model.initial_state(B, tokens.device)
+    past = model.initial_past(B, tokens.device)   # a diluted start has no previous segment
+    seg = model.config.segment_len
+    marks = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)   # 1 at the first token of `at`
+    if late is not None:
+        rows = (late[2] >= 0).nonzero()[:, 0]
+        marks[rows, late[2][rows] * seg] = 1.0
+
+    def one(tokens, targets, answer, marks, memory, norm, *past):
+        if late is not None:
+            flag = marks[:, 0]
+            memory = memory + late[0] * flag.view(1, B, 1, 1, 1)
+            norm = norm + late[1] * flag.view(1, B, 1, 1)
         with autocast_context(cfg.autocast, tokens.device):
             logits, memory, norm, *past = model.step(tokens, memory, norm, *past)
         logits = logits.float()
@@ -56,7 +69,7 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
             wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
         return lm, ans, wrong, memory, norm, *past
 
-    (lm, ans, wrong), (memory, norm, *_) = scan_segments(one, model.config.segment_len, (tokens, targets, answer),
+    (lm, ans, wrong), (memory, norm, *_) = scan_segments(one, seg, (tokens, targets, answer, marks),
                                                          (memory, norm, *([] if past is None else [past])),
                                                          checkpointing=True)
     n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
@@ -121,3 +134,27 @@ def dilution(model: InfiniTransformer, cfg: TrainConfig, rng: random.Random, dev
     if old is not None:
         memory, norm = memory - old[0], norm - old[1]
     return memory * s_memory, norm * s_norm
+
+
+def late_dilution(memory, norm, needle_end, answer, segment_len: int, rng: random.Random, share: float):
+    """Move a ``share`` of the diluted rows' state (:func:`dilution`) from the row's start to just after its
+    needle: (start memory, start norm, late) with ``late`` as :func:`segment_losses` takes it.
+
+    Why: at depth 0 of a long stream the needle is written on an empty memory and everything after it on a
+    crowded one; a row that starts diluted writes its needle on the crowded memory instead (depths 0.5 and 1).
+    With the linear update the state the question reads is the same sum either way; what differs is what the
+    needle's own hidden states read when its keys and values are written. A row is moved only when a segment
+    starts between its needle's end and its first answer position."""
+    B = memory.shape[1]
+    diluted = norm.detach().reshape(norm.shape[0], B, -1).abs().sum(dim=(0, 2)) > 0
+    at = (needle_end + segment_len - 1) // segment_len             # the first segment after the needle
+    first_answer = answer.float().argmax(dim=1).cpu()
+    moved = torch.zeros(B, dtype=torch.float32)
+    for i in range(B):
+        if diluted[i] and at[i] * segment_len <= first_answer[i] and rng.random() < share:
+            moved[i] = 1.0
+    at = torch.where(moved > 0, at, torch.full_like(at, -1)).to(memory.device)
+    moved = moved.to(memory.device)
+    keep = 1 - moved
+    return (memory * keep.view(1, B, 1, 1, 1), norm * keep.view(1, B, 1, 1),
+            (memory * moved.view(1, B, 1, 1, 1), norm * moved.view(1, B, 1, 1), at))

@@ -37,6 +37,7 @@ from .passkey import PasskeyPrompt, filler_ids, filler_tokens, needle_end
 from .passkey_loss import (  # noqa: F401  (re-exported)
     IGNORE,
     dilution,
+    late_dilution,
     loss_fn,
     segment_losses,
     state_after,
@@ -73,6 +74,8 @@ class TrainConfig:
     dilute_tokens: tuple[float, float] = (1e3, 2e6)  # ... of this many tokens (log-uniform), simulated
     dilute_segments: int = 2        # filler segments run (with gradient) to measure that state per token
     dilute_old_memory: bool = False  # ... written on top of an old (diluted) memory rather than from zero
+    dilute_late: float = 0.0        # share of diluted rows whose filler state is added after the needle instead
+                                    # (the needle written on a young memory: depth 0 of a long stream)
     checkpointing: bool = False     # recompute each segment in backward: activations of one segment, not all
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class TrainConfig:
             raise BadInputError("--steps and --batch must be at least 1")
         if not 0 <= self.dilute <= 1:
             raise BadInputError(f"--dilute must be in [0, 1], got {self.dilute}")
+        if not 0 <= self.dilute_late <= 1:
+            raise BadInputError(f"--dilute-late must be in [0, 1], got {self.dilute_late}")
         lo, hi = self.dilute_tokens
         if not 0 < lo <= hi:
             raise BadInputError(f"--dilute-tokens must satisfy 0 < min <= max, got {lo:g} {hi:g}")
@@ -114,8 +119,9 @@ def local_start(end: int, model_cfg: InfiniConfig) -> int:
 
 
 def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random, cfg: TrainConfig,
-               memory_only: float | None = None, haystack=None, tokenizer=None):
-    """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool).
+               memory_only: float | None = None, haystack=None, tokenizer=None, needle: bool = False):
+    """(tokens (B, T) int64, targets (B, T) with IGNORE on padding, answer mask (B, T) bool), and with
+    ``needle`` a fourth: (B,) int64, where each row's needle ends (tokens from the row's start).
 
     Each prompt plus its answer fits in ``n_segments`` segments. The prompt ends at a random place
     in its last segment, as in a real stream (split across a segment boundary, or with the answer
@@ -125,7 +131,7 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
     carry it.
     """
     if tokenizer is not None:
-        return _make_batch_tokenized(model_cfg, n_segments, batch, rng, cfg, memory_only, haystack, tokenizer)
+        return _make_batch_tokenized(model_cfg, n_segments, batch, rng, cfg, memory_only, haystack, tokenizer, needle)
     memory_only = cfg.memory_only if memory_only is None else memory_only
     seg = model_cfg.segment_len
     longest = n_segments * seg - (cfg.digits + 2)
@@ -154,22 +160,24 @@ def make_batch(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random
         body = b"".join(prompt.pieces()) + prompt.answer.encode() + b"."
         lead = end - len(prompt)
         ids = np.concatenate([filler_tokens(lead, seed + 1, cfg.filler, haystack), encode(body)]) if lead else encode(body)
-        rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1))
-    T = max(len(ids) for ids, _ in rows)
+        rows.append((torch.as_tensor(ids, dtype=torch.long), len(prompt.answer) + 1, lead + needle_end(prompt)))
+    T = max(len(ids) for ids, *_ in rows)
     tokens = torch.zeros(batch, T, dtype=torch.long)
     targets = torch.full((batch, T), IGNORE, dtype=torch.long)
     answer = torch.zeros(batch, T, dtype=torch.bool)
-    for i, (ids, n_answer) in enumerate(rows):
+    for i, (ids, n_answer, _) in enumerate(rows):
         n = len(ids)
         tokens[i, :n] = ids
         targets[i, :n - 1] = ids[1:]
         # positions whose next token is an answer digit or the final "." (skip the leading space)
         answer[i, n - n_answer:n - 1] = True
+    if needle:
+        return tokens, targets, answer, torch.tensor([end for *_, end in rows], dtype=torch.long)
     return tokens, targets, answer
 
 
 def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, rng: random.Random,
-                          cfg: TrainConfig, memory_only: float | None, haystack, tokenizer):
+                          cfg: TrainConfig, memory_only: float | None, haystack, tokenizer, needle: bool = False):
     """make_batch in a model's own tokenizer (a converted model): the same layout, lengths in its tokens, the
     answer the key's ids and the full stop as the tokenizer writes " 12345."."""
     memory_only = cfg.memory_only if memory_only is None else memory_only
@@ -200,16 +208,18 @@ def _make_batch_tokenized(model_cfg: InfiniConfig, n_segments: int, batch: int, 
         lead = end - len(prompt)
         parts = [filler_ids(lead, seed + 1, cfg.filler, haystack, tokenizer)] if lead > 0 else []
         ids = np.concatenate([*parts, *prompt.piece_ids(), answer]).astype(np.int64)
-        rows.append((torch.as_tensor(ids), len(answer)))
-    T = max(len(ids) for ids, _ in rows)
+        rows.append((torch.as_tensor(ids), len(answer), max(0, lead) + needle_end(prompt)))
+    T = max(len(ids) for ids, *_ in rows)
     tokens = torch.zeros(batch, T, dtype=torch.long)
     targets = torch.full((batch, T), IGNORE, dtype=torch.long)
     answer_mask = torch.zeros(batch, T, dtype=torch.bool)
-    for i, (ids, n_answer) in enumerate(rows):
+    for i, (ids, n_answer, _) in enumerate(rows):
         n = len(ids)
         tokens[i, :n] = ids
         targets[i, :n - 1] = ids[1:]
         answer_mask[i, n - n_answer - 1:n - 1] = True   # positions whose next token is the answer's
+    if needle:
+        return tokens, targets, answer_mask, torch.tensor([end for *_, end in rows], dtype=torch.long)
     return tokens, targets, answer_mask
 
 
@@ -290,18 +300,24 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale(frac, step, cfg.warmup)
             n_seg, memory_only = curriculum_at(step, cfg, rng, frac)
-            tokens, targets, answer = (t.to(device) for t in
-                                       make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only, haystack,
-                                                  tokenizer))
+            tokens, targets, answer, *needle = (t.to(device) for t in
+                                                make_batch(model.config, n_seg, cfg.batch, rng, cfg, memory_only,
+                                                           haystack, tokenizer, needle=cfg.dilute_late > 0))
             # dilution grows with the curriculum: retrieval is found on short prompts first
             share = cfg.dilute * curriculum_growth(frac, cfg)
+            by_segment = cfg.checkpointing or cfg.dilute_late > 0
+            late = None
             with autocast_context(cfg.autocast, device):
                 memory, norm = (dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute
                                 else (None, None))
-                if not cfg.checkpointing:
+                if memory is not None and cfg.dilute_late > 0:
+                    memory, norm, late = late_dilution(memory, norm, needle[0].cpu(), answer, model.config.segment_len,
+                                                       rng, cfg.dilute_late)
+                if not by_segment:
                     logits, memory, norm, *_ = model(tokens, memory, norm)
-            if cfg.checkpointing:
-                loss, ans_loss, acc, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg)
+            if by_segment:
+                loss, ans_loss, acc, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg,
+                                                                   late)
             else:
                 loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
             opt.zero_grad(set_to_none=True)

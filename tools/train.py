@@ -47,6 +47,9 @@ def train():
 @click.option("--dilute-old-memory/--dilute-from-zero", default=False, show_default=True,
               help="Measure that state with the filler written on top of an old memory (as late tokens of a long "
                    "stream are) instead of from zero; costs a forward pass more (docs/training.md).")
+@click.option("--dilute-late", type=Number(0, 1), default=0.0, show_default=True,
+              help="Share of the diluted rows whose simulated state is added after their needle instead of before "
+                   "the row: the needle written on a young memory, as at depth 0 of a long stream (docs/training.md).")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
@@ -72,7 +75,7 @@ def train():
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, dilute_segments, dilute_old_memory, init_from, trainable, lora_rank, init_adapter, autocast,
+            boundary, dilute, dilute_tokens, dilute_segments, dilute_old_memory, dilute_late, init_from, trainable, lora_rank, init_adapter, autocast,
             haystack_files,
             seed, device,
             update, max_minutes, threads, checkpointing, force, progress):
@@ -115,7 +118,7 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
                       max_segments=max_segments, answer_weight=answer_weight,
                       memory_only_start=memory_only[0], memory_only=memory_only[1], boundary=boundary, dilute=dilute,
                       dilute_tokens=tuple(dilute_tokens), dilute_segments=dilute_segments,
-                      dilute_old_memory=dilute_old_memory, seed=seed,
+                      dilute_old_memory=dilute_old_memory, dilute_late=dilute_late, seed=seed,
                       max_minutes=max_minutes,
                       filler="prose" if haystack_files else "varied",
                       haystack_files=tuple(str(f) for f in haystack_files),

@@ -136,11 +136,11 @@ def test_an_interrupted_run_keeps_its_steps(monkeypatch):
     calls = {"n": 0}
     real = training.make_batch
 
-    def interrupt_third(*args):
+    def interrupt_third(*args, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kw)
 
     monkeypatch.setattr(training, "make_batch", interrupt_third)
     result = train(_model(), _small(steps=5), progress=False)
@@ -336,3 +336,103 @@ def test_training_with_checkpointing_follows_the_same_steps():
     assert [round(e["loss"], 4) for e in log_a] == [round(e["loss"], 4) for e in log_b]
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_needle_ends_where_the_needle_ends_in_bytes_and_in_a_bpe_tokenizer(tmp_path):
+    from infini_deploy.models.passkey import Haystack
+    from infini_deploy.models.tokenizer import load_tokenizer
+
+    from ..conftest import write_tiny_tokenizer
+    from .test_passkey import PROSE
+
+    tokens, _, _, ends = make_batch(CFG, 4, 3, random.Random(2), _small(), needle=True)
+    for row in range(3):
+        assert decode(tokens[row, :int(ends[row])].tolist()).endswith("is the pass key.")
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
+    cfg = dataclasses.replace(CFG, vocab_size=300)
+    tokens, _, _, ends = make_batch(cfg, 4, 3, random.Random(1), _small(filler="prose"), haystack=Haystack([PROSE * 3]),
+                                    tokenizer=tok, needle=True)
+    for row in range(3):
+        assert tok.decode(tokens[row, :int(ends[row])].tolist()).endswith("is the pass key.")
+        assert not tok.decode(tokens[row, :int(ends[row]) - 1].tolist()).endswith("is the pass key.")
+
+
+def test_a_late_state_is_added_just_before_its_segment():
+    # segment_losses with late=(memory, norm, at) = stepping by hand and adding the state before segment `at`
+    from infini_deploy.models.passkey_loss import segment_losses
+    from infini_deploy.models.training import IGNORE
+
+    model = _model(6)
+    cfg = _small()
+    tokens, targets, answer = make_batch(CFG, 4, 2, random.Random(3), cfg, 1.0)
+    m_add = torch.rand(CFG.state_shape(2)[0]) * 0.1
+    n_add = torch.rand(CFG.state_shape(2)[1])
+    at = torch.tensor([2, -1])
+    _, _, _, memory, norm = segment_losses(model, tokens, targets, answer, None, None, cfg, (m_add, n_add, at))
+    seg = CFG.segment_len
+    memory_ref, norm_ref = model.initial_state(2, "cpu")
+    total = 0.0
+    with torch.no_grad():
+        for j in range(0, tokens.shape[1], seg):
+            if j == 2 * seg:   # row 0 only
+                memory_ref = memory_ref.clone()
+                norm_ref = norm_ref.clone()
+                memory_ref[:, 0] += m_add[:, 0]
+                norm_ref[:, 0] += n_add[:, 0]
+            logits, memory_ref, norm_ref = model.step(tokens[:, j:j + seg], memory_ref, norm_ref)
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       targets[:, j:j + seg].reshape(-1), ignore_index=IGNORE,
+                                                       reduction="sum")
+    torch.testing.assert_close(memory, memory_ref)
+    torch.testing.assert_close(norm, norm_ref)
+    _, _, _, memory_none, _ = segment_losses(model, tokens, targets, answer, None, None, cfg)
+    torch.testing.assert_close(memory[:, 1], memory_none[:, 1])          # row 1 got nothing
+    assert not torch.allclose(memory[:, 0], memory_none[:, 0], atol=1e-3)
+
+
+def test_late_dilution_moves_diluted_rows_after_their_needle():
+    from infini_deploy.models.passkey_loss import late_dilution
+
+    tokens, _, answer, ends = make_batch(CFG, 4, 4, random.Random(7), _small(), 1.0, needle=True)
+    memory = torch.rand(CFG.state_shape(4)[0])
+    norm = torch.rand(CFG.state_shape(4)[1])
+    memory[:, 3] = 0
+    norm[:, 3] = 0                                                       # row 3 is not diluted
+    start_m, start_n, (late_m, late_n, at) = late_dilution(memory, norm, ends, answer, CFG.segment_len,
+                                                           random.Random(0), 1.0)
+    moved = 0
+    for row in range(3):
+        after = -(-int(ends[row]) // CFG.segment_len)                       # the first segment after the needle
+        if after * CFG.segment_len > int(answer[row].nonzero()[0, 0]):     # no segment starts in between
+            assert int(at[row]) == -1 and torch.equal(start_m[:, row], memory[:, row])
+            continue
+        moved += 1
+        assert int(at[row]) == after
+        assert torch.equal(late_m[:, row], memory[:, row]) and not start_m[:, row].any() and not start_n[:, row].any()
+    assert moved >= 2
+    assert int(at[3]) == -1 and not late_m[:, 3].any()
+    _, _, (_, _, at) = late_dilution(memory, norm, ends, answer, CFG.segment_len, random.Random(0), 0.0)
+    assert (at == -1).all()                                             # share 0 moves nothing
+
+
+def test_training_with_late_dilution_adds_the_state_after_the_needle(monkeypatch):
+    from infini_deploy.models import training
+
+    seen = []
+    real = training.segment_losses
+
+    def record(*args):
+        late = args[-1]
+        seen.append(None if late is None else late[2].tolist())
+        return real(*args)
+
+    monkeypatch.setattr(training, "segment_losses", record)
+    kw = dict(steps=4, dilute=1.0, curriculum=0.01, memory_only=1.0, memory_only_start=1.0, max_segments=4,
+              min_segments=4)
+    log = train(_model(4), _small(dilute_late=1.0, **kw), progress=False).log
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in log)
+    assert seen[0] is None                                  # step 0: the curriculum has not diluted any row yet
+    assert any(at >= 1 for late in seen[1:] for at in late)  # later: rows get the state after their needle
+    seen.clear()
+    train(_model(4), _small(**kw), progress=False)         # the default: every diluted row starts diluted
+    assert seen == []                                      # (and the whole-row path runs, no per-segment adds)
