@@ -228,6 +228,8 @@ def test_dilution_bad_settings_fail_clearly():
         TrainConfig(dilute_tokens=(0, 10))
     with pytest.raises(BadInputError, match="--dilute must be in"):
         TrainConfig(dilute=1.5)
+    with pytest.raises(BadInputError, match=r"--dilute-late must be in \[0, 1\], got -0.1"):
+        TrainConfig(dilute_late=-0.1)
 
 
 def test_training_with_dilution_runs_and_keeps_the_state_float32():
