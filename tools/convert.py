@@ -18,10 +18,10 @@ from ..models.config import UPDATE_RULES
               help="Memory update rule: linear (Eq 8) or delta (Eq 9).  [default: linear, or the adapter's base's]")
 @click.option("--gate-init", type=float, default=None,
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
-@click.option("--attend-previous", is_flag=True, default=None,
+@click.option("--attend-previous/--segment-local", "attend_previous", default=None,
               help="The local attention also sees the previous segment's keys and values (constant memory; torch "
-                   "and onnxruntime, not TensorRT or serving yet; docs/onnx.md)  "
-                   "[default: off, or the adapter's base's]")
+                   "and onnxruntime, not TensorRT or serving yet; docs/onnx.md), or the segment alone (what "
+                   "TensorRT engines and the server run)  [default: segment-local, or the adapter's base's]")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Apply an adapter of `infini train lm` or `infini train passkey` (folder or adapter.safetensors) "
@@ -41,7 +41,8 @@ def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_va
         segment_len = segment_len or base.get("segment_len")
         update = update or base.get("update")
         gate_init = base.get("gate_init") if gate_init is None else gate_init
-        attend_previous = attend_previous or base.get("attend_previous", False)   # --attend-previous: either base
+        if attend_previous is None:   # either flag overrides the adapter's base: attend_previous changes no weight
+            attend_previous = base.get("attend_previous", False)
     update = update or "linear"
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
     result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter,

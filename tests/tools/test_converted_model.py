@@ -3,6 +3,7 @@ tokenizer, generate and --chat encode and stop with it, run and passkey count it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -183,4 +184,31 @@ def test_convert_with_an_adapter_rebuilds_the_trained_model_from_the_source_alon
     prev = load_checkpoint(tmp_path / "prev")
     assert prev.config.attend_previous and not trained.config.attend_previous
     for (k, v), (k2, w) in zip(prev.state_dict().items(), trained.state_dict().items()):
+        assert k == k2 and torch.equal(v, w), k
+
+
+def test_an_adapter_trained_with_attend_previous_converts_to_it_by_default_and_segment_local_on_request(
+        converted, tmp_path):
+    # the shipped SmolLM2 adapter is of this kind: TensorRT engines and the server need its segment-local model
+    src = converted[0].parent / "src"
+    res = invoke("convert", src, tmp_path / "base-prev", "--segment-len", 32, "--gate-init", -1, "--attend-previous",
+                 "--no-validate")
+    assert res.exit_code == 0, res.output
+    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
+                                                 f"that night." for i in range(60)))
+    res = invoke("train", "passkey", tmp_path / "t", "--init", tmp_path / "base-prev", "--steps", 1, "--batch", 1,
+                 "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt", "--trainable",
+                 "lora", "--no-progress")
+    assert res.exit_code == 0, res.output
+    trained = load_checkpoint(tmp_path / "t")
+    assert trained.config.attend_previous
+    res = invoke("convert", src, tmp_path / "prev", "--adapter", tmp_path / "t", "--no-validate")
+    assert res.exit_code == 0 and "the previous segment attended" in res.output, res.output
+    assert load_checkpoint(tmp_path / "prev").config == trained.config
+    res = invoke("convert", src, tmp_path / "local", "--adapter", tmp_path / "t", "--segment-local", "--no-validate")
+    assert res.exit_code == 0 and "the previous segment attended" not in res.output, res.output
+    local = load_checkpoint(tmp_path / "local")
+    assert not local.config.attend_previous
+    assert local.config == dataclasses.replace(trained.config, attend_previous=False)
+    for (k, v), (k2, w) in zip(local.state_dict().items(), trained.state_dict().items()):
         assert k == k2 and torch.equal(v, w), k
