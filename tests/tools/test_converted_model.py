@@ -144,11 +144,15 @@ def test_snapshots_resume_the_converted_model_bit_identically(converted, tmp_pat
         assert torch.equal(resumed.feed(ids[:, 45:], keep="all"), ref[:, 45:])
 
 
+def write_prose(path):
+    path.write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm that night."
+                             for i in range(60)))
+
+
 def test_passkey_training_of_a_converted_model_runs_in_its_own_tokenizer_on_prose(converted, tmp_path):
     from infini_deploy.models.training import make_batch  # noqa: F401  (the tokenized batch: tests/models)
 
-    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
-                                                 f"that night." for i in range(60)))
+    write_prose(tmp_path / "prose.txt")
     res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 2, "--batch", 2,
                  "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt", "--no-progress")
     assert res.exit_code == 0, res.output
@@ -162,8 +166,7 @@ def test_passkey_training_of_a_converted_model_runs_in_its_own_tokenizer_on_pros
 
 def test_convert_with_an_adapter_rebuilds_the_trained_model_from_the_source_alone(converted, tmp_path):
     # the adapter remembers how its base was converted (segment 32, gate -1): SRC and --adapter are enough
-    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
-                                                 f"that night." for i in range(60)))
+    write_prose(tmp_path / "prose.txt")
     res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 2, "--batch", 2,
                  "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt",
                  "--trainable", "lora", "--checkpointing", "--no-progress")
@@ -194,8 +197,7 @@ def test_an_adapter_trained_with_attend_previous_converts_to_it_by_default_and_s
     res = invoke("convert", src, tmp_path / "base-prev", "--segment-len", 32, "--gate-init", -1, "--attend-previous",
                  "--no-validate")
     assert res.exit_code == 0, res.output
-    (tmp_path / "prose.txt").write_text(" ".join(f"The keeper wrote entry number {i} in the log. The sea was calm "
-                                                 f"that night." for i in range(60)))
+    write_prose(tmp_path / "prose.txt")
     res = invoke("train", "passkey", tmp_path / "t", "--init", tmp_path / "base-prev", "--steps", 1, "--batch", 1,
                  "--min-segments", 12, "--max-segments", 12, "--haystack", tmp_path / "prose.txt", "--trainable",
                  "lora", "--no-progress")

@@ -75,8 +75,8 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
     from infini_deploy.models.convert import convert
     from infini_deploy.models.passkey import Haystack, PasskeyPrompt
     from infini_deploy.runtime import Stream, TorchRunner
-    from infini_deploy.runtime.past_stream import PastStream
     from infini_deploy.runtime.evaluate import passkey_rows
+    from infini_deploy.runtime.past_stream import PastStream
     from infini_deploy.tools.demo import SMOLLM2_ADAPTER
 
     from ..conftest import smollm2_gguf
