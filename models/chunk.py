@@ -24,19 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decode import memory_decode_reference
+from .layers import positions, rope
 from .model import Block, InfiniAttention, InfiniTransformer
-
-
-def rope_from(x: torch.Tensor, theta: float, start: torch.Tensor) -> torch.Tensor:
-    """RoPE at positions start[b] + 0..n-1 of each row. x: (B, H, n, d); start: (B,) int64.
-    The same arithmetic per token as model.rope with one position per row (the decode step's)."""
-    n, d = x.shape[-2], x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
-    pos = start.to(torch.float32).view(-1, 1, 1, 1) + torch.arange(n, device=x.device, dtype=torch.float32).view(1, 1, -1, 1)
-    angles = torch.cat((pos * inv_freq, pos * inv_freq), dim=-1)                             # (B, 1, n, d)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
 
 
 def chunk_cache_attention(q, k, v, pos, k_cache, v_cache):
@@ -70,7 +59,8 @@ def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cach
     q = attn.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
     k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
             for proj in (attn.k_proj, attn.v_proj))
-    a_dot, k_cache, v_cache = chunk_cache_attention(rope_from(q, cfg.rope_theta, pos), rope_from(k, cfg.rope_theta, pos),
+    at = positions(pos, n)                                                          # (B, n)
+    a_dot, k_cache, v_cache = chunk_cache_attention(rope(q, cfg.rope_theta, at), rope(k, cfg.rope_theta, at),
                                                     v, pos, k_cache, v_cache)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)

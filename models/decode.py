@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .config import InfiniConfig
 from .memory import float32_path, retrieve, sigma
-from .model import Block, InfiniAttention, InfiniTransformer, rope
+from .layers import positions, rope
+from .model import Block, InfiniAttention, InfiniTransformer
 
 
 @float32_path
@@ -80,7 +81,8 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
     q = attn.q_proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, 1, d)
     k, v = (proj(x).view(B, 1, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, 1, d)
             for proj in (attn.k_proj, attn.v_proj))
-    a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, pos), rope(k, cfg.rope_theta, pos), v,
+    at = positions(pos, 1)                                                          # (B, 1)
+    a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, at), rope(k, cfg.rope_theta, at), v,
                                               pos, k_cache, v_cache)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)

@@ -1,6 +1,7 @@
 """The Infini-Transformer: a Llama-style decoder whose every layer uses Infini-attention.
 
-Read in order: RMSNorm -> RoPE -> InfiniAttention -> MLP -> Block -> InfiniTransformer.
+Read in order: InfiniAttention -> MLP -> Block -> InfiniTransformer (RMSNorm, RoPE and the local
+attention they share with the decode and chunk steps are in layers.py).
 The deployable unit is :meth:`InfiniTransformer.step`, a pure function of
 (tokens, memory, norm); the module holds weights and nothing else. A model with
 ``config.attend_previous`` also carries ``past``, the keys and values of the previous
@@ -21,60 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import BadInputError
 from .config import SINKS, InfiniConfig
 from .kernels.ops import attention_op
+from .layers import RMSNorm, local_attention, positions, rope
 from .memory import memory_op
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def rope(x: torch.Tensor, theta: float, positions: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """Rotary embedding (Llama's rotate-half layout) at segment-local positions 0..n-1.
-
-    x: (B, H, n, d). Positions restart every segment, so the step is the same
-    function for every segment. ``positions`` (B,) int64 gives one position per
-    row instead, for the decode step's single token (n = 1). ``offset`` shifts
-    them to offset..offset+n-1 (a segment after the previous one's m keys).
-    """
-    n, d = x.shape[-2], x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    if positions is None:
-        pos = torch.arange(offset, offset + n, device=x.device, dtype=torch.float32)[:, None]  # (n, 1)
-    else:
-        pos = positions.to(torch.float32).view(-1, 1, 1, 1)                                   # (B, 1, 1, 1)
-    angles = pos * inv_freq                                                                   # (n | B,1,1, d/2)
-    angles = torch.cat((angles, angles), dim=-1)                                              # (..., d)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
-
-
-def local_attention(q, k, v, past=None):
-    """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, past + n, d).
-
-    With grouped-query attention each KV head is repeated for its G = H / H_kv query heads (Llama's
-    repeat_kv: query head h reads KV head h // G); without it (G = 1) the graph has no repeat at all.
-    ``past`` (None: none): k and v open with that many keys of the previous segment, which every query sees
-    (query i sits at position past + i); 0 is legal (a stream's first segment) and may be symbolic (export).
-    """
-    B, H, n, d = q.shape
-    m = k.shape[2]
-    if H != k.shape[1]:   # expand + reshape, as transformers does: exports as Expand/Reshape, no copy in torch
-        k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], m, d).reshape(B, H, m, d)
-                for t in (k, v))                                                        # (B, H, m, d)
-    if past is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # key j <= past + i, from the shapes alone (past = m - n), so an export keeps it symbolic
-    visible = (torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
 
 
 class InfiniAttention(nn.Module):
@@ -108,7 +57,8 @@ class InfiniAttention(nn.Module):
         if past is not None:
             m = past[0].shape[2]
             keys, values = (torch.cat((p.to(t.dtype), t), dim=2) for p, t in zip(past, (k, v)))  # (B, H_kv, m+n, d)
-            a_dot = local_attention(rope(q, cfg.rope_theta, offset=m), rope(keys, cfg.rope_theta), values, past=m)
+            a_dot = local_attention(rope(q, cfg.rope_theta, positions(m, n, x.device)), rope(keys, cfg.rope_theta),
+                                    values, past=m)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta, cfg.update == "delta", cfg.eps)
             y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
             # the stream's first keys stay (attention sinks: min(m, SINKS) of them); this segment replaces the rest

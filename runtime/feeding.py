@@ -20,6 +20,8 @@ import torch
 
 from ..errors import BadInputError, InfiniError
 from ..models import spec
+from ..models.decode import initial_decode_state
+from .tokens import as_tokens, check_ids, check_state_finite
 
 KEEP = ("all", "last", "none")
 
@@ -59,8 +61,8 @@ def feed_streams(streams: list, tokens: list, keep: str = "last") -> list:
 def _plan(stream, tokens) -> _Plan:
     N = stream.config.segment_len
     try:
-        t = stream._as_tokens(tokens)
-        stream._check_ids(t, f"input {spec.TOKENS!r}")
+        t = as_tokens(tokens, stream.batch)
+        check_ids(t, stream.config.vocab_size, f"input {spec.TOKENS!r}")
     except InfiniError as e:
         return _Plan(stream, stream.pending, 0, 0, stream.memory, stream.norm, error=e)
     buf = torch.cat([stream.pending, t], dim=1)
@@ -69,8 +71,6 @@ def _plan(stream, tokens) -> _Plan:
 
 def _commit_rounds(plans: list[_Plan], keep: str) -> None:
     """Round k: the k-th full segment of every stream that has one, in one runner call."""
-    from .stream import check_state_finite
-
     N = plans[0].stream.config.segment_len
     for start in range(0, max(p.n_full for p in plans), N):
         group = [p for p in plans if p.error is None and p.n_full > start]
@@ -107,11 +107,8 @@ def _pending_logits(plans: list[_Plan], keep: str) -> None:
 
 
 def _chunked(plans: list[_Plan], keep: str) -> None:
-    from ..models.decode import initial_decode_state
-    from .stream import check_state_finite
-
     def start(p):   # the tokens of the unfinished segment already in the cache (none after a commit)
-        return 0 if p.n_full else p.stream._cached
+        return 0 if p.n_full else p.stream.cached
 
     for n in sorted({p.buf.shape[1] - p.n_full - start(p) for p in plans}):
         group = [p for p in plans if p.buf.shape[1] - p.n_full - start(p) == n]
@@ -174,13 +171,7 @@ def _finish(p: _Plan, keep: str):
     n_new = p.buf.shape[1] - p.n_old
     if n_new == 0:
         return None
-    s.memory, s.norm, s.pending = p.memory, p.norm, p.buf[:, p.n_full:]
-    s.segments += p.n_full // N
-    if p.n_full:
-        s._reset_cache()   # the decode cache held the segment just committed by the segment step
-    if p.cache is not None:   # the chunk step put the whole unfinished segment in the cache
-        s._cache, s._cached = p.cache, s.pending.shape[1]
-    s.position += n_new
+    s.advance(p.memory, p.norm, p.buf[:, p.n_full:], p.n_full // N, n_new, p.cache)
     if keep == "none":
         return None
     return torch.cat(p.kept, dim=1) if keep == "all" else p.kept[-1]

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..models.layers import rope
 from ..models.model import InfiniTransformer
 from ..limits import available_memory_bytes
 from .measure import current_rss_bytes, human_bytes, peak_rss_bytes
@@ -63,7 +64,7 @@ class KVCacheBaseline:
             q = att.q_proj(h).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)            # (B, H, n, d)
             k, v = (proj(h).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)            # (B, H_kv, n, d)
                     for proj in (att.k_proj, att.v_proj))
-            q, k = (_rope_at(t, cfg.rope_theta, pos) for t in (q, k))
+            q, k = (rope(t, cfg.rope_theta, pos) for t in (q, k))
             cache[i, 0, :, :, position:position + n] = k
             cache[i, 1, :, :, position:position + n] = v
             a = F.scaled_dot_product_attention(q, cache[i, 0, :, :, :position + n], cache[i, 1, :, :, :position + n],
@@ -71,17 +72,6 @@ class KVCacheBaseline:
             x = x + att.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return m.lm_head(m.norm(x))
-
-
-def _rope_at(x, theta, pos):
-    """RoPE at absolute positions ``pos`` (n,): models/model.py's formula (there positions restart every
-    segment); the full-attention model has one position axis."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = pos.to(torch.float32)[:, None] * inv_freq
-    angles = torch.cat((angles, angles), dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * angles.cos() + torch.cat((-x2, x1), dim=-1) * angles.sin()
 
 
 def _ms(fn, repeat: int) -> list[float]:

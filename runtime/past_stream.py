@@ -25,8 +25,8 @@ from ..limits import check_fits
 from ..models import spec
 from ..models.model import InfiniTransformer
 from .runner import BaseRunner
-from .sampling import Sampling, sample
-from .stream import check_state_finite
+from .sampling import Sampling, check_max_new_tokens, decode_loop
+from .tokens import as_tokens, check_ids, check_state_finite, stop_tensor
 
 
 class PastStream:
@@ -82,13 +82,8 @@ class PastStream:
         or None (``keep`` "all", "last", "none"). All or nothing: a bad id leaves the stream as it was."""
         if keep not in ("all", "last", "none"):
             raise BadInputError(f"keep must be 'all', 'last' or 'none', got {keep!r}")
-        t = torch.as_tensor(np.asarray(tokens), dtype=torch.int64)
-        t = t[None] if t.dim() == 1 and self.batch == 1 else t
-        if t.dim() != 2 or t.shape[0] != self.batch:
-            raise BadInputError(f"tokens of shape {tuple(t.shape)}; expected ({self.batch}, n)")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size):
-            raise BadInputError(f"token ids must be in [0, {self.config.vocab_size}); got ids from {int(t.min())} "
-                                f"to {int(t.max())}")
+        t = as_tokens(tokens, self.batch)
+        check_ids(t, self.config.vocab_size, f"input {spec.TOKENS!r}")
         N, n = self.config.segment_len, t.shape[1]
         ids = torch.cat((self.pending, t), dim=1)
         full = ids.shape[1] // N * N
@@ -120,9 +115,8 @@ class PastStream:
         makes sampling reproducible, a row that produced one of ``stop_tokens`` repeats it until every row has,
         ``on_token(tokens (B,))`` sees each new token."""
         sampling = Sampling(temperature, top_k, top_p, seed)
-        stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64)
-        if max_new_tokens < 0:
-            raise BadInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stops = stop_tensor(stop_tokens, self.config.vocab_size)
+        check_max_new_tokens(max_new_tokens)
         chunks: Iterable = [prompt] if isinstance(prompt, (np.ndarray, torch.Tensor)) else prompt
         logits = None
         with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
@@ -132,17 +126,5 @@ class PastStream:
                 bar.update(int(np.shape(chunk)[-1]))
         if logits is None:
             raise BadInputError("the prompt is empty; generation needs at least one token")
-        generator, out = sampling.generator(), []
-        done = torch.zeros(self.batch, dtype=torch.bool)
-        for i in range(max_new_tokens):
-            token = sample(logits, sampling, generator)                           # (B,)
-            token = torch.where(done, out[-1], token) if out else token
-            done |= torch.isin(token, stops)
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
-            last = bool(done.all()) or i == max_new_tokens - 1
-            logits = self.feed(token[:, None], keep="none" if last else "last")
-            if last:
-                break
-        return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, dtype=torch.int64)
+        return decode_loop(logits, max_new_tokens, sampling, stops,
+                           lambda token, more: self.feed(token[:, None], keep="last" if more else "none"), on_token)

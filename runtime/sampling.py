@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -63,3 +64,35 @@ def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop = cum - sorted_logits.softmax(dim=-1) >= p                       # mass before this token already >= p
     drop[:, 0] = False                                                    # always keep the most likely
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Checked before a prompt is fed, so that a bad value leaves the stream as it was."""
+    if max_new_tokens < 0:
+        raise BadInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def decode_loop(logits: torch.Tensor, max_new_tokens: int, sampling: Sampling, stops: torch.Tensor,
+                advance: Callable[[torch.Tensor, bool], torch.Tensor | None],
+                on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The generation loop every stream runs: sample from ``logits`` (B, V), hand the token to the stream, repeat.
+
+    ``advance(token (B,), more)`` takes the new token into the stream and, when ``more``, returns the logits
+    of the next position (B, V); the last token is handed over with ``more`` False (no step is run for
+    logits nobody reads). A row that produced one of ``stops`` repeats it until every row has; generation ends
+    then or after ``max_new_tokens``. ``on_token(token (B,))`` sees each new token. Returns (B, k) int64.
+    """
+    generator, out = sampling.generator(), []
+    done = torch.zeros(logits.shape[0], dtype=torch.bool)
+    for i in range(max_new_tokens):
+        token = sample(logits, sampling, generator)                           # (B,)
+        token = torch.where(done, out[-1], token) if out else token
+        done |= torch.isin(token, stops)
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        more = not bool(done.all()) and i < max_new_tokens - 1
+        logits = advance(token, more)
+        if not more:
+            break
+    return torch.stack(out, dim=1) if out else torch.zeros(logits.shape[0], 0, dtype=torch.int64)

@@ -73,7 +73,7 @@ def save_snapshot(stream, path, force: bool = False) -> Path:
     if not isinstance(path, (str, Path)) or not str(path):
         raise BadInputError(f"a snapshot needs a file name, got {path!r}")
     tensors = {"memory": stream.memory, "norm": stream.norm, "pending": stream.pending}
-    if stream._cached:
+    if stream.cached:
         tensors.update(zip(CACHE, stream.cache))
     tensors = {k: v.detach().to("cpu", torch.int64 if k == "pending" else torch.float32).contiguous()
                for k, v in tensors.items()}
@@ -81,7 +81,7 @@ def save_snapshot(stream, path, force: bool = False) -> Path:
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config_digest": identity["config_digest"],
             "graphs": json.dumps(identity["graphs"], sort_keys=True), "weights": identity["weights"],
             "precision": identity["precision"], "config": stream.config.to_json(), "batch": str(stream.batch),
-            "position": str(stream.position), "segments": str(stream.segments), "cached": str(stream._cached)}
+            "position": str(stream.position), "segments": str(stream.segments), "cached": str(stream.cached)}
     meta["sha256"] = _digest(meta, tensors)
     with atomic_file(path, force) as tmp:
         save_file(tensors, str(tmp), metadata=meta)

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import BadInputError, InfiniError, NumericalFaultError
+from ..errors import BadInputError, InfiniError
 from ..limits import check_fits
 from ..models import spec
 from ..models.decode import fold, initial_decode_state
 from .feeding import KEEP, feed_streams
 from .runner import BaseRunner
-from .sampling import Sampling, sample
+from .sampling import Sampling, check_max_new_tokens, decode_loop
+from .tokens import as_tokens, check_ids, check_state_finite, stop_tensor
 
 
 class Stream:
@@ -139,29 +140,21 @@ class Stream:
         generated tokens: ``feed`` and ``generate`` may follow.
         """
         sampling = Sampling(temperature, top_k, top_p, seed)
-        stops = self._stop_tensor(stop_tokens)
-        if max_new_tokens < 0:
-            raise BadInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stops = stop_tensor(stop_tokens, self.config.vocab_size)
+        check_max_new_tokens(max_new_tokens)
         if self.decode_runner is None:
             raise BadInputError("this stream has no decode runner; create it with "
                                 "Stream(runner, decode_runner=TorchRunner(model, graph='decode'))")
         logits = self._prefill(prompt, total, progress)
-        generator, out = sampling.generator(), []
-        done = torch.zeros(self.batch, dtype=torch.bool)
-        for i in range(max_new_tokens):
-            token = sample(logits, sampling, generator)                           # (B,)
-            token = torch.where(done, out[-1], token) if out else token
-            done |= torch.isin(token, stops)
-            out.append(token)
-            if on_token is not None:
-                on_token(token)
+
+        def advance(token, more):
             self._append(token[:, None])
-            if bool(done.all()) or i == max_new_tokens - 1:
-                break
-            logits = self._catch_up()
+            return self._catch_up() if more else None
+
+        out = decode_loop(logits, max_new_tokens, sampling, stops, advance, on_token)
         if self.pending.shape[1] == self.config.segment_len:
             self._catch_up()  # fold the segment the last token filled
-        return torch.stack(out, dim=1) if out else torch.zeros(self.batch, 0, dtype=torch.int64)
+        return out
 
     # -- snapshots (runtime/snapshot.py) ---------------------------------------------------------
     def save(self, path, force: bool = False):
@@ -206,6 +199,23 @@ class Stream:
         return other
 
     @property
+    def cached(self) -> int:
+        """How many of the pending tokens are in the decode cache (the rest wait for the next decode or chunk step)."""
+        return self._cached
+
+    def advance(self, memory, norm, pending, segments: int, tokens: int, cache: tuple | None = None) -> None:
+        """Take what a feed computed (runtime/feeding.py): the state after ``segments`` more committed segments,
+        the new unfinished segment ``pending``, ``tokens`` more fed, and ``cache`` when the chunk step put the
+        whole unfinished segment in the decode cache."""
+        self.memory, self.norm, self.pending = memory, norm, pending
+        self.segments += segments
+        if segments:
+            self._reset_cache()   # the decode cache held the segment just committed by the segment step
+        if cache is not None:
+            self._cache, self._cached = cache, pending.shape[1]
+        self.position += tokens
+
+    @property
     def cache(self) -> tuple[torch.Tensor, ...]:
         """(k_cache, v_cache, d_memory, d_norm) of the unfinished segment: fixed shapes, see models/decode.py."""
         return self._cache
@@ -222,10 +232,10 @@ class Stream:
         held = None
         with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, mininterval=0.5) as bar:
             for chunk in chunks:
-                chunk = self._as_tokens(chunk)
+                chunk = as_tokens(chunk, self.batch)
                 if not chunk.shape[1]:
                     continue
-                self._check_ids(chunk)
+                check_ids(chunk, self.config.vocab_size)
                 if held is not None:
                     self.feed(held, keep="none")
                     bar.update(held.shape[1])
@@ -287,57 +297,9 @@ class Stream:
         self.segments += 1
         self._reset_cache()
 
-    def _check_ids(self, tokens: torch.Tensor, what: str = "prompt") -> None:
-        """Token ids in the vocabulary, checked before they enter the pending buffer."""
-        bad = (tokens < 0) | (tokens >= self.config.vocab_size)
-        if bool(bad.any()):
-            raise BadInputError(f"{what} holds id {int(tokens[bad][0])}, outside the vocabulary "
-                                f"[0, {self.config.vocab_size - 1}]")
-
-    def _stop_tensor(self, stop_tokens: Iterable[int]) -> torch.Tensor:
-        stops = torch.as_tensor(list(stop_tokens), dtype=torch.int64)
-        V = self.config.vocab_size
-        bad = stops[(stops < 0) | (stops >= V)]
-        if bad.numel():
-            raise BadInputError(f"stop token {int(bad[0])} is outside the vocabulary [0, {V - 1}]")
-        return stops
-
     def _run(self, segment: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
         out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: memory, spec.NORM: norm})
         return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
-
-    def _as_tokens(self, tokens) -> torch.Tensor:
-        if isinstance(tokens, torch.Tensor):
-            t = tokens
-        else:
-            arr = np.asarray(tokens) if isinstance(tokens, (np.ndarray, list, tuple, range)) or np.isscalar(tokens) \
-                else np.asarray(None)
-            if arr.size == 0:
-                arr = arr.astype(np.int64)
-            if arr.dtype.kind not in "iu":
-                raise BadInputError(f"tokens must be integers, got {type(tokens).__name__} of dtype {arr.dtype}")
-            if arr.dtype.kind == "u" and arr.size and int(arr.max()) > np.iinfo(np.int64).max:
-                raise BadInputError(f"tokens hold id {int(arr.max())}, which is no token id (above 2^63 - 1)")
-            if not arr.flags.writeable:
-                arr = arr.copy()
-            t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
-        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-            raise BadInputError(f"tokens must be integers, got dtype {str(t.dtype).removeprefix('torch.')}")
-        if t.dim() == 1 and self.batch == 1:
-            t = t.unsqueeze(0)
-        if t.dim() != 2 or t.shape[0] != self.batch:
-            raise BadInputError(f"tokens have shape {tuple(t.shape)}; expected ({self.batch}, n) for this stream"
-                                + (" or (n,)" if self.batch == 1 else ""))
-        return t.to(torch.int64).cpu()
-
-
-def check_state_finite(memory: torch.Tensor, norm: torch.Tensor, segment: int) -> None:
-    """Refuse to go on from a NaN/Inf state, naming the first layer where it appeared."""
-    bad = ~(torch.isfinite(memory).flatten(1).all(1) & torch.isfinite(norm).flatten(1).all(1))
-    if bool(bad.any()):
-        layer = int(torch.nonzero(bad)[0, 0])
-        raise NumericalFaultError(f"state became NaN/Inf in layer {layer} at segment {segment}; "
-                                  "refusing to continue (the state is float32: check the inputs and weights)")
 
 
 def _check_step_runner(runner: BaseRunner, other: BaseRunner | None, what: str, token_input: str):

@@ -18,13 +18,13 @@ from __future__ import annotations
 import torch
 
 from . import enabled, supports
+from ..layers import local_attention, rope
 from ..memory import memory_op, memory_reference, op_outputs
 
 
 def attention_reference(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_theta: float):
     """RoPE (segment-local positions) + causal SDPA + memory_reference; q (B, H, n, d), k, v (B, H_kv, n, d),
     without RoPE."""
-    from ..model import local_attention, rope   # model.py imports this module, so import at call time
     a_dot = local_attention(rope(q, rope_theta), rope(k, rope_theta), v)
     return memory_reference(q, k, v, a_dot, memory, norm, beta, delta, eps)
 

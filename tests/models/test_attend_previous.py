@@ -152,7 +152,7 @@ def test_stream_refuses_bad_ids_and_keeps_its_state():
     stream = PastStream(model_for())
     stream.feed(torch.arange(10), keep="none")
     before = [t.clone() for t in stream.state]
-    with pytest.raises(BadInputError, match=r"token ids must be in \[0, 260\)"):
+    with pytest.raises(BadInputError, match=r"holds id 999, outside the vocabulary \[0, 259\]"):
         stream.feed(torch.tensor([1, 2, 999]))
     assert all(torch.equal(a, b) for a, b in zip(before, stream.state)) and stream.position == 10
 

@@ -84,7 +84,7 @@ def test_feeding_pieces_through_the_chunk_step_gives_the_teacher_forced_logits(r
         start += n
     assert start == tokens.shape[1]
     torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-5, rtol=0)
-    assert pieced._cached == pieced.pending.shape[1] == 21      # the unfinished segment is in the cache
+    assert pieced.cached == pieced.pending.shape[1] == 21      # the unfinished segment is in the cache
     whole.flush(), pieced.flush()
     assert torch.equal(whole.memory, pieced.memory) and torch.equal(whole.norm, pieced.norm)
 
