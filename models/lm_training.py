@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import signals
 from ..errors import BadInputError, NumericalFaultError
 from .memory import autocast_context
 from .model import InfiniTransformer, scan_segments
@@ -202,12 +203,14 @@ def make_optimizer(model: nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimize
 
 def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optimizer=None, start_step: int = 0,
              device: str = "cpu", rank: int = 0, world: int = 1, progress: bool = True, on_log=None,
-             on_checkpoint=None, checkpoint_every: int = 0) -> LMTrainResult:
+             on_checkpoint=None, checkpoint_every: int = 0, stop: signals.StopRequest | None = None) -> LMTrainResult:
     """Train ``model`` (prepared with :func:`prepare`) in place from ``start_step`` to ``cfg.steps``.
 
     ``rank``/``world``: this process's share of each global batch (a torchrun job: the process group is
     initialised by the caller). ``on_log(entry)`` every ``cfg.log_every`` steps; ``on_checkpoint(step)``
-    every ``checkpoint_every`` steps and at the end (rank 0 only)."""
+    every ``checkpoint_every`` steps (rank 0 only). ``stop`` (signals.stop_requests): once set on any rank,
+    every rank ends after the current step with ``stopped`` "interrupted"; set before a step of this run is
+    done, it raises Interrupted (nothing new to keep)."""
     if cfg.batch % world:
         raise BadInputError(f"--batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
     rows = cfg.batch // world
@@ -226,6 +229,11 @@ def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optim
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train lm", unit="step", dynamic_ncols=True)
     try:
         for step in range(start_step, cfg.steps):
+            if stop is not None and world > 1:
+                _agree(stop, device)
+            if stop is not None and stop.due(result.steps_done - start_step):
+                result.stopped = "interrupted"
+                break
             if budget is not None and time.perf_counter() - start > budget:
                 result.stopped = "max_minutes"
                 break
@@ -267,7 +275,9 @@ def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optim
                     on_log(entry)
             if on_checkpoint is not None and rank == 0 and checkpoint_every and (step + 1) % checkpoint_every == 0:
                 on_checkpoint(step + 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # raised by a callback, or Ctrl-C outside stop_requests: keep what was learned
+        if signals.received or result.steps_done == start_step:   # a second signal, or nothing new learned
+            raise
         result.stopped = "interrupted"
     finally:
         if bar is not None:
@@ -275,6 +285,16 @@ def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optim
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
+
+
+def _agree(stop: signals.StopRequest, device: str) -> None:
+    """Every rank takes the stop request of any rank (the largest signal number), so that all stop at the
+    same step: a rank that went on alone would wait forever for the others' gradients."""
+    import torch.distributed as dist
+
+    signum = torch.tensor([stop.signum or 0], device=device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    stop.signum = int(signum.item()) or None
 
 
 def config_dict(cfg: LMTrainConfig) -> dict:

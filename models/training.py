@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import signals
 from ..errors import BadInputError, NumericalFaultError
 from .config import InfiniConfig
 from .memory import autocast_context
@@ -257,9 +258,12 @@ class TrainResult:
 
 
 def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progress: bool = True,
-          on_log=None, tokenizer=None) -> TrainResult:
+          on_log=None, tokenizer=None, stop: signals.StopRequest | None = None) -> TrainResult:
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
-    (unless ``max_minutes`` stops it or shortens the schedule)."""
+    (unless ``max_minutes`` stops it or shortens the schedule).
+
+    ``stop`` (signals.stop_requests): once set, training ends after the current step with ``stopped``
+    "interrupted"; set before the first step is done, it raises Interrupted (there is nothing to keep)."""
     if model.config.attend_previous and max(cfg.memory_only_start, cfg.memory_only) > 0 and cfg.min_segments < 3:
         raise BadInputError(f"--memory-only with --min-segments {cfg.min_segments}: a model that attends to the "
                             "previous segment sees a needle one segment back without its memory; use --min-segments 3")
@@ -292,6 +296,9 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
         bar = tqdm(total=cfg.steps, desc="train passkey", unit="step", dynamic_ncols=True)
     try:
         for step in range(cfg.steps):
+            if stop is not None and stop.due(result.steps_done):
+                result.stopped = "interrupted"
+                break
             elapsed = time.perf_counter() - start
             if budget is not None and elapsed > budget:
                 result.stopped = "max_minutes"
@@ -355,7 +362,9 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
                 window = []
                 if on_log is not None:
                     on_log(entry)
-    except KeyboardInterrupt:   # Ctrl-C (or SIGTERM, see tools/train.py): keep what was learned
+    except KeyboardInterrupt:   # raised by a callback, or Ctrl-C outside stop_requests: keep what was learned
+        if signals.received or result.steps_done == 0:   # a second signal (the save is refused), or nothing learned
+            raise
         result.stopped = "interrupted"
     finally:
         if bar is not None:

@@ -3,7 +3,8 @@
 Ctrl-C, SIGTERM and SIGHUP become one KeyboardInterrupt (errors.Interrupted), recorded in signals.py, before
 anything else is imported: a signal at any moment (even while torch loads) ends in one line and exit
 128 + signal, never a traceback, every writer's cleanup runs (atomic.py), and a signal whose exception a
-library swallowed still stops the command before its output is committed.
+library swallowed still stops the command before its output is committed. Training is the exception: its
+steps run under signals.stop_requests(), where a first signal asks the loop to stop and save.
 """
 
 from __future__ import annotations
@@ -12,21 +13,11 @@ import signal
 import sys
 
 from .. import signals
-from ..errors import Interrupted
-
-
-def _interrupt(signum, frame):
-    """Record the signal (signals.py) and raise it once; a second signal during cleanup is only recorded,
-    so cleanup is not cut short by a traceback (SIGKILL still ends the process)."""
-    first = not signals.received
-    signals.received.append(signum)
-    if first:
-        raise Interrupted(signum)
 
 
 def main():
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _interrupt)
+    for signum in signals.HANDLED:
+        signal.signal(signum, signals.interrupt)
     try:
         from .cli import cli
     except KeyboardInterrupt as e:
@@ -36,7 +27,7 @@ def main():
     try:
         cli(prog_name="infini")
     finally:   # the command is over, its outputs written or not: a signal now changes nothing
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for signum in signals.HANDLED:
             signal.signal(signum, signal.SIG_IGN)
 
 
