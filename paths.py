@@ -1,43 +1,54 @@
 """Paths a user hands in, and paths read from the project's own files: checked once, here.
 
-- :func:`inside`: a name read from a manifest, snapshot or config resolves inside its folder, or
-  IncompatibleArtifactError (no ``..``, no absolute path, no symlink out of the folder);
+- :func:`inside`: a name read from a file (a manifest, a safetensors index, a graph's external data) resolves
+  inside its folder, or IncompatibleArtifactError naming the file, the name and the folder (no ``..``, no
+  absolute path, no symlink out of the folder);
 - :func:`check_input_file` / :func:`check_output_path`: a user's path is what the command expects, with one
   line naming the path and the reason (a folder where a file is expected, a parent that is a file, a symlink
   loop, a name too long), before any long work starts;
+- :func:`check_text_file` / :func:`utf8_chunks`: the one check of a text input (every option that takes a text
+  file, and the streams that read one): UTF-8, or one line naming the option, the path and the first bad byte;
 - :func:`parse_json` / :func:`read_json`: JSON that is not UTF-8, not JSON, nested too deeply or holding
   integers of thousands of digits is one IncompatibleArtifactError, never a raw exception.
 """
 
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
 from .errors import BadInputError, IncompatibleArtifactError
 
 NAME_MAX = 255          # bytes in one path component on Linux file systems
 TEMP_SUFFIX_BYTES = 40  # what atomic.py adds to a (shortened) name: ".infini-tmp-PID-XXXXXXXX.tmp"
+TEXT_SCAN = 1 << 16    # bytes of a streamed text file checked before the command starts (and per read)
 
 
-def inside(folder: Path, name) -> Path:
-    """``folder / name`` after checking that it stays inside ``folder`` (``name`` comes from a file we read)."""
+def inside(folder: Path, name, source=None, root: Path | None = None) -> Path:
+    """``folder / name`` after checking that it stays inside ``folder``: ``name`` was read from a file
+    (``source``, for the message; default: the folder's manifest), so it may be hostile. Refused: a name that
+    is not a non-empty string, an absolute path, ``..``, and a symlink that resolves out of ``root`` (default
+    ``folder``; a Hugging Face cache snapshot links into its repository's blobs, one level up)."""
+    where = source if source is not None else f"{folder}: its manifest"
     if not isinstance(name, str) or not name or "\x00" in name:
-        raise IncompatibleArtifactError(f"{folder}: a file name in its manifest is {name!r}; expected a "
-                                        "relative path inside the folder")
+        raise IncompatibleArtifactError(f"{where} names {name!r} where a file name is expected: a relative path "
+                                        f"that must stay inside {folder}")
     rel = Path(name)
     if rel.is_absolute() or ".." in rel.parts:
-        raise IncompatibleArtifactError(f"{folder}: its manifest names {name!r}, a path outside the folder; "
-                                        "refusing to open it")
+        raise IncompatibleArtifactError(f"{where} names {name!r}, a path outside the folder: every path it names "
+                                        f"must stay inside {folder}; refusing to open it")
     path = Path(folder) / rel
     try:
-        resolved, root = path.resolve(), Path(folder).resolve()
+        resolved, top = path.resolve(), Path(root if root is not None else folder).resolve()
     except (RuntimeError, OSError) as e:   # a symlink loop
         raise IncompatibleArtifactError(f"{path} cannot be resolved ({e})") from None
-    if resolved != root and root not in resolved.parents:
-        raise IncompatibleArtifactError(f"{path} is a link to {resolved}, outside {folder}; refusing to open it")
+    if resolved != top and top not in resolved.parents:
+        raise IncompatibleArtifactError(f"{where} names {name!r}, a link to {resolved}, outside the folder: every "
+                                        f"path it names must stay inside {root or folder}; refusing to open it")
     return path
 
 
@@ -83,6 +94,42 @@ def check_input_file(path, what: str = "input file") -> Path:
     if not os.access(path, os.R_OK):
         raise BadInputError(f"{what} {path} is not readable (permission denied)")
     return path
+
+
+def check_text_file(path, what: str = "input file", scan: int | None = None, npy: bool = False) -> Path:
+    """``path`` if it is a readable file of UTF-8 text; BadInputError naming ``what``, the path and the first bad
+    byte otherwise (random bytes, a UTF-16 or Latin-1 file, a cut character). ``scan``: check only the first
+    ``scan`` bytes, for a file that is streamed (the stream checks the rest through :func:`utf8_chunks`, with the
+    same line); None: all of it. ``npy``: a ``.npy`` file of token ids is taken too (checked where it is read)."""
+    path = check_input_file(path, what)
+    if not (npy and path.suffix.lower() == ".npy"):
+        for _ in utf8_chunks(path, what, limit=scan, npy=npy):
+            pass
+    return path
+
+
+def utf8_chunks(path, what: str = "input file", chunk: int = TEXT_SCAN, limit: int | None = None,
+                npy: bool = False) -> Iterator[bytes]:
+    """The bytes of a text file, ``chunk`` at a time, each checked to be UTF-8 before it is given out: the one
+    check of every text input. ``limit``: stop after that many bytes (a cut at the limit is not an error)."""
+    check = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    hint = "give a UTF-8 text file" + (" or a .npy array of token ids" if npy else "")
+    offset = 0
+    with open(path, "rb") as f:
+        while data := f.read(chunk if limit is None else min(chunk, limit - offset)):
+            try:
+                check.decode(data)
+            except UnicodeDecodeError as e:
+                raise BadInputError(f"{what} {path} is not UTF-8 text (bad byte at offset {offset + e.start}); "
+                                    f"{hint}") from None
+            offset += len(data)
+            yield data
+        if limit is not None and offset >= limit and f.read(1):
+            return
+    try:
+        check.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise BadInputError(f"{what} {path} ends inside a UTF-8 character; the file is truncated") from None
 
 
 def check_output_path(path: Path, folder: bool, create: bool = True) -> Path:

@@ -99,7 +99,7 @@ class Manifest:
 
     def verify(self, export_dir: Path, name: str) -> Path:
         """The path of file ``name`` after checking it is inside the folder, exists and matches its sha256."""
-        path = inside(Path(export_dir), name)
+        path = inside(Path(export_dir), name, Path(export_dir) / MANIFEST_FILE)
         if name not in self.files:
             raise IncompatibleArtifactError(f"{export_dir}/{MANIFEST_FILE} does not list {name}")
         if not path.is_file():
@@ -158,7 +158,7 @@ def load_onnx(path, external_data: bool = True):
     for tensor in external_data_helper._get_all_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            data = inside(path.parent, location)
+            data = inside(path.parent, location, f"{path}: its external data")
             if not data.is_file():
                 raise IncompatibleArtifactError(f"{path}: its external data {location!r} is missing")
     if external_data:

@@ -112,7 +112,7 @@ def check_consistent(manifest, folder: Path, data: dict) -> None:
         raise IncompatibleArtifactError(f"{where}: its config does not match its config_digest (the config was "
                                         "edited): export again")
     for name in manifest.files:
-        inside(Path(folder), name)
+        inside(Path(folder), name, where)
     for name, entry in manifest.graphs.items():
         if entry.file not in manifest.files:
             raise IncompatibleArtifactError(f"{where}: graph {name!r} is {entry.file!r}, which its files do not list")

@@ -3,14 +3,16 @@
 ``adapter.safetensors`` holds, by trainable set: the gates (every layer's beta), the q/k/v weights, the
 low-rank factors (lora_a, lora_b, and their scale in the header) of q/k/v with the gates, or every weight.
 Its header names the base: the sha256 of the converted base model's weights (checkpoint.weights_digest,
-which covers the gates it was converted with) and its config digest. Applying it to any other model is
-refused. Applying is the function training uses to merge, so base + adapter equals the trained model
-bit for bit.
+which covers the gates it was converted with) and its config digest, and the adapter's own sha256 over every
+other header field and its tensors (checked at load: flipped bytes are refused, not applied; adapters written
+before it was recorded load without the check). Applying it to any other model is refused. Applying is the
+function training uses to merge, so base + adapter equals the trained model bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import BadInputError, IncompatibleArtifactError
-from .checkpoint import weights_digest
-from .lm_training import QKV, LoRALinear, merge_lora
+from .checkpoint import tensors_digest, weights_digest
+from .train.lm import QKV, LoRALinear, merge_lora
 from .model import InfiniTransformer
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -28,7 +30,7 @@ FORMAT = "infini-deploy adapter 1"
 
 
 def adapter_tensors(model: InfiniTransformer, trainable: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, extra header fields) of a trained model (before :func:`lm_training.merge_adapters`)."""
+    """(tensors, extra header fields) of a trained model (before :func:`train.lm.merge_adapters`)."""
     tensors, extra = {}, {}
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -59,6 +61,7 @@ def save_adapter(model: InfiniTransformer, trainable: str, base: InfiniTransform
     header = {"format": FORMAT, "trainable": trainable, "base_weights_sha256": ident["weights_sha256"],
               "base_config_digest": ident["config_digest"], **extra,
               **({"info": json.dumps(info, sort_keys=True)} if info else {})}
+    header["sha256"] = _digest(header, tensors)
     path = Path(folder) / ADAPTER_FILE
     save_file(tensors, str(path), metadata=header)
     path.chmod(0o644)
@@ -88,6 +91,12 @@ def adapter_options(path: str | Path) -> dict:
         raise IncompatibleArtifactError(f"--adapter {path}: its header's info is not JSON") from None
 
 
+def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every header field but the digest itself and over the tensors (name, dtype, shape, bytes)."""
+    fields = json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(f"{fields};{tensors_digest(tensors)}".encode()).hexdigest()
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, header) of an adapter file or of a folder holding one; refuses anything else."""
     path = Path(path)
@@ -106,13 +115,14 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if header.get("format") != FORMAT:
         raise IncompatibleArtifactError(f"--adapter {file}: not an infini-deploy adapter (format "
                                         f"{header.get('format')!r}, expected {FORMAT!r})")
+    if "sha256" in header and header["sha256"] != _digest(header, tensors):
+        raise IncompatibleArtifactError(f"--adapter {file} is corrupt: its tensors or header do not match the sha256 "
+                                        "in its header (the file was changed or damaged); train it again or restore it")
     return tensors, header
 
 
 def adapter_digest(path: str | Path) -> str:
     """sha256 of the adapter file (of a folder holding one)."""
-    import hashlib
-
     path = Path(path)
     file = path / ADAPTER_FILE if path.is_dir() else path
     return hashlib.sha256(file.read_bytes()).hexdigest()
@@ -133,7 +143,7 @@ def _check_base(model: InfiniTransformer, path, header: dict, digest: str | None
 
 
 def continue_adapter(model: InfiniTransformer, path: str | Path, trainable: str, base_digest: str) -> None:
-    """Load an adapter's tensors into a model being trained (after lm_training.prepare, so its LoRA modules
+    """Load an adapter's tensors into a model being trained (after train.lm.prepare, so its LoRA modules
     exist), to train on from where an earlier run stopped; the base must be the one the adapter was trained on
     (``base_digest``: its weights' sha256 before prepare) and the trainable set the same. The base may attend
     to the previous segment where the adapter's did not, or the other way: training on changes the local window

@@ -21,6 +21,7 @@ from .model import InfiniTransformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "train_log.json"
+EMBEDDING = "embed_tokens.weight"   # (vocab_size, d_model): its rows are the vocabulary
 # Every file a checkpoint folder of ours may hold: `--force` replaces a checkpoint only when it holds nothing else.
 CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "tokenizer.json", "tokenizer_config.json",
                               "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
@@ -100,6 +101,7 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
         raise IncompatibleArtifactError(
             f"{weights} does not match its config: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    check_vocab_rows(config, tuple(tensors[EMBEDDING].shape), weights)
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise IncompatibleArtifactError(
@@ -110,6 +112,26 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> InfiniTrans
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=False)
     model.metadata = read_metadata(weights)   # e.g. where a conversion came from; saved again with the weights
     return model.to(device).eval()
+
+
+def check_vocab_rows(config: InfiniConfig, shape: tuple | None, weights) -> None:
+    """IncompatibleArtifactError when the config's vocab_size is not the embedding's row count: the config is
+    wrong (checked before the tokenizer, which would otherwise be blamed for ids past the config's vocabulary)."""
+    if shape is not None and len(shape) == 2 and shape[0] != config.vocab_size:
+        raise IncompatibleArtifactError(f"{Path(weights).parent / CONFIG_FILE}: vocab_size is {config.vocab_size}, but "
+                                        f"the embedding {EMBEDDING} of {Path(weights).name} has {shape[0]} rows; the "
+                                        "config does not match the weights")
+
+
+def _embedding_shape(weights: Path) -> tuple | None:
+    """The embedding's shape from the safetensors header (no tensor read); None when it cannot be told."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return tuple(f.get_slice(EMBEDDING).get_shape())
+    except Exception:   # noqa: BLE001 (a missing or damaged file is load_checkpoint's to report)
+        return None
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -153,6 +175,7 @@ def checkpoint_tokenizer(path: str | os.PathLike, config: InfiniConfig | None = 
     from .tokenizer import load_tokenizer
 
     config = config or load_config(path)
+    check_vocab_rows(config, _embedding_shape(Path(path) / WEIGHTS_FILE), Path(path) / WEIGHTS_FILE)
     return load_tokenizer(path, config.vocab_size)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -66,6 +67,7 @@ class HFTokenizer:
         self._json_text, self.config = json_text, dict(config)
         self.special = {name: _token_text(config.get(name)) for name in SPECIAL_NAMES}
         self.chat_template = config.get("chat_template")
+        self.template_file = config.get("chat_template_file")   # where it was read, for messages
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.start_ids = tuple(self._leading_special_ids())
         eos = self.token_id(self.special["eos_token"])
@@ -162,7 +164,7 @@ class HFTokenizer:
         """The chat template rendered over ``messages`` ([{"role": ..., "content": ...}]), as text."""
         if not self.chat_template:
             raise BadInputError("this model's tokenizer has no chat template; use --prompt without --chat")
-        return render_chat(self.chat_template, messages, add_generation_prompt, self.special)
+        return render_chat(self.chat_template, messages, add_generation_prompt, self.special, self.template_file)
 
     def _leading_special_ids(self) -> list[int]:
         """Ids the post-processor adds before a single text (e.g. Llama's BOS); [] for most tokenizers."""
@@ -172,11 +174,126 @@ class HFTokenizer:
         return full[:n] if n > 0 and full[n:] == bare else []
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, special: dict) -> str:
-    """Render a chat template as transformers' apply_chat_template(tokenize=False) does."""
-    import jinja2
+TEMPLATE_CHARS = 1 << 20      # text a chat template may make beyond twice its messages' text (and any string)
+TEMPLATE_STEPS = 1_000_000    # loop steps and calls a render may take, plus 1,000 per message
+TEMPLATE_SECONDS = 5.0        # and its wall time: a backstop for steps that are slow (filters over long text)
+LOOP, SIZED = "__infini_loop", "__infini_sized"   # the guards the template's loops and `~` are wrapped in
+
+
+class TemplateLimit(Exception):
+    """A render went past a limit of :class:`_Budget` (becomes one BadInputError naming the template)."""
+
+
+class _Budget:
+    """What one render of a chat template may spend: every loop step and call is charged, and every string
+    made (an output piece, a ``~``, ``+`` or ``*`` result, a call's result) must stay under ``chars``."""
+
+    def __init__(self, messages: list[dict]):
+        text = sum(len(str(m.get("content", ""))) for m in messages if isinstance(m, dict))
+        self.chars = TEMPLATE_CHARS + 2 * text
+        self.steps = TEMPLATE_STEPS + 1000 * len(messages)
+        self.used, self.deadline = 0, time.monotonic() + TEMPLATE_SECONDS
+
+    def step(self) -> None:
+        self.used += 1
+        if self.used > self.steps:
+            raise TemplateLimit(f"takes more than {self.steps:,} loop steps and calls")
+        if time.monotonic() > self.deadline:
+            raise TemplateLimit(f"takes more than {TEMPLATE_SECONDS:g} s")
+
+    def sized(self, value, n: int | None = None):
+        """``value`` if it (or ``n``, the size about to be made) fits; a number above the cap asks for a size."""
+        n = len(value) if n is None and isinstance(value, (str, list, tuple)) else n
+        if n is not None and n > self.chars:
+            raise TemplateLimit(f"renders more than 1 MiB beyond its messages ({n:,} characters; at most "
+                                f"{self.chars:,})")
+        return value
+
+    def check_args(self, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            if type(a) is int and a > self.chars:   # a width or count that big can only make a huge string
+                self.sized(None, a)
+
+
+def _sandbox(budget: _Budget):
+    """transformers' environment (immutable sandbox, trim_blocks, lstrip_blocks, loop controls), with every
+    call, filter, ``*``/``+``/``**`` and loop step charged to ``budget``."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Limited(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "+", "**"])
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
+            budget.step()
+            if __obj is not __self.globals.get("range"):   # the sandbox's range has its own limit, and message
+                budget.check_args(args, kwargs)
+            return budget.sized(super().call(__context, __obj, *args, **kwargs))
+
+        def call_binop(self, context, operator, left, right):
+            budget.step()
+            if operator == "*" and isinstance(left, (str, list, tuple)) != isinstance(right, (str, list, tuple)):
+                seq, n = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+                budget.sized(None, len(seq) * n if isinstance(n, int) else None)
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+                raise TemplateLimit(f"computes a power of {right:,}")
+            return budget.sized(super().call_binop(context, operator, left, right))
+
+    env = Limited(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    for name, f in list(env.filters.items()):
+        env.filters[name] = _charged(f, budget)
+
+    def loop(iterable):
+        for item in iterable:
+            budget.step()
+            yield item
+    env.globals.update({LOOP: loop, SIZED: lambda value: value})   # call() charges and sizes SIZED's result
+    return env
+
+
+def _charged(f, budget: _Budget):
+    """A filter whose numbers are checked before it runs and whose result is sized after (jinja calls filters
+    directly, not through the environment's call)."""
+    import functools
+
+    @functools.wraps(f)   # keeps jinja's pass_context / pass_environment marker
+    def charged(*args, **kwargs):
+        budget.step()
+        budget.check_args(args, kwargs)
+        return budget.sized(f(*args, **kwargs))
+    return charged
+
+
+def _guarded(env, template: str):
+    """The template's syntax tree with every ``for`` iterable wrapped in LOOP (charged per step) and every ``~``
+    in SIZED (a string doubled in a loop is stopped at the cap, not at the memory's end)."""
+    from jinja2 import nodes
+    from jinja2.visitor import NodeTransformer
+
+    def wrap(guard, node):
+        return nodes.Call(nodes.Name(guard, "load", lineno=node.lineno), [node], [], None, None, lineno=node.lineno)
+
+    class Guard(NodeTransformer):
+        def visit_For(self, node):
+            node = self.generic_visit(node)
+            node.iter = wrap(LOOP, node.iter)
+            return node
+
+        def visit_Concat(self, node):
+            return wrap(SIZED, self.generic_visit(node))
+
+    tree = Guard().visit(env.parse(template))
+    tree.set_environment(env)
+    return tree
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, special: dict,
+                where: str | None = None) -> str:
+    """Render a chat template as transformers' apply_chat_template(tokenize=False) does, within limits: a
+    template that loops or calls more than TEMPLATE_STEPS times (+ 1,000 per message), runs TEMPLATE_SECONDS,
+    makes text of more than 1 MiB beyond twice its messages', recurses without end or fails is one
+    BadInputError naming it (``where``: its file)."""
+    import jinja2
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -184,14 +301,37 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
+    name = f"the chat template of {where}" if where else "the chat template"
+    budget = _Budget(messages)
+    env = _sandbox(budget)
+    env.filters["tojson"] = _charged(tojson, budget)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **{k: v for k, v in special.items() if v is not None})
+        pieces, size = [], 0
+        for piece in env.from_string(_guarded(env, template)).generate(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in special.items() if v is not None}):
+            size += len(piece)
+            budget.sized(None, size)
+            pieces.append(piece)
+        return "".join(pieces)
+    except TemplateLimit as e:
+        raise BadInputError(f"{name} {e}; refusing to render it") from None
+    except RecursionError:
+        raise BadInputError(f"{name} recurses too deeply; refusing to render it") from None
+    except MemoryError:
+        raise BadInputError(f"{name} needs more memory than there is; refusing to render it") from None
+    except OverflowError as e:
+        if "MAX_RANGE" in str(e):
+            from jinja2.sandbox import MAX_RANGE
+
+            raise BadInputError(f"{name} asks for a range of more than {MAX_RANGE:,} items (the sandbox's limit); "
+                                "refusing to render it") from None
+        raise BadInputError(f"{name} failed: {e}") from None
     except jinja2.exceptions.TemplateError as e:
-        raise BadInputError(f"the chat template failed: {e}") from None
+        raise BadInputError(f"{name} failed: {e}") from None
+    except Exception as e:   # noqa: BLE001 (a template's own error: 1/0, a bad index, a wrong type)
+        raise BadInputError(f"{name} failed: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def read_tokenizer_config(folder: Path) -> dict:
@@ -211,8 +351,11 @@ def read_tokenizer_config(folder: Path) -> dict:
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
+    if template is not None:
+        config["chat_template_file"] = str(path)
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        config["chat_template_file"] = str(folder / "chat_template.jinja")
     if template is not None and not isinstance(template, str):
         raise IncompatibleArtifactError(f"{path}: chat_template must be a string")
     config["chat_template"] = template

@@ -125,6 +125,21 @@ class InfiniTransformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def param_groups(self, lr: float, beta_lr: float, weight_decay: float) -> list[dict]:
+        """The optimizer's parameter groups, the same for every trainer (nanoGPT keeps them on the model):
+        matrices decay; vectors (norms) do not; beta, the gate logits, gets its own learning rate and no decay
+        (a reproduction found gates stuck at sigmoid(beta) = 0.5 otherwise). Frozen tensors are left out, tied
+        ones counted once; each group keeps its ``base_lr`` for the schedule."""
+        beta, decay, no_decay, seen = [], [], [], set()
+        for name, p in self.named_parameters():
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (beta if name.endswith(".beta") else decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay, "base_lr": lr},
+                {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0, "base_lr": lr},
+                {"name": "beta", "params": beta, "lr": beta_lr, "weight_decay": 0.0, "base_lr": beta_lr}]
+
     def initial_state(self, batch: int = 1, device=None):
         """Zero state (M = 0, z = 0), float32: memory (L, B, H_kv, d, d), norm (L, B, H_kv, d)."""
         memory_shape, norm_shape = self.config.state_shape(batch)

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BadInputError
+from ..paths import check_input_file, utf8_chunks
 from .tokenizer import encode
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
@@ -192,11 +193,8 @@ class Haystack:
     @classmethod
     def from_files(cls, paths) -> "Haystack":
         texts = []
-        for path in paths:
-            try:
-                texts.append(Path(path).read_text(encoding="utf-8", errors="replace"))
-            except OSError as e:
-                raise BadInputError(f"--haystack {path}: cannot be read ({e.strerror or e})") from None
+        for path in paths:   # the one text check (paths.py): random bytes are no haystack
+            texts.append(b"".join(utf8_chunks(check_input_file(path, "--haystack"), "--haystack")).decode("utf-8"))
         return cls(texts, ", ".join(Path(p).name for p in paths))
 
     def blocks(self, seed: int) -> Iterator[bytes]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import BadInputError
-from ..paths import check_input_file
+from ..paths import check_input_file, utf8_chunks
 
 CHUNK = 1 << 16  # tokens (bytes, for text) read per chunk
 
@@ -90,19 +89,6 @@ def _iter_text(path: Path, chunk: int, tokenizer=None) -> Iterator[np.ndarray]:
 
 
 def _iter_utf8(path: Path, chunk: int, raw: bool = False) -> Iterator[np.ndarray | bytes]:
-    """The file's bytes, checked to be UTF-8, as uint8 ids (or the raw bytes with ``raw``)."""
-    check = codecs.getincrementaldecoder("utf-8")(errors="strict")
-    offset = 0
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            try:
-                check.decode(data)
-            except UnicodeDecodeError as e:
-                raise BadInputError(f"{path} is not UTF-8 text (bad byte at offset {offset + e.start}); "
-                                    "give a UTF-8 file or a .npy token file") from None
-            offset += len(data)
-            yield data if raw else np.frombuffer(data, dtype=np.uint8).astype(np.int64)
-        try:
-            check.decode(b"", final=True)
-        except UnicodeDecodeError:
-            raise BadInputError(f"{path} ends inside a UTF-8 character; the file is truncated") from None
+    """The file's bytes, checked to be UTF-8 (paths.utf8_chunks), as uint8 ids (or the raw bytes with ``raw``)."""
+    for data in utf8_chunks(path, chunk=chunk, npy=True):
+        yield data if raw else np.frombuffer(data, dtype=np.uint8).astype(np.int64)

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from ..atomic import write_text
-from .options import THREADS, check_outputs, force_option, json_out_option, parse_count, plot_option, seed_option
+from .options import TEXT_OR_IDS, THREADS, check_outputs, force_option, json_out_option, parse_count, plot_option, seed_option
 
 
 @click.command("cpu")
@@ -25,7 +25,7 @@ from .options import THREADS, check_outputs, force_option, json_out_option, pars
                    "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`).")
 @click.option("--segments", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Segments timed per context and path (the median is reported).")
-@click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+@click.option("--text", "text_file", type=TEXT_OR_IDS, default=None,
               help="Stream this text (the model's tokenizer, cycled) instead of random ids; the accuracy "
                    "figures are then on real text.")
 @click.option("--gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,

@@ -13,7 +13,7 @@ import click
 
 from .. import models as _models
 from ..errors import BadInputError, MissingBackendError
-from .options import THREADS, Number, parse_count, seed_option
+from .options import TEXT, THREADS, Number, parse_count, seed_option
 
 BUNDLED = Path(_models.__file__).resolve().parent / "bundled" / "passkey"
 SMOLLM2_ADAPTER = BUNDLED.parent / "smollm2-infini"
@@ -148,7 +148,7 @@ def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
 @seed_option("Draws the key and the filler.")
 @click.option("--filler", type=click.Choice(["fixed", "varied"]), default="varied", show_default=True,
               help="The toy's filler (smollm2 reads prose: --haystack).")
-@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+@click.option("--haystack", "haystack_files", multiple=True, type=TEXT,
               help="smollm2: the prose to hide the key in [default: the licence texts in /usr/share/common-licenses, "
                    "which the adapter never trained on].")
 @click.option("--threads", type=THREADS, default=None, help="onnxruntime intra-op threads.")

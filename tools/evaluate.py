@@ -10,7 +10,7 @@ import click
 
 from ..errors import BadInputError
 from .init_run import make_runner, model_tokenizer, parse_count
-from .options import plot_option
+from .options import TEXT_OR_IDS, plot_option
 
 
 @click.group("eval")
@@ -20,7 +20,7 @@ def evaluate():
 
 @evaluate.command("ppl")
 @click.argument("model")
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=TEXT_OR_IDS)
 @click.option("--tokens", "limit", default="4k", show_default=True, help="Score the first N tokens of each file.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
               help="auto: onnxruntime for an export folder, torch otherwise.")

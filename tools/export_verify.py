@@ -12,7 +12,7 @@ from ..errors import MissingBackendError
 from ..export.graph import DEFAULT_OPSET
 from ..models.checkpoint import resolve_model, resolve_tokenizer
 from ..runtime.measure import human_bytes, peak_rss_bytes
-from .options import check_outputs, force_option, json_out_option, precision_option, seed_option, threads_option
+from .options import TEXT_OR_IDS, check_outputs, force_option, json_out_option, precision_option, seed_option, threads_option
 
 
 @click.command("export")
@@ -69,7 +69,7 @@ def _figures(record: dict, quantized) -> str:
 @click.option("--segments", type=click.IntRange(1, 10**9), default=16, show_default=True)
 @click.option("--batch", type=click.IntRange(1, 1 << 16), default=1, show_default=True)
 @seed_option("Seed of the random tokens.")
-@click.option("--text", "text_file", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+@click.option("--text", "text_file", type=TEXT_OR_IDS, default=None,
               help="Stream this text (the export's tokenizer) instead of random ids [default for a model with its "
                    "own vocabulary: the validation text export/data/validation.txt].")
 @click.option("--every", type=click.IntRange(min=1), default=None,

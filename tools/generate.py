@@ -18,10 +18,10 @@ from ..runtime.measure import human_bytes, peak_rss_bytes
 from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
 from ..atomic import write_text
-from ..paths import check_input_file
-from .init_run import fastest_autocast, make_runner, model_tokenizer
-from .options import (DEVICE, THREADS, Number, check_outputs, force_option, json_out_option, parse_count,
-                      seed_option)
+from ..paths import check_text_file
+from .init_run import check_server_options, fastest_autocast, make_runner, model_tokenizer
+from .options import (DEVICE, PROMPT_FILE, TEXT, THREADS, Number, check_outputs, force_option, json_out_option,
+                      parse_count, seed_option)
 
 GENERATE_BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -97,7 +97,7 @@ def common_options(f):
 
 @click.command()
 @click.argument("model")
-@click.option("--prompt-file", type=click.Path(path_type=Path), default=None,
+@click.option("--prompt-file", type=PROMPT_FILE, default=None,
               help="UTF-8 text or a .npy array of token ids, streamed in chunks.")
 @click.option("--prompt", "prompt_text", default=None, help="Prompt text, instead of --prompt-file.")
 @click.option("--max-new-tokens", type=click.IntRange(0, 1 << 24), default=64, show_default=True)
@@ -122,16 +122,18 @@ def generate(model, prompt_file, prompt_text, max_new_tokens, temperature, top_k
         raise BadInputError("give exactly one of --prompt-file and --prompt")
     if system is not None and not chat:
         raise BadInputError("--system needs --chat")
-    if prompt_file is not None:
-        check_input_file(prompt_file, "prompt file")
-    elif any("\ud800" <= c <= "\udfff" for c in prompt_text):   # bytes that were not UTF-8 on the command line
+    # (a --prompt-file is checked by its option type; surrogates are bytes that were not UTF-8 on the command line)
+    if prompt_text is not None and any("\ud800" <= c <= "\udfff" for c in prompt_text):
         raise BadInputError("--prompt is not valid UTF-8 text; give UTF-8 text, or a file with --prompt-file")
-    tokenizer = model_tokenizer(model)
+    check_server_options(server, local=("backend", "device", "threads", "autocast"), remote=("stream_id",))
     if server is not None:
         from ..runtime.serving.remote import RemoteStream
 
-        stream = RemoteStream(server, stream_id=stream_id)
+        stream = RemoteStream(server, stream_id=stream_id)   # a bad address is refused here, before any wait
+        tokenizer = model_tokenizer(model)
+        stream.open()                                        # a server that cannot be reached fails here, at once
     else:
+        tokenizer = model_tokenizer(model)
         stream, backend = open_stream(model, backend, device, seed, threads, autocast)
     prompt, total = prompt_tokens(tokenizer, prompt_file, prompt_text, chat, system)
     text = tokenizer.decoder()
@@ -172,12 +174,7 @@ def prompt_tokens(tokenizer, prompt_file: Path | None, prompt_text: str | None, 
 def _read_prompt(path: Path) -> str:
     if path.suffix == ".npy":
         raise BadInputError("--chat takes a text prompt (--prompt or a UTF-8 --prompt-file), not a .npy of ids")
-    if not path.is_file():
-        raise BadInputError(f"prompt file {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInputError(f"{path} is not UTF-8 text (bad byte at offset {e.start})") from None
+    return check_text_file(path, "prompt file").read_text(encoding="utf-8")
 
 
 def _report_generate(n_prompt: int, n_new: int, marks: list[float]) -> None:
@@ -217,7 +214,7 @@ def length_label(n: int) -> str:
 @click.option("--filler", type=click.Choice(FILLERS), default=None,
               help="fixed: the paper's filler repeated (its table's setting); varied: shuffled sentences; prose: "
                    "the --haystack text [default: prose with --haystack, else fixed].")
-@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+@click.option("--haystack", "haystack_files", multiple=True, type=TEXT,
               help="Real text as the filler, in the model's own tokenizer (repeat for several files).")
 @click.option("--attend-previous", is_flag=True,
               help="Rebuild a checkpoint so that the local attention also sees the previous segment's keys "

@@ -17,7 +17,8 @@ from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.measure import human_bytes, stream_throughput
 from ..runtime.stream import Stream
 from ..runtime.torch_runner import TorchRunner
-from .options import check_outputs, device_option, json_out_option, parse_count, seed_option, threads_option
+from .options import (TEXT_OR_IDS, check_outputs, device_option, json_out_option, parse_count, seed_option,
+                      threads_option)
 
 SAMPLE_TEXT = files("infini_deploy.tools") / "data" / "sample.txt"
 
@@ -39,7 +40,7 @@ def init(preset_name, out_dir, update, seed, force):
 
 @click.command()
 @click.argument("model", default="tiny")
-@click.option("--input", "input_file", type=click.Path(path_type=Path), default=None,
+@click.option("--input", "input_file", type=TEXT_OR_IDS, default=None,
               help="UTF-8 text or a .npy array of token ids [default: a bundled text].")
 @click.option("--tokens", "limit", default=None, help="Stream exactly this many tokens, cycling the input (64k, 1m).")
 @device_option()
@@ -68,6 +69,8 @@ def init(preset_name, out_dir, update, seed, force):
 def run(model, input_file, limit, device, backend, autocast, threads, seed, json_out, resume, save_state, force,
         progress, server, stream_id, end_stream):
     """Stream a file through MODEL (a checkpoint folder, a preset name or an export folder) in constant memory."""
+    check_server_options(server, local=("resume", "save_state", "backend", "device", "autocast", "threads", "seed"),
+                         remote=("stream_id", "end_stream"))
     if server is not None:
         return _run_remote(server, stream_id, end_stream, model, input_file, limit, json_out, force, progress)
     if threads:
@@ -114,13 +117,13 @@ def _run_remote(server, stream_id, end_stream, model, input_file, limit, json_ou
 
     from ..runtime.serving.remote import RemoteStream
 
+    stream = RemoteStream(server, stream_id=stream_id)    # a bad address is refused here, before any wait
     limit = parse_count(limit)
     path = input_file or Path(str(SAMPLE_TEXT))
     check_outputs(force, {"--json-out": json_out}, {"--input": input_file})
     tokenizer = model_tokenizer(model)
+    start_position = stream.open()                        # a server that cannot be reached fails here, at once
     total = limit or count_tokens(path, tokenizer)
-    stream = RemoteStream(server, stream_id=stream_id)
-    start_position = stream.open()
     began = time.perf_counter()
     stream.feed_chunks(iter_tokens(path, limit, tokenizer=tokenizer), keep="none", total=total, progress=progress)
     seconds = time.perf_counter() - began
@@ -132,9 +135,42 @@ def _run_remote(server, stream_id, end_stream, model, input_file, limit, json_ou
               "position": stream.position, "persisted": persisted}
     click.echo(f"streamed {tokens:,} tokens through {server} (stream {stream.stream_id}, now at token "
                f"{stream.position:,}) in {seconds:.2f} s: {result['tokens_per_s']:,.0f} tokens/s; "
-               + (f"persisted at token {persisted:,}" if persisted >= 0 else "not persisted (no --state-dir)"))
+               + (f"persisted at token {persisted:,}" if persisted >= 0 else _not_persisted(stream)))
     if json_out:
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def _not_persisted(stream) -> str:
+    """Why a remote stream is not on disk, as its server says (its state directory and --persist)."""
+    from ..runtime.serving.remote import ServerError
+
+    try:
+        state_dir, persist = stream.server_persistence()
+    except ServerError:
+        return "not persisted (the server did not say whether it has a --state-dir)"
+    if not state_dir:
+        return "not persisted: the server has no --state-dir (its streams live in its memory only)"
+    return (f"not persisted yet: the server persists it to {state_dir} at END, idle expiry or shutdown "
+            f"(--persist {persist})")
+
+
+def check_server_options(server, local: tuple[str, ...], remote: tuple[str, ...]) -> None:
+    """With --server the server's model runs: the ``local`` runner's options given on the command line are
+    refused, as are the ``remote`` stream's options without --server (before anything is read or sent)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+
+    def given(names):
+        return ["/".join(params[n].opts + params[n].secondary_opts) for n in names
+                if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+
+    if server is not None and given(local):
+        raise BadInputError(f"{', '.join(given(local))} cannot go with --server: the server's model runs, with the "
+                            "server's settings (`infini serve`)")
+    if server is None and given(remote):
+        raise BadInputError(f"{', '.join(given(remote))} needs --server (a stream on a Triton server)")
 
 
 def model_tokenizer(model: str):

@@ -5,6 +5,8 @@ itself, with the valid range or names, before any work starts.
   lets through), ``SEED``, ``THREADS`` (at most 4 per CPU: huge counts crash the thread pools),
   :class:`Count` (65536, 64k, 1m within a range);
 - names: :class:`Device` (cpu, cuda, cuda:N);
+- text files: :class:`TextFile` (``TEXT``, ``TEXT_OR_IDS``): UTF-8 text (paths.check_text_file), the same check
+  and line for every option that takes one;
 - paths: :func:`check_outputs` refuses an output that exists (without ``--force``), that is also an input of
   the same command, or whose folder cannot be written, before the work; results are then written atomically
   (atomic.py).
@@ -21,7 +23,7 @@ import click
 from ..errors import BadInputError
 from ..limits import max_threads
 from ..models.spec import PRECISIONS
-from ..paths import check_output_path
+from ..paths import TEXT_SCAN, check_output_path, check_text_file
 
 SEED = click.IntRange(0, 2**63 - 1)
 THREADS = click.IntRange(1, max_threads())
@@ -66,6 +68,26 @@ class Device(click.ParamType):
 
 
 DEVICE = Device()
+
+
+class TextFile(click.ParamType):
+    """A file of UTF-8 text (paths.check_text_file), refused with one line naming the option before any work.
+    ``whole``: check every byte (a file read at once: a haystack); else the first chunk, as the stream that reads
+    the file checks the rest with the same line. ``npy``: a .npy array of token ids is taken too. ``what``: the
+    words for it in messages (default: the option's name)."""
+    name = "file"
+
+    def __init__(self, whole: bool = False, npy: bool = False, what: str | None = None):
+        self.whole, self.npy, self.what = whole, npy, what
+
+    def convert(self, value, param, ctx):
+        what = self.what or (param.opts[0] if isinstance(param, click.Option) else "file")
+        return check_text_file(Path(value), what, scan=None if self.whole else TEXT_SCAN, npy=self.npy)
+
+
+TEXT = TextFile(whole=True)              # text read at once (--haystack)
+TEXT_OR_IDS = TextFile(npy=True)         # text or a .npy of ids, streamed (--input, --data, eval's FILES)
+PROMPT_FILE = TextFile(npy=True, what="prompt file")   # the same, named as generate's messages always named it
 
 
 def device_option(help_text: str = "cpu or cuda (cuda:N).", default: str = "cpu"):

@@ -38,18 +38,22 @@ def serve(export_dir, repo, strategy, max_streams, max_batch, instances, state_d
           threads, start, force):
     """Write a Triton Inference Server model repository for EXPORT_DIR (and serve it with --start)."""
     from ..export.triton_repo import ServeOptions, write_repository
+    from ..runtime.serving.pool import check_state_dir
 
     options = ServeOptions(strategy, max_streams, max_batch, instances, str(state_dir.resolve()) if state_dir else "",
                            persist, idle_s, backend, threads or 0)
+    if state_dir is not None:   # the model would fail to load (and tritonserver 2.51 hang): say it now
+        check_state_dir(state_dir)
     write_repository(export_dir, repo, options, force=force)
     click.echo(f"wrote {repo}: infini_stream (Python backend, {strategy} strategy, {max_streams} streams per "
                f"instance, persist {persist if state_dir else 'never (no --state-dir)'}), infini_segment_onnx and "
                "infini_segment_trt (implicit state; NVIDIA's server image)")
     if start:
-        _run_server(repo)
+        _run_server(repo, state_dir, persist)
 
 
-def _run_server(repo: Path) -> None:
+def _run_server(repo: Path, state_dir: Path | None, persist: str) -> None:
+    from ..errors import InfiniError
     from ..runtime.serving.server import TritonServer
     from .demo import cache_root
 
@@ -65,4 +69,31 @@ def _run_server(repo: Path) -> None:
             time.sleep(0.5)
     finally:
         code = server.stop()
-    click.echo(f"tritonserver stopped (exit {code}); streams persisted where a --state-dir was given")
+    if not stop:   # nobody asked: the server died (killed, out of memory)
+        raise InfiniError(f"tritonserver exited on its own ({_exit_status(code)}; log {server.log}): "
+                          + _lost(state_dir, persist))
+    if state_dir is None:
+        click.echo(f"tritonserver stopped (exit {code}); its open streams were held in memory only (no --state-dir)")
+    elif server.persisted_at_stop is None:
+        raise InfiniError(f"tritonserver stopped (exit {code}) before every model instance confirmed persisting "
+                          f"its open streams: {_lost(state_dir, persist)}")
+    else:
+        click.echo(f"tritonserver stopped (exit {code}); {server.persisted_at_stop} open stream(s) persisted to "
+                   f"{state_dir}")
+
+
+def _exit_status(code: int | None) -> str:
+    try:
+        return f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit {code}"
+    except ValueError:
+        return f"exit {code}"
+
+
+def _lost(state_dir: Path | None, persist: str) -> str:
+    """What a server that stopped without draining kept, by its persistence."""
+    if state_dir is None:
+        return "its streams were held in memory only (no --state-dir) and are lost"
+    if persist == "every":
+        return f"every request it answered was persisted to {state_dir} (--persist every)"
+    return (f"streams still open lost what was fed since their last END or idle expiry (--persist end; "
+            f"{state_dir} holds the rest)")

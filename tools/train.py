@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,8 @@ import click
 
 from ..errors import BadInputError
 from ..models.config import PRESETS, UPDATE_RULES
-from .options import DEVICE, THREADS, Number, seed_option
+from ..signals import stop_requests
+from .options import DEVICE, TEXT, THREADS, Number, seed_option
 
 
 @click.group()
@@ -60,7 +60,7 @@ def train():
                    "instead of from zero: a stage of a curriculum, whose adapter stays one adapter of that base.")
 @click.option("--autocast", type=click.Choice(["bf16", "off"]), default="off", show_default=True,
               help="bf16 autocast of the weights' matmuls (the memory path and the state stay float32).")
-@click.option("--haystack", "haystack_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+@click.option("--haystack", "haystack_files", multiple=True, type=TEXT,
               help="Real text as the filler (prose haystacks) instead of the varied sentences; repeat for several files.")
 @seed_option()
 @click.option("--device", type=DEVICE, default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
@@ -86,7 +86,7 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
     from ..limits import available_memory_bytes, check_fits
     from ..models.checkpoint import LOG_FILE, init_model, load_checkpoint, owned_checkpoint, write_checkpoint
     from ..models.config import preset
-    from ..models.training import TrainConfig, train as run_training, write_log
+    from ..models.train.passkey import TrainConfig, train as run_training, write_log
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError("--device cuda: no CUDA device is available; available: cpu")
@@ -124,7 +124,7 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
                       haystack_files=tuple(str(f) for f in haystack_files),
                       autocast=None if autocast == "off" else autocast, checkpointing=checkpointing)
 
-    from ..models import lm_training as lt
+    from ..models.train import lm as lt
 
     if init_adapter is not None and (init_from is None or trainable == "all"):
         raise BadInputError("--init-adapter needs --init (the adapter's base) and a --trainable set other than all")
@@ -148,14 +148,12 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
         else:
             click.echo(msg)
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
     # OUT_DIR is checked (and locked) before training: a bad path fails now, not after an hour
     with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
-        signal.signal(signal.SIGTERM, interrupt)   # a killed run still writes its checkpoint and log
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer)
+        with stop_requests() as stop:   # a signal now stops training after its step; what it learned is saved
+            result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer,
+                                  stop=stop)
         model = model.float().cpu()
         if trainable != "all":
             from ..models.adapter import base_options, save_adapter
@@ -174,6 +172,8 @@ def passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_s
                    "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                    "argv": command})
     last = result.log[-1] if result.log else {}
+    if result.stopped == "interrupted":
+        click.echo(f"stopped early ({stop.name}): the checkpoint holds the {result.steps_done} of {steps} steps done")
     click.echo(f"trained {result.steps_done} steps in {result.seconds / 60:.1f} min ({result.stopped}); "
                f"last loss {last.get('loss', float('nan')):.3f}, retrieval acc {last.get('answer_accuracy', 0):.2f}; "
                f"checkpoint in {out_dir}")

@@ -1,4 +1,4 @@
-"""`infini train lm`: continual training of a model on long text, through its memory (models/lm_training.py).
+"""`infini train lm`: continual training of a model on long text, through its memory (models/train/lm.py).
 
 OUT_DIR is always a complete checkpoint: it is (re)written atomically at every --save-every and at the
 end, with the trained model (low-rank adapters merged), adapter.safetensors (what training changed, for
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from pathlib import Path
@@ -19,8 +18,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..errors import BadInputError
-from .options import DEVICE, THREADS, Number, parse_count, seed_option
+from ..errors import BadInputError, IncompatibleArtifactError
+from ..paths import describe_absent, read_json
+from ..signals import stop_requests
+from .options import DEVICE, TEXT_OR_IDS, THREADS, Number, parse_count, seed_option
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "train_state.json"
@@ -29,10 +30,9 @@ STATE_FILE = "train_state.json"
 @click.command("lm")
 @click.argument("model")
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--data", "data_files", multiple=True, required=True,
-              type=click.Path(path_type=Path, exists=True, dir_okay=False),
+@click.option("--data", "data_files", multiple=True, required=True, type=TEXT_OR_IDS,
               help="Training text (UTF-8, the model's tokenizer); repeat for several files.")
-@click.option("--held-out", "held_out_files", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+@click.option("--held-out", "held_out_files", multiple=True, type=TEXT_OR_IDS,
               help="Documents training never sees, for the perplexity at the end [default: the last 5% of each "
                    "--data file, which training then never reads].")
 @click.option("--eval-tokens", default="16k", show_default=True, help="Held-out tokens evaluated (perplexity).")
@@ -64,7 +64,8 @@ def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, seg
     """Train MODEL (a converted checkpoint or a preset) on long text through its memory; write OUT_DIR."""
     import torch
 
-    from ..models import lm_training as lt
+    from ..models.train import lm as lt
+    from ..models.train.loop import make_optimizer
     from ..models.checkpoint import LOG_FILE, resolve_model, resolve_tokenizer
     from .init_run import fastest_autocast
 
@@ -101,7 +102,7 @@ def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, seg
     base_ident = {"weights_sha256": _digest(base), "config_digest": base.config.digest()}
     net = _copy(base)
     names = lt.prepare(net, cfg)
-    optimizer = lt.make_optimizer(net, cfg)
+    optimizer = make_optimizer(net, cfg.lr, cfg.beta_lr, cfg.weight_decay)
     start_step, log = 0, []
     if resume:
         start_step, log = _load_resume(out_dir, net, optimizer, cfg, data, base_ident)
@@ -131,16 +132,18 @@ def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, seg
         _write(out_dir, net, base, tokenizer, optimizer, cfg, step, log + (result.log if result else []), meta,
                result, force or resume or step > start_step)
 
-    signal.signal(signal.SIGTERM, _interrupt)   # a killed run still writes its checkpoint and log
-    result = lt.train_lm(net, corpus, cfg, optimizer, start_step, device, rank, world, progress and rank == 0,
-                         on_log if rank == 0 else None,
-                         on_checkpoint=(lambda step: save(step)) if save_every else None, checkpoint_every=save_every)
+    with stop_requests() as stop:   # a signal now stops training after its step; what it learned is saved
+        result = lt.train_lm(net, corpus, cfg, optimizer, start_step, device, rank, world, progress and rank == 0,
+                             on_log if rank == 0 else None,
+                             on_checkpoint=(lambda step: save(step)) if save_every else None,
+                             checkpoint_every=save_every, stop=stop)
+        evaluation = _evaluate(net, held_out, parse_count(eval_tokens, "--eval-tokens"), cfg) if rank == 0 else None
     if rank == 0:
-        evaluation = _evaluate(net, held_out, parse_count(eval_tokens, "--eval-tokens"), cfg)
         meta["held_out"] = evaluation
         save(result.steps_done, result)
         if result.stopped == "interrupted":
-            click.echo("interrupted: the checkpoint holds the steps done; continue with --resume")
+            click.echo(f"stopped early ({stop.name}): the checkpoint holds the {result.steps_done} of {steps} steps "
+                       "done; continue with --resume")
         click.echo(f"trained to step {result.steps_done} in {result.seconds / 60:.1f} min ({result.stopped}); held-out "
                    f"perplexity {evaluation['ppl']:.3f} over {evaluation['tokens']:,} tokens "
                    f"({evaluation['source']}); checkpoint and adapter in {out_dir}")
@@ -148,10 +151,6 @@ def lm(model, out_dir, data_files, held_out_files, eval_tokens, segment_len, seg
         import torch.distributed as dist
 
         dist.destroy_process_group()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _auto(choice: str) -> str | None:
@@ -253,7 +252,7 @@ def _evaluate(net, held_out, limit: int, cfg) -> dict:
 def _merged_copy(net):
     import copy
 
-    from ..models.lm_training import merge_adapters
+    from ..models.train.lm import merge_adapters
 
     return merge_adapters(copy.deepcopy(net)).eval()
 
@@ -264,7 +263,7 @@ def _write(out_dir, net, base, tokenizer, optimizer, cfg, step, log, meta, resul
     from ..atomic import atomic_folder
     from ..models.adapter import base_options, save_adapter
     from ..models.checkpoint import LOG_FILE, owned_checkpoint, write_checkpoint
-    from ..models.lm_training import config_dict
+    from ..models.train.lm import config_dict
 
     with atomic_folder(out_dir, force, owned_checkpoint, "checkpoint") as tmp:
         write_checkpoint(_merged_copy(net).float().cpu(), tmp, tokenizer if tokenizer.kind != "bytes" else None,
@@ -308,14 +307,13 @@ def _trainable_digest(net) -> str:
     return h.hexdigest()
 
 
-def _load_resume(out_dir, net, optimizer, cfg, data, base_ident):
-    import torch
-    from safetensors.torch import load_file
-
+def _load_resume(out_dir, net, optimizer, cfg, data, base_ident) -> tuple[int, list]:
+    """(step, log) of the run in OUT_DIR, its trainable tensors and AdamW moments restored into ``net`` and
+    ``optimizer``. Anything damaged, missing or of another run is one error naming the file, before training."""
     from ..models.checkpoint import LOG_FILE
-    from ..models.lm_training import config_dict
+    from ..models.train.lm import config_dict
 
-    state = json.loads((out_dir / STATE_FILE).read_text())
+    state = _read_state(out_dir / STATE_FILE, cfg.steps)
     saved, now = state["train_config"], config_dict(cfg)
     changed = sorted(k for k in now if k not in ("steps", "max_minutes") and saved.get(k) != now[k])
     if changed:
@@ -325,17 +323,98 @@ def _load_resume(out_dir, net, optimizer, cfg, data, base_ident):
         raise BadInputError(f"--resume: {out_dir} was trained from another base model ({state['base']['weights_sha256'][:16]}...)")
     if [d["sha256"] for d in state["data"]["train"]] != [d["sha256"] for d in data["train"]]:
         raise BadInputError(f"--resume: the --data files differ from those of the run in {out_dir}")
-    tensors = load_file(str(out_dir / OPTIMIZER_FILE))
+    _restore(net, optimizer, out_dir / OPTIMIZER_FILE)
+    if _trainable_digest(net) != state["trainable_state"]:
+        raise BadInputError(f"--resume: {out_dir}/{OPTIMIZER_FILE} does not hold the state its {STATE_FILE} names")
+    log = _read_run_json(out_dir / LOG_FILE, "training log")
+    if not isinstance(log, dict) or not isinstance(log.get("log"), list):
+        raise IncompatibleArtifactError(f"--resume: {out_dir / LOG_FILE} holds no \"log\" list; expected the log "
+                                        f"entries of the run")
+    return state["step"], log["log"]
+
+
+def _is_sha256(v) -> bool:
+    return isinstance(v, str) and len(v) == 64
+
+
+STATE_FIELDS = {   # what --resume reads from train_state.json: (check, what it must be)
+    "step": (lambda v: type(v) is int and v >= 0, "the number of steps done (a whole number, 0 or more)"),
+    "train_config": (lambda v: isinstance(v, dict), "the run's options (an object)"),
+    "data": (lambda v: isinstance(v, dict) and isinstance(v.get("train"), list)
+             and all(isinstance(d, dict) and _is_sha256(d.get("sha256")) for d in v["train"]),
+             "the training files (an object whose \"train\" lists each file's sha256)"),
+    "base": (lambda v: isinstance(v, dict) and _is_sha256(v.get("weights_sha256"))
+             and isinstance(v.get("config_digest"), str), "the base model's weights_sha256 and config_digest"),
+    "trainable_state": (_is_sha256, "the sha256 of the trained tensors"),
+}
+
+
+def _read_state(path: Path, steps: int) -> dict:
+    """train_state.json, every field :data:`STATE_FIELDS` names checked, its step at most ``steps``."""
+    state = _read_run_json(path, "training state")
+    if not isinstance(state, dict):
+        raise IncompatibleArtifactError(f"--resume: {path} holds a JSON {type(state).__name__}; expected an object "
+                                        f"with {', '.join(STATE_FIELDS)}")
+    for key, (ok, what) in STATE_FIELDS.items():
+        if key not in state or not ok(state[key]):
+            shown = f"is {json.dumps(state[key])[:40]}" if key in state else "is missing"
+            raise IncompatibleArtifactError(f"--resume: {path}: {key} {shown}; expected {what}")
+    if state["step"] > steps:
+        raise BadInputError(f"--resume: {path} records step {state['step']}, beyond --steps {steps}: pass --steps "
+                            f"{state['step']} or more to continue that run")
+    return state
+
+
+def _read_run_json(path: Path, what: str):
+    try:
+        return read_json(path, f"--resume: {what}")
+    except IncompatibleArtifactError as e:
+        raise IncompatibleArtifactError(f"--resume: {e}; expected the {what} the run saved") from None
+
+
+ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")   # what AdamW keeps per tensor (all of it, or none before a step)
+
+
+def _restore(net, optimizer, path: Path) -> None:
+    """Copy the trainable tensors and their AdamW moments of ``path`` (optimizer.safetensors) into ``net`` and
+    ``optimizer``, each checked against the tensor it belongs to."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BadInputError(f"--resume: {path} {describe_absent(path)}; expected the optimizer state of the run")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise IncompatibleArtifactError(f"--resume: {path} is corrupt or truncated ({e}); expected the optimizer "
+                                        "state of the run") from None
+    by_name: dict[str, dict] = {}
+    for key, t in tensors.items():
+        kind, _, name = key.partition("/")
+        by_name.setdefault(name, {})[kind] = t
     names = {id(p): n for n, p in net.named_parameters()}
     with torch.no_grad():
         for group in optimizer.param_groups:
             for p in group["params"]:
                 n = names[id(p)]
-                p.copy_(tensors[f"param/{n}"].to(p.dtype))
-                moments = {k.split("/", 1)[0]: v for k, v in tensors.items() if k.endswith("/" + n) and not k.startswith("param/")}
+                saved = by_name.get(n, {})
+                moments = {k: v for k, v in saved.items() if k != "param"}
+                _check_tensor(path, f"param/{n}", saved.get("param"), p.shape)
+                if moments and sorted(moments) != sorted(ADAM_STATE):
+                    raise IncompatibleArtifactError(f"--resume: {path} holds {', '.join(sorted(moments))} for {n}; "
+                                                    f"expected {', '.join(ADAM_STATE)} (AdamW's state)")
+                for k, v in moments.items():
+                    _check_tensor(path, f"{k}/{n}", v, () if k == "step" else p.shape)
+                p.copy_(saved["param"].to(p.dtype))
                 if moments:
                     optimizer.state[p] = {k: (v if k != "step" else v.float()) for k, v in moments.items()}
-    if _trainable_digest(net) != state["trainable_state"]:
-        raise BadInputError(f"--resume: {out_dir}/{OPTIMIZER_FILE} does not hold the state its {STATE_FILE} names")
-    log = json.loads((out_dir / LOG_FILE).read_text()).get("log", [])
-    return state["step"], log
+
+
+def _check_tensor(path: Path, key: str, t, shape) -> None:
+    if t is None:
+        raise IncompatibleArtifactError(f"--resume: {path} holds no {key}; expected every trained tensor and its "
+                                        "AdamW state")
+    if tuple(t.shape) != tuple(shape) or not t.is_floating_point():
+        raise IncompatibleArtifactError(f"--resume: {path}: {key} is {t.dtype} of shape {tuple(t.shape)}; expected "
+                                        f"float of shape {tuple(shape)}")

@@ -80,8 +80,8 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
     trained_with = attend_previous if adapter is None else _adapter_attend_previous(adapter)
     config = dataclasses.replace(infini_config(source.config, segment, update, source.origin),
                                  attend_previous=bool(trained_with))
+    model = build_model(config, source, gate_init)   # first: a vocab_size unlike the embedding's is the config's
     source.tokenizer.check_vocabulary(config.vocab_size, source.origin)
-    model = build_model(config, source, gate_init)
     marks["map"] = time.perf_counter()
     parity = None
     if validate and transformers_available():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import BadInputError, IncompatibleArtifactError
+from ...errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
 from ..config import InfiniConfig
 from ..model import InfiniTransformer
 
@@ -112,9 +112,7 @@ def build_model(config: InfiniConfig, source, gate_init: float) -> InfiniTransfo
     state = {}
     for name, shape in expected.items():
         tensor = source.tensor(hf_name(name))
-        if tuple(tensor.shape) != shape:
-            raise IncompatibleArtifactError(f"{source.origin}: tensor {hf_name(name)} has shape {tuple(tensor.shape)}, "
-                                            f"its config implies {shape}")
+        check_tensor(source.origin, hf_name(name), tensor, shape)
         state[name] = tensor.float().contiguous()
     for i in range(config.n_layer):
         state[f"layers.{i}.self_attn.beta"] = torch.full((config.n_head,), float(gate_init))
@@ -124,6 +122,22 @@ def build_model(config: InfiniConfig, source, gate_init: float) -> InfiniTransfo
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def check_tensor(origin: str, name: str, tensor: torch.Tensor, shape: tuple) -> None:
+    """The shape the config implies (the embedding's rows are the config's vocab_size: a mismatch there is the
+    config's, said before a tokenizer is blamed for it) and finite values (a NaN in the source, named here, would
+    otherwise fail the parity check as a whole)."""
+    if name == "model.embed_tokens.weight" and tensor.dim() == 2 and tensor.shape[0] != shape[0]:
+        raise IncompatibleArtifactError(f"{origin}: the config's vocab_size is {shape[0]}, but the embedding {name} "
+                                        f"has {tensor.shape[0]} rows; the config does not match the weights")
+    if tuple(tensor.shape) != shape:
+        raise IncompatibleArtifactError(f"{origin}: tensor {name} has shape {tuple(tensor.shape)}, its config implies "
+                                        f"{shape}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NumericalFaultError(f"{origin}: tensor {name} holds {bad:,} NaN/Inf value(s); the source's weights are "
+                                  "damaged: nothing written")
 
 
 def check_names(source, expected: dict, tied: bool) -> None:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from ...errors import BadInputError, IncompatibleArtifactError, MissingBackendError
+from ...paths import inside
 from ..hf_tokenizer import TOKENIZER_FILE, HFTokenizer, read_tokenizer_config
 
 GGUF_ARCHITECTURES = ("llama",)   # llama.cpp's name for Llama 2/3, SmolLM and Mistral GGUFs
@@ -97,7 +98,8 @@ def _safetensors_files(folder: Path) -> list[Path]:
         weight_map = _json(index, "a safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise IncompatibleArtifactError(f"{index} has no weight_map")
-        files = sorted({folder / f for f in weight_map.values()})
+        root = _link_root(folder)
+        files = sorted({inside(folder, f, index, root) for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise IncompatibleArtifactError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
@@ -109,6 +111,13 @@ def _safetensors_files(folder: Path) -> list[Path]:
     hint = (f" (it has {', '.join(pickles[:2])}: pickled weights are never loaded; save them as safetensors "
             "first)" if pickles else "")
     raise BadInputError(f"{folder} has no *.safetensors weights{hint}")
+
+
+def _link_root(folder: Path) -> Path:
+    """Where the files an index names may resolve to: the folder, or for a snapshot of huggingface_hub's cache
+    (models--org--name/snapshots/REV, whose files link to ../../blobs/SHA) the repository's cache folder."""
+    real = folder.resolve()
+    return real.parent.parent if real.parent.name == "snapshots" and (real.parent.parent / "blobs").is_dir() else folder
 
 
 def _open_safetensors(file: Path):
@@ -159,6 +168,7 @@ def _tokenizer_from_transformers(load, where: str) -> HFTokenizer:
         config = read_tokenizer_config(Path(tmp))
         if config.get("chat_template") is None and getattr(tok, "chat_template", None):
             config["chat_template"] = tok.chat_template
+        config["chat_template_file"] = where   # not the temporary folder
         return HFTokenizer((Path(tmp) / TOKENIZER_FILE).read_text(encoding="utf-8"), config)
 
 

@@ -4,6 +4,12 @@
 sequence batcher guarantees it), and returns one reply per request: output arrays, or an error message for
 that request alone. Feeds of all streams run together (one runner call per round); generations run one
 after the other. The protocol is runtime/serving/protocol.py.
+
+A request takes effect whole or not at all: one that will persist its stream (END, ``--persist every``)
+runs on a stream the pool copied first, and when the write fails (a full disk) the copy is put back, so a
+client that sends the request again feeds its tokens once. A request naming the position its client
+expects (EXPECTED_POSITION) is refused, changing nothing, when the stream is elsewhere: another client
+fed it in between.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ class Request:
     sampling: dict = field(default_factory=dict)   # temperature, top_k, top_p, seed
     stop: tuple = ()
     reset: bool = False
+    expected: int | None = None                # the position the client expects the stream at (None: any)
 
 
 @dataclass
@@ -40,7 +47,7 @@ class Reply:
 
 def serve(pool: StreamPool, requests: list[Request]) -> list[Reply]:
     replies: list[Reply | None] = [None] * len(requests)
-    feeds, generations = [], []
+    feeds, generations, copies = [], [], {}
     for i, r in enumerate(requests):
         if not r.ready:
             replies[i] = Reply(outputs=_empty(pool))
@@ -48,7 +55,12 @@ def serve(pool: StreamPool, requests: list[Request]) -> list[Reply]:
         try:
             if r.reset:
                 pool.reset(r.sid)
-            pool.open(r.sid, r.start)
+            stream = pool.open(r.sid, r.start)
+            if r.expected is not None and stream.position != r.expected:
+                raise BadInputError(f"stream {r.sid} is at token {stream.position:,}, not at token {r.expected:,} "
+                                    "where this client left it: another client is feeding the same stream id "
+                                    "(one client per stream); nothing was done")
+            copies[i] = pool.checkpoint(r.sid, r.end)
         except (InfiniError, OSError) as e:
             replies[i] = Reply(error=_message(e))
             continue
@@ -56,25 +68,28 @@ def serve(pool: StreamPool, requests: list[Request]) -> list[Reply]:
     if feeds:
         outs = pool.feed([(requests[i].sid, torch.from_numpy(requests[i].tokens), requests[i].keep) for i in feeds])
         for i, out in zip(feeds, outs):
-            replies[i] = _finish(pool, requests[i], logits=out)
+            replies[i] = _finish(pool, requests[i], copies[i], logits=out)
     for i in generations:
-        replies[i] = _generate(pool, requests[i])
+        replies[i] = _generate(pool, requests[i], copies[i])
     return replies
 
 
-def _generate(pool: StreamPool, r: Request) -> Reply:
+def _generate(pool: StreamPool, r: Request, copy) -> Reply:
     stream = pool.streams[r.sid]
     if not r.tokens.size:
         return Reply(error="a generation needs at least one token to continue from (TOKENS is empty)")
     try:
         generated = stream.generate(torch.from_numpy(r.tokens), r.max_new_tokens, stop_tokens=r.stop, **r.sampling)
     except InfiniError as e:
+        if copy is not None:
+            pool.restore(r.sid, copy)
         return Reply(error=_message(e))
-    return _finish(pool, r, generated=generated[0])
+    return _finish(pool, r, copy, generated=generated[0])
 
 
-def _finish(pool: StreamPool, r: Request, logits=None, generated=None) -> Reply:
-    """The reply after a request's work; END (or --persist every) persists the stream."""
+def _finish(pool: StreamPool, r: Request, copy, logits=None, generated=None) -> Reply:
+    """The reply after a request's work; END (or --persist every) persists the stream, and a failed write
+    puts back ``copy`` (pool.checkpoint): the request then did nothing."""
     if isinstance(logits, InfiniError):
         return Reply(error=_message(logits))
     stream = pool.streams[r.sid]
@@ -82,8 +97,11 @@ def _finish(pool: StreamPool, r: Request, logits=None, generated=None) -> Reply:
     try:
         persisted = pool.end(r.sid) if r.end else pool.after_request(r.sid)
     except (InfiniError, OSError) as e:
-        return Reply(error=f"the request was served (position {position}) but its state was not saved: "
-                           f"{_message(e)}")
+        if copy is None:   # not reached: a request that persists was copied first (pool.checkpoint)
+            return Reply(error=f"stream {r.sid} could not be saved: {_message(e)}")
+        pool.restore(r.sid, copy)
+        return Reply(error=f"stream {r.sid} could not be saved, so this request was undone (the stream stays at "
+                           f"token {copy.position:,}; send it again): {_message(e)}")
     V = pool.runner.config.vocab_size
     if logits is None:
         rows = np.zeros((0, V), np.float32)
@@ -101,6 +119,8 @@ def _empty(pool: StreamPool) -> dict:
 
 
 def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:   # "No space left on device: /states/.7.safetensors.infini-..."
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
 

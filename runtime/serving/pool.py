@@ -9,12 +9,21 @@
   bit-exactly; several servers sharing one state directory can therefore continue each other's streams.
 - **Isolation.** A request names its stream by id and can reach only that stream's state; a stream's bad
   input or broken snapshot is that stream's error only.
+- **One holder per stream.** With a state directory, a process holding a stream in memory locks one byte of
+  ``<state_dir>/streams.lock`` for it (:class:`StreamLocks`): another server sharing the folder (or a
+  server's orphan, or another instance) is refused that stream, instead of both continuing it apart.
+- **All or nothing.** :meth:`checkpoint` copies a stream before a request that will persist it; when the
+  write fails (a full disk) :meth:`restore` puts it back, so the failed request changed nothing.
 - **Batching.** :meth:`feed` runs the feeds of many streams together (runtime/feeding.py): one runner call
   per round of full segments, the streams' rows stacked.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -24,6 +33,83 @@ from ..feeding import feed_streams
 from ..stream import Stream
 
 PERSIST = ("end", "every")
+LOCK_FILE = "streams.lock"   # in the state directory: one locked byte per stream held in memory
+
+
+def check_state_dir(folder) -> Path:
+    """Create the state directory if needed and prove it writable by writing a probe file into it (a mode
+    check is not enough: root passes every chmod). BadInputError naming the folder and the reason."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BadInputError(f"the state directory {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"the state directory {folder} cannot be created: {e.strerror or e}") from None
+    probe = folder / f".write-test.{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise BadInputError(f"the state directory {folder} is not writable: {e.strerror or e}") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return folder
+
+
+class StreamLocks:
+    """Which process holds which stream of a state directory: a POSIX record lock on byte ``sid`` of
+    ``<state_dir>/streams.lock``, taken when a stream comes into memory and released when it leaves. The
+    kernel refuses a byte another process holds, and frees a process's bytes when it dies (even by SIGKILL),
+    so nothing stale is left. Record locks are per process: one instance's streams never block each other."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        self.supported = True   # False on a filesystem without record locks: streams are then not guarded
+
+    def acquire(self, sid: int) -> None:
+        if not self.supported:
+            return
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _byte(sid))
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                self.supported = False
+                return
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise BadInputError(f"stream {sid} is open in another process ({self.holder(sid)}) serving the state "
+                                f"directory {self.folder}: end it there, or stop that server") from None
+
+    def release(self, sid: int) -> None:
+        if self.supported:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, _byte(sid))
+
+    def holder(self, sid: int) -> str:
+        """"pid N" of the process holding ``sid`` (and its tritonserver's pid), as the kernel reports it."""
+        layout = "hhqqi4x"   # struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid
+        try:
+            query = struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, _byte(sid), 1, 0)
+            pid = struct.unpack(layout, fcntl.fcntl(self.fd, fcntl.F_GETLK, query))[4]
+        except (OSError, struct.error):
+            return "pid unknown"
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            parent = int(stat[1])
+            if Path(f"/proc/{parent}/comm").read_text().strip() == "tritonserver":
+                return f"pid {pid}, a model instance of tritonserver pid {parent}"
+        except (OSError, IndexError, ValueError):
+            pass
+        return f"pid {pid}"
+
+
+def _byte(sid: int) -> int:
+    return sid % (2**63 - 1)   # a lock's offset is a signed 64-bit off_t; ids of 2^63 and more wrap
 
 
 class StreamPool:
@@ -37,9 +123,8 @@ class StreamPool:
             raise BadInputError(f"max_streams must be at least 1, got {max_streams}")
         self.runner, self.decode_runner, self.chunk_runner = runner, decode_runner, chunk_runner
         self.max_streams, self.persist, self.idle_s = max_streams, persist, idle_s
-        self.state_dir = Path(state_dir) if state_dir else None
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = check_state_dir(state_dir) if state_dir else None
+        self.locks = StreamLocks(self.state_dir) if self.state_dir is not None else None
         self.streams: dict[int, Stream] = {}
         self.last_used: dict[int, float] = {}
         self.lock = threading.RLock()
@@ -57,18 +142,26 @@ class StreamPool:
             if len(self.streams) >= self.max_streams:
                 raise BadInputError(f"this server holds {self.max_streams} streams (its --max-streams): end one, "
                                     "or use another server")
-            path = self.path(sid)
-            if path is not None and path.is_file():
-                stream = Stream.load(path, self.runner, decode_runner=self.decode_runner, chunk_runner=self.chunk_runner)
-            else:
-                stream = Stream(self.runner, decode_runner=self.decode_runner, chunk_runner=self.chunk_runner)
+            if self.locks is not None:
+                self.locks.acquire(sid)
+            try:
+                path = self.path(sid)
+                if path is not None and path.is_file():
+                    stream = Stream.load(path, self.runner, decode_runner=self.decode_runner,
+                                         chunk_runner=self.chunk_runner)
+                else:
+                    stream = Stream(self.runner, decode_runner=self.decode_runner, chunk_runner=self.chunk_runner)
+            except BaseException:
+                self._unlock(sid)
+                raise
             self.streams[sid] = stream
             return self._touch(sid)
 
     def reset(self, sid: int) -> None:
         """Forget stream ``sid``: drop it from memory and delete its snapshot."""
         with self.lock:
-            self.streams.pop(sid, None)
+            if self.streams.pop(sid, None) is not None:
+                self._unlock(sid)
             self.last_used.pop(sid, None)
             path = self.path(sid)
             if path is not None:
@@ -78,7 +171,8 @@ class StreamPool:
         """Persist (with a state directory) and free stream ``sid``; returns the persisted position or -1."""
         with self.lock:
             persisted = self.save(sid)
-            self.streams.pop(sid, None)
+            if self.streams.pop(sid, None) is not None:
+                self._unlock(sid)
             self.last_used.pop(sid, None)
             return persisted
 
@@ -93,6 +187,18 @@ class StreamPool:
     def after_request(self, sid: int) -> int:
         """Persist after a request when asked to (``persist="every"``); the persisted position or -1."""
         return self.save(sid) if self.persist == "every" else -1
+
+    def checkpoint(self, sid: int, end: bool) -> Stream | None:
+        """A copy of stream ``sid`` before a request that will persist it (END, or ``persist="every"``), for
+        :meth:`restore` if that write fails; None when the request persists nothing (nothing can fail)."""
+        if self.state_dir is None or not (end or self.persist == "every"):
+            return None
+        return self.streams[sid].fork()
+
+    def restore(self, sid: int, copy: Stream) -> None:
+        """Put stream ``sid`` back as :meth:`checkpoint` copied it: the failed request changed nothing."""
+        with self.lock:
+            self.streams[sid] = copy
 
     def evict_idle(self, now: float | None = None) -> list[int]:
         """Persist and drop the streams idle for more than ``idle_s``; their ids."""
@@ -157,6 +263,10 @@ class StreamPool:
 
     def path(self, sid: int) -> Path | None:
         return self.state_dir / f"{sid}.safetensors" if self.state_dir is not None else None
+
+    def _unlock(self, sid: int) -> None:
+        if self.locks is not None:
+            self.locks.release(sid)
 
     def _touch(self, sid: int) -> Stream:
         self.last_used[sid] = time.monotonic()

@@ -12,11 +12,18 @@ with its own:
   logits goes on, anything else is an error saying so;
 - behind: the server persisted less than was fed (it persists at END only): :class:`StreamLostError` says
   exactly which tokens were lost.
+
+That patience is for a server that answered once. A first connection that fails is an error at once, naming
+the address and the reason (nothing listening, no such host), and an address that is not HOST:PORT is
+refused before any connection. Each sequence opens with an empty START request; every later request names
+the position this client last saw, so a second client feeding the same stream id is refused by the server
+instead of the two being interleaved.
 """
 
 from __future__ import annotations
 
 import random
+import re
 import time
 from typing import Callable, Iterable, Iterator
 
@@ -38,12 +45,25 @@ class ServerError(InfiniError):
     """The server refused a request (a bad input, a full server, a broken snapshot): its message."""
 
 
+ADDRESS = re.compile(r"(?:http://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):([0-9]{1,5})/?")
+
+
+def parse_address(text: str) -> str:
+    """``HOST:PORT`` (an optional ``http://`` dropped, port 1-65535) as tritonclient takes it; BadInputError
+    otherwise (tritonclient's own constructor fails with a traceback on a port past 65535)."""
+    found = ADDRESS.fullmatch(str(text).strip())
+    if found is None or not 1 <= int(found.group(2)) <= 65535:
+        raise BadInputError(f"server address {text!r}: expected HOST:PORT with a port in 1-65535, as `infini serve "
+                            "--start` prints it (e.g. 127.0.0.1:8000)")
+    return f"{found.group(1)}:{int(found.group(2))}"
+
+
 def _client(url: str):
     try:
         import tritonclient.http as http
     except ImportError:
         raise MissingBackendError("the remote stream needs tritonclient: pip install 'infini-deploy[serve]'") from None
-    return http, http.InferenceServerClient(url, connection_timeout=30.0, network_timeout=600.0)
+    return http, http.InferenceServerClient(url, connection_timeout=10.0, network_timeout=600.0)
 
 
 class RemoteStream:
@@ -54,7 +74,7 @@ class RemoteStream:
                  request_tokens: int = REQUEST_TOKENS, retry_s: float = 120.0):
         if request_tokens < 1:
             raise BadInputError(f"request_tokens must be at least 1, got {request_tokens}")
-        self.url, self.model = url, model
+        self.url, self.model = parse_address(url), model
         self.stream_id = stream_id if stream_id is not None else random.randrange(1, 2**63)
         if not 0 < self.stream_id < 2**64:
             raise BadInputError(f"stream_id must be in [1, 2^64 - 1], got {self.stream_id}")
@@ -63,6 +83,7 @@ class RemoteStream:
         self.position = None          # tokens the server confirmed; None until the stream is opened
         self.persisted = -1           # the position of its state on disk, as the server last said
         self._started = False
+        self._answered = False        # a server at url answered once: from then on, a lost server is waited for
 
     # -- the Stream API -----------------------------------------------------------------------------
     def open(self, reset: bool = False) -> int:
@@ -129,19 +150,32 @@ class RemoteStream:
         self._started = False
         return self.persisted
 
+    def server_persistence(self) -> tuple[str, str]:
+        """(state directory, "end" | "every") of the served model, from its config ("" for no directory)."""
+        try:
+            config = self.client.get_model_config(self.model)
+        except Exception as e:   # noqa: BLE001 (the HTTP client raises its transport's own errors)
+            raise ServerError(f"server {self.url}: cannot read the model's config: {_reason(e)}") from None
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        return params.get("state_dir", ""), params.get("persist", "end")
+
     # -- requests -----------------------------------------------------------------------------------
     def _request(self, tokens: np.ndarray, keep: str, start: bool = False, end: bool = False, reset: bool = False,
                  max_new_tokens: int = 0, sampling: dict | None = None, stop=None) -> dict:
+        if not start and not self._started:   # open the sequence alone first: this request then names the
+            self._request(np.zeros(0, np.int64), "none", start=True)   # position it expects
         before = self.position
-        inputs = self._inputs(tokens, keep, reset, max_new_tokens, sampling or {}, stop)
-        start = start or not self._started
+        expected = None if start else before
+        inputs = self._inputs(tokens, keep, reset, max_new_tokens, sampling or {}, stop, expected)
         try:
             out = self._infer(inputs, start, end)
         except ServerError:
             if start and not end:   # refused as it opened: end the sequence on Triton's side too (its slot)
                 self._release()
             raise
-        except _Unreachable:
+        except _Unreachable as e:
+            if not self._answered:   # never reached a server here: say so now rather than wait for one
+                raise ServerError(f"cannot reach a server at {self.url}: {e.reason}") from None
             self._recover(before, tokens.size, keep, max_new_tokens)
             if self.position != before:     # served, reply lost: _recover checked it may go on
                 return {P.LOGITS: np.zeros((1, 0, 0), np.float32), P.GENERATED: np.zeros((1, 0), np.int64)}
@@ -157,7 +191,7 @@ class RemoteStream:
         except (ServerError, _Unreachable):
             pass
 
-    def _inputs(self, tokens, keep, reset, max_new_tokens, sampling, stop) -> list:
+    def _inputs(self, tokens, keep, reset, max_new_tokens, sampling, stop, expected=None) -> list:
         http = self.http
 
         def tensor(name, array):
@@ -171,6 +205,8 @@ class RemoteStream:
         inputs = [tensor(P.TOKENS, tokens.reshape(1, -1)), tensor(P.KEEP, np.array([[codes[keep]]], np.int32))]
         if reset:
             inputs.append(tensor(P.RESET, np.array([[1]], np.int32)))
+        if expected is not None:
+            inputs.append(tensor(P.EXPECTED, np.array([[expected]], np.int64)))
         if max_new_tokens:
             inputs.append(tensor(P.MAX_NEW_TOKENS, np.array([[max_new_tokens]], np.int32)))
             for name, key, dtype in ((P.TEMPERATURE, "temperature", np.float32), (P.TOP_K, "top_k", np.int32),
@@ -188,16 +224,18 @@ class RemoteStream:
             result = self.client.infer(self.model, inputs, sequence_id=self.stream_id, sequence_start=start,
                                        sequence_end=end)
         except InferenceServerException as e:
+            self._answered = True
             text = e.message() if hasattr(e, "message") else str(e)
             if "must specify the START flag" in str(text) or "not open on this server" in str(text):
-                raise _Unreachable from None      # the server restarted: reopen and resume
+                raise _Unreachable("the server does not hold the sequence") from None   # restarted: reopen, resume
             raise ServerError(f"server {self.url}: {str(text).strip().splitlines()[0] if text else e}") from None
         except (ConnectionError, OSError) as e:
-            raise _Unreachable from e
+            raise _Unreachable(_reason(e)) from e
         except Exception as e:   # noqa: BLE001 (the HTTP client raises its transport's own errors)
             if "connect" in type(e).__name__.lower() or "connection" in str(e).lower():
-                raise _Unreachable from e
+                raise _Unreachable(_reason(e)) from e
             raise
+        self._answered = True
         return {name: np.array(result.as_numpy(name)) for name in P.OUTPUTS}   # writable copies
 
     def _recover(self, before, n: int, keep: str, max_new_tokens: int) -> None:
@@ -207,9 +245,10 @@ class RemoteStream:
             try:
                 out = self._infer(self._inputs(np.zeros(0, np.int64), "none", False, 0, {}, None), True, False)
                 break
-            except _Unreachable:
+            except _Unreachable as e:
                 if time.monotonic() > deadline:
-                    raise ServerError(f"server {self.url} has not come back within {self.retry_s:.0f} s") from None
+                    raise ServerError(f"server {self.url} has not come back within {self.retry_s:.0f} s "
+                                      f"({e.reason})") from None
                 time.sleep(0.5)
         now = int(out[P.POSITION].reshape(-1)[0])
         self.persisted = int(out[P.PERSISTED].reshape(-1)[0])
@@ -230,7 +269,19 @@ class RemoteStream:
 
 
 class _Unreachable(Exception):
-    """The server is down, restarting, or does not hold the stream any more."""
+    """The server is down, restarting, or does not hold the stream any more; ``reason`` says which."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _reason(e: BaseException) -> str:
+    """One line: "Connection refused", "Name or service not known", or the error's own first line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def _as_tokens(tokens) -> np.ndarray:

@@ -8,6 +8,10 @@ runtime/serving/handler.py: one reply per request, an error for a bad request al
 
 Triton's implicit state is not used (the Python backend drops a model's output state): the pool keeps each
 sequence's state itself, and persists it to the state directory (runtime/serving/pool.py).
+
+An instance that cannot load (a state directory it cannot write, a corrupt export) writes why, in one line,
+to ``<repo>/infini_stream/FAILED.<pid>`` before it raises: tritonserver 2.51 then waits for it forever, and
+the launcher (server.py) reads the file, stops the server and reports the reason.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
 
 class TritonPythonModel:
     def initialize(self, args):
+        try:
+            self._initialize(args)
+        except BaseException as e:
+            # tritonserver 2.51 hangs when initialize() raises (python_backend fixed it in PR 408, 2025): say
+            # why in one line where the launcher looks (server.py), then raise as Triton expects
+            _report_failure(Path(args["model_repository"]), e)
+            raise
+
+    def _initialize(self, args):
         import triton_python_backend_utils as pb
 
         self.pb = pb
@@ -109,7 +122,7 @@ class TritonPythonModel:
                        end=bool(get(P.END, [0])[0]), ready=bool(get(P.READY, [1])[0]),
                        keep=P.KEEP_CODES.get(keep, str(keep)), max_new_tokens=int(get(P.MAX_NEW_TOKENS, [0])[0]),
                        sampling=sampling, stop=tuple(int(x) for x in get(P.STOP, [])),
-                       reset=bool(get(P.RESET, [0])[0]))
+                       reset=bool(get(P.RESET, [0])[0]), expected=_first(get(P.EXPECTED)))
 
     def _response(self, reply: Reply):
         pb = self.pb
@@ -117,3 +130,22 @@ class TritonPythonModel:
             return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(reply.error))
         return pb.InferenceResponse(output_tensors=[pb.Tensor(name, array[None])
                                                     for name, array in reply.outputs.items()])
+
+
+def _first(values) -> int | None:
+    return int(values[0]) if values is not None and values.size else None
+
+
+def _report_failure(folder: Path, e: BaseException) -> None:
+    """Write why this instance did not load to ``<folder>/FAILED.<pid>``, one line (best effort)."""
+    import os
+
+    from ...atomic import write_text
+
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    message = text if isinstance(e, InfiniError) and text else f"{type(e).__name__}: {text}".rstrip(": ")
+    try:
+        write_text(folder / f"{P.FAILED_FILE}.{os.getpid()}", message + "\n", force=True)
+    except (InfiniError, OSError):
+        pass

@@ -158,7 +158,7 @@ def test_stream_refuses_bad_ids_and_keeps_its_state():
 
 
 def test_checkpointed_segments_give_the_same_loss_and_gradients():
-    from infini_deploy.models.lm_training import LMTrainConfig, SegmentLoss
+    from infini_deploy.models.train.lm import LMTrainConfig, SegmentLoss
 
     model = model_for(seed=3).float().train()
     tokens = torch.randint(0, 260, (2, 33))
@@ -219,7 +219,7 @@ def test_memory_only_rows_put_the_needle_before_the_previous_segment():
     import random
 
     from infini_deploy.models.tokenizer import decode
-    from infini_deploy.models.training import TrainConfig, make_batch
+    from infini_deploy.models.train.passkey_rows import TrainConfig, make_batch
 
     cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, attend_previous=True)
     tc = TrainConfig(steps=3, batch=4, min_segments=4, max_segments=4, memory_only=1.0, boundary=0.0)
@@ -231,7 +231,7 @@ def test_memory_only_rows_put_the_needle_before_the_previous_segment():
 
 
 def test_memory_only_training_refuses_rows_of_two_segments():
-    from infini_deploy.models.training import TrainConfig, train
+    from infini_deploy.models.train.passkey import TrainConfig, train
 
     model = InfiniTransformer(InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128,
                                            attend_previous=True))

@@ -150,7 +150,7 @@ def write_prose(path):
 
 
 def test_passkey_training_of_a_converted_model_runs_in_its_own_tokenizer_on_prose(converted, tmp_path):
-    from infini_deploy.models.training import make_batch  # noqa: F401  (the tokenized batch: tests/models)
+    from infini_deploy.models.train.passkey_rows import make_batch  # noqa: F401  (the tokenized batch: tests/models)
 
     write_prose(tmp_path / "prose.txt")
     res = invoke("train", "passkey", tmp_path / "t", "--init", converted[0], "--steps", 2, "--batch", 2,

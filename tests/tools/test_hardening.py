@@ -350,7 +350,7 @@ def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
 def test_a_training_output_under_a_file_fails_before_training(tmp_path, monkeypatch):
     def never(*a, **k):
         raise AssertionError("training ran although its output cannot be written")
-    monkeypatch.setattr("infini_deploy.models.training.train", never)
+    monkeypatch.setattr("infini_deploy.models.train.passkey.train", never)
     (tmp_path / "afile").write_text("x")
     one_line_error(invoke("train", "passkey", tmp_path / "afile" / "out", "--preset", "tiny"),
                    "is a file, not a folder")

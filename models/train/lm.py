@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import signals
-from ..errors import BadInputError, NumericalFaultError
-from .memory import autocast_context
-from .model import InfiniTransformer, scan_segments
+from ... import signals
+from ...errors import BadInputError
+from ..memory import autocast_context
+from ..model import InfiniTransformer, scan_segments
+from .loop import TrainResult, gate_values, make_optimizer, run_steps
 
 TRAINABLE = ("gates", "qkv", "lora", "all")
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -123,15 +124,6 @@ def merge_adapters(model: InfiniTransformer) -> InfiniTransformer:
     return model
 
 
-def param_groups(model: nn.Module, cfg: LMTrainConfig) -> list[dict]:
-    beta, rest = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (beta if name.endswith(".beta") else rest).append(p)
-    return [{"name": "weights", "params": rest, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay},
-            {"name": "beta", "params": beta, "lr": cfg.beta_lr, "base_lr": cfg.beta_lr, "weight_decay": 0.0}]
-
-
 class Corpus:
     """Token ids of training documents; rows are windows of consecutive tokens inside one document."""
 
@@ -178,32 +170,9 @@ class SegmentLoss(nn.Module):
         return loss, *state
 
 
-@dataclass
-class LMTrainResult:
-    log: list[dict] = field(default_factory=list)
-    steps_done: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    stopped: str = "steps"
-
-
-def lr_scale(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
-
-
-def gate_values(model: InfiniTransformer) -> list[list[float]]:
-    return [torch.sigmoid(layer.self_attn.beta.detach().float()).tolist() for layer in model.layers]
-
-
-def make_optimizer(model: nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.95), eps=1e-8)
-
-
 def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optimizer=None, start_step: int = 0,
              device: str = "cpu", rank: int = 0, world: int = 1, progress: bool = True, on_log=None,
-             on_checkpoint=None, checkpoint_every: int = 0, stop: signals.StopRequest | None = None) -> LMTrainResult:
+             on_checkpoint=None, checkpoint_every: int = 0, stop: signals.StopRequest | None = None) -> TrainResult:
     """Train ``model`` (prepared with :func:`prepare`) in place from ``start_step`` to ``cfg.steps``.
 
     ``rank``/``world``: this process's share of each global batch (a torchrun job: the process group is
@@ -214,77 +183,26 @@ def train_lm(model: InfiniTransformer, corpus: Corpus, cfg: LMTrainConfig, optim
     if cfg.batch % world:
         raise BadInputError(f"--batch {cfg.batch} does not split over {world} processes: use a multiple of {world}")
     rows = cfg.batch // world
-    model.to(device).train()
+    model.to(device)
     objective: nn.Module = SegmentLoss(model, cfg)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective)
-    optimizer = optimizer or make_optimizer(model, cfg)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    result = LMTrainResult(steps_done=start_step)
-    start, budget = time.perf_counter(), cfg.max_minutes * 60 if cfg.max_minutes else None
-    bad_in_row, window, tokens_done = 0, [], 0
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train lm", unit="step", dynamic_ncols=True)
-    try:
-        for step in range(start_step, cfg.steps):
-            if stop is not None and world > 1:
-                _agree(stop, device)
-            if stop is not None and stop.due(result.steps_done - start_step):
-                result.stopped = "interrupted"
-                break
-            if budget is not None and time.perf_counter() - start > budget:
-                result.stopped = "max_minutes"
-                break
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale(step, cfg.steps, cfg.warmup)
-            tokens = corpus.batch(cfg.batch, cfg.seed, step)[rank * rows:(rank + 1) * rows].to(device)
-            loss = objective(tokens)
-            optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                finite = bool(torch.isfinite(gnorm))
-            if not finite:
-                result.skipped += 1
-                bad_in_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_row >= cfg.max_bad_steps:
-                    raise NumericalFaultError(f"training diverged: the loss or its gradient was NaN/Inf for "
-                                              f"{bad_in_row} steps in a row (last at step {step}); lower --lr or --beta-lr")
-                continue
-            bad_in_row = 0
-            optimizer.step()
-            result.steps_done = step + 1
-            tokens_done += tokens.numel() * world
-            window.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{window[-1]:.3f}",
-                                tok_s=f"{tokens_done / max(1e-9, time.perf_counter() - start):,.0f}")
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                entry = {"step": step + 1, "seconds": round(time.perf_counter() - start, 2),
-                         "loss": sum(window) / len(window), "lr": optimizer.param_groups[0]["lr"],
-                         "tokens_per_s": tokens_done / max(1e-9, time.perf_counter() - start),
-                         "gates_mean": float(np.mean(gate_values(model))), "skipped": result.skipped}
-                result.log.append(entry)
-                window = []
-                if on_log is not None:
-                    on_log(entry)
-            if on_checkpoint is not None and rank == 0 and checkpoint_every and (step + 1) % checkpoint_every == 0:
-                on_checkpoint(step + 1)
-    except KeyboardInterrupt:   # raised by a callback, or Ctrl-C outside stop_requests: keep what was learned
-        if signals.received or result.steps_done == start_step:   # a second signal, or nothing new learned
-            raise
-        result.stopped = "interrupted"
-    finally:
-        if bar is not None:
-            bar.close()
-    result.seconds = time.perf_counter() - start
-    model.eval()
-    return result
+    optimizer = optimizer or make_optimizer(model, cfg.lr, cfg.beta_lr, cfg.weight_decay)
+    began, tokens_done = time.perf_counter(), [0]
+
+    def step(step: int, frac: float):
+        tokens = corpus.batch(cfg.batch, cfg.seed, step)[rank * rows:(rank + 1) * rows].to(device)
+        tokens_done[0] += tokens.numel() * world
+        return objective(tokens), {}
+
+    def describe():
+        return {"tokens_per_s": tokens_done[0] / max(1e-9, time.perf_counter() - began),
+                "gates_mean": float(np.mean(gate_values(model)))}
+
+    return run_steps(model, optimizer, step, cfg, start_step=start_step, progress=progress and rank == 0,
+                     desc="train lm", on_log=on_log, describe=describe,
+                     on_checkpoint=on_checkpoint if rank == 0 else None, checkpoint_every=checkpoint_every,
+                     stop=stop, agree=(lambda: _agree(stop, device)) if stop is not None and world > 1 else None)
 
 
 def _agree(stop: signals.StopRequest, device: str) -> None:

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from .memory import autocast_context
-from .model import InfiniTransformer, scan_segments
-from .passkey import filler_ids
-
-if TYPE_CHECKING:
-    from .training import TrainConfig
-
-IGNORE = -100
+from ..memory import autocast_context
+from ..model import InfiniTransformer, scan_segments
+from ..passkey import filler_ids
+from .passkey_rows import IGNORE, TrainConfig
 
 
 def loss_fn(logits, targets, answer, answer_weight: float):

@@ -10,7 +10,9 @@ from infini_deploy.errors import NumericalFaultError
 from infini_deploy.models.config import InfiniConfig
 from infini_deploy.models.model import InfiniTransformer
 from infini_deploy.models.tokenizer import decode
-from infini_deploy.models.training import TrainConfig, loss_fn, make_batch, param_groups, train
+from infini_deploy.models.train.passkey import TrainConfig, train
+from infini_deploy.models.train.passkey_loss import loss_fn
+from infini_deploy.models.train.passkey_rows import make_batch
 
 # segment 128: the shortest passkey prompt (about 335 tokens) fits in 3 segments
 CFG = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128)
@@ -48,7 +50,7 @@ def test_needle_sits_before_the_question_segment():
 
 def test_param_groups_give_beta_its_own_lr_and_no_decay():
     model = _model()
-    groups = {g["name"]: g for g in param_groups(model, _small(lr=1e-3, beta_lr=0.01, weight_decay=0.1))}
+    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.01, 0.1)}
     beta_ids = {id(layer.self_attn.beta) for layer in model.layers}
     assert {id(p) for p in groups["beta"]["params"]} == beta_ids
     assert groups["beta"]["lr"] == 0.01 and groups["beta"]["weight_decay"] == 0.0
@@ -63,7 +65,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch():
     model = _model()
     cfg = _small(lr=1e-2)
     batch = make_batch(CFG, 3, 2, random.Random(0), cfg)
-    opt = torch.optim.AdamW(param_groups(model, cfg))
+    opt = torch.optim.AdamW(model.param_groups(cfg.lr, cfg.beta_lr, cfg.weight_decay))
 
     def loss():
         logits, _, _ = model(batch[0])
@@ -102,7 +104,7 @@ def test_nan_loss_stops_with_a_clear_error():
 
 
 def test_one_nan_step_is_skipped_and_training_goes_on(monkeypatch):
-    from infini_deploy.models import training
+    from infini_deploy.models.train import passkey as training
 
     calls = {"n": 0}
     real = training.loss_fn
@@ -118,7 +120,7 @@ def test_one_nan_step_is_skipped_and_training_goes_on(monkeypatch):
 
 
 def test_curriculum_grows_segments_and_the_memory_only_share():
-    from infini_deploy.models.training import curriculum_at
+    from infini_deploy.models.train.passkey_rows import curriculum_at
 
     cfg = TrainConfig(steps=100, min_segments=3, max_segments=8, curriculum=0.5, memory_only_start=0.5,
                       memory_only=0.9)
@@ -131,7 +133,7 @@ def test_curriculum_grows_segments_and_the_memory_only_share():
 
 
 def test_an_interrupted_run_keeps_its_steps(monkeypatch):
-    from infini_deploy.models import training
+    from infini_deploy.models.train import passkey as training
 
     calls = {"n": 0}
     real = training.make_batch
@@ -168,7 +170,7 @@ def test_filler_tokens_are_filler_alone_and_exactly_n():
 
 
 def test_dilution_is_the_filler_state_scaled_to_the_simulated_length():
-    from infini_deploy.models.training import dilution
+    from infini_deploy.models.train.passkey_loss import dilution
 
     model = _model()
     n = 2 * CFG.segment_len
@@ -194,7 +196,7 @@ def test_dilution_on_an_old_memory_is_what_late_filler_adds_to_it():
     """--dilute-old-memory: a first filler draw (no gradient) scaled by D/n is the old memory; the second draw is
     streamed on top of it, and what it adds, scaled by D/n, is the diluted state."""
     from infini_deploy.models.passkey import filler_tokens
-    from infini_deploy.models.training import dilution
+    from infini_deploy.models.train.passkey_loss import dilution
 
     torch.manual_seed(0)
     model = InfiniTransformer(dataclasses.replace(CFG, n_layer=2))   # layer 1 writes what layer 0 read
@@ -252,8 +254,8 @@ def test_a_batch_in_a_bpe_tokenizer_with_prose_haystacks(tmp_path):
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ..conftest import write_tiny_tokenizer
-    from .test_passkey import PROSE
+    from ...conftest import write_tiny_tokenizer
+    from ..test_passkey import PROSE
 
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
@@ -278,8 +280,8 @@ def test_half_the_boundary_rows_open_a_segment_with_the_answer(tmp_path):
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ..conftest import write_tiny_tokenizer
-    from .test_passkey import PROSE
+    from ...conftest import write_tiny_tokenizer
+    from ..test_passkey import PROSE
 
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
@@ -309,7 +311,7 @@ def test_training_under_bf16_autocast_keeps_the_state_float32_and_learns():
 
 def test_checkpointed_segments_give_the_loss_and_gradients_of_the_whole_row():
     # gradient checkpointing per segment (how a 135M model fits): the same loss and gradients, state included
-    from infini_deploy.models.training import segment_losses
+    from infini_deploy.models.train.passkey_loss import segment_losses
 
     model = _model(5)
     cfg = _small(checkpointing=True)
@@ -344,8 +346,8 @@ def test_needle_ends_where_the_needle_ends_in_bytes_and_in_a_bpe_tokenizer(tmp_p
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ..conftest import write_tiny_tokenizer
-    from .test_passkey import PROSE
+    from ...conftest import write_tiny_tokenizer
+    from ..test_passkey import PROSE
 
     tokens, _, _, ends = make_batch(CFG, 4, 3, random.Random(2), _small(), needle=True)
     for row in range(3):
@@ -361,7 +363,7 @@ def test_needle_ends_where_the_needle_ends_in_bytes_and_in_a_bpe_tokenizer(tmp_p
 
 def test_a_late_state_is_added_just_before_its_segment():
     # segment_losses with late=(memory, norm, at) = stepping by hand and adding the state before segment `at`
-    from infini_deploy.models.passkey_loss import segment_losses
+    from infini_deploy.models.train.passkey_loss import segment_losses
 
     model = _model(6)
     cfg = _small()
@@ -388,7 +390,7 @@ def test_a_late_state_is_added_just_before_its_segment():
 
 
 def test_late_dilution_moves_diluted_rows_after_their_needle():
-    from infini_deploy.models.passkey_loss import late_dilution
+    from infini_deploy.models.train.passkey_loss import late_dilution
 
     tokens, _, answer, ends = make_batch(CFG, 4, 4, random.Random(7), _small(), 1.0, needle=True)
     memory = torch.rand(CFG.state_shape(4)[0])
@@ -413,7 +415,7 @@ def test_late_dilution_moves_diluted_rows_after_their_needle():
 
 
 def test_training_with_late_dilution_adds_the_state_after_the_needle(monkeypatch):
-    from infini_deploy.models import training
+    from infini_deploy.models.train import passkey as training
 
     seen = []
     real = training.segment_losses
