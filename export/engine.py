@@ -29,10 +29,10 @@ from ..atomic import output_lock, write_bytes
 from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
 from . import workarounds
-from .manifest import Manifest, load_manifest, load_onnx
+from ..models.manifest import Manifest, load_manifest, load_onnx
 from .attention import FUSED
 from .quantize import QUANTIZED
-from .trt_shim import Logger, Trt, load
+from ..runtime.trt_shim import Logger, Trt, load
 
 ENGINE_SUFFIX = ".engine"
 
@@ -232,7 +232,7 @@ def _build_all(export_dir: Path, manifest: Manifest, trt: Trt, options: BuildOpt
 def _check_graph(path: Path, entry, manifest: Manifest, name: str) -> None:
     """The graph is the one its manifest lists (I/O and identity), before TensorRT sees it."""
     from .graph import check_io
-    from .manifest_schema import check_identity
+    from ..models.manifest_schema import check_identity
 
     proto = load_onnx(path, external_data=False)
     check_io(proto, entry.inputs, entry.outputs)

@@ -25,13 +25,12 @@ from ..paths import parse_json
 from . import attention, memory_function
 from .graph import (DEFAULT_OPSET, PRECISIONS, check_precision, export_chunk, export_decode, export_segment,
                     graph_files)
-from .manifest import MANIFEST_FILE, GraphEntry, Manifest, sha256_file
+from ..models.manifest import CHECKPOINT_DIR, MANIFEST_FILE, GraphEntry, Manifest, sha256_file
 from .quantize import QUANTIZED, quantize_graph
 
 SEGMENT_FILE = "segment.onnx"
 DECODE_FILE = "decode.onnx"
 CHUNK_FILE = "chunk.onnx"
-CHECKPOINT_DIR = "checkpoint"
 VALIDATION = {"segments": 3, "batch": 2}   # two full segments, then a partial one
 DECODE_EXTRA = 8                           # decode validation: a segment's worth of tokens, a fold, 8 more
 
@@ -159,8 +158,8 @@ def owned_export(folder: Path) -> set[str] | None:
     its infini.json must be an infini-deploy manifest. Ours: the files every export has, what its manifest
     lists, and engines `infini build` named (an unlisted one only if it is a TensorRT engine: a killed build's)."""
     from .engine import is_engine_name
-    from .manifest import FORMAT
-    from .trt_shim import MAGIC
+    from ..models.manifest import FORMAT
+    from ..runtime.trt_shim import MAGIC
 
     try:
         manifest = parse_json((folder / MANIFEST_FILE).read_bytes(), folder / MANIFEST_FILE)

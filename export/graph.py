@@ -18,6 +18,7 @@ import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models import spec
+from ..models.manifest_schema import IDENTITY
 from ..models.chunk import ChunkStep
 from ..models.decode import DecodeStep, initial_decode_state
 from ..models.model import InfiniTransformer
@@ -121,7 +122,7 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
 def set_identity(ir_model: ir.Model, graph: str, model: InfiniTransformer) -> None:
     """Name in the graph's own metadata which step it is and the model it computes (config digest, weights'
     tensors), so a graph swapped for another one's, its hash rewritten, is still refused
-    (export/manifest_schema.check_identity)."""
+    (models/manifest_schema.check_identity)."""
     from ..models.checkpoint import weights_digest
 
     identity = {IDENTITY["graph"]: graph, IDENTITY["config"]: model.config.digest(),
@@ -129,8 +130,6 @@ def set_identity(ir_model: ir.Model, graph: str, model: InfiniTransformer) -> No
     ir_model.metadata_props.update(identity)
 
 
-IDENTITY = {"graph": "infini_deploy.graph", "config": "infini_deploy.config_digest",
-            "weights": "infini_deploy.weights_sha256"}
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..paths import inside
-from .manifest import MANIFEST_FILE, is_export_dir, load_manifest, load_onnx
-from .trt_shim import Logger, engine_header, load
+from ..models.manifest import MANIFEST_FILE, is_export_dir, load_manifest, load_onnx
+from ..runtime.trt_shim import Logger, engine_header, load
 
 ONNX_PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 SHOWN_LAYERS = 20

@@ -30,7 +30,7 @@ from ..atomic import atomic_folder
 from ..errors import BadInputError
 from ..models import spec
 from ..runtime.serving import protocol as P
-from .manifest import load_manifest
+from ..models.manifest import load_manifest
 
 STRATEGIES = ("oldest", "direct")
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64"}

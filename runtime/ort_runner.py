@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
-from ..export.manifest import load_manifest
-from ..export.manifest_schema import check_identity
+from ..models.manifest import load_manifest
+from ..models.manifest_schema import check_identity
 from ..models import spec
 from .runner import TORCH_DTYPES, BaseRunner
 
@@ -49,7 +49,7 @@ def session_from_onnx(path: Path, provider: str, threads: int | None = None, pro
                       emulate_bf16: bool = False):
     """An InferenceSession, or IncompatibleArtifactError when onnxruntime cannot load the file.
 
-    ``emulate_bf16``: run a bf16 graph on a provider without bf16 kernels (export/emulate.py).
+    ``emulate_bf16``: run a bf16 graph on a provider without bf16 kernels (runtime/emulate.py).
     """
     from ..limits import max_threads
 
@@ -74,7 +74,7 @@ def session_from_onnx(path: Path, provider: str, threads: int | None = None, pro
 def _emulated(path: Path) -> bytes:
     import onnx
 
-    from ..export.emulate import emulate_bfloat16
+    from .emulate import emulate_bfloat16
 
     return emulate_bfloat16(onnx.load(str(path))).SerializeToString()
 
@@ -87,7 +87,7 @@ def check_session_io(session, inputs, outputs, path: Path, emulated_bf16: bool =
     """The loaded graph's inputs and outputs are the manifest's: names, order, dtypes, dims. A graph swapped
     for another with its hash rewritten is refused here, not by a raw onnxruntime error later."""
     def want(s):
-        dtype = "float32" if emulated_bf16 and s.dtype == "bfloat16" else s.dtype   # export/emulate.py
+        dtype = "float32" if emulated_bf16 and s.dtype == "bfloat16" else s.dtype   # runtime/emulate.py
         return (s.name, ORT_TYPES.get(dtype, dtype), [d for d in s.shape])
 
     for kind, got, specs in (("input", session.get_inputs(), inputs), ("output", session.get_outputs(), outputs)):

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
-from ..export.manifest import load_manifest
-from ..export.trt_shim import TITLES, Logger, check_engine, load
+from ..models.manifest import load_manifest
+from .trt_shim import TITLES, Logger, check_engine, load
 from .runner import TORCH_DTYPES, BaseRunner
 
 OUT = "_out"   # a state input `x` comes back as output `x_out` (models/spec.py)

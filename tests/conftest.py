@@ -10,7 +10,7 @@ from infini_deploy.models.convert.wheels import smollm2_gguf  # noqa: F401  (tes
 
 
 def pytest_collection_modifyitems(config, items):
-    from infini_deploy.export.trt_shim import available
+    from infini_deploy.runtime.trt_shim import available
 
     has_cuda = torch.cuda.is_available()
     has_trt = bool(available())

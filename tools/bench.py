@@ -36,7 +36,7 @@ def runners(model, count, batch, threads, precision, repeat, seed, profile_prefi
     """Tokens/s of torch (eager, fp32) and onnxruntime (CPU) on MODEL: preset, checkpoint or export folder."""
     import torch
 
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..runtime.speed import compare_throughput
 
     from ..limits import check_fits
@@ -121,7 +121,7 @@ def long(model, count, batch, threads, precision, checkpoints, seed, json_out, f
     """Stream random tokens through onnxruntime (CPU) for a long time: state magnitude, tokens/s, RSS."""
     import torch
 
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..runtime.long_stream import long_stream
     from ..runtime.measure import human_bytes
     from ..runtime.ort_runner import OrtRunner
@@ -173,7 +173,7 @@ def feed(model, pieces, count, backend, threads, seed, json_out, force):
     from .demo import BUNDLED
 
     from ..errors import BadInputError
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..runtime.speed import feed_throughput
     from ..runtime.stream import Stream
 
@@ -314,7 +314,7 @@ def serve(export_dir, streams, count, request_tokens, strategy, max_batch, threa
     """Start a server on EXPORT_DIR, run concurrent remote streams, check each against a local run, stop it."""
     import platform
 
-    from ..export.manifest import load_manifest
+    from ..models.manifest import load_manifest
     from ..export.triton_repo import ServeOptions, write_repository
     from ..runtime.measure import human_bytes
     from ..runtime.ort_runner import OrtRunner

@@ -122,7 +122,7 @@ def _reusable(folder: Path, net, precision: str, fused: bool) -> bool:
     runner that loads them)."""
     from ..errors import InfiniError
     from ..export.attention import FUSED
-    from ..export.manifest import is_export_dir, load_manifest
+    from ..models.manifest import is_export_dir, load_manifest
     from ..models.checkpoint import weights_digest
 
     if not is_export_dir(folder):

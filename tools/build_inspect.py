@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..export.trt_shim import BACKENDS
+from ..runtime.trt_shim import BACKENDS
 from ..paths import check_output_path
 
 
@@ -50,7 +50,7 @@ def _check_timing_cache(cache: Path, export_dir: Path) -> None:
     """The timing cache is read and rewritten: it must not be one of the export's own files."""
     from ..errors import BadInputError
     from ..export.engine import is_engine_name
-    from ..export.manifest import MANIFEST_FILE, load_manifest
+    from ..models.manifest import MANIFEST_FILE, load_manifest
 
     try:
         relative = cache.resolve().relative_to(export_dir.resolve()).as_posix()

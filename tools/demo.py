@@ -105,7 +105,7 @@ def cached_export(checkpoint: Path, echo=click.echo) -> Path:
 def export_problem(folder: Path) -> str | None:
     """Why an export folder cannot be used (its manifest or any file it lists fails its check), or None."""
     from ..errors import InfiniError
-    from ..export.manifest import load_manifest
+    from ..models.manifest import load_manifest
 
     try:
         manifest = load_manifest(folder)
@@ -119,8 +119,8 @@ def export_problem(folder: Path) -> str | None:
 def maybe_build_engine(export_dir: Path, echo=click.echo) -> str:
     """Build TensorRT engines when a TensorRT module is installed (RTX builds need no GPU)."""
     from ..export.engine import build_engines
-    from ..export.manifest import load_manifest
-    from ..export.trt_shim import load
+    from ..models.manifest import load_manifest
+    from ..runtime.trt_shim import load
 
     try:
         trt = load("auto")

@@ -88,7 +88,7 @@ def _runner(model: str, backend: str, segment_len: int | None, gate: str | None,
     from ..runtime.past_stream import PastStream
 
     if segment_len is None and gate is None and not attend_previous:
-        from ..export.manifest import is_export_dir
+        from ..models.manifest import is_export_dir
         from ..models.checkpoint import resolve_model
 
         if backend != "onnxruntime" and not is_export_dir(model):
@@ -97,7 +97,7 @@ def _runner(model: str, backend: str, segment_len: int | None, gate: str | None,
                 return PastStream(net), "torch"
         runner, backend = make_runner(model, backend, "cpu", threads, 0)
         return (PastStream(runner) if runner.config.attend_previous else runner), backend
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..models.checkpoint import resolve_model
     from ..models.model import with_config
     from ..runtime.torch_runner import TorchRunner
@@ -123,7 +123,7 @@ def _float(text: str) -> float:
 
 
 def _reference(model: str, ids, context: int | None) -> dict:
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..models.checkpoint import load_checkpoint
     from ..models.convert.llama import to_transformers
     from ..runtime.perplexity import full_attention_nll

@@ -148,8 +148,8 @@ def _verify_text(export_dir: Path, text_file: Path | None):
 def load_export(export_dir: Path):
     """The manifest and the torch model rebuilt from the checkpoint stored in the export (hash-checked)."""
     from ..errors import IncompatibleArtifactError
-    from ..export.exporter import CHECKPOINT_DIR
-    from ..export.manifest import load_manifest
+    from ..models.manifest import CHECKPOINT_DIR
+    from ..models.manifest import load_manifest
     from ..models.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, weights_digest
 
     manifest = load_manifest(export_dir)
@@ -166,7 +166,7 @@ def load_export(export_dir: Path):
 def exported_runners(export_dir: Path, threads: int | None = None) -> dict:
     """Every backend that can run this export here: onnxruntime CPU, and CUDA and TensorRT when available
     (TensorRT when the folder has an engine and a GPU it runs on is there)."""
-    from ..export.manifest import load_manifest
+    from ..models.manifest import load_manifest
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.trt_runner import TrtRunner
 

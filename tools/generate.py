@@ -34,7 +34,7 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
     torch otherwise. tensorrt: the folder's engines (`infini build`), on a GPU they run on.
     ``attend_previous``: rebuild a checkpoint's model with the local attention also seeing the previous
     segment (models/config.py); such a model streams through runtime.past_stream.PastStream."""
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
 
     if backend not in GENERATE_BACKENDS:
         raise BadInputError(f"--backend {backend!r} is not known; available: {', '.join(GENERATE_BACKENDS)}")
@@ -69,7 +69,7 @@ def open_stream(model: str, backend: str, device: str, seed: int, threads: int |
 
 
 def _has_graph(model: str, backend: str, graph: str) -> bool:
-    from ..export.manifest import is_export_dir, load_manifest
+    from ..models.manifest import is_export_dir, load_manifest
 
     if not is_export_dir(model):
         return True

@@ -175,13 +175,13 @@ def check_server_options(server, local: tuple[str, ...], remote: tuple[str, ...]
 
 def model_tokenizer(model: str):
     """The tokenizer MODEL carries: an export folder's (hash-checked), a checkpoint's, or bytes for a preset."""
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
     from ..models.checkpoint import resolve_tokenizer
 
     if not is_export_dir(model):
         return resolve_tokenizer(model)
-    from ..export.exporter import CHECKPOINT_DIR
-    from ..export.manifest import load_manifest
+    from ..models.manifest import CHECKPOINT_DIR
+    from ..models.manifest import load_manifest
     from ..models.tokenizer import load_tokenizer
 
     manifest = load_manifest(model)
@@ -196,7 +196,7 @@ def make_runner(model: str, backend: str, device: str, threads: int | None, seed
     """(runner, backend name): an export folder runs on onnxruntime unless --backend torch is asked for.
     ``graph``: the segment step, or the decode step (`infini generate`, `infini passkey`).
     ``autocast`` (torch): "bf16", "off", or "auto" (:func:`fastest_autocast`)."""
-    from ..export.manifest import is_export_dir
+    from ..models.manifest import is_export_dir
 
     exported = is_export_dir(model)
     if backend == "auto":

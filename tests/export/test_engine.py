@@ -1,4 +1,4 @@
-"""Engine build with TensorRT-RTX (export/engine.py, export/trt_shim.py), ahead of time, no GPU.
+"""Engine build with TensorRT-RTX (export/engine.py, runtime/trt_shim.py), ahead of time, no GPU.
 
 Real engines of the tiny preset's segment graph in every precision, over the profile
 range n 1..64, batch 1..4 (conftest.built_factory): built, hashed into the manifest,
@@ -13,10 +13,10 @@ import re
 import pytest
 
 from infini_deploy.errors import BadInputError, MissingBackendError
-from infini_deploy.export import trt_shim
+from infini_deploy.runtime import trt_shim
 from infini_deploy.export.engine import BuildOptions, NetworkFromOnnxPath, build_engines, dim_ranges, unsupported_nodes
 from infini_deploy.export.inspection import inspect_path
-from infini_deploy.export.manifest import load_manifest, sha256_file
+from infini_deploy.models.manifest import load_manifest, sha256_file
 
 PROFILE = {"tokens": {"min": [1, 1], "opt": [2, 32], "max": [4, 64]},
            "memory": {"min": [2, 1, 2, 16, 16], "opt": [2, 2, 2, 16, 16], "max": [2, 4, 2, 16, 16]},

@@ -8,7 +8,7 @@ import pytest
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, NumericalFaultError
 from infini_deploy.export.exporter import CHUNK_FILE, DECODE_FILE, SEGMENT_FILE, export_model
-from infini_deploy.export.manifest import MANIFEST_FILE, load_manifest, sha256_file
+from infini_deploy.models.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.runtime.compare import Tolerance
 
@@ -82,7 +82,7 @@ def test_a_decode_graph_that_disagrees_fails_the_export_atomically(tiny_linear_m
     def wrong_weights(model, path, precision, opset):
         import onnx
 
-        from infini_deploy.export.graph import IDENTITY
+        from infini_deploy.models.manifest_schema import IDENTITY
         from infini_deploy.models.checkpoint import weights_digest
         other = copy.deepcopy(model)
         with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 from infini_deploy.errors import BadInputError
 from infini_deploy.export.exporter import SEGMENT_FILE
 from infini_deploy.export.graph import export_segment
-from infini_deploy.export.manifest import load_manifest
+from infini_deploy.models.manifest import load_manifest
 from infini_deploy.models import spec
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from infini_deploy.errors import InfiniError
 from infini_deploy.export.inspection import inspect_path
-from infini_deploy.export.manifest import MANIFEST_FILE
+from infini_deploy.models.manifest import MANIFEST_FILE
 from infini_deploy.runtime import Stream
 from infini_deploy.runtime.ort_runner import OrtRunner
 

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from infini_deploy.errors import BadInputError, InfiniError
-from infini_deploy.export.manifest import load_manifest
+from infini_deploy.models.manifest import load_manifest
 from infini_deploy.export.triton_repo import ServeOptions, batch_first, write_repository
 from infini_deploy.models import spec
 

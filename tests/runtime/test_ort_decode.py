@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError
-from infini_deploy.export.manifest import MANIFEST_FILE, load_manifest, sha256_file
+from infini_deploy.models.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.models.decode import fold, initial_decode_state
 from infini_deploy.runtime import Stream, TorchRunner

@@ -10,7 +10,7 @@ import torch
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, MissingBackendError
 from infini_deploy.export.exporter import SEGMENT_FILE
-from infini_deploy.export.manifest import MANIFEST_FILE, sha256_file
+from infini_deploy.models.manifest import MANIFEST_FILE, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.models.checkpoint import load_checkpoint
 from infini_deploy.runtime.compare import TOLERANCES, check_tolerance, drift, worst

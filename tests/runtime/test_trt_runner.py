@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError, MissingBackendError
-from infini_deploy.export.manifest import MANIFEST_FILE, sha256_file
-from infini_deploy.export.trt_shim import load
+from infini_deploy.models.manifest import MANIFEST_FILE, sha256_file
+from infini_deploy.runtime.trt_shim import load
 from infini_deploy.runtime.trt_runner import TrtRunner, require_gpu
 
 @pytest.fixture

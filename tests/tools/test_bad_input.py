@@ -55,7 +55,7 @@ def edit_manifest(folder, **changes):
 
 
 def rehash(folder, name):
-    from infini_deploy.export.manifest import sha256_file
+    from infini_deploy.models.manifest import sha256_file
     m = json.loads((folder / "infini.json").read_text())
     m["files"][name] = sha256_file(folder / name)
     (folder / "infini.json").write_text(json.dumps(m))

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 pytest.importorskip("transformers")
 
 from infini_deploy.export.exporter import export_model  # noqa: E402
-from infini_deploy.export.manifest import load_manifest  # noqa: E402
+from infini_deploy.models.manifest import load_manifest  # noqa: E402
 from infini_deploy.models import load_checkpoint, save_checkpoint  # noqa: E402
 from infini_deploy.models.checkpoint import checkpoint_tokenizer  # noqa: E402
 from infini_deploy.models.convert import convert  # noqa: E402

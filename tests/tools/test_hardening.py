@@ -167,7 +167,7 @@ def built_copy(built_factory, tmp_path):
 def _consistent(folder):
     """The manifest names engines that exist with its hashes, and no engine of ours is left unnamed."""
     from infini_deploy.export.engine import is_engine_name
-    from infini_deploy.export.manifest import load_manifest
+    from infini_deploy.models.manifest import load_manifest
 
     m = load_manifest(folder)
     for name in m.files:
@@ -185,7 +185,7 @@ def test_a_build_killed_before_its_manifest_leaves_the_old_build_usable(built_co
     right before the manifest is written."""
     from infini_deploy.export import engine as engine_mod
     from infini_deploy.export.engine import BuildOptions, build_engines
-    from infini_deploy.export.manifest import Manifest
+    from infini_deploy.models.manifest import Manifest
 
     old = _consistent(built_copy)
 
@@ -199,7 +199,7 @@ def test_a_build_killed_before_its_manifest_leaves_the_old_build_usable(built_co
     with pytest.raises(Killed):
         build_engines(built_copy, BuildOptions(max_batch=2))
     monkeypatch.undo()
-    from infini_deploy.export.manifest import load_manifest
+    from infini_deploy.models.manifest import load_manifest
     assert load_manifest(built_copy).tensorrt == old.tensorrt   # the old build, intact and verified
     for name in load_manifest(built_copy).files:
         load_manifest(built_copy).verify(built_copy, name)

@@ -55,7 +55,7 @@ def check_export(folder: Path, killed: bool = False) -> None:
     """Every listed file there with its hash; no engine nobody names (a SIGKILL may leave one for the next
     build to remove) and no temporary inside."""
     from infini_deploy.export.engine import is_engine_name
-    from infini_deploy.export.manifest import load_manifest
+    from infini_deploy.models.manifest import load_manifest
 
     m = load_manifest(folder)
     for name in m.files:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from infini_deploy.export.manifest import load_manifest
+from infini_deploy.models.manifest import load_manifest
 from infini_deploy.export.triton_repo import batch_first
 
 

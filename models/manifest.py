@@ -14,12 +14,13 @@ from pathlib import Path
 
 from ..atomic import write_text
 from ..errors import IncompatibleArtifactError, InfiniError
-from ..models.config import InfiniConfig
-from ..models.spec import TensorSpec
+from .config import InfiniConfig
+from .spec import TensorSpec
 from ..paths import describe_absent, inside, parse_json
 from .manifest_schema import SchemaError, check_consistent, check_schema
 
 MANIFEST_FILE = "infini.json"
+CHECKPOINT_DIR = "checkpoint"   # the torch checkpoint an export keeps next to its graphs (config, weights, tokenizer)
 FORMAT = "infini-deploy-export"
 FORMAT_VERSION = 1
 

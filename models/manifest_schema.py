@@ -13,8 +13,12 @@ import re
 from pathlib import Path
 
 from ..errors import IncompatibleArtifactError, InfiniError
-from ..models import spec
+from . import spec
 from ..paths import inside, read_json
+
+# the metadata every exported graph carries (export/graph.set_identity): which step, which model
+IDENTITY = {"graph": "infini_deploy.graph", "config": "infini_deploy.config_digest",
+            "weights": "infini_deploy.weights_sha256"}
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -160,7 +164,7 @@ def _check_checkpoint_config(where: Path, manifest, folder: Path) -> None:
     """The manifest's config is the config of the checkpoint the export ships (when it ships one)."""
     if CHECKPOINT_CONFIG not in manifest.files or not (folder / CHECKPOINT_CONFIG).is_file():
         return   # a missing file is reported when it is used (Manifest.verify)
-    from ..models.config import InfiniConfig
+    from .config import InfiniConfig
 
     path = manifest.verify(folder, CHECKPOINT_CONFIG)
     try:
@@ -176,8 +180,6 @@ def _check_checkpoint_config(where: Path, manifest, folder: Path) -> None:
 def check_identity(metadata: dict, manifest, graph: str, path) -> None:
     """A graph's own metadata (export/graph.set_identity) names the step and the model its manifest names.
     Graphs exported before it was written carry none and are not checked."""
-    from .graph import IDENTITY
-
     if IDENTITY["graph"] not in metadata:
         return
     expected = {IDENTITY["graph"]: graph, IDENTITY["config"]: manifest.config.digest(),
