@@ -201,3 +201,11 @@ def read_json(path: Path, what: str = "file") -> object:
             raise BadInputError(f"{what} {path} does not exist") from None
         raise BadInputError(f"cannot read {what} {path} ({e.strerror})") from None
     return parse_json(data, path)
+
+
+def cache_root() -> Path:
+    """$INFINI_CACHE, else $XDG_CACHE_HOME/infini-deploy, else ~/.cache/infini-deploy."""
+    if os.environ.get("INFINI_CACHE"):
+        return Path(os.environ["INFINI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "infini-deploy"

@@ -192,7 +192,7 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
         trt = load(options.backend)
         if options.plugin and not trt.has_plugins:
             raise BadInputError(f"--plugin needs full TensorRT (tensorrt.plugin); {trt.title} has no plugin API: "
-                                "use --backend tensorrt, or build without --plugin (the memory node is inlined)")
+                                "use --builder tensorrt, or build without --plugin (the memory node is inlined)")
         ranges = dim_ranges(options, manifest.config.segment_len)
         try:
             updated = _build_all(export_dir, manifest, trt, options, ranges)

@@ -112,7 +112,7 @@ VALIDATION_TEXT = "validation.txt"
 
 
 def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest, text: torch.Tensor | None = None) -> Manifest:
-    from ..runtime.compare import (DECODE_TOLERANCES, TOLERANCES, agreement, check_tolerance, chunk_drift,
+    from ..runtime.quality.compare import (DECODE_TOLERANCES, TOLERANCES, agreement, check_tolerance, chunk_drift,
                                    decode_drift, drift, worst)
     from ..runtime.ort_runner import OrtRunner
     from ..runtime.torch_runner import TorchRunner

@@ -21,6 +21,11 @@ from .model import InfiniTransformer
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 LOG_FILE = "train_log.json"
+# the models that ship inside the package (package_data in setup.cfg): the trained passkey toy (`infini demo`,
+# docs/model_card.md) and the SmolLM2 Infini adapter (`infini demo --model smollm2`, docs/model_card_smollm2.md)
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+PASSKEY_MODEL = BUNDLED / "passkey"
+SMOLLM2_ADAPTER = BUNDLED / "smollm2-infini"
 EMBEDDING = "embed_tokens.weight"   # (vocab_size, d_model): its rows are the vocabulary
 # Every file a checkpoint folder of ours may hold: `--force` replaces a checkpoint only when it holds nothing else.
 CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "tokenizer.json", "tokenizer_config.json",

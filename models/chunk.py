@@ -8,10 +8,11 @@ segment on every call. Both update rules decompose per token given M_prev (decod
 the teacher-forced logits; the segment is committed by the segment step when it fills (runtime/feeding.py).
 
     tokens (B, n), pos (B,) --embed--> x (B, n, D)
-      q, k, v = proj(rmsnorm(x))                         (B, H, n, d); k, v (B, H_kv, n, d)
+      q, k, v = attn.project(rmsnorm(x))                 (B, H, n, d); k, v (B, H_kv, n, d)
       k_cache[:, :, pos + i] = rope(k_i, pos + i)        one-hot writes: static shapes, no indexing by value
       a_dot = softmax(rope(q, pos + i) k_cache^T / sqrt(d), slots <= pos + i) v_cache
       a, dM, dz = memory_decode(q, k, v, a_dot, M, z, dM, dz)     M, z: read only
+      x = block.feed_forward(x, o_proj(a))              the residual, the MLP (and Gemma's output norms)
     logits = lm_head(rmsnorm(x))                         (B, n, V)
 
 The caller keeps pos + n <= N (the segment length).
@@ -24,15 +25,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .decode import memory_decode_reference
-from .layers import positions, rope
+from .layers import positions
 from .model import Block, InfiniAttention, InfiniTransformer
 
 
-def chunk_cache_attention(q, k, v, pos, k_cache, v_cache):
+def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None):
     """Write n (k, v) at slots pos..pos+n-1 and attend causally to slots 0..pos+i. Static shapes.
 
     q: (B, H, n, d), k: (B, H_kv, n, d) with RoPE; v: (B, H_kv, n, d); pos: (B,); caches (B, H_kv, N, d) f32.
-    The G = H / H_kv query heads of a group attend as G * n query rows of their KV head.
+    The G = H / H_kv query heads of a group attend as G * n query rows of their KV head. ``scale``: of the
+    logits (None: 1/sqrt(d)).
     Returns (a_dot (B, H, n, d), k_cache_out, v_cache_out).
     """
     B, H, n, d = q.shape
@@ -48,7 +50,7 @@ def chunk_cache_attention(q, k, v, pos, k_cache, v_cache):
     G = H // H_kv
     mask = visible.unsqueeze(1).expand(B, G, n, N).reshape(B, 1, G * n, N)                  # (B, 1, G*n, N)
     grouped = q.float().reshape(B, H_kv, G * n, d)                                          # (B, H_kv, G*n, d)
-    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask)
+    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask, scale=scale)
     return a_dot.reshape(B, H, n, d).to(q.dtype), k_cache, v_cache
 
 
@@ -56,12 +58,10 @@ def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cach
     """InfiniAttention for n tokens of the unfinished segment. x: (B, n, D). Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
     B, n, _ = x.shape
-    q = attn.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
-    k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
-            for proj in (attn.k_proj, attn.v_proj))
+    q, k, v = attn.project(x)                                                       # (B, H, n, d), (B, H_kv, n, d)
     at = positions(pos, n)                                                          # (B, n)
-    a_dot, k_cache, v_cache = chunk_cache_attention(rope(q, cfg.rope_theta, at), rope(k, cfg.rope_theta, at),
-                                                    v, pos, k_cache, v_cache)
+    a_dot, k_cache, v_cache = chunk_cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache,
+                                                    v_cache, cfg.query_scale)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
@@ -70,8 +70,7 @@ def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cach
 
 def block_chunk(block: Block, x, pos, *state):
     h, *state = attention_chunk(block.self_attn, block.input_layernorm(x), pos, *state)
-    x = x + h
-    return (x + block.mlp(block.post_attention_layernorm(x)), *state)
+    return (block.feed_forward(x, h), *state)
 
 
 def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
@@ -81,7 +80,7 @@ def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_c
     read only; the decode state as models/decode.decode_step takes it. Returns (logits (B, n, V), k_cache_out,
     v_cache_out, d_memory_out, d_norm_out): new tensors. Inputs are not checked here (runners check them).
     """
-    x = model.embed_tokens(tokens)                                           # (B, n, D)
+    x = model.embed(tokens)                                                  # (B, n, D)
     outs = []
     for i, layer in enumerate(model.layers):
         x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])

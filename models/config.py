@@ -19,7 +19,26 @@ FLOAT_LIMITS = {"eps": (1e-30, 1.0), "rope_theta": (1.0, 1e12), "norm_eps": (1e-
 
 
 SINKS = 4   # attend_previous: the stream's first tokens, whose keys and values every later segment keeps seeing
-OPTIONAL_FIELDS = frozenset({"n_kv_head", "attend_previous"})   # fields a config file may leave out (default implied)
+# The options of converted models (models/convert/families.py): each has a default that is the Llama block, and a
+# config at that default leaves the field out of its JSON, so every config made before them keeps its digest.
+FAMILY_DEFAULTS = {"qkv_bias": False, "qk_norm": False, "norm_offset": 0.0, "sandwich_norm": False,
+                   "activation": "silu", "embed_scale": None, "query_scale": None, "rope_scaling": None,
+                   "rotary_dim": None, "sliding_window": None, "layer_types": None, "local_rope_theta": None}
+# fields a config file may leave out (default implied)
+OPTIONAL_FIELDS = frozenset({"n_kv_head", "attend_previous", *FAMILY_DEFAULTS})
+ACTIVATIONS = ("silu", "gelu_tanh")             # the MLP's gate: SwiGLU (Llama) or GeGLU with tanh GELU (Gemma)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# RoPE scalings (transformers' rope_type) and the parameters each keeps; all depend on the position only, so they
+# are exact within a segment (positions restart at 0). "dynamic" and "longrope" change with the sequence's length
+# in transformers: they are exact while a segment is no longer than their bound (the last parameter named).
+ROPE_SCALINGS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "beta_fast", "beta_slow", "truncate", "attention_factor", "original_max_position_embeddings"),
+    "dynamic": ("factor", "max_position_embeddings"),
+    "longrope": ("short_factor", "attention_factor", "original_max_position_embeddings"),
+}
+SEGMENT_BOUND = {"dynamic": "max_position_embeddings", "longrope": "original_max_position_embeddings"}
 
 
 def _show(value) -> str:
@@ -53,6 +72,25 @@ class InfiniConfig:
     #                               numbers per stream, and the stream's first SINKS tokens', StreamingLLM's
     #                               attention sinks); the memory block is unchanged. Torch and
     #                               onnxruntime (models/model.py, docs/onnx.md); False is not serialised.
+    # Options of the converted families (docs/conversion.md); each is left out of the JSON at its default.
+    qkv_bias: bool = False       # q, k and v projections have biases (Qwen2)
+    qk_norm: bool = False        # RMSNorm over each head's q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0     # every RMSNorm scales by (norm_offset + w): 1.0 is Gemma's (1 + w)
+    sandwich_norm: bool = False  # Gemma's four norms: the attention's and the MLP's outputs are normed too
+    activation: str = "silu"     # the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma)
+    embed_scale: float | None = None   # token embeddings are multiplied by it (Gemma: sqrt(d_model))
+    query_scale: float | None = None   # attention logits scale, instead of 1/sqrt(d_head) (Gemma's
+    #                                    query_pre_attn_scalar ** -0.5)
+    rope_scaling: tuple | None = None  # RoPE scaling of the (full-attention) layers: ((name, value), ...) sorted,
+    #                                    with rope_type one of ROPE_SCALINGS (JSON: an object); None: plain RoPE
+    rotary_dim: int | None = None      # RoPE turns the first rotary_dim dims of a head only (Phi-4's partial
+    #                                    rotary); None: all d_head
+    sliding_window: int | None = None  # the source's local layers attended to this many tokens: the segment must
+    #                                    fit in it, so they are exact (every layer when layer_types is None)
+    layer_types: tuple | None = None   # per layer, "full_attention" or "sliding_attention" (Gemma 3, Qwen2 with
+    #                                    use_sliding_window); None: every layer alike
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers, unscaled (Gemma 3's
+    #                                        rope_local_base_freq); None: the full layers' RoPE
 
     def __post_init__(self):
         if self.n_kv_head == self.n_head:
@@ -78,6 +116,60 @@ class InfiniConfig:
         if self.n_head % self.kv_heads:
             raise BadInputError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}): each KV head "
                                 "serves a group of n_head / n_kv_head query heads")
+        self._check_family_options()
+
+    def _check_family_options(self):
+        for name in ("qkv_bias", "qk_norm", "sandwich_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadInputError(f"config field {name} must be true or false, got {_show(getattr(self, name))}")
+        if isinstance(self.norm_offset, bool) or self.norm_offset not in (0, 1):
+            raise BadInputError(f"config field norm_offset must be 0 (w) or 1 (Gemma's 1 + w), got "
+                                f"{_show(self.norm_offset)}")
+        object.__setattr__(self, "norm_offset", float(self.norm_offset))
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise BadInputError(f"activation {_show(self.activation)} is not known; expected one of: "
+                                f"{', '.join(ACTIVATIONS)}")
+        for name, hi in (("embed_scale", 1e6), ("query_scale", 1e3), ("local_rope_theta", 1e12)):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < hi:
+                    raise BadInputError(f"config field {name} must be null or a number in (0, {hi:g}), got "
+                                        f"{_show(value)}")
+                object.__setattr__(self, name, float(value))
+        for name, hi in (("rotary_dim", self.d_head), ("sliding_window", INT_LIMITS["segment_len"])):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= hi):
+                raise BadInputError(f"config field {name} must be null or an integer in [2, {hi}], got {_show(value)}")
+        if self.rotary_dim is not None and self.rotary_dim % 2:
+            raise BadInputError(f"rotary_dim must be even for RoPE, got {self.rotary_dim}")
+        if self.rotary_dim == self.d_head:
+            object.__setattr__(self, "rotary_dim", None)   # one spelling of "every dim turns"
+        self._check_layer_types()
+        object.__setattr__(self, "rope_scaling", _rope_scaling(self.rope_scaling, self))
+        if self.sliding_window is not None and self.segment_len > self.sliding_window:
+            raise BadInputError(f"a segment of {self.segment_len} tokens is longer than the sliding window "
+                                f"(sliding_window {self.sliding_window}) of the local layers, which would then see "
+                                f"tokens their source never did; choose segment_len {self.sliding_window} or less")
+
+    def _check_layer_types(self):
+        types = self.layer_types
+        if types is not None:
+            if (not isinstance(types, (list, tuple)) or len(types) != self.n_layer
+                    or any(not isinstance(t, str) or t not in LAYER_TYPES for t in types)):
+                raise BadInputError(f"config field layer_types must be null or a list of {self.n_layer} (n_layer) of "
+                                    f"{', '.join(LAYER_TYPES)}, got {_show(types)}")
+            object.__setattr__(self, "layer_types", tuple(types))
+            if "sliding_attention" in types and self.sliding_window is None:
+                raise BadInputError("layer_types has sliding_attention layers but sliding_window is null")
+        if self.local_rope_theta is not None and (types is None or "sliding_attention" not in types):
+            raise BadInputError("local_rope_theta is the RoPE base of sliding_attention layers; layer_types has none")
+
+    def layer_rope(self, layer: int) -> tuple[float, dict | None]:
+        """(RoPE base, scaling parameters or None) of layer ``layer``: the sliding layers' own base when
+        local_rope_theta is set (unscaled), else rope_theta and rope_scaling."""
+        if self.local_rope_theta is not None and self.layer_types[layer] == "sliding_attention":
+            return self.local_rope_theta, None
+        return self.rope_theta, None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @property
     def kv_heads(self) -> int:
@@ -93,7 +185,8 @@ class InfiniConfig:
         """Parameters of the model this config describes (closed form, nothing allocated)."""
         D, F, V, d = self.d_model, self.d_ff, self.vocab_size, self.d_head
         attention = 2 * D * self.n_head * d + 2 * D * self.kv_heads * d + self.n_head   # q, o; k, v; beta
-        per_layer = attention + 3 * D * F + 2 * D                                        # MLP; two norms
+        attention += (self.n_head + 2 * self.kv_heads) * d * self.qkv_bias + 2 * d * self.qk_norm
+        per_layer = attention + 3 * D * F + (4 if self.sandwich_norm else 2) * D         # MLP; two or four norms
         return V * D * (1 if self.tie_embeddings else 2) + self.n_layer * per_layer + D
 
     # State sizes: the whole point of the model is that these do not depend on stream length.
@@ -134,6 +227,13 @@ class InfiniConfig:
             del d["n_kv_head"]
         if not d["attend_previous"]:   # likewise: a segment-local model keeps its JSON and digest
             del d["attend_previous"]
+        for name, default in FAMILY_DEFAULTS.items():   # likewise: a Llama-block model keeps its JSON and digest
+            if d[name] == default:
+                del d[name]
+        if "rope_scaling" in d:
+            d["rope_scaling"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_scaling}
+        if "layer_types" in d:
+            d["layer_types"] = list(self.layer_types)
         return d
 
     def to_json(self) -> str:
@@ -155,6 +255,60 @@ class InfiniConfig:
         if missing:   # a field left out would silently take a default: another model than the file's
             raise BadInputError(f"the config lacks the fields {', '.join(missing)}")
         return cls(**data)
+
+
+def _rope_scaling(value, config: InfiniConfig) -> tuple | None:
+    """rope_scaling as the config keeps it, ((name, value), ...) sorted with lists as tuples, after checking it
+    names a scaling of ROPE_SCALINGS with exactly its parameters, and that it is exact for the segment length."""
+    if value is None:
+        return None
+    items = dict(value) if isinstance(value, (dict, tuple, list)) and _pairs(value) else None
+    kind = items.get("rope_type") if items else None
+    if kind not in ROPE_SCALINGS:
+        raise BadInputError(f"config field rope_scaling must be null or an object with rope_type one of "
+                            f"{', '.join(ROPE_SCALINGS)}, got {_show(value)}")
+    want = {"rope_type", *ROPE_SCALINGS[kind]}
+    if set(items) != want:
+        raise BadInputError(f"rope_scaling {kind!r} takes exactly the parameters {', '.join(sorted(want))}; got "
+                            f"{', '.join(sorted(items))}")
+    for name, v in items.items():
+        _check_rope_parameter(kind, name, v, config)
+    bound = SEGMENT_BOUND.get(kind)
+    if bound and config.segment_len > items[bound]:
+        raise BadInputError(f"rope scaling {kind!r} is exact only for a segment of at most {bound} ({items[bound]}) "
+                            f"tokens (transformers changes its frequencies past that length), got segment_len "
+                            f"{config.segment_len}; choose {items[bound]} or less")
+    return tuple(sorted((k, tuple(float(x) for x in v) if isinstance(v, (list, tuple)) else
+                         v if isinstance(v, (str, bool)) or k.endswith("position_embeddings") else float(v))
+                        for k, v in items.items()))
+
+
+def _pairs(value) -> bool:
+    return isinstance(value, dict) or all(isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+                                          for p in value)
+
+
+def _check_rope_parameter(kind: str, name: str, value, config: InfiniConfig) -> None:
+    if name == "rope_type":
+        return
+    if name == "truncate":
+        ok = isinstance(value, bool)
+    elif name.endswith("position_embeddings"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1 << 24
+    elif name == "short_factor":
+        half = (config.rotary_dim or config.d_head) // 2
+        ok = (isinstance(value, (list, tuple)) and len(value) == half
+              and all(_positive(x) for x in value))
+    else:
+        ok = _positive(value)
+    if not ok:
+        raise BadInputError(f"rope_scaling {kind!r}: parameter {name} {_show(value)} is not valid (a positive number; "
+                            "short_factor: one per rotary frequency; *_position_embeddings: an integer; truncate: "
+                            "true or false)")
+
+
+def _positive(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and 0 < x < 1e9
 
 
 PRESETS: dict[str, InfiniConfig] = {

@@ -4,10 +4,11 @@ A pure function of fixed-shape tensors, so it exports to one ONNX graph
 (``decode.onnx``) and suits TensorRT and CUDA graphs. Per layer:
 
     token (B,), pos (B,) --embed--> x (B, 1, D)
-      q, k, v = proj(rmsnorm(x))                              (B, H, 1, d); k, v (B, H_kv, 1, d)
+      q, k, v = attn.project(rmsnorm(x))                      (B, H, 1, d); k, v (B, H_kv, 1, d)
       k_cache[:, :, pos] = rope(k, pos)    v_cache[:, :, pos] = v      (a where() on a one-hot slot)
       a_dot = softmax(rope(q, pos) k_cache^T / sqrt(d), slots <= pos) v_cache
       a, dM, dz = memory_decode(q, k, v, a_dot, M, z, dM, dz)  M, z: read only (retrieval uses M_prev)
+      x = block.feed_forward(x, o_proj(a))                   the residual, the MLP (and Gemma's output norms)
     logits = lm_head(rmsnorm(x))                              (B, V)
 
 The pending update (dM, dz) of the unfinished segment is accumulated token by
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from .config import InfiniConfig
 from .memory import float32_path, retrieve, sigma
-from .layers import positions, rope
+from .layers import positions
 from .model import Block, InfiniAttention, InfiniTransformer
 
 
@@ -55,12 +56,13 @@ def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta
     return a.to(a_dot.dtype), d_memory_out, d_norm_out
 
 
-def cache_attention(q, k, v, pos, k_cache, v_cache):
+def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None):
     """Write (k, v) at slot ``pos`` and attend to slots 0..pos. Static shapes: no indexing by value.
 
     q: (B, H, 1, d), k: (B, H_kv, 1, d) with RoPE; v: (B, H_kv, 1, d); pos: (B,) int64; caches
     (B, H_kv, N, d) f32: one cache per KV head. The G = H / H_kv query heads of a group attend as G
-    query rows of their KV head, (B, H_kv, G, d), so the cache is never repeated.
+    query rows of their KV head, (B, H_kv, G, d), so the cache is never repeated. ``scale``: of the logits
+    (None: 1/sqrt(d)).
     Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out).
     """
     B, H, _, d = q.shape
@@ -70,7 +72,7 @@ def cache_attention(q, k, v, pos, k_cache, v_cache):
     v_cache = torch.where(write, v.float(), v_cache)
     visible = (slots <= pos[:, None]).view(-1, 1, 1, k_cache.shape[-2])            # (B, 1, 1, N)
     grouped = q.float().reshape(B, k_cache.shape[1], -1, d)                        # (B, H_kv, G, d)
-    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=visible)
+    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=visible, scale=scale)
     return a_dot.reshape(B, H, 1, d).to(q.dtype), k_cache, v_cache
 
 
@@ -78,12 +80,10 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
     """InfiniAttention for one token. x: (B, 1, D); per-layer state slices. Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
     B = x.shape[0]
-    q = attn.q_proj(x).view(B, 1, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, 1, d)
-    k, v = (proj(x).view(B, 1, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, 1, d)
-            for proj in (attn.k_proj, attn.v_proj))
+    q, k, v = attn.project(x)                                                       # (B, H, 1, d), (B, H_kv, 1, d)
     at = positions(pos, 1)                                                          # (B, 1)
-    a_dot, k_cache, v_cache = cache_attention(rope(q, cfg.rope_theta, at), rope(k, cfg.rope_theta, at), v,
-                                              pos, k_cache, v_cache)
+    a_dot, k_cache, v_cache = cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache, v_cache,
+                                              cfg.query_scale)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, 1, cfg.n_head * cfg.d_head))
@@ -92,8 +92,7 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
 
 def block_decode(block: Block, x, pos, *state):
     h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state)
-    x = x + h
-    return (x + block.mlp(block.post_attention_layernorm(x)), *state)
+    return (block.feed_forward(x, h), *state)
 
 
 def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
@@ -104,7 +103,7 @@ def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_c
     Returns (logits (B, V), k_cache_out, v_cache_out, d_memory_out, d_norm_out): new tensors.
     Inputs are not checked here (it is traced for export): runners check them.
     """
-    x = model.embed_tokens(token[:, None])                                   # (B, 1, D)
+    x = model.embed(token[:, None])                                          # (B, 1, D)
     outs = []
     for i, layer in enumerate(model.layers):
         x, *state = block_decode(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])

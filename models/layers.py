@@ -7,21 +7,34 @@ construction rather than by copy.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm over the last dim. ``offset`` 1.0 is Gemma's (1 + w), its weights stored around 0, multiplied in
+    float32 before the cast as transformers' Gemma3RMSNorm does; 0.0 is Llama's w, multiplied after the cast."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
 
     def forward(self, x):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
+
+
+def gate_activation(name: str):
+    """The MLP's gate function: "silu" (SwiGLU) or "gelu_tanh" (GeGLU; transformers' gelu_pytorch_tanh)."""
+    return F.silu if name == "silu" else lambda x: F.gelu(x, approximate="tanh")
 
 
 def positions(start, n: int, device=None) -> torch.Tensor:
@@ -33,9 +46,12 @@ def positions(start, n: int, device=None) -> torch.Tensor:
     return torch.arange(start, start + n, device=device)                                  # (n,)
 
 
-def rope(x: torch.Tensor, theta: float, pos: torch.Tensor | None = None) -> torch.Tensor:
+def rope(x: torch.Tensor, theta, pos: torch.Tensor | None = None, factor: float = 1.0) -> torch.Tensor:
     """Rotary embedding, Llama's rotate-half layout. x: (B, H, n, d).
 
+    ``theta``: the base, a float (plain RoPE over all d dims), or a layer's inverse frequencies, a float32 tensor
+    (r/2,) from :func:`rope_frequencies` (scaled RoPE; r < d turns the first r dims and passes the rest, Phi-4's
+    partial rotary). ``factor`` scales cos and sin (YaRN's and LongRoPE's attention factor).
     ``pos``: the position of each of the n tokens, (n,) shared by the rows or (B, n) per row
     (:func:`positions`); None means 0..n-1. The segment step uses segment-local positions, so it is the same
     function for every segment; the memory path has no positions at all.
@@ -43,18 +59,93 @@ def rope(x: torch.Tensor, theta: float, pos: torch.Tensor | None = None) -> torc
     n, d = x.shape[-2], x.shape[-1]
     if pos is None:
         pos = torch.arange(n, device=x.device)
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    if isinstance(theta, torch.Tensor):
+        inv_freq = theta.to(x.device)                                                        # (r/2,)
+    else:
+        inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    r = 2 * inv_freq.shape[0]
     pos = pos.to(device=x.device, dtype=torch.float32)
     pos = pos[:, None] if pos.dim() == 1 else pos[:, None, :, None]                          # (n, 1) | (B, 1, n, 1)
-    angles = pos * inv_freq                                                                  # (..., n, d/2)
-    angles = torch.cat((angles, angles), dim=-1)                                             # (..., n, d)
-    x1, x2 = x.chunk(2, dim=-1)
+    angles = pos * inv_freq                                                                  # (..., n, r/2)
+    angles = torch.cat((angles, angles), dim=-1)                                             # (..., n, r)
+    cos, sin = angles.cos(), angles.sin()
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    turned, kept = (x, None) if r == d else (x[..., :r], x[..., r:])
+    x1, x2 = turned.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * angles.cos() + rotated.float() * angles.sin()).to(x.dtype)
+    out = (turned.float() * cos + rotated.float() * sin).to(x.dtype)
+    return out if kept is None else torch.cat((out, kept), dim=-1)
 
 
-def local_attention(q, k, v, past=None):
+def rope_frequencies(config, layer: int = 0):
+    """(theta, factor) for :func:`rope` in layer ``layer``: the base itself (a float) for plain RoPE, else the
+    layer's inverse frequencies (float32 (r/2,), CPU) and the attention factor, computed as transformers'
+    modeling_rope_utils does for the scaling's rope_type.
+
+    Every scaling here depends on the position only, so it is exact within a segment. "dynamic" is plain RoPE:
+    transformers rescales only a sequence longer than max_position_embeddings, and the config refuses a segment
+    that long; "longrope" uses its short factors for the same reason (original_max_position_embeddings).
+    """
+    theta, scaling = config.layer_rope(layer)
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind in (None, "dynamic") and config.rotary_dim is None:
+        return theta, 1.0
+    dim = config.rotary_dim or config.d_head
+    with torch.device("cpu"):   # real numbers even while a model is built on the meta device
+        base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))   # (r/2,)
+        if kind in (None, "dynamic"):
+            return base, 1.0
+        return SCALINGS[kind](base, scaling, theta, dim)
+
+
+def _linear(base, p, theta, dim):
+    return base / p["factor"], 1.0
+
+
+def _llama3(base, p, theta, dim):
+    """Llama 3.1+: long wavelengths divided by factor, short ones kept, a smooth ramp between."""
+    low_wavelen = p["original_max_position_embeddings"] / p["low_freq_factor"]
+    high_wavelen = p["original_max_position_embeddings"] / p["high_freq_factor"]
+    wavelen = 2 * math.pi / base
+    scaled = torch.where(wavelen > low_wavelen, base / p["factor"], base)
+    smooth = (p["original_max_position_embeddings"] / wavelen - p["low_freq_factor"]) / (
+        p["high_freq_factor"] - p["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / p["factor"] + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled), 1.0
+
+
+def _yarn(base, p, theta, dim):
+    """YaRN (static): interpolated low frequencies, extrapolated high ones, a linear ramp between."""
+    def correction_dim(rotations):
+        return dim * math.log(p["original_max_position_embeddings"] / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(p["beta_fast"]), correction_dim(p["beta_slow"])
+    if p["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001   # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (p["factor"] * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, p["attention_factor"]
+
+
+def _longrope(base, p, theta, dim):
+    """LongRoPE (Phi-3/4) with its short factors: the ones transformers uses up to original_max_position_embeddings."""
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return 1.0 / (torch.tensor(p["short_factor"], dtype=torch.float32) * theta ** shape), p["attention_factor"]
+
+
+SCALINGS = {"linear": _linear, "llama3": _llama3, "yarn": _yarn, "longrope": _longrope}
+
+
+def local_attention(q, k, v, past=None, scale: float | None = None):
     """Causal softmax attention inside the segment (Eq 6). q: (B, H, n, d); k, v: (B, H_kv, past + n, d).
+    ``scale``: of the logits q k^T; None is 1/sqrt(d).
 
     With grouped-query attention each KV head is repeated for its G = H / H_kv query heads (Llama's
     repeat_kv: query head h reads KV head h // G); without it (G = 1) the graph has no repeat at all.
@@ -67,7 +158,7 @@ def local_attention(q, k, v, past=None):
         k, v = (t[:, :, None].expand(B, t.shape[1], H // t.shape[1], m, d).reshape(B, H, m, d)
                 for t in (k, v))                                                        # (B, H, m, d)
     if past is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     # key j <= past + i, from the shapes alone (past = m - n), so an export keeps it symbolic
     visible = (torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)

@@ -16,28 +16,56 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import BadInputError
 from .config import SINKS, InfiniConfig
 from .kernels.ops import attention_op
-from .layers import RMSNorm, local_attention, positions, rope
+from .layers import RMSNorm, gate_activation, local_attention, positions, rope, rope_frequencies
 from .memory import memory_op
 
 
 class InfiniAttention(nn.Module):
-    """Causal softmax attention inside the segment, mixed with retrieval from a compressive memory."""
+    """Causal softmax attention inside the segment, mixed with retrieval from a compressive memory.
 
-    def __init__(self, config: InfiniConfig):
+    ``layer``: its index, which picks its RoPE (Gemma 3's sliding layers have their own base)."""
+
+    def __init__(self, config: InfiniConfig, layer: int = 0):
         super().__init__()
         self.config = config
         inner, kv_inner = config.n_head * config.d_head, config.kv_heads * config.d_head
-        self.q_proj = nn.Linear(config.d_model, inner, bias=False)
-        self.k_proj = nn.Linear(config.d_model, kv_inner, bias=False)
-        self.v_proj = nn.Linear(config.d_model, kv_inner, bias=False)
+        self.q_proj = nn.Linear(config.d_model, inner, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_inner, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_inner, bias=config.qkv_bias)
         self.o_proj = nn.Linear(inner, config.d_model, bias=False)
+        if config.qk_norm:   # per head, over d (Qwen3, Gemma 3)
+            self.q_norm = RMSNorm(config.d_head, config.norm_eps, config.norm_offset)
+            self.k_norm = RMSNorm(config.d_head, config.norm_eps, config.norm_offset)
         self.beta = nn.Parameter(torch.zeros(config.n_head))  # gate logits per query head; sigmoid(0) = 0.5
+        # a float base (plain RoPE), or this layer's frequencies: a float32 tensor kept out of the state dict and
+        # out of dtype casts (fp16 frequencies would misplace positions), moved with the module by _apply
+        self.rope_theta, self.rope_factor = rope_frequencies(config, layer)
+
+    def _apply(self, fn, recurse=True):
+        if isinstance(self.rope_theta, torch.Tensor):   # follow the weights' device, keep float32
+            self.rope_theta = self.rope_theta.to(fn(torch.zeros((), device=self.rope_theta.device)).device)
+        return super()._apply(fn, recurse)
+
+    def project(self, x):
+        """x (B, n, D) -> q (B, H, n, d), k, v (B, H_kv, n, d): the projections with their biases and the q/k
+        norms, without RoPE (the memory path has no positions). The segment, decode and chunk steps all call
+        this, so an option of the projections holds in every graph."""
+        cfg = self.config
+        B, n, _ = x.shape
+        q = self.q_proj(x).view(B, n, cfg.n_head, cfg.d_head)                        # (B, n, H, d)
+        k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head) for proj in (self.k_proj, self.v_proj))
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)              # (B, H, n, d), (B, H_kv, n, d)
+
+    def rotate(self, x, pos=None):
+        """This layer's RoPE of q or k (B, h, n, d) at ``pos`` (layers.rope; None: 0..n-1)."""
+        return rope(x, self.rope_theta, pos, self.rope_factor)
 
     def forward(self, x, memory, norm, past=None):
         """x: (B, n, D); memory: (B, H_kv, d, d) f32; norm: (B, H_kv, d) f32 -> (y, memory', norm').
@@ -51,57 +79,79 @@ class InfiniAttention(nn.Module):
         (docs/training.md)."""
         cfg = self.config
         B, n, _ = x.shape
-        q = self.q_proj(x).view(B, n, cfg.n_head, cfg.d_head).transpose(1, 2)          # (B, H, n, d)
-        k, v = (proj(x).view(B, n, cfg.kv_heads, cfg.d_head).transpose(1, 2)           # (B, H_kv, n, d)
-                for proj in (self.k_proj, self.v_proj))
+        q, k, v = self.project(x)                                                    # (B, H, n, d), (B, H_kv, n, d)
         if past is not None:
             m = past[0].shape[2]
             keys, values = (torch.cat((p.to(t.dtype), t), dim=2) for p, t in zip(past, (k, v)))  # (B, H_kv, m+n, d)
-            a_dot = local_attention(rope(q, cfg.rope_theta, positions(m, n, x.device)), rope(keys, cfg.rope_theta),
-                                    values, past=m)
+            a_dot = local_attention(self.rotate(q, positions(m, n, x.device)), self.rotate(keys), values, past=m,
+                                    scale=cfg.query_scale)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta, cfg.update == "delta", cfg.eps)
             y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
             # the stream's first keys stay (attention sinks: min(m, SINKS) of them); this segment replaces the rest
             return y, memory, norm, tuple(torch.cat((p[:, :, :SINKS].to(new.dtype), new), dim=2)
                                           for p, new in zip(past, (k, v)))
-        if q.is_cuda and not torch.onnx.is_in_onnx_export():
+        if q.is_cuda and not torch.onnx.is_in_onnx_export() and self.fused_kernel:
             # the same function as below as one op: the fused Triton kernel (models/kernels/)
             a, memory, norm = attention_op(q, k, v, memory, norm, self.beta, cfg.update == "delta",
-                                           cfg.eps, cfg.rope_theta)
+                                           cfg.eps, self.rope_theta)
         else:
             # RoPE on the local path only: the memory has no positions.
-            a_dot = local_attention(rope(q, cfg.rope_theta), rope(k, cfg.rope_theta), v)
+            a_dot = local_attention(self.rotate(q), self.rotate(k), v, scale=cfg.query_scale)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta,
                                         cfg.update == "delta", cfg.eps)
         y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
         return y, memory, norm
 
+    @property
+    def fused_kernel(self) -> bool:
+        """The Triton kernel computes plain RoPE (a float base) and 1/sqrt(d) logits: layers with a scaled or
+        partial RoPE or another scale take the reference path on CUDA too."""
+        return isinstance(self.rope_theta, float) and self.config.query_scale is None
+
 
 class MLP(nn.Module):
-    """SwiGLU, with Llama's parameter names."""
+    """SwiGLU (or GeGLU, ``config.activation``), with Llama's parameter names."""
 
     def __init__(self, config: InfiniConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = gate_activation(config.activation)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, config: InfiniConfig):
+    """Pre-norm attention and MLP, each added to the residual. With ``sandwich_norm`` (Gemma) their outputs are
+    normed too: post_attention_layernorm is then the attention's output norm, pre/post_feedforward_layernorm
+    the MLP's (transformers' names, so weights map by name)."""
+
+    def __init__(self, config: InfiniConfig, layer: int = 0):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.self_attn = InfiniAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.config = config
+        norm = lambda: RMSNorm(config.d_model, config.norm_eps, config.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
+        self.self_attn = InfiniAttention(config, layer)
+        self.post_attention_layernorm = norm()
+        if config.sandwich_norm:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
         self.mlp = MLP(config)
 
     def forward(self, x, memory, norm, past=None):
         h, memory, norm, *kv = self.self_attn(self.input_layernorm(x), memory, norm, past)
+        return self.feed_forward(x, h), memory, norm, *kv
+
+    def feed_forward(self, x, h):
+        """The block after its attention: x (B, n, D) the block's input, h the attention's output -> the block's
+        output. The segment, decode and chunk steps all call this."""
+        if self.config.sandwich_norm:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), memory, norm, *kv
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class InfiniTransformer(nn.Module):
@@ -109,8 +159,8 @@ class InfiniTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_offset)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -139,6 +189,13 @@ class InfiniTransformer(nn.Module):
         return [{"name": "decay", "params": decay, "lr": lr, "weight_decay": weight_decay, "base_lr": lr},
                 {"name": "no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0, "base_lr": lr},
                 {"name": "beta", "params": beta, "lr": beta_lr, "weight_decay": 0.0, "base_lr": beta_lr}]
+
+    def embed(self, tokens):
+        """tokens (B, n) -> (B, n, D): the embedding, times embed_scale when the config has one (Gemma: sqrt(D),
+        rounded to the weights' dtype as transformers does). The segment, decode and chunk steps all call this."""
+        x = self.embed_tokens(tokens)
+        scale = self.config.embed_scale
+        return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
 
     def initial_state(self, batch: int = 1, device=None):
         """Zero state (M = 0, z = 0), float32: memory (L, B, H_kv, d, d), norm (L, B, H_kv, d)."""
@@ -174,7 +231,7 @@ class InfiniTransformer(nn.Module):
         if (past is not None) != self.config.attend_previous:
             raise BadInputError("the segment step takes past (the previous segment's keys and values) exactly "
                                 "when config.attend_previous is true")
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         memories, norms, pasts = [], [], []
         for i, layer in enumerate(self.layers):
             x, m, z, *kv = layer(x, memory[i], norm[i], None if past is None else (past[i, 0], past[i, 1]))

@@ -23,7 +23,7 @@ from ..errors import BadInputError, InfiniError
 from ..limits import check_fits
 from ..models import spec
 from ..models.decode import fold, initial_decode_state
-from .feeding import KEEP, feed_streams
+from .feeding import feed_streams
 from .runner import BaseRunner
 from .sampling import Sampling, check_max_new_tokens, decode_loop
 from .tokens import as_tokens, check_ids, check_state_finite, stop_tensor

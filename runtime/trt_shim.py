@@ -74,7 +74,7 @@ class Trt:
             return list(RTX_DEFAULT_CC) if self.targets_compute_capability else ["that of the build GPU"]
         if not self.targets_compute_capability:
             raise BadInputError(f"--target-cc is a TensorRT-RTX option; {self.title} builds for the GPU it runs "
-                                "on: use --backend tensorrt-rtx, or build on the target GPU without --target-cc")
+                                "on: use --builder tensorrt-rtx, or build on the target GPU without --target-cc")
         targets = tuple(dict.fromkeys(targets))   # a capability given twice is one target
         known = {m.removeprefix("SM"): v for m, v in self.module.ComputeCapability.__members__.items()
                  if m.startswith("SM")}
@@ -113,7 +113,7 @@ def load(backend: str = "auto") -> Trt:
     if backend == "auto":
         raise MissingBackendError(f"no TensorRT module is installed (tensorrt or tensorrt_rtx): {INSTALL}")
     extra = "rtx" if backend == "tensorrt-rtx" else "trt"
-    raise MissingBackendError(f"--backend {backend} needs the {FLAVOURS[backend]} module: "
+    raise MissingBackendError(f"--builder {backend} needs the {FLAVOURS[backend]} module: "
                               f"pip install 'infini-deploy[{extra}]'")
 
 

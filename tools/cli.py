@@ -15,15 +15,19 @@ import click
 from .. import signals
 from ..errors import InfiniError
 from .bench import bench
-from .build_inspect import build, inspect
+from .build import build
 from .convert import convert
 from .demo import demo
-from .evaluate import evaluate
-from .export_verify import export, verify
-from .generate import generate, passkey
-from .init_run import init, run
+from .eval import evaluate
+from .export import export
+from .generate import generate
+from .init import init
+from .inspect import inspect
+from .passkey import passkey
+from .run import run
 from .serve import serve
 from .train import train
+from .verify import verify
 
 
 class UserError(click.ClickException):
@@ -91,9 +95,3 @@ cli.add_command(demo)
 cli.add_command(serve)
 cli.add_command(evaluate)
 
-
-def main():
-    """The `infini` entry point (tools/entry.py installs the signal handlers before these imports)."""
-    from .entry import main as entry_main
-
-    entry_main()

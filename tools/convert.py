@@ -9,7 +9,17 @@ import click
 from ..models.config import UPDATE_RULES
 
 
+def _list(ctx, _param, value):
+    if value:
+        from ..models.convert.families import supported_table
+
+        click.echo(supported_table())
+        ctx.exit(0)
+
+
 @click.command()
+@click.option("--list", is_flag=True, is_eager=True, expose_value=False, callback=_list,
+              help="Print the supported architectures, what is refused and why, and exit.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--segment-len", type=click.IntRange(min=1), default=None,
@@ -28,11 +38,11 @@ from ..models.config import UPDATE_RULES
                    "trained on this base; --segment-len, --update and --gate-init default to its base's.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_validate, adapter, force):
-    """Convert SRC (a Hugging Face Llama-family folder or a .gguf file) into an Infini checkpoint at OUT_DIR,
-    checked against transformers with the gates closed."""
+    """Convert SRC (a Hugging Face folder or a .gguf file of a family --list names) into an Infini checkpoint at
+    OUT_DIR, checked against transformers with the gates closed."""
     from ..models.convert import DEFAULT_GATE_INIT, convert as run
     from ..models.convert.validate import PARITY_RTOL
-    from ..runtime.measure import human_bytes, peak_rss_bytes
+    from ..runtime.bench.measure import human_bytes, peak_rss_bytes
 
     if adapter is not None:   # the options its base was converted with, unless given
         from ..models.adapter import adapter_options
@@ -61,6 +71,8 @@ def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_va
                    f"max abs {p.max_abs:.2e} on logits of magnitude {p.logits_scale:.1f} (tolerance {p.tolerance:.2e}"
                    f" = {PARITY_RTOL:g} x max(1, magnitude)), top-1 {p.top1_agree}/{p.top1_checked}; at beta {gate:g}: "
                    f"max abs {p.gate_init_max_abs:.2e}")
+    for note in result.notes:
+        click.echo(f"note: {note}")
     if adapter is not None:
         click.echo(f"applied the adapter {adapter} (its base model's weights sha256 matched)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())

@@ -10,6 +10,13 @@ itself, with the valid range or names, before any work starts.
 - paths: :func:`check_outputs` refuses an output that exists (without ``--force``), that is also an input of
   the same command, or whose folder cannot be written, before the work; results are then written atomically
   (atomic.py).
+
+Options that several commands take are declared once here, alone or as groups a command subscribes to
+(Polygraphy's argument groups): :func:`backend_options` (--backend, --device, --threads, --autocast),
+:func:`output_options` (--json-out, --force), :func:`model_change_options` (--segment-len, --gate,
+--attend-previous), :func:`server_options` (--server, --stream-id), and single options (--seed, --tokens,
+--progress, --plot, --precision). The same option has the same name, default and choices in every command:
+the table is in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from ..errors import BadInputError
 from ..limits import max_threads
 from ..models.spec import PRECISIONS
 from ..paths import TEXT_SCAN, check_output_path, check_text_file
+from ..runtime.open import AUTOCAST, BACKENDS
 
 SEED = click.IntRange(0, 2**63 - 1)
 THREADS = click.IntRange(1, max_threads())
@@ -57,6 +65,30 @@ def parse_count(text: str | None, option: str = "--tokens", limit: int = MAX_TOK
     return value
 
 
+def parse_list(text: str, option: str, item=str, example: str = "") -> list:
+    """A comma-separated list, each element converted by ``item`` (its ValueError becomes one line naming the
+    option and ``example``; its BadInputError passes as it is); empty elements are skipped, an empty list
+    refused. The one list parser of the command line (--lengths, --depths, --context, --paths, ...)."""
+    values = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        try:
+            values.append(item(part.strip()))
+        except BadInputError:   # (a ValueError too) already names the option
+            raise
+        except ValueError:
+            raise BadInputError(f"{option} {text!r}: expected {example}") from None
+    if not values:
+        raise BadInputError(f"{option} is empty; expected {example}")
+    return values
+
+
+def parse_counts(text: str, option: str) -> list[int]:
+    """Counts such as 4k,32k,1m (see :func:`parse_count`)."""
+    return parse_list(text, option, lambda x: parse_count(x, option), "counts such as 4k,32k,1m")
+
+
 class Device(click.ParamType):
     """cpu, cuda or cuda:N (whether a GPU is there is checked where the device is used)."""
     name = "device"
@@ -68,6 +100,25 @@ class Device(click.ParamType):
 
 
 DEVICE = Device()
+
+
+class Gate(click.ParamType):
+    """A gate logit: a finite number, or 'closed' (-1e4: sigmoid is 0 in float32)."""
+    name = "gate"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) or value == "closed":
+            return -1e4 if value == "closed" else float(value)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise BadInputError(f"--gate {value!r}: expected a number such as -6, or 'closed'")
+        return number
+
+
+GATE = Gate()
 
 
 class TextFile(click.ParamType):
@@ -98,7 +149,7 @@ def seed_option(help_text: str | None = None):
     return click.option("--seed", type=SEED, default=0, show_default=True, help=help_text)
 
 
-def threads_option(help_text: str = "Intra-op threads.", default: int | None = None):
+def threads_option(help_text: str = "Intra-op threads [default: the library's].", default: int | None = None):
     return click.option("--threads", type=THREADS, default=default, show_default=default is not None,
                         help=help_text)
 
@@ -108,7 +159,94 @@ def json_out_option(help_text: str = "Also write the figures as JSON."):
 
 
 def plot_option(help_text: str = "Also draw a PNG (needs matplotlib: the `plot` extra).", name: str = "plot_out"):
-    return click.option("--plot", name, type=click.Path(path_type=Path), default=None, help=help_text)
+    return click.option("--plot", name, type=click.Path(path_type=Path), default=None, help=help_text,
+                        callback=_plot_needs_matplotlib)
+
+
+def _plot_needs_matplotlib(ctx, param, value):
+    """--plot without matplotlib is refused before any work (not after an hour of measuring)."""
+    if value is not None:
+        from ..runtime.bench.measure import pyplot
+
+        pyplot()
+    return value
+
+
+def progress_option():
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
+
+
+def tokens_option(default: str | None = None, help_text: str = "Tokens to stream (65536, 64k, 1m)."):
+    return click.option("--tokens", "count", default=default, show_default=default is not None, help=help_text)
+
+
+def _group(*options):
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return decorate
+
+
+def backend_options(threads_help: str = "Intra-op threads of torch and onnxruntime [default: theirs]."):
+    """--backend, --device, --threads, --autocast: where and how MODEL runs (runtime/open.py decides)."""
+    return _group(
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="auto: onnxruntime for an export folder (infini.json), torch otherwise; tensorrt: the "
+                          "folder's engines (`infini build`), on a GPU they run on."),
+        device_option(),
+        threads_option(threads_help),
+        click.option("--autocast", type=click.Choice(AUTOCAST), default="auto", show_default=True,
+                     help="torch: bf16 autocast of the weights' matmuls, the state float32. auto: bf16 on a CPU with "
+                          "native bf16 (AMX or AVX-512 BF16) for a float32 model at least 256 wide, the fastest CPU "
+                          "path measured (docs/cpu.md); off: float32."))
+
+
+def output_options(what: str = "figures"):
+    """--json-out and --force (which replaces what --json-out and --plot name)."""
+    return _group(json_out_option(f"Also write the {what} as JSON."),
+                  force_option("Replace the --json-out (and --plot) files if they exist."))
+
+
+def model_change_options():
+    """--segment-len, --gate, --attend-previous: the same weights run another way (checkpoints and presets)."""
+    return _group(
+        click.option("--segment-len", type=click.IntRange(1, 1 << 20), default=None,
+                     help="Run with this segment length instead of the model's (torch)."),
+        click.option("--gate", type=GATE, default=None,
+                     help="Set every gate logit beta to this number, or 'closed' (torch)."),
+        click.option("--attend-previous", is_flag=True,
+                     help="The local attention also sees the previous segment's keys and values (config "
+                          "attend_previous; docs/training.md). An export of such a model needs no flag."))
+
+
+def server_options(what: str = "stream"):
+    """--server and --stream-id: run on a stream a Triton server holds (`infini serve`)."""
+    return _group(
+        click.option("--server", default=None, help="Run on the model a Triton server serves (`infini serve`), at "
+                     "this HTTP address (host:port); MODEL then gives only the tokenizer (the export the server "
+                     "runs)."),
+        click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
+                     help=f"With --server: the {what} to continue (default: a new one)."))
+
+
+def check_server_options(server, local: tuple[str, ...], remote: tuple[str, ...]) -> None:
+    """With --server the server's model runs: the ``local`` runner's options given on the command line are
+    refused, as are the ``remote`` stream's options without --server (before anything is read or sent)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    params = {p.name: p for p in ctx.command.params}
+
+    def given(names):
+        return ["/".join(params[n].opts + params[n].secondary_opts) for n in names
+                if ctx.get_parameter_source(n) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+
+    if server is not None and given(local):
+        raise BadInputError(f"{', '.join(given(local))} cannot go with --server: the server's model runs, with the "
+                            "server's settings (`infini serve`)")
+    if server is None and given(remote):
+        raise BadInputError(f"{', '.join(given(remote))} needs --server (a stream on a Triton server)")
 
 
 def precision_option(help_text: str = "Precision of the export when MODEL is not an export folder."):

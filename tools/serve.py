@@ -55,7 +55,7 @@ def serve(export_dir, repo, strategy, max_streams, max_batch, instances, state_d
 def _run_server(repo: Path, state_dir: Path | None, persist: str) -> None:
     from ..errors import InfiniError
     from ..runtime.serving.server import TritonServer
-    from .demo import cache_root
+    from ..paths import cache_root
 
     server = TritonServer(repo, cache_root(), log=repo.parent / f"{repo.name}.server.log")
     server.start()

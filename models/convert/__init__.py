@@ -1,9 +1,11 @@
-"""`infini convert`: a pretrained Llama-family checkpoint (Hugging Face folder or GGUF) -> an Infini checkpoint.
+"""`infini convert`: a pretrained checkpoint (Hugging Face folder or GGUF) of a supported family -> an Infini
+checkpoint. Families: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3/3.5/4-mini (families.py).
 
 Stages, each checked before the next (docs/conversion.md):
 
     read      source.py     config.json + safetensors, or a GGUF through transformers; tokenizer
-    map       llama.py      InfiniConfig (refusing what is not implemented), weights, beta = gate_init
+    map       families.py   InfiniConfig of the source's family (refusing what is not implemented, naming it)
+              weights.py    weights (fused projections split), beta = gate_init
     validate  validate.py   gates closed, one segment over a probe prompt: logits equal transformers'
     write     checkpoint    config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
                             written atomically: on any error nothing is left at OUT_DIR
@@ -21,7 +23,8 @@ from ...atomic import atomic_folder
 from ..checkpoint import write_checkpoint
 from ..config import UPDATE_RULES
 from ...errors import BadInputError
-from .llama import build_model, infini_config
+from .families import family_of, infini_config, segment_limits
+from .weights import build_model
 from .source import read_source, transformers_available
 from .validate import Parity, check_parity, probe_ids, refuse
 
@@ -39,6 +42,7 @@ class Converted:
     parity: Parity | None
     seconds: dict           # per stage
     source_kind: str
+    notes: list = dataclasses.field(default_factory=list)   # what the user should know (sliding windows, bounds)
 
 
 def _adapter_attend_previous(adapter) -> bool:
@@ -74,13 +78,14 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
         raise BadInputError(f"{src} has no tokenizer.json (nor a tokenizer transformers can build); the converted "
                             "model needs its vocabulary")
     marks["read"] = time.perf_counter()
-    segment = segment_len or min(DEFAULT_SEGMENT, source.config.get("max_position_embeddings") or DEFAULT_SEGMENT)
+    segment = segment_len or default_segment(source.config, source.origin)
     # attend_previous changes no weight: an adapter is applied to the base it trained on (its header's options
     # say which), and the model is switched to the attend_previous asked for afterwards
     trained_with = attend_previous if adapter is None else _adapter_attend_previous(adapter)
     config = dataclasses.replace(infini_config(source.config, segment, update, source.origin),
                                  attend_previous=bool(trained_with))
-    model = build_model(config, source, gate_init)   # first: a vocab_size unlike the embedding's is the config's
+    # first: a vocab_size unlike the embedding's is the config's fault, said before the tokenizer is blamed
+    model = build_model(config, source, gate_init, family_of(source.config, source.origin))
     source.tokenizer.check_vocabulary(config.vocab_size, source.origin)
     marks["map"] = time.perf_counter()
     parity = None
@@ -105,4 +110,31 @@ def convert(src, out_dir, segment_len: int | None = None, update: str = "linear"
     marks["write"] = time.perf_counter()
     names = list(marks)
     seconds = {b: marks[b] - marks[a] for a, b in zip(names, names[1:])}
-    return Converted(model, source.tokenizer, parity, seconds, source.kind)
+    return Converted(model, source.tokenizer, parity, seconds, source.kind, notes(config))
+
+
+def default_segment(hf: dict, origin: str) -> int:
+    """DEFAULT_SEGMENT, at most the source's trained context and every bound of exactness it sets (a sliding
+    window, a RoPE scaling that changes with the sequence's length)."""
+    family_of(hf, origin)   # an unsupported model type is named first
+    try:
+        limits = [limit for limit, _ in segment_limits(hf)]
+    except BadInputError:   # infini_config names the problem, with the source
+        limits = []
+    return min(DEFAULT_SEGMENT, hf.get("max_position_embeddings") or DEFAULT_SEGMENT, *limits)
+
+
+def notes(config) -> list[str]:
+    """One line per bound the conversion relies on, for the log."""
+    out = []
+    if config.sliding_window is not None:
+        local = "every layer" if config.layer_types is None else \
+            f"{config.layer_types.count('sliding_attention')} of {config.n_layer} layers"
+        out.append(f"sliding-window attention ({local}, window {config.sliding_window}): exact, the segment of "
+                   f"{config.segment_len} tokens fits in the window")
+    scaling = dict(config.rope_scaling or {})
+    if scaling.get("rope_type") in ("dynamic", "longrope"):
+        bound = next(k for k in scaling if k.endswith("position_embeddings"))
+        out.append(f"rope scaling {scaling['rope_type']!r}: exact, the segment of {config.segment_len} tokens is at "
+                   f"most {bound} ({scaling[bound]}), where transformers keeps the frequencies used here")
+    return out

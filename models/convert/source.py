@@ -10,7 +10,7 @@
 
 The Source holds the config as a plain dict in Hugging Face's names and a function from a
 Hugging Face tensor name to a float32 tensor (or None when absent), so the mapping
-(models/convert/llama.py) does not care where the numbers came from.
+(models/convert/families.py, weights.py) does not care where the numbers came from.
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from ...errors import BadInputError, IncompatibleArtifactError, MissingBackendEr
 from ...paths import inside
 from ..hf_tokenizer import TOKENIZER_FILE, HFTokenizer, read_tokenizer_config
 
-GGUF_ARCHITECTURES = ("llama",)   # llama.cpp's name for Llama 2/3, SmolLM and Mistral GGUFs
+# llama.cpp's architecture names whose GGUF transformers reads ("llama" is also Mistral's, SmolLM's)
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+# tensors llama.cpp stores for a RoPE scaling (Llama 3.1+'s llama3 factors, Phi-3's LongRoPE): transformers' GGUF
+# reader ignores them, so it would build (and check us against) a model without the scaling
+ROPE_FACTOR_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 @dataclass
@@ -191,14 +195,20 @@ def require_transformers(why: str):
 def read_gguf(path: Path) -> Source:
     """Check the file, then let transformers read it: its model (weights dequantised to float32, q/k
     un-permuted) is both where the weights come from and the parity check's reference."""
-    arch = check_gguf(path)
+    arch, facts = check_gguf(path)
     transformers = require_transformers(f"read {path.name} (a GGUF file)")
     try:
         config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                  dtype=torch.float32).eval()
     except Exception as e:   # transformers and gguf raise ValueError, KeyError, IndexError, ...
         raise IncompatibleArtifactError(f"{path} cannot be read as a {arch} GGUF file: {str(e)[:200]}") from None
+    check_gguf_reading(path, arch, facts, config)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    except Exception as e:
+        raise IncompatibleArtifactError(f"{path} cannot be read as a {arch} GGUF file: {str(e)[:200]}") from None
+    if facts.get("attention.sliding_window") and not config.get("sliding_window"):
+        config["sliding_window"] = facts["attention.sliding_window"]   # llama.cpp's; transformers maps phi3's not
     tensors = model.state_dict()
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)   # the same tensor as the embedding
@@ -210,12 +220,40 @@ def read_gguf(path: Path) -> Source:
     return source
 
 
+def check_gguf_reading(path: Path, arch: str, facts: dict, config: dict) -> None:
+    """Refuse a GGUF whose model transformers' reader would get wrong: it ignores llama.cpp's RoPE scaling
+    (metadata and factor tensors) and partial rotary dims, and takes Gemma 3's query scale from a default. The
+    parity check compares with transformers' reading, so it could not see these; they are named here."""
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    problems = []
+    if facts["rope_factor_tensors"]:
+        problems.append(f"its RoPE frequency factors ({facts['rope_factor_tensors'][0]}: Llama 3.1+ or Phi-3 "
+                        "LongRoPE scaling)")
+    if facts.get("rope.scaling.type") not in (None, "none") or facts.get("rope.scaling.factor", 1.0) not in (0.0, 1.0):
+        kind, factor = facts.get("rope.scaling.type"), facts.get("rope.scaling.factor")
+        problems.append(f"its rope scaling ({kind}, factor {factor})")
+    if facts.get("rope.dimension_count") not in (None, head):
+        problems.append(f"its partial rotary embedding (rope.dimension_count {facts['rope.dimension_count']} of "
+                        f"{head} dims)")
+    if facts.get("attention.key_length") not in (None, head):
+        problems.append(f"its head size (attention.key_length {facts['attention.key_length']}, read as {head})")
+    if arch == "gemma3":   # llama.cpp: 1/sqrt(head size), but 1/sqrt(n_embd / n_head) for the 62-layer 27B
+        scale_dim = head if facts.get("block_count") != 62 else config["hidden_size"] // config["num_attention_heads"]
+        if config.get("query_pre_attn_scalar") != scale_dim:
+            problems.append(f"its attention scale (1/sqrt({scale_dim}) in llama.cpp, read as 1/sqrt("
+                            f"{config.get('query_pre_attn_scalar')}))")
+    if problems:
+        raise BadInputError(f"{path}: transformers' GGUF reader does not read {problems[0]}, so it would build "
+                            "another model than llama.cpp's; convert the Hugging Face folder instead")
+
+
 def _float(t) -> torch.Tensor | None:
     return None if t is None else t.detach().float()
 
 
-def check_gguf(path: Path) -> str:
-    """The GGUF's architecture, after checking magic, metadata and that every tensor lies inside the file."""
+def check_gguf(path: Path) -> tuple[str, dict]:
+    """(the GGUF's architecture, the metadata facts check_gguf_reading needs), after checking magic, metadata and
+    that every tensor lies inside the file."""
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -226,10 +264,11 @@ def check_gguf(path: Path) -> str:
         raise MissingBackendError("reading GGUF files needs the gguf package: pip install 'infini-deploy[convert]'") from None
     try:
         reader = gguf.GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
+        arch = _gguf_value(reader, "general.architecture")
         size = path.stat().st_size
         short = [t.name for t in reader.tensors if int(t.data_offset) + int(t.n_bytes) > size]
+        facts = {key: _gguf_value(reader, f"{arch}.{key}") for key in GGUF_FACTS}
+        facts["rope_factor_tensors"] = [t.name for t in reader.tensors if t.name in ROPE_FACTOR_TENSORS]
     except Exception as e:   # the reader fails with ValueError/IndexError/KeyError on a cut or damaged file
         raise IncompatibleArtifactError(f"{path} is truncated or corrupt: the GGUF reader fails with "
                                         f"{type(e).__name__}: {str(e)[:120]}") from None
@@ -237,8 +276,23 @@ def check_gguf(path: Path) -> str:
         raise IncompatibleArtifactError(f"{path} is truncated: tensor {short[0]} ends past the end of the file")
     if arch not in GGUF_ARCHITECTURES:
         raise BadInputError(f"{path}: GGUF architecture {arch!r} is not supported; supported: "
-                            f"{', '.join(GGUF_ARCHITECTURES)} (Llama 2/3, SmolLM, Mistral without sliding window)")
-    experts = reader.fields.get(f"{arch}.expert_count")
-    if experts is not None and int(experts.parts[experts.data[0]][0]) > 0:
+                            f"{', '.join(GGUF_ARCHITECTURES)} (Llama 2/3, SmolLM, Mistral, Qwen2/2.5, Qwen3, Gemma 3, "
+                            "Phi-3/4; infini convert --list)")
+    if (facts.get("expert_count") or 0) > 0:
         raise BadInputError(f"{path}: a mixture-of-experts model ({arch}.expert_count > 0) is not supported")
-    return arch
+    return arch, {k: v for k, v in facts.items() if v is not None}
+
+
+GGUF_FACTS = ("expert_count", "rope.scaling.type", "rope.scaling.factor", "rope.dimension_count",
+              "attention.key_length", "attention.sliding_window", "block_count")
+
+
+def _gguf_value(reader, key: str):
+    """A scalar or string field of a GGUF's metadata, None when absent."""
+    field = reader.fields.get(key)
+    if field is None or not field.data:
+        return None
+    part = field.parts[field.data[0]]
+    if field.types and field.types[0].name == "STRING":
+        return bytes(part).decode()
+    return part[0].item() if hasattr(part[0], "item") else part[0]

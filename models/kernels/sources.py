@@ -1,5 +1,5 @@
 """Ahead-of-time sources of the fused step's kernels (no GPU needed): what `fused_attention`
-compiles, with the same constexprs, for sm_90 compile checks (tools/kernel_stats.py, tests)."""
+compiles, with the same constexprs, for sm_90 compile checks (tools/dev/kernel_stats.py, tests)."""
 
 from __future__ import annotations
 

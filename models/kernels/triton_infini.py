@@ -145,7 +145,7 @@ def fused_attention(q, k, v, memory, norm, beta, delta: bool, eps: float, rope_t
         D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ROWS_R=min(16, d),
         RET_K=min(cfg.ret_k, d), ATT_PRECISION=att_prec, MEM_PRECISION=mem_prec, GROUP=group,
         num_warps=cfg.attn_warps, num_stages=cfg.attn_stages)
-    if _split is not None:   # the two launches, for timing each on its own (tools/gpu_check.py)
+    if _split is not None:   # the two launches, for timing each on its own (tools/dev/gpu_check.py)
         _split["update"], _split["attn"] = update, attn
         return a, memory_out, norm_out
     update()

@@ -118,8 +118,10 @@ def merge_adapters(model: InfiniTransformer) -> InfiniTransformer:
         for name in QKV:
             proj = getattr(attn, name)
             if isinstance(proj, LoRALinear):
-                plain = nn.Linear(proj.base.in_features, proj.base.out_features, bias=False)
+                plain = nn.Linear(proj.base.in_features, proj.base.out_features, bias=proj.base.bias is not None)
                 plain.weight = nn.Parameter(proj.merged(), requires_grad=False)
+                if proj.base.bias is not None:   # Qwen2's q/k/v biases: not trained by LoRA, kept as they were
+                    plain.bias = nn.Parameter(proj.base.bias.detach().clone(), requires_grad=False)
                 setattr(attn, name, plain)
     return model
 

@@ -28,35 +28,20 @@ from .pool import StreamPool
 
 
 def pool_from_export(export_dir: Path, params: dict) -> StreamPool:
-    """The StreamPool of an export, from the model's parameters (strings, as config.pbtxt holds them)."""
+    """The StreamPool of an export, from the model's parameters (strings, as config.pbtxt holds them): its
+    segment, decode and chunk steps opened on one backend (runtime/open.py, with the manifest's hash checks)."""
+    from ..open import choose_backend, has_graph, open_runner
+
     backend, threads = params.get("backend", "onnxruntime"), int(params.get("threads", "0")) or None
-    chunk = None
-    if backend == "onnxruntime":
-        from ..ort_runner import OrtRunner
-
-        runner, decode = OrtRunner(export_dir, threads=threads), OrtRunner(export_dir, threads=threads, graph="decode")
-        if "chunk" in runner.manifest.graphs:
-            chunk = OrtRunner(export_dir, threads=threads, graph="chunk")
-    elif backend == "torch":
-        import torch
-
-        from ...models.checkpoint import load_checkpoint
-        from ..torch_runner import TorchRunner
-
-        if threads:
-            torch.set_num_threads(threads)
-        model = load_checkpoint(export_dir / "checkpoint")
-        runner, decode, chunk = TorchRunner(model), TorchRunner(model, graph="decode"), TorchRunner(model, graph="chunk")
-    elif backend == "tensorrt":
-        from ..trt_runner import TrtRunner
-
-        runner, decode = TrtRunner(export_dir), TrtRunner(export_dir, graph="decode")
-    else:
-        raise InfiniError(f"backend {backend!r} is not known; expected onnxruntime, torch or tensorrt")
+    backend = choose_backend(str(export_dir), backend)
+    runner, _ = open_runner(str(export_dir), backend, "segment", threads=threads)
+    net = getattr(runner, "model", None)   # torch: one model for every step
+    decode, chunk = (open_runner(str(export_dir), backend, g, threads=threads, net=net)[0]
+                     if has_graph(str(export_dir), backend, g) else None for g in ("decode", "chunk"))
     idle = float(params.get("idle_s", "0")) or None
-    return StreamPool(runner.activate(), decode.activate(), int(params.get("max_streams", "64")),
-                      params.get("state_dir") or None, params.get("persist", "end"), idle,
-                      chunk.activate() if chunk is not None else None)
+    return StreamPool(runner.activate(), decode.activate() if decode is not None else None,
+                      int(params.get("max_streams", "64")), params.get("state_dir") or None,
+                      params.get("persist", "end"), idle, chunk.activate() if chunk is not None else None)
 
 
 class TritonPythonModel:

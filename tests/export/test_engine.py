@@ -154,7 +154,7 @@ def test_no_tensorrt_module_says_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", missing)
     with pytest.raises(MissingBackendError, match=r"no TensorRT module .* pip install 'infini-deploy\[rtx\]'"):
         trt_shim.load("auto")
-    with pytest.raises(MissingBackendError, match=r"--backend tensorrt needs the tensorrt module: .*\[trt\]"):
+    with pytest.raises(MissingBackendError, match=r"--builder tensorrt needs the tensorrt module: .*\[trt\]"):
         trt_shim.load("tensorrt")
     with pytest.raises(BadInputError, match="backend 'trt' is not known; expected one of: auto, tensorrt, "):
         trt_shim.load("trt")

@@ -10,7 +10,7 @@ from infini_deploy.errors import BadInputError, IncompatibleArtifactError, Numer
 from infini_deploy.export.exporter import CHUNK_FILE, DECODE_FILE, SEGMENT_FILE, export_model
 from infini_deploy.models.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
-from infini_deploy.runtime.compare import Tolerance
+from infini_deploy.runtime.quality.compare import Tolerance
 
 
 def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
@@ -61,7 +61,7 @@ def test_force_never_deletes_what_export_did_not_write(tiny_linear_model, tmp_pa
 
 
 def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):
-    import infini_deploy.runtime.compare as compare
+    import infini_deploy.runtime.quality.compare as compare
 
     monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_rel=-1.0, state_rel=-1.0))
     with pytest.raises(NumericalFaultError, match="differs from torch at segment 0"):

@@ -11,7 +11,7 @@ from infini_deploy.export.exporter import SEGMENT_FILE, export_model
 from infini_deploy.models.manifest import load_manifest
 from infini_deploy.models import init_model, spec
 from infini_deploy.runtime import Stream, TorchRunner
-from infini_deploy.runtime.compare import TOLERANCES, check_tolerance, drift, worst
+from infini_deploy.runtime.quality.compare import TOLERANCES, check_tolerance, drift, worst
 from infini_deploy.runtime.ort_runner import OrtRunner
 
 from ..conftest import gqa_config

@@ -14,7 +14,7 @@ from infini_deploy.export.exporter import export_model
 from infini_deploy.export.quantize import weight_matmuls
 from infini_deploy.models import init_model, preset, spec
 from infini_deploy.runtime import Stream
-from infini_deploy.runtime.compare import agreement
+from infini_deploy.runtime.quality.compare import agreement
 from infini_deploy.runtime.ort_runner import OrtRunner
 from infini_deploy.runtime.torch_runner import TorchRunner
 from infini_deploy.tools.cli import cli

@@ -85,10 +85,13 @@ def test_a_failed_parity_check_writes_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, r"model_type 'gpt2' \(GPT2LMHeadModel\) is not supported"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"rope scaling 'llama3'"),
+    # llama3 scaling converts now (tests/models/convert): dynamic NTK past max_position_embeddings is still refused
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 32},
+     r"rope scaling 'dynamic' \(max_position_embeddings 32\) is exact only for segments of at most 32 tokens"),
     ({"num_local_experts": 8}, r"a mixture of experts"),
     ({"attention_bias": True}, r"attention or MLP biases"),
-    ({"model_type": "mistral", "sliding_window": 4096}, r"sliding-window attention \(sliding_window 4096\)"),
+    # a window the segment fits in converts now; one shorter than the segment is refused
+    ({"model_type": "mistral", "sliding_window": 32}, r"sliding-window attention \(sliding_window 32\)"),
 ])
 def test_unsupported_features_are_refused_by_name(tmp_path, change, message):
     src = tiny_llama(tmp_path / "src")

@@ -2,7 +2,7 @@
 
 Under the CPU interpreter: non-default tiles (several retrieval chunks, several key blocks
 per query block, update chunks of a few tokens, more partials), the split launch that
-tools/gpu_check.py times kernel by kernel, and the GPU tile table's invariants. Slow: the
+tools/dev/gpu_check.py times kernel by kernel, and the GPU tile table's invariants. Slow: the
 GPU tiles compile for sm_90 without a GPU, fit shared memory and do not spill registers.
 """
 

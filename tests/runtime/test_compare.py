@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from infini_deploy.errors import NumericalFaultError
-from infini_deploy.runtime.compare import TOLERANCES, check_tolerance, logits_figures
+from infini_deploy.runtime.quality.compare import TOLERANCES, check_tolerance, logits_figures
 
 
 def _row(got, ref, state_rel=0.0):
@@ -70,7 +70,7 @@ def test_quantized_gates_weigh_cosine_and_top1_over_every_position():
 
 
 def test_a_text_token_source_reads_the_text_in_order_one_offset_per_row():
-    from infini_deploy.runtime.compare import TokenSource
+    from infini_deploy.runtime.quality.compare import TokenSource
 
     source = TokenSource(vocab=100, seed=0, batch=2, text=torch.arange(10))
     assert source(3).tolist() == [[0, 1, 2], [5, 6, 7]]

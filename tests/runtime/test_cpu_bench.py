@@ -9,7 +9,7 @@ def test_llama_cpp_worker_prefills_the_shipped_gguf(tmp_path):
     pytest.importorskip("llama_cpp")
     from safetensors.torch import save_file
 
-    from infini_deploy.runtime import cpu_bench as cb
+    from infini_deploy.runtime.bench import cpu as cb
     from ..conftest import smollm2_gguf
 
     save_file({"stream": torch.randint(0, 49152, (1, 600))}, str(tmp_path / "in.safetensors"))
@@ -28,7 +28,7 @@ def test_a_measurement_process_reports_its_own_peak_rss_not_its_parents():
 
     ballast = bytearray(600 << 20)                # a parent far bigger than the child it starts
     ballast[::4096] = b"x" * len(ballast[::4096])
-    code = "from infini_deploy.runtime.measure import peak_rss_bytes; print(peak_rss_bytes())"
+    code = "from infini_deploy.runtime.bench.measure import peak_rss_bytes; print(peak_rss_bytes())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 << 20                      # ru_maxrss would report the parent's 600+ MiB here
     del ballast

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from infini_deploy.models.checkpoint import init_model
 from infini_deploy.models.config import preset
-from infini_deploy.runtime.memory_bench import KVCacheBaseline
+from infini_deploy.runtime.bench.memory import KVCacheBaseline
 from infini_deploy.runtime.stream import Stream
 from infini_deploy.runtime.torch_runner import TorchRunner
 from infini_deploy.tools.cli import cli
@@ -70,7 +70,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
     import pytest
 
     from infini_deploy.errors import MissingBackendError
-    from infini_deploy.runtime.memory_bench import plot
+    from infini_deploy.runtime.bench.memory import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingBackendError, match=r"infini-deploy\[plot\]"):

@@ -13,7 +13,7 @@ from infini_deploy.export.exporter import SEGMENT_FILE
 from infini_deploy.models.manifest import MANIFEST_FILE, sha256_file
 from infini_deploy.models import spec
 from infini_deploy.models.checkpoint import load_checkpoint
-from infini_deploy.runtime.compare import TOLERANCES, check_tolerance, drift, worst
+from infini_deploy.runtime.quality.compare import TOLERANCES, check_tolerance, drift, worst
 from infini_deploy.runtime.ort_runner import OrtRunner
 from infini_deploy.runtime.stream import Stream
 from infini_deploy.runtime.torch_runner import TorchRunner

@@ -255,17 +255,17 @@ CASES = [
     ("bench-long-bad-export", lambda t, c, e: ["bench", "long", edit_manifest(copy(e, t / "x"), format_version=0),
                                                "--tokens", "1k"], "has format version 0"),
     # inputs
-    ("ids-out-of-range", lambda t, c, e: [*RUN, "--input", ids(t, [1, 2, 300])], "holds id 300, outside the vocabulary"),
-    ("ids-negative", lambda t, c, e: [*RUN, "--input", ids(t, [1, -1])], "holds id -1, outside the vocabulary"),
-    ("ids-out-of-range-onnxruntime", lambda t, c, e: [*RUN, e, "--input", ids(t, [260])],
+    ("ids-out-of-range", lambda t, c, e: [*RUN, "--text", ids(t, [1, 2, 300])], "holds id 300, outside the vocabulary"),
+    ("ids-negative", lambda t, c, e: [*RUN, "--text", ids(t, [1, -1])], "holds id -1, outside the vocabulary"),
+    ("ids-out-of-range-onnxruntime", lambda t, c, e: [*RUN, e, "--text", ids(t, [260])],
      "holds id 260, outside the vocabulary [0, 259]"),
-    ("ids-float", lambda t, c, e: [*RUN, "--input", ids(t, [1.0, 2.0])], "expected 1-D integer token ids"),
-    ("ids-2d", lambda t, c, e: [*RUN, "--input", ids(t, [[1, 2]])], "expected 1-D integer token ids"),
-    ("empty-text", lambda t, c, e: [*RUN, "--input", text(t, b"")], "is empty"),
-    ("empty-ids", lambda t, c, e: [*RUN, "--input", ids(t, np.zeros(0, np.int64))], "is empty"),
-    ("missing-input", lambda t, c, e: [*RUN, "--input", t / "nope.txt"], "does not exist"),
-    ("non-utf8", lambda t, c, e: [*RUN, "--input", text(t, b"ok \xff\xfe")], "is not UTF-8 text (bad byte at offset 3)"),
-    ("utf8-cut", lambda t, c, e: [*RUN, "--input", text(t, "é".encode()[:1])], "ends inside a UTF-8 character"),
+    ("ids-float", lambda t, c, e: [*RUN, "--text", ids(t, [1.0, 2.0])], "expected 1-D integer token ids"),
+    ("ids-2d", lambda t, c, e: [*RUN, "--text", ids(t, [[1, 2]])], "expected 1-D integer token ids"),
+    ("empty-text", lambda t, c, e: [*RUN, "--text", text(t, b"")], "is empty"),
+    ("empty-ids", lambda t, c, e: [*RUN, "--text", ids(t, np.zeros(0, np.int64))], "is empty"),
+    ("missing-input", lambda t, c, e: [*RUN, "--text", t / "nope.txt"], "does not exist"),
+    ("non-utf8", lambda t, c, e: [*RUN, "--text", text(t, b"ok \xff\xfe")], "is not UTF-8 text (bad byte at offset 3)"),
+    ("utf8-cut", lambda t, c, e: [*RUN, "--text", text(t, "é".encode()[:1])], "ends inside a UTF-8 character"),
     ("bad-count", lambda t, c, e: [*RUN, "--tokens", "lots"], "expected a count such as 65536, 64k or 1m"),
     ("generate-empty-prompt", lambda t, c, e: ["generate", "tiny", "--prompt", "", "--no-progress"],
      "the prompt has no tokens"),
@@ -275,15 +275,15 @@ CASES = [
                                               "--no-progress"], "state became NaN/Inf in layer 1 at segment 0"),
     ("provider-missing", lambda t, c, e: [*RUN, e, "--device", "cuda"], "requested provider 'cuda'"),
     # snapshots
-    ("snapshot-missing", lambda t, c, e: [*RUN, "--resume", t / "nope.safetensors"], "does not exist"),
-    ("snapshot-truncated", lambda t, c, e: [*RUN, "--resume", truncate(snapshot(t)) or t / "state.safetensors"],
+    ("snapshot-missing", lambda t, c, e: [*RUN, "--load-state", t / "nope.safetensors"], "does not exist"),
+    ("snapshot-truncated", lambda t, c, e: [*RUN, "--load-state", truncate(snapshot(t)) or t / "state.safetensors"],
      "is not a snapshot or is corrupt/truncated"),
-    ("snapshot-bit-flip", lambda t, c, e: [*RUN, "--resume", corrupt_snapshot(t)], "is corrupt: its tensors"),
-    ("snapshot-other-model", lambda t, c, e: [*RUN, "--resume", snapshot(t, segment_len=32)],
+    ("snapshot-bit-flip", lambda t, c, e: [*RUN, "--load-state", corrupt_snapshot(t)], "is corrupt: its tensors"),
+    ("snapshot-other-model", lambda t, c, e: [*RUN, "--load-state", snapshot(t, segment_len=32)],
      "was saved from another model"),
-    ("snapshot-not-a-snapshot", lambda t, c, e: [*RUN, "--resume", c / "model.safetensors"],
+    ("snapshot-not-a-snapshot", lambda t, c, e: [*RUN, "--load-state", c / "model.safetensors"],
      "is not an infini-deploy snapshot"),
-    ("snapshot-inf-state", lambda t, c, e: [*RUN, "--resume", inf_snapshot(t)],
+    ("snapshot-inf-state", lambda t, c, e: [*RUN, "--load-state", inf_snapshot(t)],
      "state became NaN/Inf in layer 0 at segment 1"),
     # numbers from the command line: refused by the option, with the valid range
     ("threads-negative", lambda t, c, e: [*RUN, "--threads", "-1"], "'--threads': -1 is not in the range 1<=x<="),
@@ -306,8 +306,8 @@ CASES = [
     ("device-unknown", lambda t, c, e: [*RUN, "--device", "tpu"], "'tpu' is not a device; expected one of: cpu, cuda"),
     ("backends-empty", lambda t, c, e: ["bench", "memory", "tiny", "--backends", ","], "expected torch, onnxruntime"),
     # files and folders
-    ("input-is-a-folder", lambda t, c, e: [*RUN, "--input", t], "is a folder; expected a file"),
-    ("input-symlink-loop", lambda t, c, e: [*RUN, "--input", loop(t)], "is a symlink loop"),
+    ("input-is-a-folder", lambda t, c, e: [*RUN, "--text", t], "is a folder; expected a file"),
+    ("input-symlink-loop", lambda t, c, e: [*RUN, "--text", loop(t)], "is a symlink loop"),
     ("output-under-a-file", lambda t, c, e: [*RUN, "--json-out", a_file(t) / "r.json"], "afile is a file, not a folder"),
     ("output-is-a-folder", lambda t, c, e: [*RUN, "--tokens", "10", "--save-state", t], "is a folder; expected a file"),
     ("output-name-too-long", lambda t, c, e: [*RUN, "--json-out", t / ("x" * 250)], "names of outputs must stay under"),
@@ -317,7 +317,7 @@ CASES = [
     ("timing-cache-under-a-file", lambda t, c, e: ["build", e, "--timing-cache", a_file(t) / "t"],
      "afile is a file, not a folder"),
     ("cache-folder-is-a-file", lambda t, c, e: demo_cache(t, a_file), "the cache folder"),
-    ("json-out-is-the-input", lambda t, c, e: [*RUN, "--input", text(t, b"abc"), "--json-out", t / "in.txt", "--force"],
+    ("json-out-is-the-input", lambda t, c, e: [*RUN, "--text", text(t, b"abc"), "--json-out", t / "in.txt", "--force"],
      "--json-out"),
     # configs: every field's type and range, the memory it implies
     ("config-eps-string", lambda t, c, e: [*RUN, config_edit(t, c, eps="small")], "eps must be a number in"),
@@ -365,22 +365,22 @@ CASES = [
     ("generate-missing-decode", lambda t, c, e: ["generate", without(t, e, "decode.onnx"), "--prompt", "hi"],
      "decode.onnx is missing from the export folder"),
     # inputs
-    ("npy-zero-bytes", lambda t, c, e: [*RUN, "--input", text(t, b"").rename(t / "z.npy") or t / "z.npy"],
+    ("npy-zero-bytes", lambda t, c, e: [*RUN, "--text", text(t, b"").rename(t / "z.npy") or t / "z.npy"],
      "is empty (0 bytes); expected a .npy array of token ids"),
-    ("npy-uint64-overflow", lambda t, c, e: [*RUN, "--input", ids(t, np.array([2**64 - 1], dtype=np.uint64))],
+    ("npy-uint64-overflow", lambda t, c, e: [*RUN, "--text", ids(t, np.array([2**64 - 1], dtype=np.uint64))],
      "holds id 18446744073709551615, which is no token id"),
     ("prompt-not-utf8", lambda t, c, e: ["generate", "tiny", "--prompt", "hi\udcff", "--no-progress"],
      "--prompt is not valid UTF-8 text"),
     ("prompt-file-missing", lambda t, c, e: ["generate", "tiny", "--prompt-file", t / "nope.txt"],
      "prompt file"),
     # snapshots: every restored field checked, the true cause named
-    ("snapshot-negative-position", lambda t, c, e: [*RUN, "--resume", snapshot_with(t, position="-5")],
+    ("snapshot-negative-position", lambda t, c, e: [*RUN, "--load-state", snapshot_with(t, position="-5")],
      "its position is '-5'; expected a whole number"),
-    ("snapshot-impossible-counters", lambda t, c, e: [*RUN, "--resume", snapshot_with(t, segments="999")],
+    ("snapshot-impossible-counters", lambda t, c, e: [*RUN, "--load-state", snapshot_with(t, segments="999")],
      "do not describe a stream of segment length 64"),
-    ("snapshot-pending-out-of-vocabulary", lambda t, c, e: [*RUN, "--resume", bad_pending(t)],
+    ("snapshot-pending-out-of-vocabulary", lambda t, c, e: [*RUN, "--load-state", bad_pending(t)],
      "its pending tokens hold ids outside the vocabulary"),
-    ("snapshot-is-a-folder", lambda t, c, e: [*RUN, "--resume", t], "snapshot"),
+    ("snapshot-is-a-folder", lambda t, c, e: [*RUN, "--load-state", t], "snapshot"),
     # found by the hostile-user pass after the first round of fixes
     ("json-out-a-fifo", lambda t, c, e: [*RUN, "--tokens", "10", "--json-out", fifo(t), "--force"],
      "is not a regular file (a device, FIFO or socket); refusing to replace it"),
@@ -414,10 +414,10 @@ CASES = [
         "compute_capabilities": [], "options": {}, "engines": {"segment": {
             "file": "segment.engine", "graph": "segment.onnx", "sha256": "0" * 64, "bytes": 1, "build_s": 1,
             "layers": 1, "profiles": [{"tokens": 5}]}}}))], "profiles[0].tokens is int 5; expected dict"),
-    ("path-with-a-newline", lambda t, c, e: [*RUN, "--input", t / "no\nfile"], "no\\nfile does not exist"),
-    ("text-named-npy", lambda t, c, e: [*RUN, "--input", text(t, b"hello").rename(t / "x.npy") or t / "x.npy"],
+    ("path-with-a-newline", lambda t, c, e: [*RUN, "--text", t / "no\nfile"], "no\\nfile does not exist"),
+    ("text-named-npy", lambda t, c, e: [*RUN, "--text", text(t, b"hello").rename(t / "x.npy") or t / "x.npy"],
      "is not a .npy file (no NumPy header)"),
-    ("resume-a-batch-2-snapshot", lambda t, c, e: [*RUN, "--resume", batch_two_snapshot(t)],
+    ("resume-a-batch-2-snapshot", lambda t, c, e: [*RUN, "--load-state", batch_two_snapshot(t)],
      "holds a stream of batch 2; `infini run` streams one input"),
     ("weights-are-a-folder", lambda t, c, e: [*RUN, weights_as_folder(t, c)], "model.safetensors is a folder"),
     ("config-with-fields-missing", lambda t, c, e: [*RUN, config_text(t, c, b"{}")], "the config lacks the fields"),
@@ -450,10 +450,10 @@ def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, e
     def boom(*a, **k):
         raise error(f"a {error.__name__}\nwith a second line the CLI shows on the same line")
     if command == "init":
-        monkeypatch.setattr("infini_deploy.tools.init_run.save_checkpoint", boom)
+        monkeypatch.setattr("infini_deploy.tools.init.save_checkpoint", boom)
         argv = ["init", "tiny", str(tmp_path / "m")]
     else:  # a subcommand of a nested group
-        monkeypatch.setattr("infini_deploy.runtime.long_stream.long_stream", boom)
+        monkeypatch.setattr("infini_deploy.runtime.bench.long.long_stream", boom)
         argv = ["bench", "long", "--tokens", "1k"]
     res = CliRunner().invoke(cli, argv, catch_exceptions=False)
     assert res.exit_code == 2
@@ -461,7 +461,7 @@ def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, e
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
-    monkeypatch.setattr("infini_deploy.tools.init_run.save_checkpoint", failing("save_checkpoint"))
+    monkeypatch.setattr("infini_deploy.tools.init.save_checkpoint", failing("save_checkpoint"))
     res = CliRunner().invoke(cli, ["init", "tiny", str(tmp_path / "m")])
     assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
     with pytest.raises(RuntimeError, match="simulated failure"):

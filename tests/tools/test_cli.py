@@ -24,7 +24,7 @@ def test_init_then_run_a_checkpoint_on_a_token_file(tmp_path):
     assert json.loads((tmp_path / "m/config.json").read_text())["update"] == "delta"
     import numpy as np
     np.save(tmp_path / "ids.npy", np.arange(300) % 260)
-    res = invoke("run", tmp_path / "m", "--input", tmp_path / "ids.npy", "--tokens", "1k",
+    res = invoke("run", tmp_path / "m", "--text", tmp_path / "ids.npy", "--tokens", "1k",
                  "--no-progress", "--json-out", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -38,7 +38,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\xfd")
     for args, message in [
         (["run", "nope"], "neither a checkpoint folder nor a preset"),
-        (["run", "--input", tmp_path / "bin.txt", "--no-progress"], "is not UTF-8 text"),
+        (["run", "--text", tmp_path / "bin.txt", "--no-progress"], "is not UTF-8 text"),
         (["run", "--tokens", "lots"], "expected a count such as 65536, 64k or 1m"),
     ]:
         res = invoke(*args)
@@ -84,9 +84,9 @@ def test_run_save_state_then_resume_equals_one_run(tmp_path):
     tokens = np.random.default_rng(0).integers(0, 260, 300)
     for name, part in [("a.npy", tokens[:100]), ("b.npy", tokens[100:]), ("ab.npy", tokens)]:
         np.save(tmp_path / name, part)
-    args = ["run", "tiny", "--no-progress", "--input"]
+    args = ["run", "tiny", "--no-progress", "--text"]
     assert invoke(*args, tmp_path / "a.npy", "--save-state", tmp_path / "a.st").exit_code == 0
-    res = invoke(*args, tmp_path / "b.npy", "--resume", tmp_path / "a.st", "--save-state", tmp_path / "b.st",
+    res = invoke(*args, tmp_path / "b.npy", "--load-state", tmp_path / "a.st", "--save-state", tmp_path / "b.st",
                  "--json-out", tmp_path / "b.json")
     assert res.exit_code == 0, res.output
     assert "saved the state at token 300" in res.output
@@ -100,7 +100,7 @@ def test_run_save_state_then_resume_equals_one_run(tmp_path):
 
 def test_run_picks_bf16_autocast_only_where_it_is_the_faster_cpu_path(tmp_path, monkeypatch):
     from infini_deploy.models import init_model, preset
-    from infini_deploy.tools import init_run
+    from infini_deploy.runtime import open as init_run
 
     wide, narrow = init_model(preset("small")), init_model(preset("tiny"))
     cpuinfo = tmp_path / "cpuinfo"

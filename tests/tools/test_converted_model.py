@@ -92,7 +92,7 @@ def test_generation_stops_at_the_tokenizers_eos_not_a_byte_id(converted, tmp_pat
 def test_run_streams_text_in_the_models_own_tokens(converted, tmp_path):
     ckpt, export = converted
     (tmp_path / "t.txt").write_text(TEXT * 30)
-    res = invoke("run", export, "--input", tmp_path / "t.txt", "--json-out", tmp_path / "r.json", "--no-progress")
+    res = invoke("run", export, "--text", tmp_path / "t.txt", "--json-out", tmp_path / "r.json", "--no-progress")
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path / "r.json").read_text())
     tok = checkpoint_tokenizer(ckpt)

@@ -29,7 +29,7 @@ def test_demo_streams_a_prompt_and_caches_the_export(tmp_path, monkeypatch):
     assert "the model answered" in r.output and "tokens/s" in r.output and "KV cache" in r.output
     exports = list((tmp_path / "cache").glob("*/export/infini.json"))
     assert len(exports) == 1
-    again = CliRunner().invoke(cli, args + ["--length", "2k"])   # --length overrides --tokens
+    again = CliRunner().invoke(cli, args + ["--tokens", "2k"])   # the last --tokens counts
     assert again.exit_code == 0, again.output
     assert "(cached)" in again.output
     n = int(re.search(r"streaming a ([\d,]+)-token", again.output).group(1).replace(",", ""))

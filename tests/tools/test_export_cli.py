@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from infini_deploy.export.exporter import SEGMENT_FILE
-from infini_deploy.runtime.compare import Tolerance
+from infini_deploy.runtime.quality.compare import Tolerance
 from infini_deploy.tools.cli import cli
 
 
@@ -43,7 +43,7 @@ def test_verify_prints_drift_and_writes_json(exported, tmp_path):
 
 
 def test_verify_fails_above_tolerance(exported, monkeypatch):
-    import infini_deploy.runtime.compare as compare
+    import infini_deploy.runtime.quality.compare as compare
 
     monkeypatch.setitem(compare.TOLERANCES, "fp32", Tolerance(logits_rel=1e-12, state_rel=1e-12))
     result = invoke("verify", exported, "--segments", 2)

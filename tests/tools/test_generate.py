@@ -128,7 +128,7 @@ def test_passkey_batch_rows_give_the_results_of_one_by_one(tmp_path):
 
     from infini_deploy import export
     from infini_deploy.export.exporter import VALIDATION_TEXT
-    from infini_deploy.tools.demo import BUNDLED
+    from infini_deploy.models.checkpoint import PASSKEY_MODEL as BUNDLED
 
     text = Path(export.__file__).parent / "data" / VALIDATION_TEXT
     args = ["passkey", BUNDLED, "--lengths", "2k", "--depths", "0,1", "--trials", 5, "--seed", 2,

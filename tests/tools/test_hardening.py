@@ -100,15 +100,15 @@ def test_a_second_writer_of_the_same_output_fails_at_once(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("clash", ["--input", "--resume", "--save-state"])
+@pytest.mark.parametrize("clash", ["--text", "--load-state", "--save-state"])
 def test_json_out_never_overwrites_the_commands_own_files(tmp_path, clash):
     np.save(tmp_path / "ids.npy", np.arange(100) % 256)
-    assert invoke("run", "tiny", "--input", tmp_path / "ids.npy", "--save-state", tmp_path / "s.st",
+    assert invoke("run", "tiny", "--text", tmp_path / "ids.npy", "--save-state", tmp_path / "s.st",
                   "--no-progress").exit_code == 0
-    files = {"--input": tmp_path / "ids.npy", "--resume": tmp_path / "s.st", "--save-state": tmp_path / "s2.st"}
-    argv = ["run", "tiny", "--no-progress", "--force", "--input", files["--input"]]
-    if clash == "--resume":
-        argv += ["--resume", files["--resume"]]
+    files = {"--text": tmp_path / "ids.npy", "--load-state": tmp_path / "s.st", "--save-state": tmp_path / "s2.st"}
+    argv = ["run", "tiny", "--no-progress", "--force", "--text", files["--text"]]
+    if clash == "--load-state":
+        argv += ["--load-state", files["--load-state"]]
     if clash == "--save-state":
         argv += ["--save-state", files["--save-state"]]
     before = {k: v.read_bytes() for k, v in files.items() if v.exists()}
@@ -389,7 +389,8 @@ def test_a_swallowed_signal_still_stops_the_output(tmp_path, monkeypatch):
 
 
 def test_a_damaged_demo_cache_is_moved_aside_not_deleted(tmp_path, monkeypatch):
-    from infini_deploy.tools.demo import BUNDLED, cached_export
+    from infini_deploy.export.cache import cached_export
+    from infini_deploy.models.checkpoint import PASSKEY_MODEL as BUNDLED
 
     monkeypatch.setenv("INFINI_CACHE", str(tmp_path))
     folder = cached_export(BUNDLED, echo=lambda *_: None)

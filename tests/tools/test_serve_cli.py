@@ -76,7 +76,7 @@ def test_serve_start_serves_until_sigterm_and_stops_its_server(tiny_fp32, tmp_pa
         remote = RemoteStream(url, stream_id=9)
         assert remote.feed(list(range(100)), "last").shape == (1, 260)
         (tmp_path / "in.txt").write_text("héllo, served world\n" * 20)                 # 420 bytes
-        res = invoke("run", tiny_fp32, "--server", url, "--stream-id", 9, "--input", tmp_path / "in.txt",
+        res = invoke("run", tiny_fp32, "--server", url, "--stream-id", 9, "--text", tmp_path / "in.txt",
                      "--no-end", "--no-progress")
         assert res.exit_code == 0 and "streamed 420 tokens" in res.output and "now at token 520" in res.output, \
             res.output

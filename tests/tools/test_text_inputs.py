@@ -64,14 +64,14 @@ def test_train_passkey_haystack_of_random_bytes_is_refused(noise, tmp_path):
 
 
 @pytest.mark.parametrize("option, args", [
-    ("--input", lambda c, f, t: ["run", c, "--input", f, "--no-progress"]),
+    ("--text", lambda c, f, t: ["run", c, "--text", f, "--no-progress"]),
     ("prompt file", lambda c, f, t: ["generate", c, "--prompt-file", f, "--no-progress"]),
     ("prompt file", lambda c, f, t: ["generate", c, "--prompt-file", f, "--chat", "--no-progress"]),
     ("file", lambda c, f, t: ["eval", "ppl", c, f]),
     ("--data", lambda c, f, t: ["train", "lm", c, t / "out", "--data", f, "--no-progress"]),
     ("--held-out", lambda c, f, t: ["train", "lm", c, t / "out", "--data", t / "prose.txt", "--held-out", f,
                                     "--no-progress"]),
-], ids=["run-input", "generate-prompt-file", "generate-chat-prompt-file", "eval-ppl", "train-lm-data",
+], ids=["run-text", "generate-prompt-file", "generate-chat-prompt-file", "eval-ppl", "train-lm-data",
         "train-lm-held-out"])
 def test_every_text_option_gives_the_same_line(noise, ckpt, tmp_path, option, args):
     (tmp_path / "prose.txt").write_text("Plain prose. " * 400)

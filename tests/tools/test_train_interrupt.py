@@ -99,9 +99,9 @@ def test_a_signal_during_training_saves_the_steps_done_and_exits_0(workdir, comm
     ("passkey", "infini_deploy.models.checkpoint:init_model", STEPS),   # start-up: the model is being made
     ("passkey", "infini_deploy.models.train.passkey:make_optimizer", STEPS),   # in the trainer, before its first step
     ("passkey", "infini_deploy.models.checkpoint:write_checkpoint", 3),  # the final save
-    ("lm", "infini_deploy.tools.train_lm:_documents", STEPS),           # start-up: the data is being read
+    ("lm", "infini_deploy.tools.train.lm:_documents", STEPS),           # start-up: the data is being read
     ("lm", "infini_deploy.models.train.lm:SegmentLoss", STEPS),      # in the trainer, before its first step
-    ("lm", "infini_deploy.tools.train_lm:_write", 3),                   # the final save
+    ("lm", "infini_deploy.models.train.lm_run:write_run", 3),                   # the final save
 ], ids=lambda v: v.rsplit(":", 1)[-1] if isinstance(v, str) else None)
 def test_a_signal_outside_the_training_steps_leaves_no_output_and_exits_130(workdir, command, pause, steps):
     ready, go = workdir / "ready", workdir / "go"

@@ -16,7 +16,7 @@ from infini_deploy.models import init_model, preset
 from infini_deploy.models.adapter import apply_adapter, read_adapter
 from infini_deploy.models.checkpoint import load_checkpoint, save_checkpoint
 from infini_deploy.tools.cli import cli
-from infini_deploy.tools.train_lm import _gloo_on_loopback
+from infini_deploy.tools.train.lm import _gloo_on_loopback
 
 SENTENCES = ["The keeper lit the lamp at six and rang the bell until morning.",
              "Two boats came in before nine, and the glass was cleaned at noon.",
@@ -63,21 +63,21 @@ def test_loss_falls_the_log_is_written_and_the_gates_move(corpus, tmp_path):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(corpus, tmp_path, monkeypatch):
-    from infini_deploy.tools import train_lm
+    from infini_deploy.tools.train import lm as train_lm
 
     assert train(corpus, tmp_path / "straight", "--trainable", "lora").exit_code == 0
-    real_write = train_lm._write
+    real_write = train_lm.write_run
 
     def stop_after_first_save(out_dir, net, base, tokenizer, optimizer, cfg, step, log, meta, result, force):
         real_write(out_dir, net, base, tokenizer, optimizer, cfg, step, log, meta, result, force)
         if result is None:
             raise KeyboardInterrupt          # as a SIGTERM right after the checkpoint at step 10
 
-    monkeypatch.setattr(train_lm, "_write", stop_after_first_save)
+    monkeypatch.setattr(train_lm, "write_run", stop_after_first_save)
     res = train(corpus, tmp_path / "resumed", "--trainable", "lora", "--save-every", 10)
     assert res.exit_code == 0 and "continue with --resume" in res.output
     assert json.loads((tmp_path / "resumed/train_state.json").read_text())["step"] == 10
-    monkeypatch.setattr(train_lm, "_write", real_write)
+    monkeypatch.setattr(train_lm, "write_run", real_write)
     res = train(corpus, tmp_path / "resumed", "--trainable", "lora", "--resume")
     assert res.exit_code == 0, res.output
     assert "from step 10" in res.output

@@ -43,7 +43,7 @@ def pieces(tokens, sizes):
 @pytest.fixture(scope="module")
 def bundled_export(tmp_path_factory):
     from infini_deploy.export.exporter import export_model
-    from infini_deploy.tools.demo import BUNDLED
+    from infini_deploy.models.checkpoint import PASSKEY_MODEL as BUNDLED
 
     out = tmp_path_factory.mktemp("bundled") / "export"
     export_model(load_checkpoint(BUNDLED), out)
