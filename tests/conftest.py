@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infini_deploy.models import init_model, preset
-from infini_deploy.models.convert.wheels import smollm2_gguf  # noqa: F401  (tests import it from here)
+from helpers import gqa_config, smollm2_gguf
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,9 +34,6 @@ def tiny_model(request):
     return model
 
 
-def gqa_config(update: str = "linear", n_kv_head: int = 2):
-    """The tiny preset with grouped-query attention: 4 query heads of 8 over ``n_kv_head`` KV heads."""
-    return preset("tiny", n_head=4, n_kv_head=n_kv_head, d_head=8, update=update)
 
 
 @pytest.fixture(params=["linear", "delta"])
@@ -98,42 +95,6 @@ def built_factory(export_factory, tmp_path_factory):
 
     return make
 
-
-
-TEXT = ("Infini-attention streams inputs of any length through a fixed-size memory. "
-        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-        "Numbers 12345 and 9054, tabs\tand  double  spaces,\n\nnew paragraphs, κόσμος, 流れ 🌊!\n")
-CHAT_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-                 "{{ '<|im_start|>system\\nYou are a test.<|im_end|>\\n' }}{% endif %}"
-                 "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
-def write_tiny_tokenizer(folder, vocab_size: int = 300, bos: bool = True):
-    """A byte-level BPE tokenizer.json trained here on a few sentences (nothing downloaded), with
-    <|endoftext|> (id 0), <|im_start|> (1), <|im_end|> (2, the EOS), a BOS post-processor when ``bos``,
-    and a tokenizer_config.json with a ChatML template. Returns the folder."""
-    import json
-    from pathlib import Path
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 20, trainer)
-    if bos:
-        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|im_start|>", "eos_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True},
-        "unk_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}))
-    return folder
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .conftest import CHAT_TEMPLATE, write_tiny_tokenizer
+from helpers import CHAT_TEMPLATE, write_tiny_tokenizer
 
 
 def tiny_llama(folder, tied: bool = False, n_kv: int = 2, seed: int = 0, vocab_size: int = 300, **overrides) -> Path:

@@ -25,7 +25,7 @@ class KernelConfig:
 
 
 # Tile table for GPUs, keyed by head size; chosen so that no kernel spills registers on sm_90
-# (ptxas -v on the Triton 3.9 PTX; tests/models/test_kernel_tiles.py compiles them), and
+# (ptxas -v on the Triton 3.9 PTX; tests/models/kernels/test_tiles.py compiles them), and
 # timed by tools/dev/gpu_check.py's sweep. No autotuning: nothing runs at import or first call.
 _GPU_TILES = {
     128: KernelConfig(block_m=128, block_n=64, block_t=32, attn_warps=8, attn_stages=3, update_warps=8),

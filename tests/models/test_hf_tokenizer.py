@@ -15,7 +15,7 @@ from infini_deploy.models.hf_tokenizer import HFTokenizer
 from infini_deploy.models.tokenizer import ByteTokenizer, load_tokenizer
 from infini_deploy.runtime.inputs import iter_tokens
 
-from ..conftest import CHAT_TEMPLATE, TEXT, write_tiny_tokenizer
+from helpers import CHAT_TEMPLATE, TEXT, write_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

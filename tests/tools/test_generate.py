@@ -1,15 +1,10 @@
 import json
 
-from click.testing import CliRunner
 
 from infini_deploy.models import init_model, preset
 from infini_deploy.models.tokenizer import decode, encode
 from infini_deploy.runtime import Stream, TorchRunner
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import invoke
 
 
 def test_generate_streams_greedy_text_equal_to_the_api(tmp_path):
@@ -77,7 +72,7 @@ def test_passkey_bad_options_are_clear_errors():
 
 def test_generate_on_an_export_folder_in_onnxruntime_equals_torch(tiny_fp32):
     """The export is of the tiny preset, seed 0: both backends sample the same text with the same seed
-    (an untrained model's greedy text is blank; tests/runtime/test_ort_decode.py compares greedy tokens)."""
+    (an untrained model's greedy text is blank; tests/runtime/test_ort_runner_decode.py compares greedy tokens)."""
     prompt = "The grass is green. The sky is blue. " * 2          # 74 tokens: past one segment
     sampling = ("--prompt", prompt, "--max-new-tokens", 70, "--temperature", 1.0, "--seed", 0, "--no-progress")
     ort = invoke("generate", tiny_fp32, "--backend", "onnxruntime", "--threads", 1, *sampling)

@@ -11,15 +11,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from infini_deploy.tools.cli import cli
+from helpers import invoke
 
 INFINI = str(Path(sys.executable).parent / "infini")
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_a_bad_or_unreachable_server_address_fails_at_once_in_one_line(tiny_fp32):

@@ -25,7 +25,7 @@ from infini_deploy.models.chunk import chunk_step  # noqa: E402
 from infini_deploy.models.decode import decode_step, fold, initial_decode_state  # noqa: E402
 from infini_deploy.models.layers import rope_frequencies  # noqa: E402
 
-from ...llama_fixtures import FAMILIES, family_config, tiny_family  # noqa: E402
+from llama_fixtures import FAMILIES, family_config, tiny_family  # noqa: E402
 
 N = 64          # segment length of the conversions: at least the probe, as validate.py asks
 TOLERANCE = 1e-5   # closed-gate logits against transformers on these tiny models (logits below 1.5): measured

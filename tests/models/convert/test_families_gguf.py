@@ -17,7 +17,7 @@ from infini_deploy.models.checkpoint import checkpoint_tokenizer  # noqa: E402
 from infini_deploy.models.convert import convert  # noqa: E402
 from infini_deploy.models.convert.validate import CLOSED, _logits  # noqa: E402
 
-from ...llama_fixtures import FAMILY_TEMPLATES, tiny_family, write_family_gguf  # noqa: E402
+from llama_fixtures import FAMILY_TEMPLATES, tiny_family, write_family_gguf  # noqa: E402
 
 TOLERANCE = 1e-5   # as for the folders (test_families.py): measured 2e-7 to 7e-7 here
 

@@ -254,8 +254,8 @@ def test_a_batch_in_a_bpe_tokenizer_with_prose_haystacks(tmp_path):
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ...conftest import write_tiny_tokenizer
-    from ..test_passkey import PROSE
+    from helpers import write_tiny_tokenizer
+    from helpers import PROSE
 
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
@@ -280,8 +280,8 @@ def test_half_the_boundary_rows_open_a_segment_with_the_answer(tmp_path):
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ...conftest import write_tiny_tokenizer
-    from ..test_passkey import PROSE
+    from helpers import write_tiny_tokenizer
+    from helpers import PROSE
 
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path))
     cfg = InfiniConfig(n_layer=1, n_head=2, d_head=8, d_model=16, d_ff=32, segment_len=128, vocab_size=300)
@@ -346,8 +346,8 @@ def test_needle_ends_where_the_needle_ends_in_bytes_and_in_a_bpe_tokenizer(tmp_p
     from infini_deploy.models.passkey import Haystack
     from infini_deploy.models.tokenizer import load_tokenizer
 
-    from ...conftest import write_tiny_tokenizer
-    from ..test_passkey import PROSE
+    from helpers import write_tiny_tokenizer
+    from helpers import PROSE
 
     tokens, _, _, ends = make_batch(CFG, 4, 3, random.Random(2), _small(), needle=True)
     for row in range(3):

@@ -10,7 +10,7 @@ def test_llama_cpp_worker_prefills_the_shipped_gguf(tmp_path):
     from safetensors.torch import save_file
 
     from infini_deploy.runtime.bench import cpu as cb
-    from ..conftest import smollm2_gguf
+    from helpers import smollm2_gguf
 
     save_file({"stream": torch.randint(0, 49152, (1, 600))}, str(tmp_path / "in.safetensors"))
     job = cb.Job("llama", "llama.cpp shipped", str(tmp_path / "in.safetensors"), str(tmp_path / "l"), 1, [600],

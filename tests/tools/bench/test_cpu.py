@@ -3,13 +3,8 @@
 import json
 import sys
 
-from click.testing import CliRunner
 
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import invoke
 
 
 def test_bench_cpu_on_tiny_without_llama_cpp(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from infini_deploy.runtime import Stream
 from infini_deploy.runtime.ort_runner import OrtRunner
 from infini_deploy.runtime.torch_runner import TorchRunner
 
-from ..conftest import gqa_config
+from helpers import gqa_config
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from infini_deploy.runtime import Stream, TorchRunner
 from infini_deploy.runtime.quality.compare import TOLERANCES, check_tolerance, drift, worst
 from infini_deploy.runtime.ort_runner import OrtRunner
 
-from ..conftest import gqa_config
-from ..runtime.test_ort_decode import decode_through
+from helpers import gqa_config
+from helpers import decode_through
 
 
 @pytest.fixture(scope="module", params=["linear", "delta"])

@@ -5,13 +5,8 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import invoke
 
 
 @pytest.mark.tensorrt

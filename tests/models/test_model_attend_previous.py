@@ -8,83 +8,15 @@ the trainers and the refusals of the paths that do not carry the extra state."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from infini_deploy.errors import BadInputError
 from infini_deploy.models.config import InfiniConfig, preset
 from infini_deploy.models.model import SINKS, InfiniTransformer
 from infini_deploy.runtime.past_stream import PastStream
-
-
-def model_for(seed=0, n_kv_head=1, segment_len=8, beta=None, update="linear"):
-    torch.manual_seed(seed)
-    cfg = preset("tiny", attend_previous=True, n_kv_head=n_kv_head, segment_len=segment_len, update=update)
-    model = InfiniTransformer(cfg).double().eval()
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.self_attn.beta.copy_(torch.randn(cfg.n_head) if beta is None else torch.full((cfg.n_head,), beta))
-    return model
-
-
-def visible(t: int, N: int) -> tuple[list[int], list[int], int]:
-    """(keys query t sees, their RoPE positions, the query's position), from the definition."""
-    s = t // N
-    if s <= 1:                                                   # segment 1, and segment 2 sees all of segment 1
-        return list(range(t + 1)), list(range(t + 1)), t
-    first = (s - 1) * N                                          # the previous segment's first token
-    keys = list(range(SINKS)) + list(range(first, t + 1))
-    return keys, list(range(len(keys))), len(keys) - 1
-
-
-def rope64(x, pos, theta):
-    d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.as_tensor(pos, dtype=torch.float64)[:, None] * inv
-    ang = torch.cat((ang, ang), -1)
-    x1, x2 = x.chunk(2, -1)
-    return x * ang.cos() + torch.cat((-x2, x1), -1) * ang.sin()
-
-
-def reference(model: InfiniTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (T, V) for one row, float64, query by query (linear update rule)."""
-    cfg = model.config
-    N, H, Hk, d = cfg.segment_len, cfg.n_head, cfg.kv_heads, cfg.d_head
-    sd = {k: v.double() for k, v in model.state_dict().items()}
-    T = tokens.shape[0]
-    x = sd["embed_tokens.weight"][tokens]
-
-    def norm(v, w):
-        return w * v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
-
-    for i in range(cfg.n_layer):
-        p = f"layers.{i}."
-        h = norm(x, sd[p + "input_layernorm.weight"])
-        q = (h @ sd[p + "self_attn.q_proj.weight"].T).view(T, H, d)
-        k = (h @ sd[p + "self_attn.k_proj.weight"].T).view(T, Hk, d)
-        v = (h @ sd[p + "self_attn.v_proj.weight"].T).view(T, Hk, d)
-        g = torch.sigmoid(sd[p + "self_attn.beta"])
-        out = torch.zeros(T, H, d, dtype=torch.float64)
-        for t in range(T):
-            keys, kpos, qpos = visible(t, N)
-            earlier = (t // N) * N                               # the memory holds tokens before the segment
-            for head in range(H):
-                kv = head // (H // Hk)
-                qr = rope64(q[t, head][None], [qpos], cfg.rope_theta)[0]
-                kr = rope64(k[keys, kv], kpos, cfg.rope_theta)
-                w = torch.softmax(kr @ qr / math.sqrt(d), 0)
-                a_dot = w @ v[keys, kv]
-                sk = F.elu(k[:earlier, kv]) + 1
-                sq = F.elu(q[t, head]) + 1
-                a_mem = (sq @ (sk.T @ v[:earlier, kv])) / (sq @ sk.sum(0) + cfg.eps)
-                out[t, head] = g[head] * a_mem + (1 - g[head]) * a_dot
-        x = x + out.reshape(T, H * d) @ sd[p + "self_attn.o_proj.weight"].T
-        h = norm(x, sd[p + "post_attention_layernorm.weight"])
-        x = x + (F.silu(h @ sd[p + "mlp.gate_proj.weight"].T) * (h @ sd[p + "mlp.up_proj.weight"].T)) @ sd[p + "mlp.down_proj.weight"].T
-    return norm(x, sd["norm.weight"]) @ sd["embed_tokens.weight"].T
+from helpers import model_for, reference
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2])
@@ -105,7 +37,7 @@ def test_two_segments_equal_transformers_full_attention(tmp_path):
     pytest.importorskip("transformers")
     from infini_deploy.models.convert import convert
 
-    from ..llama_fixtures import tiny_llama
+    from llama_fixtures import tiny_llama
 
     src = tiny_llama(tmp_path / "src", n_kv=2)
     converted = convert(src, tmp_path / "out", segment_len=16, gate_init=-1e2, attend_previous=True).model.eval()

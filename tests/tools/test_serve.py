@@ -8,13 +8,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import invoke
 
 
 def test_serve_writes_a_repository_and_refuses_bad_options(tiny_fp32, tmp_path):

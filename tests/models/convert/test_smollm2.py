@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
 from infini_deploy.models import load_checkpoint  # noqa: E402
 from infini_deploy.models.checkpoint import checkpoint_tokenizer  # noqa: E402
 from infini_deploy.models.convert.validate import CLOSED, PROBE_TEXT, _logits  # noqa: E402
-from infini_deploy.tools.cli import cli  # noqa: E402
+from helpers import invoke
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_smollm2_converts_with_its_shape_tokenizer_and_chat_template(smollm2):
@@ -37,7 +32,7 @@ def test_closed_gate_logits_match_transformers_on_a_few_hundred_tokens(smollm2):
     """Independently of the conversion's own check: the checkpoint on disk against transformers' GGUF model."""
     from transformers import AutoModelForCausalLM
 
-    from ..conftest import smollm2_gguf
+    from helpers import smollm2_gguf
 
     folder, result = smollm2
     tok = checkpoint_tokenizer(folder)
@@ -80,7 +75,7 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
     from infini_deploy.runtime.past_stream import PastStream
     from infini_deploy.models.checkpoint import SMOLLM2_ADAPTER
 
-    from ..conftest import smollm2_gguf
+    from helpers import smollm2_gguf
 
     if not (SMOLLM2_ADAPTER / "adapter.safetensors").is_file():
         pytest.skip("no SmolLM2 adapter is shipped (docs/training.md)")

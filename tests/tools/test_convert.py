@@ -16,7 +16,7 @@ pytest.importorskip("gguf")
 
 from infini_deploy.tools.cli import cli  # noqa: E402
 
-from ..llama_fixtures import tiny_llama, write_gguf  # noqa: E402
+from llama_fixtures import tiny_llama, write_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 and the stream's first SINKS tokens') as a third piece of state, onnxruntime streams it through PastStream, and
 the paths that do not carry it yet (decode, serving, TensorRT, --fused) refuse it in one line.
 
-Checked against the float64 re-computation from the definition of tests/models/test_attend_previous.py."""
+Checked against the float64 re-computation from the definition of tests/models/test_model_attend_previous.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from infini_deploy.models.config import SINKS
 from infini_deploy.runtime.ort_runner import OrtRunner
 from infini_deploy.runtime.past_stream import PastStream
 
-from ..models.test_attend_previous import model_for, reference
+from helpers import model_for, reference
 
 
 @pytest.fixture(scope="module")

@@ -12,27 +12,14 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
 from infini_deploy.errors import IncompatibleArtifactError  # noqa: E402
 from infini_deploy.paths import inside  # noqa: E402
-from infini_deploy.tools.cli import cli  # noqa: E402
 
-from ..llama_fixtures import tiny_llama  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, *messages):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
-    for message in messages:
-        assert message in lines[0], lines[0]
+from llama_fixtures import tiny_llama  # noqa: E402
+from helpers import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import torch
 from infini_deploy.errors import BadInputError, IncompatibleArtifactError
 from infini_deploy.models.manifest import MANIFEST_FILE, load_manifest, sha256_file
 from infini_deploy.models import spec
-from infini_deploy.models.decode import fold, initial_decode_state
 from infini_deploy.runtime import Stream, TorchRunner
 from infini_deploy.runtime.ort_runner import OrtRunner
+from helpers import decode_through
 
 STATE = ((spec.K_CACHE, spec.K_CACHE_OUT), (spec.V_CACHE, spec.V_CACHE_OUT),
          (spec.D_MEMORY, spec.D_MEMORY_OUT), (spec.D_NORM, spec.D_NORM_OUT))
@@ -18,22 +18,6 @@ STATE = ((spec.K_CACHE, spec.K_CACHE_OUT), (spec.V_CACHE, spec.V_CACHE_OUT),
 
 def tokens_of(n, batch=2, seed=0):
     return torch.randint(0, 260, (batch, n), generator=torch.Generator().manual_seed(seed))
-
-
-def decode_through(runner, tokens, memory, norm):
-    """Decode (B, T) tokens one by one from pos 0 with ``runner``, folding at every segment end: logits (B, T, V)."""
-    cfg, B = runner.config, tokens.shape[0]
-    cache, logits = initial_decode_state(cfg, B), []
-    for t in range(tokens.shape[1]):
-        pos = t % cfg.segment_len
-        out = runner.infer({spec.TOKEN: tokens[:, t], spec.POS: torch.full((B,), pos), spec.MEMORY: memory,
-                            spec.NORM: norm, **{i: x for (i, _), x in zip(STATE, cache)}})
-        logits.append(out[spec.LOGITS])
-        cache = tuple(out[o] for _, o in STATE)
-        if pos == cfg.segment_len - 1:
-            memory, norm = fold(memory, norm, cache[2], cache[3])
-            cache = initial_decode_state(cfg, B)
-    return torch.stack(logits, dim=1)
 
 
 def test_prefill_then_decode_equals_the_teacher_forced_segment_step(tiny_fp32, tiny_linear_model):

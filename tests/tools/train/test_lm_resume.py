@@ -7,22 +7,11 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from infini_deploy.tools.cli import cli
+from helpers import invoke, one_line_error
 
 OPTIONS = ["--batch", 2, "--segments", 3, "--eval-tokens", 500, "--threads", 1, "--no-progress", "--autocast", "off"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, message):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], res.output
 
 
 def tree(folder):

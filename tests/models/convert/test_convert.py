@@ -17,7 +17,7 @@ from infini_deploy.models.convert import DEFAULT_GATE_INIT, convert  # noqa: E40
 from infini_deploy.models.convert import validate  # noqa: E402
 from infini_deploy.models.convert.validate import CLOSED, _logits  # noqa: E402
 
-from ..llama_fixtures import tiny_llama, write_gguf  # noqa: E402
+from llama_fixtures import tiny_llama, write_gguf  # noqa: E402
 
 
 def _reference(folder):

@@ -23,16 +23,7 @@ from infini_deploy.models.checkpoint import save_checkpoint
 from infini_deploy.runtime import Stream, TorchRunner
 from infini_deploy.runtime.ort_runner import OrtRunner
 from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, message):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], res.output
+from helpers import invoke, one_line_error
 
 
 def tree(folder):

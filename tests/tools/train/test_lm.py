@@ -8,24 +8,19 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from infini_deploy.errors import IncompatibleArtifactError
 from infini_deploy.models import init_model, preset
 from infini_deploy.models.adapter import apply_adapter, read_adapter
 from infini_deploy.models.checkpoint import load_checkpoint, save_checkpoint
-from infini_deploy.tools.cli import cli
 from infini_deploy.tools.train.lm import _gloo_on_loopback
+from helpers import invoke
 
 SENTENCES = ["The keeper lit the lamp at six and rang the bell until morning.",
              "Two boats came in before nine, and the glass was cleaned at noon.",
              "The river rises in a wet upland of moss and heather far inland.",
              "A ferry crossed the estuary for three hundred years on a chain."]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from click.testing import CliRunner
 
 from infini_deploy.errors import BadInputError
 from infini_deploy.models import init_model, preset
 from infini_deploy.models.checkpoint import save_checkpoint
 from infini_deploy.paths import check_text_file
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line_error(res, message):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0], res.output
+from helpers import invoke, one_line_error
 
 
 @pytest.fixture(scope="module")

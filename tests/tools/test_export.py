@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from infini_deploy.export.exporter import SEGMENT_FILE
 from infini_deploy.runtime.quality.compare import Tolerance
-from infini_deploy.tools.cli import cli
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

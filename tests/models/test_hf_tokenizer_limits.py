@@ -18,7 +18,8 @@ from infini_deploy.models import init_model, preset, save_checkpoint
 from infini_deploy.models.hf_tokenizer import HFTokenizer, render_chat
 from infini_deploy.tools.cli import cli
 
-from ..conftest import CHAT_TEMPLATE, write_tiny_tokenizer
+from helpers import CHAT_TEMPLATE, write_tiny_tokenizer
+from helpers import one_line_error
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -44,14 +45,6 @@ def with_template(base, tmp_path, template):
 def chat(folder):
     return CliRunner().invoke(cli, ["generate", str(folder), "--prompt", "hi", "--chat", "--max-new-tokens", "1",
                                     "--no-progress"], catch_exceptions=False)
-
-
-def one_line_error(res, *messages):
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
-    for message in messages:
-        assert message in lines[0], lines[0]
 
 
 BOMBS = [

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
@@ -21,14 +20,10 @@ from infini_deploy.models.convert import convert  # noqa: E402
 from infini_deploy.models.passkey import PasskeyPrompt  # noqa: E402
 from infini_deploy.runtime import Stream, TorchRunner  # noqa: E402
 from infini_deploy.runtime.ort_runner import OrtRunner  # noqa: E402
-from infini_deploy.tools.cli import cli  # noqa: E402
 
-from ..conftest import TEXT  # noqa: E402
-from ..llama_fixtures import tiny_llama  # noqa: E402
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+from helpers import TEXT  # noqa: E402
+from llama_fixtures import tiny_llama  # noqa: E402
+from helpers import invoke
 
 
 @pytest.fixture(scope="module")

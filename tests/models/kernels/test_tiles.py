@@ -133,7 +133,7 @@ print("ROWS " + json.dumps(kernel_stats.main()))
 @pytest.mark.parametrize("d,dtype", [(128, "bf16"), (64, "fp16")])
 def test_gpu_tiles_compile_for_hopper_fit_shared_memory_and_do_not_spill(d, dtype):
     """The default GPU tiles as the launchers compile them, for sm_90 on a machine without a GPU."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))   # the repository
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.run([sys.executable, "-c", _STATS, str(d), dtype], capture_output=True, text=True,
