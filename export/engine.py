@@ -28,6 +28,7 @@ import onnx
 from ..atomic import output_lock, write_bytes
 from ..errors import BadInputError, IncompatibleArtifactError, Interrupted
 from ..models import spec
+from ..models.config import SINKS
 from . import workarounds
 from ..models.manifest import Manifest, load_manifest, load_onnx
 from .attention import FUSED
@@ -63,8 +64,10 @@ class Network:
     monitor: object = None    # the progress monitor of the build in flight (TensorRT keeps only a pointer)
 
 
-def dim_ranges(options: BuildOptions, segment_len: int) -> dict[str, tuple[int, int, int]]:
-    """{"batch": (min, opt, max), "n": (min, opt, max)}, checked: 1 <= min <= opt <= max (n <= segment_len)."""
+def dim_ranges(options: BuildOptions, config) -> dict[str, tuple[int, int, int]]:
+    """{"batch": (min, opt, max), "n": (min, opt, max)}, checked: 1 <= min <= opt <= max (n <= segment_len);
+    an attend_previous model's past covers every length a stream carries, 0 to N + SINKS (opt: the steady one)."""
+    segment_len = config.segment_len
     ranges = {spec.BATCH: (options.min_batch, options.opt_batch, options.max_batch),
               spec.SEQ: (options.min_n, options.opt_n or segment_len, options.max_n or segment_len)}
     for dim, (lo, opt, hi) in ranges.items():
@@ -72,6 +75,8 @@ def dim_ranges(options: BuildOptions, segment_len: int) -> dict[str, tuple[int, 
             raise BadInputError(f"profile for {dim!r} must satisfy 1 <= min <= opt <= max; got {lo}, {opt}, {hi}")
     if ranges[spec.SEQ][2] > segment_len:
         raise BadInputError(f"--max-n {ranges[spec.SEQ][2]} is more than the segment length {segment_len}")
+    if config.attend_previous:
+        ranges[spec.PAST_LEN] = (0, segment_len + SINKS, segment_len + SINKS)
     return ranges
 
 
@@ -181,9 +186,6 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
                 f"{export_dir} is an {manifest.precision} export, quantized for onnxruntime's CPU kernels: TensorRT "
                 "parses neither its DynamicQuantizeLinear/MatMulInteger (int8) nor MatMulNBits over float32 "
                 "activations (int4); build an engine from an fp32, fp16 or bf16 export (docs/quantization.md)")
-        if manifest.config.attend_previous:
-            raise BadInputError(f"{export_dir} attends to the previous segment (attend_previous): no TensorRT "
-                                "profile covers its past keys and values yet; run it on onnxruntime")
         if manifest.attention == FUSED:
             raise BadInputError(f"{export_dir} was exported with --fused: its local attention is onnxruntime's "
                                 f"contrib GroupQueryAttention, which TensorRT cannot parse; export without --fused "
@@ -193,7 +195,7 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
         if options.plugin and not trt.has_plugins:
             raise BadInputError(f"--plugin needs full TensorRT (tensorrt.plugin); {trt.title} has no plugin API: "
                                 "use --builder tensorrt, or build without --plugin (the memory node is inlined)")
-        ranges = dim_ranges(options, manifest.config.segment_len)
+        ranges = dim_ranges(options, manifest.config)
         try:
             updated = _build_all(export_dir, manifest, trt, options, ranges)
             updated.write(export_dir)

@@ -70,8 +70,6 @@ def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, t
     quantized = precision in QUANTIZED   # exported in float32, then quantized by onnxruntime's tools
     quantization = {}
     steps = ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE))
-    if model.config.attend_previous:   # its step carries the previous segment: no decode or chunk step yet
-        steps = steps[:1]
     for export, file in steps:
         target = folder / (f".float32-{file}" if quantized else file)
         export(model, target, "fp32" if quantized else precision, opset,
@@ -126,10 +124,6 @@ def _validate(model: InfiniTransformer, folder: Path, manifest: Manifest, text: 
     validation = {**VALIDATION, "partial_last": True, "backend": "onnxruntime-cpu", "worst": worst(rows),
                   "tokens": f"export/data/{VALIDATION_TEXT} ({len(text):,} ids, in order)" if text is not None
                   else "random ids", "agreement": agreement(rows)}
-    if model.config.attend_previous:   # the segment step alone (three segments: the past empty, N, SINKS + N)
-        validated = Manifest(**{**manifest.__dict__, "validation": validation})
-        validated.write(folder)
-        return validated
     tokens = model.config.segment_len + DECODE_EXTRA
     with TorchRunner(model) as prefill, TorchRunner(model, graph="decode") as reference, \
             OrtRunner(folder, graph="decode") as ort_runner:

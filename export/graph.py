@@ -157,10 +157,7 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int, fus
         seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)
         dims = {spec.TOKENS: {0: batch, 1: seq}, spec.MEMORY: {1: batch}, spec.NORM: {1: batch}}
         module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
-        if cfg.attend_previous:   # traced with a full past (neither 0 nor 1 keys, so its length stays symbolic)
-            full = spec.past_spec(cfg).max_dims[spec.PAST_LEN]
-            dims[spec.PAST] = {2: batch, 4: torch.export.Dim(spec.PAST_LEN, min=0, max=full)}
-            args = (*args, torch.zeros(cfg.n_layer, 2, 2, cfg.kv_heads, full, cfg.d_head))
+        args = (*args, *_past(cfg, dims, batch))
         table = {torch.ops.infini.memory.default: memory_function.translate_memory,
                  **(attention.decode_translations() if cfg.attend_previous   # the past's keys under a mask
                     else attention.translations(PRECISIONS[precision], fused))}
@@ -170,18 +167,28 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int, fus
         dims[spec.TOKENS] = {0: batch, 1: seq}
         n = max(2, cfg.segment_len // 2)   # neither 1 nor N, so the trace keeps n symbolic
         tokens, pos = torch.zeros(2, n, dtype=torch.int64), torch.tensor([0, 1])
-        module, args = ChunkStep(model), (tokens, pos, memory, norm, *initial_decode_state(cfg, 2))
+        module, args = ChunkStep(model), (tokens, pos, memory, norm, *initial_decode_state(cfg, 2), *_past(cfg, dims, batch))
         table = attention.decode_translations()
     else:
         dims = {s.name: {0 if s.name in (spec.TOKEN, spec.POS) else 1: batch} for s in inputs}
         token, pos = torch.zeros(2, dtype=torch.int64), torch.tensor([0, 1])
-        module, args = DecodeStep(model), (token, pos, memory, norm, *initial_decode_state(cfg, 2))
+        module, args = DecodeStep(model), (token, pos, memory, norm, *initial_decode_state(cfg, 2), *_past(cfg, dims, batch))
         table = attention.decode_translations()
     with torch.no_grad(), workarounds.keep_local_functions(), workarounds.quiet_exporter():
         return torch.onnx.export(
             module, args, dynamo=True, opset_version=opset, optimize=False, verbose=False,
             input_names=[s.name for s in inputs], output_names=[s.name for s in outputs],
             dynamic_shapes=tuple(dims[s.name] for s in inputs), custom_translation_table=table)
+
+
+def _past(cfg, dims: dict, batch) -> tuple:
+    """An attend_previous model's past for the trace, its dims added to ``dims``; () for any other model.
+    Traced full (neither 0 nor 1 keys, so its length stays symbolic); every step takes it last."""
+    if not cfg.attend_previous:
+        return ()
+    full = spec.past_spec(cfg).max_dims[spec.PAST_LEN]
+    dims[spec.PAST] = {2: batch, 4: torch.export.Dim(spec.PAST_LEN, min=0, max=full)}
+    return (torch.zeros(cfg.n_layer, 2, 2, cfg.kv_heads, full, cfg.d_head),)
 
 
 def _tidy(model: ir.Model, opset: int) -> None:

@@ -65,10 +65,6 @@ def write_repository(export_dir, repo, options: ServeOptions = ServeOptions(), f
     """Write the model repository ``repo`` for ``export_dir`` (atomically; see the module docstring)."""
     export_dir = Path(export_dir)
     manifest = load_manifest(export_dir)
-    if manifest.config.attend_previous:
-        raise BadInputError(f"{export_dir} attends to the previous segment (attend_previous): serving does not carry "
-                            "its past keys and values yet; run it with `infini passkey`/`infini generate` "
-                            "(onnxruntime), or serve a segment-local export")
     for name in manifest.files:
         manifest.verify(export_dir, name)
     with atomic_folder(repo, force, _owned_repository, "model repository") as tmp:
@@ -134,14 +130,18 @@ def _sequence_batching(options: ServeOptions, controls: bool, states: list[str] 
 
 
 def implicit_state_config(manifest, name: str, backend: str, options: ServeOptions) -> str:
-    """config.pbtxt of a segment graph whose (M, z) Triton keeps as implicit state (batch-first graph)."""
+    """config.pbtxt of a segment graph whose (M, z), and past, Triton keeps as implicit state (batch-first graph).
+
+    Past's length varies (0 at a stream's start, then N, then SINKS + N): a variable dim, which Triton allows in
+    a state whose input and output shapes differ; it starts empty."""
     cfg = manifest.config
     logits = TRITON_DTYPES[spec.PRECISIONS[manifest.precision]]
     states = []
-    for s in spec.state_specs(cfg):
-        dims = ", ".join(str(d) for d in s.shape if d != spec.BATCH)
+    for s in _states(cfg):
+        dims = ", ".join("-1" if d == spec.PAST_LEN else str(d) for d in s.shape if d != spec.BATCH)
+        zero = ", ".join("0" if d == spec.PAST_LEN else str(d) for d in s.shape if d != spec.BATCH)
         states.append(f'    {{ input_name: "{s.name}" output_name: "{s.name}_out" data_type: TYPE_FP32 dims: [ {dims} ] '
-                      f'initial_state: {{ data_type: TYPE_FP32 dims: [ {dims} ] zero_data: true name: "zero {s.name}" }} }}')
+                      f'initial_state: {{ data_type: TYPE_FP32 dims: [ {zero} ] zero_data: true name: "zero {s.name}" }} }}')
     return (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {options.max_batch}\n'
             f'input [ {{ name: "{spec.TOKENS}" data_type: TYPE_INT64 dims: [ -1 ] }} ]\n'
             f'output [ {{ name: "{spec.LOGITS}" data_type: {logits} dims: [ -1, {cfg.vocab_size} ] }} ]\n'
@@ -149,38 +149,45 @@ def implicit_state_config(manifest, name: str, backend: str, options: ServeOptio
             f"instance_group [ {{ kind: KIND_CPU count: {options.instances} }} ]\n")
 
 
+def _states(cfg) -> list:
+    return [*spec.state_specs(cfg), *([spec.past_spec(cfg)] if cfg.attend_previous else [])]
+
+
 def batch_first(src: Path, dst: Path) -> Path:
-    """Copy of the segment graph whose state inputs and outputs are batch-first, [B, L, ...]: a Transpose after
-    each state input and before each state output (perm swaps the first two axes), names unchanged.
+    """Copy of the segment graph whose state inputs and outputs are batch-first: a Transpose after each state
+    input and before each state output moves the batch axis (1 in M and z, 2 in past) to the front, names
+    unchanged.
 
         memory [B, L, H, d, d] -> Transpose -> memory.lbf -> (the graph) -> memory_out.lbf -> Transpose -> memory_out
     """
     model = onnx.load(str(src))
     graph = model.graph
-    states = {s.name for s in graph.input if s.name in (spec.MEMORY, spec.NORM)}
+    axes = {v.name: [d.dim_param for d in v.type.tensor_type.shape.dim].index(spec.BATCH)
+            for v in graph.input if v.name in (spec.MEMORY, spec.NORM, spec.PAST)}
     for value in list(graph.input) + list(graph.output):
-        name = value.name.removesuffix("_out")
-        if name not in states:
+        b = axes.get(value.name.removesuffix("_out"))
+        if b is None:
             continue
         dims = value.type.tensor_type.shape.dim
-        first, second = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
-        first.CopyFrom(dims[1])
-        second.CopyFrom(dims[0])
-        dims[0].CopyFrom(first)
-        dims[1].CopyFrom(second)
+        order = [onnx.TensorShapeProto.Dimension() for _ in dims]
+        for new, old in zip(order, [b, *range(b), *range(b + 1, len(dims))]):
+            new.CopyFrom(dims[old])
+        for d, new in zip(dims, order):
+            d.CopyFrom(new)
     rank = {s.name: len(s.type.tensor_type.shape.dim) for s in graph.input}
     nodes = []
-    for name in states:
+    for name, b in axes.items():
         inner = f"{name}.lbf"
         for node in graph.node:
             node.input[:] = [inner if x == name else x for x in node.input]
-        perm = [1, 0, *range(2, rank[name])]
-        nodes.append(helper.make_node("Transpose", [name], [inner], name=f"/state/{name}/to_layer_first", perm=perm))
+        to_layer_first = [*range(1, b + 1), 0, *range(b + 1, rank[name])]
+        nodes.append(helper.make_node("Transpose", [name], [inner], name=f"/state/{name}/to_layer_first",
+                                      perm=to_layer_first))
         out = f"{name}_out"
         for node in graph.node:
             node.output[:] = [f"{out}.lbf" if x == out else x for x in node.output]
         graph.node.append(helper.make_node("Transpose", [f"{out}.lbf"], [out], name=f"/state/{out}/to_batch_first",
-                                           perm=perm))
+                                           perm=[b, *range(b), *range(b + 1, rank[name])]))
     for node in reversed(nodes):
         graph.node.insert(0, node)
     large = model.ByteSize() > 1_900_000_000   # protobuf's 2 GiB limit: the weights go to external data

@@ -24,17 +24,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decode import memory_decode_reference
+from .decode import memory_decode_reference, rotated_past, with_past
 from .layers import positions
 from .model import Block, InfiniAttention, InfiniTransformer
 
 
-def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None):
+def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None):
     """Write n (k, v) at slots pos..pos+n-1 and attend causally to slots 0..pos+i. Static shapes.
 
     q: (B, H, n, d), k: (B, H_kv, n, d) with RoPE; v: (B, H_kv, n, d); pos: (B,); caches (B, H_kv, N, d) f32.
     The G = H / H_kv query heads of a group attend as G * n query rows of their KV head. ``scale``: of the
-    logits (None: 1/sqrt(d)).
+    logits (None: 1/sqrt(d)). ``past`` (attend_previous): (keys with RoPE, values) (B, H_kv, m, d), seen by
+    every query before the cache (models/decode.with_past).
     Returns (a_dot (B, H, n, d), k_cache_out, v_cache_out).
     """
     B, H, n, d = q.shape
@@ -46,22 +47,24 @@ def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = 
     place = onehot.to(torch.float32).transpose(1, 2).unsqueeze(1)                           # (B, 1, N, n)
     k_cache = torch.where(written, place @ k.float(), k_cache)    # exact: one 1.0 * value, the rest + 0
     v_cache = torch.where(written, place @ v.float(), v_cache)
-    visible = slots.view(1, 1, N) <= at[:, :, None]                                         # (B, n, N)
-    G = H // H_kv
-    mask = visible.unsqueeze(1).expand(B, G, n, N).reshape(B, 1, G * n, N)                  # (B, 1, G*n, N)
+    keys, values, visible = with_past(k_cache, v_cache, at, past)                           # (B, n, m + N)
+    G, width = H // H_kv, keys.shape[2]
+    mask = visible.unsqueeze(1).expand(B, G, n, width).reshape(B, 1, G * n, width)          # (B, 1, G*n, m+N)
     grouped = q.float().reshape(B, H_kv, G * n, d)                                          # (B, H_kv, G*n, d)
-    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=mask, scale=scale)
+    a_dot = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return a_dot.reshape(B, H, n, d).to(q.dtype), k_cache, v_cache
 
 
-def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
-    """InfiniAttention for n tokens of the unfinished segment. x: (B, n, D). Returns (y, k_c, v_c, dM, dz)."""
+def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+    """InfiniAttention for n tokens of the unfinished segment. x: (B, n, D); ``past`` as for
+    models/decode.attention_decode. Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
     B, n, _ = x.shape
     q, k, v = attn.project(x)                                                       # (B, H, n, d), (B, H_kv, n, d)
-    at = positions(pos, n)                                                          # (B, n)
+    m = 0 if past is None else past[0].shape[2]
+    at = positions(pos + m, n)                                                      # (B, n): after the past
     a_dot, k_cache, v_cache = chunk_cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache,
-                                                    v_cache, cfg.query_scale)
+                                                    v_cache, cfg.query_scale, rotated_past(attn, past, k.dtype))
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
@@ -73,17 +76,19 @@ def block_chunk(block: Block, x, pos, *state):
     return (block.feed_forward(x, h), *state)
 
 
-def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
     """The chunk step, a pure function (see the module docstring).
 
     tokens: (B, n) int64; pos: (B,) int64, the tokens already in the segment (pos + n <= N); memory, norm:
     read only; the decode state as models/decode.decode_step takes it. Returns (logits (B, n, V), k_cache_out,
     v_cache_out, d_memory_out, d_norm_out): new tensors. Inputs are not checked here (runners check them).
+    ``past``: attend_previous models, as models/decode.decode_step takes it.
     """
     x = model.embed(tokens)                                                  # (B, n, D)
     outs = []
     for i, layer in enumerate(model.layers):
-        x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])
+        x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i],
+                                None if past is None else (past[i, 0], past[i, 1]))
         outs.append(state)
     logits = model.lm_head(model.norm(x))                                    # (B, n, V)
     return (logits, *(torch.stack(s) for s in zip(*outs)))
@@ -96,5 +101,5 @@ class ChunkStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
-        return chunk_step(self.model, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm)
+    def forward(self, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+        return chunk_step(self.model, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past)

@@ -21,6 +21,12 @@ After the token at pos = N - 1 the caller folds (M += dM, z += dz, see
 :func:`fold`) and restarts at pos = 0 with dM = dz = 0; the cache needs no
 clearing because slots > pos are masked. So N decoded tokens leave the state the
 segment step leaves, and their logits are the segment step's teacher-forced logits.
+
+An ``attend_previous`` model also reads ``past`` (L, 2, B, H_kv, m, d), the keys and values the segment step
+carried (the stream's first SINKS tokens and the previous segment, without RoPE): the query sees them at
+positions 0..m-1 (RoPE applied here) before the cache, whose slot t sits at position m + t. The decode step
+never writes past: the caller commits a filled segment with the segment step instead of folding, which gives
+the next past and the same (M, z) (runtime/stream.py).
 """
 
 from __future__ import annotations
@@ -56,13 +62,14 @@ def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta
     return a.to(a_dot.dtype), d_memory_out, d_norm_out
 
 
-def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None):
+def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None):
     """Write (k, v) at slot ``pos`` and attend to slots 0..pos. Static shapes: no indexing by value.
 
     q: (B, H, 1, d), k: (B, H_kv, 1, d) with RoPE; v: (B, H_kv, 1, d); pos: (B,) int64; caches
     (B, H_kv, N, d) f32: one cache per KV head. The G = H / H_kv query heads of a group attend as G
     query rows of their KV head, (B, H_kv, G, d), so the cache is never repeated. ``scale``: of the logits
-    (None: 1/sqrt(d)).
+    (None: 1/sqrt(d)). ``past`` (attend_previous): (keys with RoPE, values), (B, H_kv, m, d) f32, which the
+    token sees before the cache (:func:`with_past`).
     Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out).
     """
     B, H, _, d = q.shape
@@ -70,20 +77,47 @@ def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None):
     write = (slots == pos[:, None]).view(-1, 1, k_cache.shape[-2], 1)              # (B, 1, N, 1)
     k_cache = torch.where(write, k.float(), k_cache)
     v_cache = torch.where(write, v.float(), v_cache)
-    visible = (slots <= pos[:, None]).view(-1, 1, 1, k_cache.shape[-2])            # (B, 1, 1, N)
+    keys, values, visible = with_past(k_cache, v_cache, pos[:, None], past)        # visible (B, 1, m + N)
     grouped = q.float().reshape(B, k_cache.shape[1], -1, d)                        # (B, H_kv, G, d)
-    a_dot = F.scaled_dot_product_attention(grouped, k_cache, v_cache, attn_mask=visible, scale=scale)
+    a_dot = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible.unsqueeze(1), scale=scale)
     return a_dot.reshape(B, H, 1, d).to(q.dtype), k_cache, v_cache
 
 
-def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
-    """InfiniAttention for one token. x: (B, 1, D); per-layer state slices. Returns (y, k_c, v_c, dM, dz)."""
+def with_past(k_cache, v_cache, at, past=None):
+    """The keys and values a query sees, and which: (keys, values (B, H_kv, m + N, d), visible (B, n, m + N)).
+
+    ``at`` (B, n): each query's slot in the cache; it sees cache slots up to its own. ``past`` (attend_previous):
+    (keys, values) (B, H_kv, m, d) carried from earlier segments, keys with RoPE at 0..m-1, which every query
+    sees before the cache (whose slot t sits at position m + t). m may be 0, and symbolic in an export."""
+    N = k_cache.shape[-2]
+    if past is None:
+        return k_cache, v_cache, torch.arange(N, device=at.device).view(1, 1, N) <= at[:, :, None]
+    keys, values = (torch.cat((p.float(), c), dim=2) for p, c in zip(past, (k_cache, v_cache)))  # (B, H_kv, m+N, d)
+    m = keys.shape[2] - N
+    cols = torch.arange(keys.shape[2], device=at.device).view(1, 1, -1)                         # (1, 1, m+N)
+    return keys, values, (cols < m) | (cols - m <= at[:, :, None])
+
+
+def rotated_past(attn: InfiniAttention, past, dtype):
+    """An attend_previous layer's past (keys, values) (B, H_kv, m, d) without RoPE -> keys with RoPE at
+    positions 0..m-1, in the activations' ``dtype`` (float32 past cast as the segment step casts it, so that
+    both round alike), values as they are; None stays None."""
+    if past is None:
+        return None
+    keys, values = past
+    return attn.rotate(keys.to(dtype)), values.to(dtype)
+
+
+def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+    """InfiniAttention for one token. x: (B, 1, D); per-layer state slices; ``past`` (attend_previous): the
+    layer's (keys, values) without RoPE, (B, H_kv, m, d). Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
     B = x.shape[0]
     q, k, v = attn.project(x)                                                       # (B, H, 1, d), (B, H_kv, 1, d)
-    at = positions(pos, 1)                                                          # (B, 1)
+    m = 0 if past is None else past[0].shape[2]
+    at = positions(pos + m, 1)                                                      # (B, 1): after the past
     a_dot, k_cache, v_cache = cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache, v_cache,
-                                              cfg.query_scale)
+                                              cfg.query_scale, rotated_past(attn, past, k.dtype))
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, 1, cfg.n_head * cfg.d_head))
@@ -91,22 +125,25 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
 
 
 def block_decode(block: Block, x, pos, *state):
-    h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state)
+    h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state)   # state (and past)
     return (block.feed_forward(x, h), *state)
 
 
-def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
+def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
     """The decode step, a pure function (see the module docstring).
 
     token, pos: (B,) int64, 0 <= pos < N;  memory (L, B, H_kv, d, d), norm (L, B, H_kv, d) f32: read only;
     k_cache, v_cache (L, B, H_kv, N, d), d_memory (L, B, H_kv, d, d), d_norm (L, B, H_kv, d): f32.
+    ``past`` (attend_previous models, read only): (L, 2, B, H_kv, m, d) f32, the segment step's past for this
+    segment (:meth:`InfiniTransformer.step`); the token sits at position m + pos.
     Returns (logits (B, V), k_cache_out, v_cache_out, d_memory_out, d_norm_out): new tensors.
     Inputs are not checked here (it is traced for export): runners check them.
     """
     x = model.embed(token[:, None])                                          # (B, 1, D)
     outs = []
     for i, layer in enumerate(model.layers):
-        x, *state = block_decode(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i])
+        x, *state = block_decode(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i],
+                                 None if past is None else (past[i, 0], past[i, 1]))
         outs.append(state)
     logits = model.lm_head(model.norm(x))[:, 0]                              # (B, V)
     return (logits, *(torch.stack(s) for s in zip(*outs)))
@@ -119,8 +156,8 @@ class DecodeStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm):
-        return decode_step(self.model, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm)
+    def forward(self, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+        return decode_step(self.model, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past)
 
 
 def initial_decode_state(config: InfiniConfig, batch: int = 1, device=None):

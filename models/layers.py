@@ -161,4 +161,8 @@ def local_attention(q, k, v, past=None, scale: float | None = None):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     # key j <= past + i, from the shapes alone (past = m - n), so an export keeps it symbolic
     visible = (torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n))
+    if q.dtype != torch.float32:   # in float32, as the decode and chunk steps attend over their float32 cache
+        # (and torch.onnx's masked decomposition would scale a half q by a float32 constant: an invalid graph)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible,
+                                              scale=scale).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)

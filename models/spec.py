@@ -53,6 +53,13 @@ PAST_OUT_LEN = "past_out_len"   # min(past_len, SINKS) + n
 EMPTY_DIMS = {PAST_LEN}         # symbolic dims a feed may hold 0 of (every other one is at least 1)
 
 
+def output_dims(sizes: dict) -> dict:
+    """The symbolic dims of a step's outputs from those of its inputs (``sizes``: dim name -> size)."""
+    if PAST_LEN in sizes and SEQ in sizes:
+        return {**sizes, PAST_OUT_LEN: min(sizes[PAST_LEN], SINKS) + sizes[SEQ]}
+    return sizes
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -96,7 +103,7 @@ def past_spec(config: InfiniConfig, output: bool = False) -> TensorSpec:
 def segment_inputs(config: InfiniConfig) -> list[TensorSpec]:
     tokens = TensorSpec(TOKENS, "int64", (BATCH, SEQ), {SEQ: config.segment_len},
                         (0, config.vocab_size - 1))
-    return [tokens, *state_specs(config), *([past_spec(config)] if config.attend_previous else [])]
+    return [tokens, *state_specs(config), *_past_input(config)]
 
 
 def segment_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
@@ -117,10 +124,15 @@ def decode_state_specs(config: InfiniConfig, suffix: str = "") -> list[TensorSpe
 
 def decode_inputs(config: InfiniConfig) -> list[TensorSpec]:
     """token (batch,), pos (batch,) = tokens already in the current segment (0..N-1), memory, norm
-    (read only), then the decode state. The order is the argument order of models.decode.decode_step."""
+    (read only), then the decode state, and past (read only) for an attend_previous model: the segment step's
+    past for the current segment. The order is the argument order of models.decode.decode_step."""
     token = TensorSpec(TOKEN, "int64", (BATCH,), value_range=(0, config.vocab_size - 1))
     pos = TensorSpec(POS, "int64", (BATCH,), value_range=(0, config.segment_len - 1))
-    return [token, pos, *state_specs(config), *decode_state_specs(config)]
+    return [token, pos, *state_specs(config), *decode_state_specs(config), *_past_input(config)]
+
+
+def _past_input(config: InfiniConfig) -> list[TensorSpec]:
+    return [past_spec(config)] if config.attend_previous else []
 
 
 def decode_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
@@ -133,7 +145,7 @@ def chunk_inputs(config: InfiniConfig) -> list[TensorSpec]:
     then the decode state: the argument order of models.chunk.chunk_step (pos + n <= N is the caller's)."""
     tokens = TensorSpec(TOKENS, "int64", (BATCH, SEQ), {SEQ: config.segment_len}, (0, config.vocab_size - 1))
     pos = TensorSpec(POS, "int64", (BATCH,), value_range=(0, config.segment_len - 1))
-    return [tokens, pos, *state_specs(config), *decode_state_specs(config)]
+    return [tokens, pos, *state_specs(config), *decode_state_specs(config), *_past_input(config)]
 
 
 def chunk_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[TensorSpec]:
@@ -143,10 +155,6 @@ def chunk_outputs(config: InfiniConfig, logits_dtype: str = "float32") -> list[T
 
 def graph_specs(graph: str, config: InfiniConfig, logits_dtype: str = "float32"):
     """(inputs, outputs) of one graph: "segment", "decode" or "chunk"."""
-    if config.attend_previous and graph != "segment":   # every runner, export and manifest asks here first
-        raise BadInputError(f"this model's local attention also sees the previous segment (attend_previous): it has "
-                            f"a segment step only, no {graph} step yet (runtime.past_stream.PastStream streams and "
-                            f"generates with the segment step alone)")
     if graph == "segment":
         return segment_inputs(config), segment_outputs(config, logits_dtype)
     if graph == "decode":

@@ -157,18 +157,13 @@ def open_stream(model: str, backend: str = "auto", device: str = "cpu", threads:
                 autocast: str = "off", batch: int = 1, net: InfiniTransformer | None = None):
     """(a stream of ``batch`` rows over MODEL's segment, decode and chunk steps on one backend, the backend's name).
 
-    One torch model serves all three steps. A model whose local attention also sees the previous segment
-    (attend_previous) streams through runtime.past_stream.PastStream, over its segment step alone."""
+    One torch model serves all three steps; the stream carries an attend_previous model's past (runtime/stream.py)."""
     from .stream import Stream
 
     backend = choose_backend(model, backend)
     if backend == "torch":
         net = net if net is not None else load_model(model, seed)
     runner, backend = open_runner(model, backend, "segment", device, threads, seed, autocast, net)
-    if runner.config.attend_previous:   # its step carries the previous segment: no decode or chunk graph yet
-        from .past_stream import PastStream
-
-        return PastStream(runner, batch), backend
     steps = {g: open_runner(model, backend, g, device, threads, seed, autocast, net)[0] if has_graph(model, backend, g)
              else None for g in ("decode", "chunk")}
     return Stream(runner, batch, decode_runner=steps["decode"], chunk_runner=steps["chunk"]), backend

@@ -4,6 +4,7 @@ Tensors (all float32 but the token buffer):
 
     memory (L, B, H_kv, d, d)   norm (L, B, H_kv, d)   the state after the last committed segment
     pending (B, p) int64                                tokens of the unfinished segment, p < N
+    past (L, 2, B, H_kv, m, d)                          attend_previous models: the keys and values carried
     k_cache, v_cache (L, B, H_kv, N, d), d_memory, d_norm    only mid-generation: the decode cache
 
 The safetensors metadata names the model and the position: format and version, the config digest (and the
@@ -27,13 +28,14 @@ from safetensors.torch import load_file, save_file
 from ..atomic import atomic_file
 from ..errors import BadInputError, IncompatibleArtifactError
 from ..models.checkpoint import tensors_digest, weights_digest
+from ..models.config import SINKS
 from ..paths import check_input_file, parse_json
 from .runner import BaseRunner
 
 FORMAT = "infini-deploy-snapshot"
 FORMAT_VERSION = 2          # 2: the metadata is inside the integrity hash; 1 is still read
 CACHE = ("k_cache", "v_cache", "d_memory", "d_norm")
-TENSORS = ("memory", "norm", "pending", *CACHE)
+TENSORS = ("memory", "norm", "pending", "past", *CACHE)
 META = ("format", "format_version", "config_digest", "graphs", "weights", "precision", "config", "batch",
         "position", "segments", "cached")
 MAX_COUNT = 1 << 62         # position and segment counters: any real stream stays far below
@@ -73,6 +75,8 @@ def save_snapshot(stream, path, force: bool = False) -> Path:
     if not isinstance(path, (str, Path)) or not str(path):
         raise BadInputError(f"a snapshot needs a file name, got {path!r}")
     tensors = {"memory": stream.memory, "norm": stream.norm, "pending": stream.pending}
+    if stream.past is not None:
+        tensors["past"] = stream.past
     if stream.cached:
         tensors.update(zip(CACHE, stream.cache))
     tensors = {k: v.detach().to("cpu", torch.int64 if k == "pending" else torch.float32).contiguous()
@@ -172,6 +176,16 @@ def check_shapes(path, meta: dict, tensors: dict, config) -> dict:
     B = counts["batch"]
     L, H, d, N = config.n_layer, config.kv_heads, config.d_head, config.segment_len   # state per KV head
     expected = {"memory": (L, B, H, d, d), "norm": (L, B, H, d)}
+    if config.attend_previous:   # its length: what the segments committed so far leave (models/model.py)
+        m = tensors["past"].shape[4] if "past" in tensors and tensors["past"].dim() == 6 else -1
+        if not (m == 0 if counts["segments"] == 0 else 0 < m <= N + SINKS):
+            raise IncompatibleArtifactError(f"{path}: its past holds {m if m >= 0 else 'no'} keys after "
+                                            f"{counts['segments']} segments; expected "
+                                            + ("none" if counts["segments"] == 0 else f"1 to {N + SINKS}") + " (corrupt)")
+        expected["past"] = (L, 2, B, H, m, d)
+    elif "past" in tensors:
+        raise IncompatibleArtifactError(f"{path}: holds past keys and values, but this model's local attention is "
+                                        "segment-local (a snapshot of an attend_previous model?)")
     if counts["cached"]:
         expected.update(k_cache=(L, B, H, N, d), v_cache=(L, B, H, N, d), d_memory=(L, B, H, d, d), d_norm=(L, B, H, d))
     for name in set(CACHE) - set(expected):

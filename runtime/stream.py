@@ -1,4 +1,4 @@
-"""A stream owns the state (M, z) across segments over any runner.
+"""A stream owns the state (M, z), and past for an attend_previous model, across segments over any runner.
 
 Input of any length (arrays, or an iterator of chunks such as a file read
 piece by piece) is cut into segments of exactly N tokens; the tokens of an
@@ -9,6 +9,12 @@ Nothing kept here grows with the stream.
 Generation (``generate``) needs a second runner for the decode step: it keeps
 the unfinished segment as a fixed-size KV cache plus its pending memory
 update, and folds that into (M, z) when the segment fills (models/decode.py).
+
+A model whose local attention also sees the previous segment (``attend_previous``) carries a third piece of
+state, ``past`` (models/spec.py): the same stream runs it, the decode and chunk steps reading past as the
+segment step left it. A segment such a model fills by decoding is committed by its segment step over the N
+tokens (that is what produces the next past: the cache holds keys with RoPE, past keeps them without), so
+its state is exactly the one feeding the same tokens leaves.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from tqdm.auto import tqdm
 from ..errors import BadInputError, InfiniError
 from ..limits import check_fits
 from ..models import spec
+from ..models.config import SINKS
 from ..models.decode import fold, initial_decode_state
-from .feeding import feed_streams
+from .feeding import feed_streams, segment_state
 from .runner import BaseRunner
 from .sampling import Sampling, check_max_new_tokens, decode_loop
 from .tokens import as_tokens, check_ids, check_state_finite, stop_tensor
@@ -43,10 +50,6 @@ class Stream:
         if spec.TOKENS not in {s.name for s in runner.input_specs}:
             raise BadInputError(f"runner runs a graph with inputs {[s.name for s in runner.input_specs]}; a Stream "
                                 "needs the segment step's (pass the decode runner as decode_runner=)")
-        if spec.PAST in {s.name for s in runner.input_specs}:
-            raise BadInputError("this model attends to the previous segment (attend_previous): its step carries past "
-                                "keys and values; stream it with runtime.past_stream.PastStream (`infini passkey`, `infini eval "
-                                "ppl`, `infini generate`, `infini demo`)")
         if not runner.is_active:
             runner.activate()
         self.runner = runner
@@ -58,26 +61,30 @@ class Stream:
         self.batch = batch
         cfg = self.config
         cache = 2 * cfg.n_layer * cfg.kv_heads * cfg.segment_len * cfg.d_head * 4 if decode_runner or chunk_runner else 0
-        check_fits(self.batch * (2 * cfg.state_bytes(1) + cache) + cfg.step_bytes(self.batch),
+        check_fits(self.batch * (2 * (cfg.state_bytes(1) + cfg.past_bytes(1)) + cache)
+                   + cfg.step_bytes(self.batch, cfg.segment_len + (cfg.segment_len + SINKS) * cfg.attend_previous),
                    f"a stream of batch {self.batch}")
         self.check_finite = check_finite
         self.reset()
 
     def reset(self) -> None:
-        """Back to the initial state M = 0, z = 0 and an empty segment buffer."""
+        """Back to the initial state M = 0, z = 0 (no past keys) and an empty segment buffer."""
         cfg, B = self.config, self.batch
         memory_shape, norm_shape = cfg.state_shape(B)                      # (L, B, H_kv, d, d), (L, B, H_kv, d)
         self.memory = torch.zeros(memory_shape, device=self.runner.device)
         self.norm = torch.zeros(norm_shape, device=self.runner.device)
+        self.past = (torch.zeros(cfg.n_layer, 2, B, cfg.kv_heads, 0, cfg.d_head, device=self.runner.device)
+                     if cfg.attend_previous else None)                     # (L, 2, B, H_kv, m, d)
         self.pending = torch.zeros(B, 0, dtype=torch.int64)  # tokens of the unfinished segment, < N
         self.position = 0                                     # tokens fed so far
         self.segments = 0                                     # segments committed to the state
         self._reset_cache()
 
     @property
-    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(memory, norm) after the last *full* segment; pending tokens are not in it yet."""
-        return self.memory, self.norm
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """(memory, norm), and past for an attend_previous model, after the last *full* segment; pending
+        tokens are not in it yet."""
+        return (self.memory, self.norm) if self.past is None else (self.memory, self.norm, self.past)
 
     def feed(self, tokens, keep: str = "last"):
         """Feed tokens (B, n) (or (n,) when batch is 1) of any length n >= 0; see the class docstring.
@@ -117,13 +124,7 @@ class Stream:
         """
         if not self.pending.shape[1]:
             return None
-        logits, memory, norm = self._run(self.pending, self.memory, self.norm)
-        if self.check_finite:
-            check_state_finite(memory, norm, self.segments)
-        self.memory, self.norm, self.pending = memory, norm, self.pending[:, :0]
-        self.segments += 1
-        self._reset_cache()
-        return logits
+        return self._commit()
 
     def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_tokens: Iterable[int] = (),
@@ -158,7 +159,7 @@ class Stream:
 
     # -- snapshots (runtime/snapshot.py) ---------------------------------------------------------
     def save(self, path, force: bool = False):
-        """Write the whole state (M, z, the pending tokens, the decode cache mid-generation) to ``path``.
+        """Write the whole state (M, z, past, the pending tokens, the decode cache mid-generation) to ``path``.
 
         A safetensors file naming the model; written atomically. Refuses an existing file unless ``force``.
         """
@@ -185,6 +186,8 @@ class Stream:
         if check_finite:
             check_state_finite(memory, norm, counts["segments"])
         stream.memory, stream.norm, stream.pending = memory, norm, tensors["pending"]
+        if stream.past is not None:
+            stream.past = tensors["past"].to(device)
         stream.position, stream.segments, stream._cached = counts["position"], counts["segments"], counts["cached"]
         if stream._cached:
             stream._cache = tuple(tensors[name].to(device) for name in CACHE)
@@ -194,6 +197,7 @@ class Stream:
         """An independent copy of this stream over the same runners: both continue from here."""
         other = Stream(self.runner, self.batch, self.check_finite, self.decode_runner, self.chunk_runner)
         other.memory, other.norm, other.pending = self.memory.clone(), self.norm.clone(), self.pending.clone()
+        other.past = None if self.past is None else self.past.clone()
         other.position, other.segments, other._cached = self.position, self.segments, self._cached
         other._cache = tuple(t.clone() for t in self._cache)
         return other
@@ -203,11 +207,12 @@ class Stream:
         """How many of the pending tokens are in the decode cache (the rest wait for the next decode or chunk step)."""
         return self._cached
 
-    def advance(self, memory, norm, pending, segments: int, tokens: int, cache: tuple | None = None) -> None:
-        """Take what a feed computed (runtime/feeding.py): the state after ``segments`` more committed segments,
-        the new unfinished segment ``pending``, ``tokens`` more fed, and ``cache`` when the chunk step put the
-        whole unfinished segment in the decode cache."""
-        self.memory, self.norm, self.pending = memory, norm, pending
+    def advance(self, state: tuple, pending, segments: int, tokens: int, cache: tuple | None = None) -> None:
+        """Take what a feed computed (runtime/feeding.py): the state (memory, norm[, past]) after ``segments``
+        more committed segments, the new unfinished segment ``pending``, ``tokens`` more fed, and ``cache`` when
+        the chunk step put the whole unfinished segment in the decode cache."""
+        self.memory, self.norm, self.past = (*state, None)[:3]
+        self.pending = pending
         self.segments += segments
         if segments:
             self._reset_cache()   # the decode cache held the segment just committed by the segment step
@@ -281,6 +286,8 @@ class Stream:
         feed = {token_input: tokens, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
                 spec.MEMORY: self.memory, spec.NORM: self.norm}
         feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
+        if self.past is not None:
+            feed[spec.PAST] = self.past
         out = runner.infer(feed)
         self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
                                                    spec.D_MEMORY_OUT, spec.D_NORM_OUT))
@@ -289,7 +296,11 @@ class Stream:
         return out[spec.LOGITS]
 
     def _fold(self) -> None:
-        """The segment filled by decoding: M += dM, z += dz, and start a new segment."""
+        """The segment filled by decoding: M += dM, z += dz, and start a new segment. An attend_previous model
+        commits it with its segment step instead (the next past comes from there)."""
+        if self.past is not None:
+            self._commit()
+            return
         memory, norm = fold(self.memory, self.norm, self._cache[2], self._cache[3])
         if self.check_finite:
             check_state_finite(memory, norm, self.segments)
@@ -297,9 +308,18 @@ class Stream:
         self.segments += 1
         self._reset_cache()
 
-    def _run(self, segment: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
-        out = self.runner.infer({spec.TOKENS: segment, spec.MEMORY: memory, spec.NORM: norm})
-        return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
+    def _commit(self) -> torch.Tensor:
+        """Commit the pending tokens (a full segment, or a partial one: flush) by the segment step; its logits."""
+        out = self.runner.infer({spec.TOKENS: self.pending, **segment_state(self.state)})
+        memory, norm = out[spec.MEMORY_OUT], out[spec.NORM_OUT]
+        if self.check_finite:
+            check_state_finite(memory, norm, self.segments)
+        self.memory, self.norm, self.pending = memory, norm, self.pending[:, :0]
+        self.past = out.get(spec.PAST_OUT)
+        self.segments += 1
+        self._reset_cache()
+        return out[spec.LOGITS]
+
 
 
 def _check_step_runner(runner: BaseRunner, other: BaseRunner | None, what: str, token_input: str):

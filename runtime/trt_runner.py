@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
+from ..models import spec
 from ..models.manifest import load_manifest
 from .trt_shim import TITLES, Logger, check_engine, load
 from .runner import TORCH_DTYPES, BaseRunner
@@ -88,7 +89,9 @@ class TrtRunner(BaseRunner):
                                self.trt.targets_compute_capability)
         self.cuda_graphs = cuda_graphs
         outputs = {s.name for s in entry.outputs}
-        self.state_names = [s.name for s in entry.inputs if s.name + OUT in outputs]
+        # state kept in two static buffers, read and written in turn; past is copied in and out like any
+        # other tensor: the segment step's past_out is longer than its past while the stream starts
+        self.state_names = [s.name for s in entry.inputs if s.name + OUT in outputs and s.name != spec.PAST]
 
     def activate_impl(self):
         self._logger = Logger(self.trt)
@@ -130,10 +133,11 @@ class TrtRunner(BaseRunner):
     def _allocate(self, feed) -> dict:
         like = {s.name: torch.empty_like(feed[s.name], device=self.device) for s in self.input_specs}
         state = [{n: like[n] for n in self.state_names}, {n: torch.empty_like(like[n]) for n in self.state_names}]
-        sizes = {d: n for s in self.input_specs for d, n in zip(s.shape, feed[s.name].shape) if isinstance(d, str)}
+        sizes = spec.output_dims({d: n for s in self.input_specs for d, n in zip(s.shape, feed[s.name].shape)
+                                  if isinstance(d, str)})
         outputs = {s.name: torch.empty([sizes.get(d, d) for d in s.shape], dtype=TORCH_DTYPES[s.dtype],
                                        device=self.device)
-                   for s in self.output_specs if not s.name.endswith(OUT)}
+                   for s in self.output_specs if s.name.removesuffix(OUT) not in self.state_names}
         inputs = {n: t for n, t in like.items() if n not in self.state_names}
         return {"inputs": inputs, "state": state, "outputs": outputs}
 

@@ -75,6 +75,17 @@ def tiny_fp32(export_factory):
 
 
 @pytest.fixture(scope="session")
+def previous_fp32(tmp_path_factory):
+    """A tiny attend_previous export (tests/helpers.py model_for(seed=3, n_kv_head=1): N = 8, GQA), fp32."""
+    from infini_deploy.export.exporter import export_model
+    from helpers import model_for
+
+    out = tmp_path_factory.mktemp("exports") / "previous-fp32"
+    export_model(model_for(seed=3, n_kv_head=1).float(), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def built_factory(export_factory, tmp_path_factory):
     """built_factory(precision) -> a copy of the tiny export with TensorRT engines, cached.
 

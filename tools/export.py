@@ -44,9 +44,6 @@ def export(model, out_dir, precision, opset, fused, seed, force):
         chunk = manifest.validation["chunk"]
         click.echo(f"validated chunk.onnx against torch (pieces of {', '.join(map(str, chunk['pieces']))} "
                    f"tokens): {_figures(chunk, quantized)}")
-    else:   # attend_previous: the segment step carries the previous segment's keys and values; no decode step yet
-        click.echo("segment.onnx also carries the previous segment's keys and values (attend_previous): no decode or "
-                   "chunk graph; generation runs the segment graph (runtime/past_stream.py)")
     sizes = ", ".join(f"{name} {human_bytes((Path(out_dir) / name).stat().st_size)}" for name in manifest.files
                       if name.endswith((".onnx", ".onnx.data")))
     click.echo(f"export {manifest.validation['export_s']:.1f} s, validation {manifest.validation['validate_s']:.1f} s; "

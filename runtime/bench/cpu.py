@@ -78,7 +78,7 @@ def build_inputs(model, stream_ids: np.ndarray, contexts: list[int], path: Path)
     tensors = {"stream": ids}
     for L in sorted(contexts):
         stream.feed(ids[:, stream.position:L], keep="none")
-        memory, norm = stream.state
+        memory, norm = stream.state[:2]
         tensors[f"memory.{L}"], tensors[f"norm.{L}"] = memory.contiguous(), norm.contiguous()
     save_file(tensors, str(path))
 

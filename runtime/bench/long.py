@@ -20,7 +20,7 @@ from ..stream import Stream
 
 def state_magnitudes(stream: Stream) -> dict[str, list[float]]:
     """Per layer: max |z| and max |M| of the committed state (over batch and heads)."""
-    memory, norm = stream.state
+    memory, norm = stream.state[:2]
     return {"max_abs_z": [float(x) for x in norm.abs().flatten(1).amax(1)],
             "max_abs_m": [float(x) for x in memory.abs().flatten(1).amax(1)]}
 

@@ -195,11 +195,12 @@ def decode_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner,
     source = TokenSource(cfg.vocab_size, seed, batch, text)
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
     memory, cache = _prefilled(prefill, runners, source)
-    rows, precision_rows = [], []
+    rows, precision_rows, segment = [], [], []
     for t in range(tokens):
         pos = t % N
         token = source(1)[:, 0]
-        outs = _cached_steps(runners, spec.TOKEN, token, pos, 1, memory, cache)
+        segment = [*segment[:pos], token[:, None]]
+        outs = _cached_steps(runners, spec.TOKEN, token, pos, 1, memory, cache, prefill, segment)
         rows.append(_decode_row(t, pos, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N))
         if precision is not None:
             precision_rows.append(_decode_row(t, pos, outs[PRECISION], outs["__ref__"], memory[PRECISION],
@@ -223,11 +224,12 @@ def chunk_drift(reference: BaseRunner, runner: BaseRunner, prefill: BaseRunner, 
     source = TokenSource(cfg.vocab_size, seed, batch, text)
     runners = {"__ref__": reference, "runner": runner, **({PRECISION: precision} if precision is not None else {})}
     memory, cache = _prefilled(prefill, runners, source)
-    rows, precision_rows, t = [], [], 0
+    rows, precision_rows, t, segment = [], [], 0, []
     for n in pieces:
         pos = t % N
         tokens = source(n)
-        outs = _cached_steps(runners, spec.TOKENS, tokens, pos, n, memory, cache)
+        segment = [*(segment if pos else []), tokens]
+        outs = _cached_steps(runners, spec.TOKENS, tokens, pos, n, memory, cache, prefill, segment)
         last = pos + n - 1
         rows.append({**_decode_row(t, last, outs["runner"], outs["__ref__"], memory["runner"], memory["__ref__"], N),
                      "n": n})
@@ -244,29 +246,36 @@ def _prefilled(prefill: BaseRunner, runners: dict, source: TokenSource) -> tuple
     from ...models.decode import initial_decode_state
 
     cfg, batch = prefill.config, source.batch
-    first = source(cfg.segment_len)
-    memory, norm = reference_state(cfg, batch)
-    out = prefill.infer({spec.TOKENS: first, spec.MEMORY: memory, spec.NORM: norm})
-    start = (out[spec.MEMORY_OUT].float().cpu(), out[spec.NORM_OUT].float().cpu())
+    state = {"prefill": reference_state(cfg, batch)}
+    _step(prefill, source(cfg.segment_len), state, "prefill")
+    start = tuple(t.float().cpu() for t in state["prefill"])   # (memory, norm[, past])
     return {name: start for name in runners}, {name: initial_decode_state(cfg, batch) for name in runners}
 
 
-def _cached_steps(runners: dict, token_input: str, tokens, pos: int, n: int, memory: dict, cache: dict) -> dict:
+def _cached_steps(runners: dict, token_input: str, tokens, pos: int, n: int, memory: dict, cache: dict,
+                  prefill: BaseRunner, segment: list) -> dict:
     """The decode or chunk step of n tokens at ``pos`` through every runner, each on its own cache (updated in
-    ``cache``); when the segment fills, each folds its pending update into its own ``memory``. Their outputs."""
+    ``cache``) and state ``memory`` (memory, norm[, past]: read only). When the segment fills, each folds its
+    pending update into its own state; an attend_previous model's state is committed by ``prefill``'s segment
+    step over the segment's tokens (``segment``: its pieces so far) instead, as runtime/stream.py does. Their
+    outputs."""
     from ...models.decode import fold, initial_decode_state
 
     cfg, batch = next(iter(runners.values())).config, tokens.shape[0]
     outs = {}
     for name, r in runners.items():
         feed = {token_input: tokens, spec.POS: torch.full((batch,), pos, dtype=torch.int64),
-                spec.MEMORY: memory[name][0], spec.NORM: memory[name][1],
+                **{i: x for (i, _), x in zip(STATE, memory[name])},
                 **{i: x for (i, _), x in zip(DECODE_STATE, cache[name])}}
         outs[name] = {k: v.detach().float().cpu() for k, v in r.infer(feed).items()}
         cache[name] = tuple(outs[name][o] for _, o in DECODE_STATE)
     if pos + n == cfg.segment_len:   # the segment filled: each folds its own pending update
         for name in runners:
-            memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
+            if cfg.attend_previous:
+                _step(prefill, torch.cat(segment, dim=1), memory, name)
+                memory[name] = tuple(t.float().cpu() for t in memory[name])
+            else:
+                memory[name] = fold(*memory[name], cache[name][2], cache[name][3])
             cache[name] = initial_decode_state(cfg, batch)
     return outs
 

@@ -50,14 +50,12 @@ def stream_nll(stream: Stream, tokens: np.ndarray) -> dict:
 def held_out_nll(model, tokens: np.ndarray, autocast: str | None = None) -> dict:
     """:func:`stream_nll` of a torch model as deployed (a stream over its segment step, in ``autocast``): the
     held-out figure of a training run. ``tokens`` shorter than 2 give a NaN perplexity."""
-    from ..past_stream import PastStream
     from ..torch_runner import TorchRunner
 
     if len(tokens) < 2:
         return {"tokens": 0, "ppl": float("nan"), "nll": float("nan"), "by_position": []}
     runner = TorchRunner(model, autocast=autocast)
-    stream = PastStream(runner) if model.config.attend_previous else Stream(runner)
-    return stream_nll(stream, tokens)
+    return stream_nll(Stream(runner), tokens)
 
 
 def full_attention_nll(model, tokens: np.ndarray, context: int) -> dict:

@@ -140,11 +140,15 @@ def test_plugin_needs_full_tensorrt(tiny_fp32):
 
 
 def test_profile_ranges_are_checked():
-    assert dim_ranges(BuildOptions(), 64) == {"batch": (1, 1, 8), "n": (1, 64, 64)}
+    from infini_deploy.models.config import SINKS, preset
+
+    cfg = preset("tiny")   # segment_len 64
+    assert dim_ranges(BuildOptions(), cfg) == {"batch": (1, 1, 8), "n": (1, 64, 64)}
+    assert dim_ranges(BuildOptions(), preset("tiny", attend_previous=True))["past_len"] == (0, 64 + SINKS, 64 + SINKS)
     with pytest.raises(BadInputError, match="--max-n 65 is more than the segment length 64"):
-        dim_ranges(BuildOptions(max_n=65), 64)
+        dim_ranges(BuildOptions(max_n=65), cfg)
     with pytest.raises(BadInputError, match=r"'batch' must satisfy 1 <= min <= opt <= max; got 4, 2, 8"):
-        dim_ranges(BuildOptions(min_batch=4, opt_batch=2), 64)
+        dim_ranges(BuildOptions(min_batch=4, opt_batch=2), cfg)
 
 
 def test_no_tensorrt_module_says_what_to_install(monkeypatch):

@@ -1,6 +1,7 @@
 """An attend_previous model exported: its segment graph carries ``past`` (the previous segment's keys and values
-and the stream's first SINKS tokens') as a third piece of state, onnxruntime streams it through PastStream, and
-the paths that do not carry it yet (decode, serving, TensorRT, --fused) refuse it in one line.
+and the stream's first SINKS tokens') as a third piece of state, its decode and chunk graphs read it, onnxruntime
+streams and generates through one Stream, a TensorRT-RTX engine builds, and --fused (no past in its attention
+yet) refuses it in one line.
 
 Checked against the float64 re-computation from the definition of tests/models/test_model_attend_previous.py."""
 
@@ -16,24 +17,22 @@ from infini_deploy.export.exporter import export_model
 from infini_deploy.models import spec
 from infini_deploy.models.config import SINKS
 from infini_deploy.runtime.ort_runner import OrtRunner
-from infini_deploy.runtime.past_stream import PastStream
+from infini_deploy.runtime.stream import Stream
+from infini_deploy.runtime.torch_runner import TorchRunner
 
 from helpers import model_for, reference
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(previous_fp32):
     """(float64 model, export folder) of a tiny attend_previous model with grouped-query attention."""
-    model = model_for(seed=3, n_kv_head=1)
-    folder = tmp_path_factory.mktemp("prev") / "exp"
-    export_model(model.float(), folder)
-    return model.double(), folder
+    return model_for(seed=3, n_kv_head=1).double(), previous_fp32
 
 
 def test_the_export_has_a_segment_graph_with_past_in_and_out(exported):
     model, folder = exported
     manifest = json.loads((folder / "infini.json").read_text())
-    assert list(manifest["graphs"]) == ["segment"] and not (folder / "decode.onnx").exists()
+    assert list(manifest["graphs"]) == ["segment", "decode", "chunk"]
     cfg = model.config
     inputs = {t["name"]: t for t in manifest["graphs"]["segment"]["inputs"]}
     outputs = {t["name"]: t for t in manifest["graphs"]["segment"]["outputs"]}
@@ -41,13 +40,17 @@ def test_the_export_has_a_segment_graph_with_past_in_and_out(exported):
     assert inputs["past"]["max_dims"] == {"past_len": cfg.segment_len + SINKS} and inputs["past"]["dtype"] == "float32"
     assert outputs["past_out"]["shape"] == [cfg.n_layer, 2, "batch", cfg.kv_heads, "past_out_len", cfg.d_head]
     assert manifest["validation"]["worst"]["past_rel"] < 1e-5   # validated: past compared too
+    for graph in ("decode", "chunk"):   # past read, not written: the segment step commits
+        graph_inputs = {t["name"]: t for t in manifest["graphs"][graph]["inputs"]}
+        assert graph_inputs["past"] == inputs["past"]
+        assert "past_out" not in {t["name"] for t in manifest["graphs"][graph]["outputs"]}
 
 
 def test_onnxruntime_streams_the_definition(exported):
     """Five segments (past empty, N, then SINKS + N) and a partial one, fed in uneven chunks."""
     model, folder = exported
     tokens = torch.randint(0, 260, (2, 45), generator=torch.Generator().manual_seed(0))
-    stream = PastStream(OrtRunner(folder), batch=2)
+    stream = Stream(OrtRunner(folder), batch=2)
     got = [stream.feed(tokens[:, a:b], keep="all") for a, b in ((0, 3), (3, 20), (20, 21), (21, 45))]
     got = torch.cat(got, dim=1)
     for row in range(2):
@@ -55,13 +58,23 @@ def test_onnxruntime_streams_the_definition(exported):
     assert stream.segments == 5 and stream.state[2].shape[4] == SINKS + model.config.segment_len
 
 
+def _steps(make, batch=2):
+    return Stream(make(), batch, decode_runner=make(graph="decode"), chunk_runner=make(graph="chunk"))
+
+
 def test_generation_through_onnxruntime_is_torch_s(exported):
+    """A prompt ending mid-segment (chunk step), then 2N + 3 tokens by the decode step over two boundaries."""
     model, folder = exported
-    prompt = torch.randint(0, 260, (2, 21), generator=torch.Generator().manual_seed(1))
-    ours = PastStream(OrtRunner(folder), batch=2).generate(prompt, 12)
-    torchs = PastStream(model.float(), batch=2).generate(prompt, 12)
+    N = model.config.segment_len
+    prompt = torch.randint(0, 260, (2, N + 5), generator=torch.Generator().manual_seed(1))
+    ours = _steps(lambda graph="segment": OrtRunner(folder, graph=graph)).generate(prompt, 2 * N + 3)
+    net = model.float()
+    torchs = _steps(lambda graph="segment": TorchRunner(net, graph=graph)).generate(prompt, 2 * N + 3)
+    with torch.no_grad():
+        forced = net(torch.cat((prompt, ours), dim=1))[0]
     model.double()
-    assert ours.shape == (2, 12) and torch.equal(ours, torchs)
+    assert ours.shape == (2, 2 * N + 3) and torch.equal(ours, torchs)
+    assert torch.equal(forced[:, N + 4:-1].argmax(-1), ours)
 
 
 def test_the_feed_check_takes_an_empty_past_and_refuses_a_long_one(exported):
@@ -78,22 +91,43 @@ def test_the_feed_check_takes_an_empty_past_and_refuses_a_long_one(exported):
         runner.infer({**feed, spec.PAST: too_long})
 
 
-def test_what_does_not_carry_the_past_refuses_it_in_one_line(exported, tmp_path):
-    from infini_deploy.export.engine import BuildOptions, build_engines
-    from infini_deploy.export.triton_repo import write_repository
-    from infini_deploy.runtime.stream import Stream
-
+def test_fused_refuses_it_in_one_line(exported, tmp_path):
     model, folder = exported
-    with pytest.raises(IncompatibleArtifactError, match="has no 'decode' graph; it has: segment"):
-        OrtRunner(folder, graph="decode")
-    with pytest.raises(BadInputError, match="stream it with runtime.past_stream.PastStream"):
-        Stream(OrtRunner(folder))
-    with pytest.raises(BadInputError, match="serving does not carry its past keys and values yet"):
-        write_repository(folder, tmp_path / "repo")
-    with pytest.raises(BadInputError, match="no TensorRT profile covers its past keys and values yet"):
-        build_engines(folder, BuildOptions())
     with pytest.raises(BadInputError, match="cannot attend to the previous segment: export this attend_previous "
                                             "model without --fused"):
         export_model(model.float(), tmp_path / "fused", fused=True)
     model.double()
-    assert not (tmp_path / "repo").exists() and not (tmp_path / "fused").exists()
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.tensorrt
+def test_a_tensorrt_engine_covers_every_past_length(exported, tmp_path):
+    """Profiles for past 0 (a stream's first segment) to N + SINKS, for all three graphs."""
+    import shutil
+
+    from infini_deploy.export.engine import BuildOptions, build_engines
+
+    model, folder = exported
+    copy = tmp_path / "exp"
+    shutil.copytree(folder, copy)
+    engines = build_engines(copy, BuildOptions()).tensorrt["engines"]
+    cfg = model.config
+    assert sorted(engines) == ["chunk", "decode", "segment"]
+    for record in engines.values():
+        past = record["profiles"][0]["past"]
+        assert [p[4] for p in (past["min"], past["opt"], past["max"])] == [0, cfg.segment_len + SINKS,
+                                                                            cfg.segment_len + SINKS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "int8", "int4"])
+def test_every_precision_exports_validated_steps_with_a_float32_past(exported, tmp_path, precision):
+    """Each graph validated against torch (the exporter raises otherwise); past stays float32 like M and z."""
+    model, _ = exported
+    manifest = export_model(model.float(), tmp_path / precision, precision=precision)
+    model.double()
+    assert sorted(manifest.graphs) == ["chunk", "decode", "segment"]
+    for graph in manifest.graphs.values():
+        assert {s.name: s.dtype for s in graph.inputs}["past"] == "float32"
+    assert {s.name: s.dtype for s in manifest.graphs["segment"].outputs}["past_out"] == "float32"
+    assert {"decode", "chunk"} <= set(manifest.validation) and "past_rel" in manifest.validation["worst"]

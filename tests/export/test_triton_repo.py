@@ -78,6 +78,34 @@ def test_the_batch_first_graph_equals_the_export_with_its_state_transposed(tiny_
         np.testing.assert_array_equal(zb, z.transpose(1, 0, 2, 3))
 
 
+def test_an_attend_previous_export_keeps_its_past_as_implicit_state(previous_fp32, tmp_path):
+    """past [L, 2, B, H, m, d] goes batch-first with a variable length that starts at 0; the graph equals the
+    export's with every state transposed, through a stream's first three segments (past 0, N, SINKS + N)."""
+    repo = write_repository(previous_fp32, tmp_path / "repo")
+    cfg = load_manifest(previous_fp32).config
+    L, H, d = cfg.n_layer, cfg.kv_heads, cfg.d_head
+    for name in ("infini_segment_onnx", "infini_segment_trt"):
+        states = {s.input_name: (list(s.dims), [list(i.dims) for i in s.initial_state])
+                  for s in parse(repo / name / "config.pbtxt").sequence_batching.state}
+        assert states["past"] == ([L, 2, H, -1, d], [[L, 2, H, 0, d]])
+    graph = previous_fp32 / load_manifest(previous_fp32).graphs["segment"].file
+    plain = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    first = ort.InferenceSession(str(repo / "infini_segment_onnx" / "1" / "model.onnx"),
+                                 providers=["CPUExecutionProvider"])
+    B, rng = 2, np.random.default_rng(1)
+    state = [np.zeros(s, np.float32) for s in cfg.state_shape(B)] + [np.zeros((L, 2, B, H, 0, d), np.float32)]
+    moved = [state[0].swapaxes(0, 1), state[1].swapaxes(0, 1), np.moveaxis(state[2], 2, 0)]
+    for n in (cfg.segment_len, cfg.segment_len, 5):
+        tokens = rng.integers(0, 256, (B, n)).astype(np.int64)
+        logits, *state = plain.run(None, dict(zip((spec.TOKENS, spec.MEMORY, spec.NORM, spec.PAST), [tokens, *state])))
+        logits_b, *moved = first.run(None, dict(zip((spec.TOKENS, spec.MEMORY, spec.NORM, spec.PAST),
+                                                    [tokens, *(np.ascontiguousarray(m) for m in moved)])))
+        np.testing.assert_array_equal(logits_b, logits)
+        np.testing.assert_array_equal(moved[0], state[0].swapaxes(0, 1))
+        np.testing.assert_array_equal(moved[2], np.moveaxis(state[2], 2, 0))
+    assert moved[2].shape == (B, L, 2, H, 4 + 5, d)
+
+
 def test_what_the_writer_refuses(tiny_fp32, tmp_path):
     with pytest.raises(BadInputError, match="--persist every needs a --state-dir"):
         ServeOptions(persist="every")

@@ -2,8 +2,8 @@
 
 Checked against a float64 re-computation written here from the definition (every query's visible keys and
 their positions listed token by token, the memory summed over earlier segments), against transformers' own
-Llama with full attention (two segments: the second sees everything before it), and through the stream,
-the trainers and the refusals of the paths that do not carry the extra state."""
+Llama with full attention (two segments: the second sees everything before it), and through the stream and the
+trainers. The decode and chunk steps' own checks are in tests/models/test_decode_past.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from infini_deploy.errors import BadInputError
 from infini_deploy.models.config import InfiniConfig, preset
 from infini_deploy.models.model import SINKS, InfiniTransformer
-from infini_deploy.runtime.past_stream import PastStream
+from infini_deploy.runtime.stream import Stream
+from infini_deploy.runtime.torch_runner import TorchRunner
 from helpers import model_for, reference
 
 
@@ -63,17 +64,19 @@ def test_stream_in_any_chunking_gives_the_forward_logits():
     tokens = torch.randint(0, 260, (2, 45))
     with torch.no_grad():
         ref = model(tokens)[0].float()
-    stream = PastStream(model, batch=2)
+    stream = Stream(TorchRunner(model), batch=2)
     got = [stream.feed(tokens[:, a:b], keep="all") for a, b in ((0, 3), (3, 3), (3, 20), (20, 21), (21, 45))]
-    torch.testing.assert_close(torch.cat([g for g in got if g is not None], dim=1), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.cat([g for g in got if g is not None], dim=1).float(), ref, rtol=1e-6, atol=1e-6)
     assert stream.segments == 5 and stream.pending.shape == (2, 5)
 
 
 def test_generate_is_greedy_over_the_teacher_forced_logits():
     model = model_for(seed=2)
     prompt = torch.randint(0, 260, (1, 21))
-    out = PastStream(model).generate(iter([prompt[:, :10], prompt[:, 10:]]), max_new_tokens=6)
-    assert out.shape == (1, 6)
+    stream = Stream(TorchRunner(model), decode_runner=TorchRunner(model, graph="decode"),
+                    chunk_runner=TorchRunner(model, graph="chunk"))
+    out = stream.generate(iter([prompt[:, :10], prompt[:, 10:]]), max_new_tokens=6)
+    assert out.shape == (1, 6) and stream.segments == 3 and stream.position == 27
     whole = torch.cat((prompt, out), dim=1)
     with torch.no_grad():
         logits = model(whole)[0]
@@ -81,7 +84,7 @@ def test_generate_is_greedy_over_the_teacher_forced_logits():
 
 
 def test_stream_refuses_bad_ids_and_keeps_its_state():
-    stream = PastStream(model_for())
+    stream = Stream(TorchRunner(model_for()))
     stream.feed(torch.arange(10), keep="none")
     before = [t.clone() for t in stream.state]
     with pytest.raises(BadInputError, match=r"holds id 999, outside the vocabulary \[0, 259\]"):
@@ -116,29 +119,18 @@ def test_config_round_trip_and_digest():
         preset("tiny", attend_previous="yes")
 
 
-def test_the_steps_it_lacks_refuse_it_in_one_line():
-    from infini_deploy.runtime.torch_runner import TorchRunner
-
+def test_a_step_without_its_past_is_refused_in_one_line():
     model = model_for().float()
-    for graph in ("decode", "chunk"):
-        with pytest.raises(BadInputError, match=f"previous segment .attend_previous.: it has a segment step only, "
-                                                f"no {graph} step yet"):
-            TorchRunner(model, graph=graph)
     with pytest.raises(BadInputError, match="takes past .* exactly when config.attend_previous"):
         model.step(torch.zeros(1, 4, dtype=torch.long), *model.initial_state(1))
-    with pytest.raises(BadInputError, match="segment-local: use runtime.stream.Stream"):
-        PastStream(InfiniTransformer(preset("tiny")))
-    with pytest.raises(BadInputError, match="PastStream needs the segment step of an attend_previous model"):
-        PastStream(TorchRunner(InfiniTransformer(preset("tiny"))))
 
 
 def test_a_torch_runner_carries_the_past_in_float32_under_bf16_autocast():
     from infini_deploy.models import spec
-    from infini_deploy.runtime.torch_runner import TorchRunner
 
     model = model_for().float()
     cfg = model.config
-    stream = PastStream(TorchRunner(model, autocast="bf16"), batch=1)
+    stream = Stream(TorchRunner(model, autocast="bf16"), batch=1)
     stream.feed(torch.randint(0, 260, (1, 3 * cfg.segment_len)), keep="none")
     past = stream.state[2]
     assert past.dtype == torch.float32 and past.shape == (cfg.n_layer, 2, 1, cfg.kv_heads, SINKS + cfg.segment_len,

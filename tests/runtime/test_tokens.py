@@ -1,4 +1,5 @@
-"""runtime/tokens.py: every stream class refuses the same inputs with the same words, and stays as it was."""
+"""runtime/tokens.py: a stream of either variant (segment-local, attend_previous) refuses the same inputs with the
+same words, and stays as it was."""
 
 import dataclasses
 
@@ -9,14 +10,13 @@ import torch
 from infini_deploy.errors import BadInputError, NumericalFaultError
 from infini_deploy.models import init_model, preset
 from infini_deploy.runtime import Stream, TorchRunner
-from infini_deploy.runtime.past_stream import PastStream
 from infini_deploy.runtime.tokens import as_tokens, check_state_finite, stop_tensor
 
 
 LOCAL = init_model(preset("tiny"), seed=0)
 PREVIOUS = init_model(dataclasses.replace(preset("tiny"), attend_previous=True), seed=0)
-MAKERS = [lambda: Stream(TorchRunner(LOCAL), decode_runner=TorchRunner(LOCAL, graph="decode")),
-          lambda: PastStream(PREVIOUS)]
+MAKERS = [lambda model=model: Stream(TorchRunner(model), decode_runner=TorchRunner(model, graph="decode"))
+          for model in (LOCAL, PREVIOUS)]
 
 
 def both_streams():

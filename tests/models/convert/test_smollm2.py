@@ -72,7 +72,6 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
     from infini_deploy.models.passkey import Haystack, PasskeyPrompt
     from infini_deploy.runtime import Stream, TorchRunner
     from infini_deploy.runtime.quality.passkey import passkey_rows
-    from infini_deploy.runtime.past_stream import PastStream
     from infini_deploy.models.checkpoint import SMOLLM2_ADAPTER
 
     from helpers import smollm2_gguf
@@ -89,11 +88,8 @@ def test_the_shipped_adapter_retrieves_every_key_of_short_prose_prompts(tmp_path
     assert all(len(p) == 1024 for p in prompts)
 
     def score(model):
-        if model.config.attend_previous:
-            stream = PastStream(model, len(prompts), autocast="bf16")
-        else:
-            stream = Stream(TorchRunner(model, autocast="bf16"), len(prompts),
-                            decode_runner=TorchRunner(model, graph="decode", autocast="bf16"))
+        stream = Stream(TorchRunner(model, autocast="bf16"), len(prompts),
+                        decode_runner=TorchRunner(model, graph="decode", autocast="bf16"))
         return passkey_rows(stream, prompts)
 
     tuned = score(apply_adapter(load_checkpoint(folder), SMOLLM2_ADAPTER))

@@ -98,6 +98,24 @@ def test_a_killed_server_with_persist_every_loses_nothing(serve, tiny_fp32, tmp_
     restarted.stop()
 
 
+def test_an_attend_previous_stream_served_equals_the_local_one_and_survives_a_kill(serve, previous_fp32, tmp_path):
+    """Past carried per stream, persisted with M and z after every request, restored by a new server: fed and
+    generated across many segments (N = 8), the remote stream gives the local one's logits and tokens."""
+    state = tmp_path / "state"
+    server = serve(previous_fp32, threads=1, state_dir=str(state), persist="every")
+    remote, near = RemoteStream(server.url, request_tokens=30), local(previous_fp32)
+    first, second = TEXT[:101], TEXT[101:160]
+    assert torch.equal(remote.feed(first, "all"), in_requests(near, first, "all", 30).float())
+    prompt = GEN.integers(0, 256, 5)
+    assert torch.equal(remote.generate(prompt, 19), near.generate(prompt, 19))
+    server.kill()                                  # SIGKILL: only what every request persisted survives
+    restarted = _restart_at(serve, previous_fp32, server, state, persist="every")
+    assert torch.equal(remote.feed(second, "all"), in_requests(near, second, "all", 30).float())
+    assert torch.equal(remote.generate(prompt, 12), near.generate(prompt, 12))
+    assert remote.position == near.position == 160 + 2 * 5 + 19 + 12
+    restarted.stop()
+
+
 def test_with_persistence_at_end_only_the_client_is_told_what_was_lost(serve, tiny_fp32, tmp_path):
     state = tmp_path / "state"
     server = serve(tiny_fp32, threads=1, state_dir=str(state))
