@@ -14,6 +14,29 @@ from ...limits import human_bytes  # noqa: F401  (re-exported: the figures' one 
 from ..stream import Stream
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine() -> dict:
+    """The CPU a figure was measured on: its model name, the flags that pick the fast kernels (bf16 and int8
+    matmuls), and the cores this process may use. Figures from machines that differ compare only as ratios."""
+    import platform
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    cpu = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "flags": [f for f in CPU_FLAGS if f in flags], "cores": len(os.sched_getaffinity(0))}
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far: VmHWM of its address space on Linux (ru_maxrss is kept
     across execve, so a child started by a big parent would report the parent's peak), else ru_maxrss."""
