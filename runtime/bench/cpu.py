@@ -78,8 +78,8 @@ def build_inputs(model, stream_ids: np.ndarray, contexts: list[int], path: Path)
     tensors = {"stream": ids}
     for L in sorted(contexts):
         stream.feed(ids[:, stream.position:L], keep="none")
-        memory, norm = stream.state[:2]
-        tensors[f"memory.{L}"], tensors[f"norm.{L}"] = memory.contiguous(), norm.contiguous()
+        for name, t in zip(("memory", "norm", "past"), stream.state):   # past: attend_previous models
+            tensors[f"{name}.{L}"] = t.contiguous()
     save_file(tensors, str(path))
 
 
@@ -106,6 +106,7 @@ def infini_worker(job: Job) -> dict:
     from safetensors.torch import load_file, save_file
 
     from ...models import spec
+    from ..feeding import STATE_OUT, segment_state
 
     torch.set_num_threads(job.threads)
     backend, precision, compiled = PATHS[job.name]
@@ -117,25 +118,25 @@ def infini_worker(job: Job) -> dict:
     started = time.perf_counter()
     with runner:
         for L in job.contexts:
-            memory, norm = inputs[f"memory.{L}"], inputs[f"norm.{L}"]
+            state = tuple(inputs[f"{name}.{L}"] for name in ("memory", "norm", "past") if f"{name}.{L}" in inputs)
             segs = [ids[:, L + i * N:L + (i + 1) * N] for i in range(job.segments)]
 
-            def step(tokens, memory, norm):
-                out = runner.infer({spec.TOKENS: tokens, spec.MEMORY: memory, spec.NORM: norm})
-                return out[spec.LOGITS], out[spec.MEMORY_OUT], out[spec.NORM_OUT]
+            def step(tokens, state):
+                out = runner.infer({spec.TOKENS: tokens, **segment_state(state)})
+                return out[spec.LOGITS], tuple(out[name] for name in STATE_OUT[:len(state)])
 
             for _ in range(2):       # warm: allocations, JIT; torch.compile recompiles once at the second step
-                step(segs[0], memory, norm)
+                step(segs[0], state)
             times, kept = [], []
-            m, z = memory, norm
             for i, tokens in enumerate(segs):
                 t0 = time.perf_counter()
-                out, m, z = step(tokens, m, z)
+                out, state = step(tokens, state)
                 times.append(time.perf_counter() - t0)
                 if not outputs:      # accuracy on the first context's segments; only what it needs is kept
                     kept.append(_accuracy_outputs(out[0].float(), ids[0, L + i * N + 1:L + (i + 1) * N + 1], N))
                 del out
-            finite = bool(torch.isfinite(m).all() and torch.isfinite(z).all())
+            m = state[0]
+            finite = all(bool(torch.isfinite(t).all()) for t in state)
             seconds = statistics.median(times)
             rows.append({"context": L, "ms_per_segment": seconds * 1e3, "tokens_per_s": N / seconds,
                          "seconds_all": times, "rss_bytes": current_rss_bytes(),
