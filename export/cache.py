@@ -69,8 +69,8 @@ def _cache_dir() -> Path:
 def cached_export(checkpoint: Path, echo=print) -> Path:
     """The checkpoint's export folder in the user cache (exported once, then reused).
 
-    A cached export that fails its checks (a file deleted, changed or truncated; a broken manifest) is
-    exported again; the cache is this tool's own folder, so it is replaced without asking."""
+    A cached export that fails its checks (a file deleted, changed or truncated; a broken manifest) or lacks a
+    step this version exports is exported again; the cache is this tool's own folder, so it is replaced without asking."""
     import time
 
     from .exporter import export_model
@@ -97,12 +97,17 @@ def export_problem(folder: Path) -> str | None:
     from ..errors import InfiniError
     from ..models.manifest import load_manifest
 
+    from ..models.spec import GRAPHS
+
     try:
         manifest = load_manifest(folder)
         for name in manifest.files:
             manifest.verify(folder, name)
     except InfiniError as e:
         return str(e).splitlines()[0]
+    missing = [g for g in GRAPHS if g not in manifest.graphs]
+    if missing:   # an export made before this version wrote those steps (attend_previous: decode and chunk)
+        return f"it has no {' or '.join(missing)} graph (an older export)"
     return None
 
 

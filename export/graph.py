@@ -97,8 +97,9 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
     if fused and precision != "fp32":
         raise BadInputError(f"fused graphs are fp32 (and the int8/int4 graphs quantized from them); got {precision!r}")
     if fused and model.config.attend_previous:
-        raise BadInputError("--fused (onnxruntime's GroupQueryAttention, causal over the segment alone) cannot "
-                            "attend to the previous segment: export this attend_previous model without --fused")
+        raise BadInputError("--fused (onnxruntime's GroupQueryAttention) cannot attend to the previous segment: "
+                            "its CPU kernel takes past keys only at batch 1 for more than one new token; export this "
+                            "attend_previous model without --fused")
     program = _trace(graph, cast_model(model, precision), precision, opset, fused)
     ir_model = program.model
     del program
