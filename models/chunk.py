@@ -24,29 +24,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .decode import memory_decode_reference, rotated_past, with_past
+from .decode import memory_decode_reference, rotated_past, stacked, with_past, write_cache
 from .layers import positions
 from .model import Block, InfiniAttention, InfiniTransformer
 
 
-def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None):
+def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None,
+                          inplace: bool = False):
     """Write n (k, v) at slots pos..pos+n-1 and attend causally to slots 0..pos+i. Static shapes.
 
     q: (B, H, n, d), k: (B, H_kv, n, d) with RoPE; v: (B, H_kv, n, d); pos: (B,); caches (B, H_kv, N, d) f32.
     The G = H / H_kv query heads of a group attend as G * n query rows of their KV head. ``scale``: of the
     logits (None: 1/sqrt(d)). ``past`` (attend_previous): (keys with RoPE, values) (B, H_kv, m, d), seen by
     every query before the cache (models/decode.with_past).
-    Returns (a_dot (B, H, n, d), k_cache_out, v_cache_out).
+    Returns (a_dot (B, H, n, d), k_cache_out, v_cache_out): the caches themselves when ``inplace``.
     """
     B, H, n, d = q.shape
-    N, H_kv = k_cache.shape[-2], k_cache.shape[1]
-    slots = torch.arange(N, device=pos.device)                                              # (N,)
+    H_kv = k_cache.shape[1]
     at = pos[:, None] + torch.arange(n, device=pos.device)                                  # (B, n)
-    onehot = slots.view(1, 1, N) == at[:, :, None]                                          # (B, n, N)
-    written = onehot.any(dim=1).view(B, 1, N, 1)                                            # (B, 1, N, 1)
-    place = onehot.to(torch.float32).transpose(1, 2).unsqueeze(1)                           # (B, 1, N, n)
-    k_cache = torch.where(written, place @ k.float(), k_cache)    # exact: one 1.0 * value, the rest + 0
-    v_cache = torch.where(written, place @ v.float(), v_cache)
+    k_cache, v_cache = write_cache(k_cache, v_cache, k, v, at, inplace)
     keys, values, visible = with_past(k_cache, v_cache, at, past)                           # (B, n, m + N)
     G, width = H // H_kv, keys.shape[2]
     mask = visible.unsqueeze(1).expand(B, G, n, width).reshape(B, 1, G * n, width)          # (B, 1, G*n, m+N)
@@ -55,7 +51,8 @@ def chunk_cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = 
     return a_dot.reshape(B, H, n, d).to(q.dtype), k_cache, v_cache
 
 
-def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None,
+                    inplace: bool = False):
     """InfiniAttention for n tokens of the unfinished segment. x: (B, n, D); ``past`` as for
     models/decode.attention_decode. Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
@@ -64,20 +61,22 @@ def attention_chunk(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cach
     m = 0 if past is None else past[0].shape[2]
     at = positions(pos + m, n)                                                      # (B, n): after the past
     a_dot, k_cache, v_cache = chunk_cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache,
-                                                    v_cache, cfg.query_scale, rotated_past(attn, past, k.dtype))
+                                                    v_cache, cfg.query_scale, rotated_past(attn, past, k.dtype),
+                                                    inplace)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
     return y, k_cache, v_cache, d_memory, d_norm
 
 
-def block_chunk(block: Block, x, pos, *state):
-    h, *state = attention_chunk(block.self_attn, block.input_layernorm(x), pos, *state)
+def block_chunk(block: Block, x, pos, *state, inplace: bool = False):
+    h, *state = attention_chunk(block.self_attn, block.input_layernorm(x), pos, *state, inplace=inplace)
     return (block.feed_forward(x, h), *state)
 
 
-def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
-    """The chunk step, a pure function (see the module docstring).
+def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None,
+               inplace: bool = False):
+    """The chunk step, a pure function (see the module docstring); ``inplace`` as models/decode.decode_step.
 
     tokens: (B, n) int64; pos: (B,) int64, the tokens already in the segment (pos + n <= N); memory, norm:
     read only; the decode state as models/decode.decode_step takes it. Returns (logits (B, n, V), k_cache_out,
@@ -88,10 +87,10 @@ def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_c
     outs = []
     for i, layer in enumerate(model.layers):
         x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i],
-                                None if past is None else (past[i, 0], past[i, 1]))
+                                None if past is None else (past[i, 0], past[i, 1]), inplace=inplace)
         outs.append(state)
     logits = model.lm_head(model.norm(x))                                    # (B, n, V)
-    return (logits, *(torch.stack(s) for s in zip(*outs)))
+    return (logits, *stacked(outs, k_cache, v_cache, inplace))
 
 
 class ChunkStep(nn.Module):

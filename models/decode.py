@@ -62,7 +62,29 @@ def memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, beta
     return a.to(a_dot.dtype), d_memory_out, d_norm_out
 
 
-def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None):
+def write_cache(k_cache, v_cache, k, v, at, inplace: bool):
+    """(k, v) (B, H_kv, n, d) into the caches (B, H_kv, N, d) at slots ``at`` (B, n); returns the caches.
+
+    Exported (``inplace`` False): a pure function of static shapes, no indexing by value (a one-hot product,
+    exact: one 1.0 * value, the rest + 0). In torch (``inplace``): the n slots written where they are, so a
+    token costs its own keys, not a copy of the cache (L x 2 x H_kv x N x d floats)."""
+    B, _, N, _ = k_cache.shape
+    if inplace:
+        rows = torch.arange(B, device=at.device)[:, None]                                 # (B, 1)
+        k_cache[rows, :, at] = k.float().transpose(1, 2)                                   # (B, n, H_kv, d)
+        v_cache[rows, :, at] = v.float().transpose(1, 2)
+        return k_cache, v_cache
+    slots = torch.arange(N, device=at.device)                                              # (N,)
+    if k.shape[2] == 1:                                                                    # the decode step
+        written = (slots == at).view(B, 1, N, 1)                                           # (B, 1, N, 1)
+        return torch.where(written, k.float(), k_cache), torch.where(written, v.float(), v_cache)
+    onehot = slots.view(1, 1, N) == at[:, :, None]                                         # (B, n, N)
+    written = onehot.any(dim=1).view(B, 1, N, 1)                                           # (B, 1, N, 1)
+    place = onehot.to(torch.float32).transpose(1, 2).unsqueeze(1)                          # (B, 1, N, n)
+    return torch.where(written, place @ k.float(), k_cache), torch.where(written, place @ v.float(), v_cache)
+
+
+def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, past=None, inplace: bool = False):
     """Write (k, v) at slot ``pos`` and attend to slots 0..pos. Static shapes: no indexing by value.
 
     q: (B, H, 1, d), k: (B, H_kv, 1, d) with RoPE; v: (B, H_kv, 1, d); pos: (B,) int64; caches
@@ -70,13 +92,10 @@ def cache_attention(q, k, v, pos, k_cache, v_cache, scale: float | None = None, 
     query rows of their KV head, (B, H_kv, G, d), so the cache is never repeated. ``scale``: of the logits
     (None: 1/sqrt(d)). ``past`` (attend_previous): (keys with RoPE, values), (B, H_kv, m, d) f32, which the
     token sees before the cache (:func:`with_past`).
-    Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out).
+    Returns (a_dot (B, H, 1, d), k_cache_out, v_cache_out): the caches themselves when ``inplace``.
     """
     B, H, _, d = q.shape
-    slots = torch.arange(k_cache.shape[-2], device=pos.device)                     # (N,)
-    write = (slots == pos[:, None]).view(-1, 1, k_cache.shape[-2], 1)              # (B, 1, N, 1)
-    k_cache = torch.where(write, k.float(), k_cache)
-    v_cache = torch.where(write, v.float(), v_cache)
+    k_cache, v_cache = write_cache(k_cache, v_cache, k, v, pos[:, None], inplace)   # ``inplace``: write_cache
     keys, values, visible = with_past(k_cache, v_cache, pos[:, None], past)        # visible (B, 1, m + N)
     grouped = q.float().reshape(B, k_cache.shape[1], -1, d)                        # (B, H_kv, G, d)
     a_dot = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible.unsqueeze(1), scale=scale)
@@ -108,7 +127,8 @@ def rotated_past(attn: InfiniAttention, past, dtype):
     return attn.rotate(keys.to(dtype)), values.to(dtype)
 
 
-def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
+def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None,
+                     inplace: bool = False):
     """InfiniAttention for one token. x: (B, 1, D); per-layer state slices; ``past`` (attend_previous): the
     layer's (keys, values) without RoPE, (B, H_kv, m, d). Returns (y, k_c, v_c, dM, dz)."""
     cfg = attn.config
@@ -117,20 +137,23 @@ def attention_decode(attn: InfiniAttention, x, pos, memory, norm, k_cache, v_cac
     m = 0 if past is None else past[0].shape[2]
     at = positions(pos + m, 1)                                                      # (B, 1): after the past
     a_dot, k_cache, v_cache = cache_attention(attn.rotate(q, at), attn.rotate(k, at), v, pos, k_cache, v_cache,
-                                              cfg.query_scale, rotated_past(attn, past, k.dtype))
+                                              cfg.query_scale, rotated_past(attn, past, k.dtype), inplace)
     a, d_memory, d_norm = memory_decode_reference(q, k, v, a_dot, memory, norm, d_memory, d_norm, attn.beta,
                                                   cfg.update == "delta", cfg.eps)
     y = attn.o_proj(a.transpose(1, 2).reshape(B, 1, cfg.n_head * cfg.d_head))
     return y, k_cache, v_cache, d_memory, d_norm
 
 
-def block_decode(block: Block, x, pos, *state):
-    h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state)   # state (and past)
+def block_decode(block: Block, x, pos, *state, inplace: bool = False):
+    h, *state = attention_decode(block.self_attn, block.input_layernorm(x), pos, *state,   # state (and past)
+                                 inplace=inplace)
     return (block.feed_forward(x, h), *state)
 
 
-def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None):
-    """The decode step, a pure function (see the module docstring).
+def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None,
+                inplace: bool = False):
+    """The decode step, a pure function (see the module docstring); with ``inplace`` (torch, not traced) the
+    token's keys and values are written into ``k_cache``/``v_cache`` themselves, which it returns.
 
     token, pos: (B,) int64, 0 <= pos < N;  memory (L, B, H_kv, d, d), norm (L, B, H_kv, d) f32: read only;
     k_cache, v_cache (L, B, H_kv, N, d), d_memory (L, B, H_kv, d, d), d_norm (L, B, H_kv, d): f32.
@@ -143,10 +166,17 @@ def decode_step(model: InfiniTransformer, token, pos, memory, norm, k_cache, v_c
     outs = []
     for i, layer in enumerate(model.layers):
         x, *state = block_decode(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i],
-                                 None if past is None else (past[i, 0], past[i, 1]))
+                                 None if past is None else (past[i, 0], past[i, 1]), inplace=inplace)
         outs.append(state)
     logits = model.lm_head(model.norm(x))[:, 0]                              # (B, V)
-    return (logits, *(torch.stack(s) for s in zip(*outs)))
+    return (logits, *stacked(outs, k_cache, v_cache, inplace))
+
+
+def stacked(outs: list, k_cache, v_cache, inplace: bool) -> tuple:
+    """The layers' (k_cache, v_cache, d_memory, d_norm) as (L, ...) tensors; in place, the caches are already."""
+    k_out, v_out, d_memory, d_norm = zip(*outs)
+    caches = (k_cache, v_cache) if inplace else (torch.stack(k_out), torch.stack(v_out))
+    return (*caches, torch.stack(d_memory), torch.stack(d_norm))
 
 
 class DecodeStep(nn.Module):

@@ -23,7 +23,10 @@ class TorchRunner(BaseRunner):
 
     ``autocast="bf16"`` (or ``"fp16"``) runs the weights' matmuls under ``torch.autocast`` with the
     weights kept float32; the memory path stays float32 (models/memory.py) and every output is float32,
-    as the step's spec says. ``compile=True`` wraps the step in ``torch.compile`` (first call compiles)."""
+    as the step's spec says. ``compile=True`` wraps the step in ``torch.compile`` (first call compiles).
+
+    The decode and chunk steps write the new keys and values into the ``k_cache``/``v_cache`` they are fed
+    and return those tensors (no copy of the cache per token); everything else is a new tensor."""
 
     name = "torch"
 
@@ -41,7 +44,8 @@ class TorchRunner(BaseRunner):
         if autocast and dtype != "float32":
             raise BadInputError(f"autocast {autocast!r} needs float32 weights; this model's are {dtype}")
         self.autocast = autocast
-        fn = {"segment": model.step, "decode": partial(decode_step, model), "chunk": partial(chunk_step, model)}[graph]
+        fn = {"segment": model.step, "decode": partial(decode_step, model, inplace=True),
+              "chunk": partial(chunk_step, model, inplace=True)}[graph]   # the cache written where it is
         self._fn = torch.compile(fn, dynamic=False) if compile else fn
         self.label = " ".join(["torch", *(["compile"] if compile else []), *([f"{autocast} autocast"] if autocast else [])])
 

@@ -123,3 +123,30 @@ def test_autocast_names_what_it_accepts():
         TorchRunner(model, autocast="int8")
     with pytest.raises(BadInputError, match="needs float32 weights; this model's are bfloat16"):
         TorchRunner(model.to(torch.bfloat16), autocast="bf16")
+
+
+@pytest.mark.parametrize("graph, n", [("decode", 1), ("chunk", 5)])
+def test_the_torch_decode_and_chunk_steps_write_the_cache_in_place_with_the_pure_functions_numbers(graph, n):
+    """No copy of the cache per token: the outputs are the fed tensors, holding what the exported (pure)
+    function returns, bit for bit; rows at different places in their segments."""
+    from infini_deploy.models import spec
+    from infini_deploy.models.chunk import chunk_step
+    from infini_deploy.models.decode import decode_step, initial_decode_state
+
+    model = init_model(preset("tiny", n_kv_head=1), seed=3)
+    cfg = model.config
+    memory, norm = (torch.randn(s) for s in cfg.state_shape(2))
+    cache = [torch.randn_like(t) for t in initial_decode_state(cfg, 2)]
+    pos = torch.tensor([0, 40])
+    tokens = torch.randint(0, 256, (2, n))
+    feed = dict(zip((spec.TOKEN if graph == "decode" else spec.TOKENS, spec.POS, spec.MEMORY, spec.NORM,
+                     spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM),
+                    (tokens[:, 0] if graph == "decode" else tokens, pos, memory, norm, *[t.clone() for t in cache])))
+    step = decode_step if graph == "decode" else chunk_step
+    with torch.no_grad():
+        pure = step(model, feed[spec.TOKEN if graph == "decode" else spec.TOKENS], pos, memory, norm, *cache)
+    out = TorchRunner(model, graph=graph).activate().infer(feed)
+    assert out[spec.K_CACHE_OUT] is feed[spec.K_CACHE] and out[spec.V_CACHE_OUT] is feed[spec.V_CACHE]
+    for name, want in zip((spec.LOGITS, spec.K_CACHE_OUT, spec.V_CACHE_OUT, spec.D_MEMORY_OUT, spec.D_NORM_OUT), pure):
+        assert torch.equal(out[name], want), name
+    assert not torch.equal(cache[0], pure[1])   # the pure function left its input as it was
