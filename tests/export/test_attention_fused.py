@@ -16,6 +16,8 @@ from infini_deploy.runtime.torch_runner import TorchRunner
 
 from helpers import gqa_config
 
+pytestmark = pytest.mark.slow   # every test here shares a fused export (about 45 s to make)
+
 
 @pytest.fixture(scope="module")
 def model():

@@ -24,6 +24,7 @@ PROFILE = {"tokens": {"min": [1, 1], "opt": [2, 32], "max": [4, 64]},
 LOGITS_DTYPE = {"fp32": "FLOAT", "fp16": "HALF", "bf16": "BF16"}
 
 
+@pytest.mark.slow
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_engine_builds_in_every_precision_and_is_recorded(built_factory, precision):
@@ -52,6 +53,7 @@ DECODE_PROFILE = {
     "d_memory": PROFILE["memory"], "d_norm": PROFILE["norm"]}
 
 
+@pytest.mark.slow
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_decode_engine_builds_in_every_precision(built_factory, precision):

@@ -36,6 +36,7 @@ def test_manifest_describes_the_folder(tiny_fp32, tiny_linear_model):
     assert manifest.memory_op == {"domain": "infini", "op_type": "Memory", "version": 1}
 
 
+@pytest.mark.slow
 def test_existing_folder_refused_without_force(tiny_linear_model, tmp_path):
     out = tmp_path / "exp"
     export_model(tiny_linear_model, out, validate=False)
@@ -46,6 +47,7 @@ def test_existing_folder_refused_without_force(tiny_linear_model, tmp_path):
     assert (out / SEGMENT_FILE).stat().st_ino != before and sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+@pytest.mark.slow
 def test_force_never_deletes_what_export_did_not_write(tiny_linear_model, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -60,6 +62,7 @@ def test_force_never_deletes_what_export_did_not_write(tiny_linear_model, tmp_pa
     assert (foreign / "keep.txt").read_text() == "x" and (out / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeypatch):
     import infini_deploy.runtime.quality.compare as compare
 
@@ -69,6 +72,7 @@ def test_failed_validation_leaves_no_folder(tiny_linear_model, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []   # neither the folder nor the temp folder next to it
 
 
+@pytest.mark.slow
 def test_a_decode_graph_that_disagrees_fails_the_export_atomically(tiny_linear_model, tmp_path, monkeypatch):
     """decode.onnx is validated on its own: a graph from other weights (the segment graph is right) is refused."""
     import copy
@@ -122,6 +126,7 @@ def test_manifest_hash_and_format_checked(tiny_fp32, tmp_path):
         load_manifest(folder)
 
 
+@pytest.mark.slow
 def test_weights_past_the_protobuf_limit_go_to_external_data(tiny_linear_model, tmp_path, monkeypatch):
     """A graph whose weights would pass 2 GiB keeps them in <graph>.onnx.data, hashed in the manifest and
     validated like any export (the threshold is lowered here so the tiny model takes that path)."""

@@ -17,6 +17,8 @@ from infini_deploy.runtime.ort_runner import OrtRunner
 from helpers import gqa_config
 from helpers import decode_through
 
+pytestmark = pytest.mark.slow   # every test here shares two GQA exports (about 30 s to make)
+
 
 @pytest.fixture(scope="module", params=["linear", "delta"])
 def gqa_export(request, tmp_path_factory):

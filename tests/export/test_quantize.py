@@ -33,6 +33,7 @@ def quantized(request, model, tmp_path_factory):
     return request.param, export_model(model, out, request.param), out
 
 
+@pytest.mark.slow
 def test_only_the_weight_matmuls_are_quantized_and_the_state_stays_float32(quantized, model):
     precision, manifest, out = quantized
     per_layer = 7 if precision == "int4" else 6               # int8 keeps the MLP down projection in float32
@@ -86,6 +87,7 @@ def _agreement(got, ref):
             "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).double().mean())}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_the_gate_refuses_a_quantization_whose_scales_are_zeroed(precision, model, tmp_path, monkeypatch):
     real = exporter.quantize_graph
@@ -111,6 +113,7 @@ def test_tensorrt_builds_are_refused_with_the_reason(quantized):
         build_engines(out)
 
 
+@pytest.mark.slow
 def test_export_cli_reports_the_agreement(tmp_path):
     res = CliRunner().invoke(cli, ["export", "tiny", str(tmp_path / "q"), "--precision", "int8"],
                              catch_exceptions=False)

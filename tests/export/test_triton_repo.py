@@ -78,6 +78,7 @@ def test_the_batch_first_graph_equals_the_export_with_its_state_transposed(tiny_
         np.testing.assert_array_equal(zb, z.transpose(1, 0, 2, 3))
 
 
+@pytest.mark.slow
 def test_an_attend_previous_export_keeps_its_past_as_implicit_state(previous_fp32, tmp_path):
     """past [L, 2, B, H, m, d] goes batch-first with a variable length that starts at 0; the graph equals the
     export's with every state transposed, through a stream's first three segments (past 0, N, SINKS + N)."""

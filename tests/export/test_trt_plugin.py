@@ -66,6 +66,7 @@ def test_plugin_kernel_compiles_to_ptx_for_hopper_without_a_gpu(group):
     assert kinds[:12] == ["u64"] * 7 + ["u32"] * 2 + ["u64"] * 3, kinds
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("update", ["linear", "delta"])
 def test_plugin_ids_and_attributes_match_the_exported_memory_nodes(export_factory, update):
     """The plugin binds by node op and attributes: both must be what the exporter writes."""

@@ -429,7 +429,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("setup, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+SLOW_CASES = {"graph-from-another-export-rehashed", "checkpoint-from-another-export-rehashed"}   # a second export
+
+
+@pytest.mark.parametrize("setup, message", [pytest.param(*c[1:], id=c[0],
+                                                         marks=[pytest.mark.slow] * (c[0] in SLOW_CASES))
+                                            for c in CASES])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup, message, monkeypatch):
     monkeypatch.setenv("INFINI_CACHE", str(tmp_path / "cache"))   # restored after the test, whatever setup sets
     argv = [str(a) for a in setup(tmp_path, checkpoint, tiny_fp32)]
@@ -445,7 +450,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, checkpoint, tiny_fp32, setup
 
 @pytest.mark.parametrize("error", [errors.InfiniError, errors.BadInputError, errors.IncompatibleArtifactError,
                                    errors.MissingBackendError, errors.NumericalFaultError])
-@pytest.mark.parametrize("command", ["init", "bench"])
+@pytest.mark.parametrize("command", ["init", pytest.param("bench", marks=pytest.mark.slow)])   # bench: an export
 def test_every_error_subclass_reaches_the_cli_as_exit_2(monkeypatch, tmp_path, error, command):
     def boom(*a, **k):
         raise error(f"a {error.__name__}\nwith a second line the CLI shows on the same line")

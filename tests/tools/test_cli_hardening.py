@@ -57,6 +57,7 @@ def test_force_replaces_only_a_checkpoint_of_ours(tmp_path):
     assert (mine / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_a_file_written_into_the_output_while_exporting_is_kept(tmp_path, monkeypatch):
     """Another program creates late/mine.txt while `infini export tiny late` runs: the export fails and
     mine.txt survives (it was deleted and the export printed "wrote")."""
@@ -258,6 +259,7 @@ def test_ctrl_c_during_a_build_stops_it_and_leaves_the_folder_as_it_was(built_co
     assert _consistent(built_copy).tensorrt == old
 
 
+@pytest.mark.slow
 def test_a_killed_exports_temporary_is_removed_by_the_next_export(tmp_path):
     """SIGTERM (or SIGKILL) during export left a hidden temporary folder no later export removed."""
     stale = tmp_path / ".e.infini-tmp-999999-abcd1234"
@@ -353,6 +355,7 @@ def test_a_training_output_under_a_file_fails_before_training(tmp_path, monkeypa
 
 # -- found by the hostile-user pass after the first round ------------------------------------------------------
 
+@pytest.mark.slow
 def test_force_never_reaches_through_a_symlinked_folder(tmp_path):
     """An edited manifest listing a symlinked `checkpoint` made `export --force` delete the link's target."""
     assert invoke("export", "tiny", tmp_path / "x").exit_code == 0
@@ -379,6 +382,7 @@ def test_a_swallowed_signal_still_stops_the_output(tmp_path, monkeypatch):
     assert res.exit_code == 128 + signal.SIGTERM and not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_demo_cache_is_moved_aside_not_deleted(tmp_path, monkeypatch):
     from infini_deploy.export.cache import cached_export
     from infini_deploy.models.checkpoint import PASSKEY_MODEL as BUNDLED

@@ -35,6 +35,7 @@ def converted(tmp_path_factory):
     return root / "ckpt", root / "export"
 
 
+@pytest.mark.slow
 def test_the_export_carries_the_tokenizer_in_its_manifest(converted):
     ckpt, export = converted
     manifest = load_manifest(export)

@@ -17,6 +17,7 @@ def test_demo_without_a_bundled_checkpoint_says_so(tmp_path, monkeypatch):
     assert "no bundled checkpoint" in r.output and "infini train passkey" in r.output
 
 
+@pytest.mark.slow
 def test_demo_streams_a_prompt_and_caches_the_export(tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
     save_checkpoint(init_model(preset("tiny"), seed=0), ckpt)
@@ -72,6 +73,7 @@ def test_the_bundled_model_retrieves_keys_hidden_in_prose_it_never_trained_on(tm
     assert [t["generated"] for t in trials] == [f" {t['key']}." for t in trials]
 
 
+@pytest.mark.slow
 def test_demo_smollm2_converts_with_the_adapter_once_and_streams_prose(tmp_path, monkeypatch):
     """The --model smollm2 path end to end on a stand-in: a tiny GGUF Llama in the wheel's place and an adapter
     trained on its conversion (the real wheel and adapter: tests/models/convert/test_smollm2.py)."""

@@ -20,6 +20,7 @@ def exported(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_export_refuses_an_existing_folder_without_force(exported):
     result = invoke("export", "tiny", exported)
     assert result.exit_code == 2 and "exists; choose a new folder or pass --force" in result.output

@@ -3,10 +3,13 @@
 import json
 import sys
 
+import pytest
+
 
 from helpers import invoke
 
 
+@pytest.mark.slow
 def test_bench_cpu_on_tiny_without_llama_cpp(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)        # as on a machine without the optional extra
     gguf = tmp_path / "weights.gguf"
