@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from click.testing import CliRunner
 
 from infini_deploy.models.checkpoint import init_model, save_checkpoint
