@@ -75,6 +75,7 @@ def test_decode_engine_builds_in_every_precision(built_factory, precision):
     assert {outputs[n].dtype.name for n in list(outputs)[1:]} == {"FLOAT"}
 
 
+@pytest.mark.slow
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_parser_takes_every_node_and_the_network_is_strongly_typed(export_factory, precision):

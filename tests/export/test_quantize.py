@@ -54,6 +54,7 @@ def test_only_the_weight_matmuls_are_quantized_and_the_state_stays_float32(quant
             for r, k in (("segment", None), ("decode", "decode"), ("chunk", "chunk"))}
 
 
+@pytest.mark.slow
 def test_int8_weights_use_7_bits_so_cpus_without_vnni_give_the_same_numbers(quantized):
     """Without VNNI, onnxruntime's uint8 x int8 products saturate 16-bit pair sums unless |w| <= 64
     (255 * 64 * 2 < 32768): 8-bit weights made the state drift 10.9% on an AMD EPYC Milan (CI) and 0.9% here."""

@@ -90,6 +90,7 @@ def test_snapshot_of_another_model_is_refused(tmp_path):
         Stream.load(tmp_path / "s.safetensors", other)
 
 
+@pytest.mark.slow
 def test_snapshot_of_another_export_is_refused(export_factory, tmp_path):
     stream = Stream(OrtRunner(export_factory("fp32", "delta")))
     stream.feed(torch.arange(10), keep="none")

@@ -47,6 +47,7 @@ def test_the_export_carries_the_tokenizer_in_its_manifest(converted):
     assert res.exit_code == 2 and "tokenizer.json does not match its manifest" in res.output
 
 
+@pytest.mark.slow
 def test_a_model_with_its_own_vocabulary_is_validated_on_the_shipped_text(converted):
     from infini_deploy.export.exporter import validation_text
 

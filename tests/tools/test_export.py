@@ -27,6 +27,7 @@ def test_export_refuses_an_existing_folder_without_force(exported):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_verify_prints_drift_and_writes_json(exported, tmp_path):
     out = tmp_path / "v.json"
     result = invoke("verify", exported, "--segments", 4, "--batch", 2, "--json-out", out)
