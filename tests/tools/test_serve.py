@@ -91,3 +91,14 @@ def test_serve_start_serves_until_sigterm_and_stops_its_server(tiny_fp32, tmp_pa
                 proc.wait(90)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_serve_openai_flags_are_checked_before_anything_starts(tiny_fp32, tmp_path):
+    from helpers import one_line_error
+
+    one_line_error(invoke("serve", tiny_fp32, "--openai"), "--openai needs --start")
+    one_line_error(invoke("serve", tiny_fp32, "--openai", "--start", "--repo", tmp_path / "repo", "--max-batch", "4"),
+                   "--repo, --max-batch: Triton's options; --openai serves the export in this process")
+    one_line_error(invoke("serve", tiny_fp32, "--repo", tmp_path / "repo", "--port", "9000"), "--port needs --openai")
+    one_line_error(invoke("serve", tiny_fp32), "--repo DIR is required")
+    assert not (tmp_path / "repo").exists()
