@@ -136,7 +136,9 @@ def common(body: dict, kind: str, model_name: str, header_session: str | None) -
         raise ApiError(400, "'session' must be 1 to 256 characters", "session")
     stream = _field(body, "stream", bool, False, "true or false")
     options = _field(body, "stream_options", dict, {}, "an object")
+    ignore_eos = _field(body, "ignore_eos", bool, False, "true or false")
     return {"max_tokens": max_tokens, "stop": tuple(stop or ()), "session": session, "stream": stream,
+            "ignore_eos": ignore_eos,
             "include_usage": bool(options.get("include_usage")), "sampling": sampling_of(body)}
 
 
@@ -230,7 +232,7 @@ def make_app(engine: Engine):
             body = await read_json(request)
             fields = common(body, kind, engine.model_name, request.headers.get(SESSION_HEADER))
             job = Job(fields["session"], _prompt(engine, body, kind), fields["max_tokens"], fields["sampling"],
-                      fields["stop"], chat=kind == "chat")
+                      fields["stop"], chat=kind == "chat", ignore_eos=fields["ignore_eos"])
         except ApiError as e:
             return error(e)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -284,7 +286,7 @@ def _prompt(engine: Engine, body: dict, kind: str):
 
 async def _in_thread(engine: Engine, job: Job):
     """Run ``job`` in a worker thread; the event loop stays free for other requests."""
-    loop, done = asyncio.get_running_loop(), None
+    loop = asyncio.get_running_loop()
     done = loop.create_future()
 
     def work():

@@ -139,6 +139,7 @@ class Job:
     sampling: dict = field(default_factory=dict)   # temperature, top_k, top_p, seed
     stop: tuple = ()                          # stop strings
     chat: bool = False
+    ignore_eos: bool = False                  # generate max_tokens whatever comes (benchmarks; vLLM's extension)
     on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -265,7 +266,7 @@ class Engine:
         if ids.size == 0:
             raise BadInputError("the prompt has no tokens; give some text")
         decoder, text, out, decoded = self.tokenizer.decoder(), StopText(job.stop, job.on_text), [], []
-        finish = ["length"]
+        finish, stop_ids = ["length"], () if job.ignore_eos else self.stop_ids
 
         def chunks():
             for start in range(0, ids.size, CHUNK_TOKENS):
@@ -278,7 +279,7 @@ class Engine:
             if job.cancelled.is_set():
                 raise _Halt
             out.append(token)
-            if token in self.stop_ids:
+            if token in stop_ids:
                 finish[0] = "stop"
                 return
             piece = decoder.step(token)
@@ -289,7 +290,7 @@ class Engine:
             self._next_turn(sid)
 
         try:
-            stream.generate(chunks(), job.max_tokens, stop_tokens=self.stop_ids, on_token=on_token,
+            stream.generate(chunks(), job.max_tokens, stop_tokens=stop_ids, on_token=on_token,
                             total=int(ids.size), **job.sampling)
         except _Halt:
             pass   # the token that completed a stop string (or came after a client left) is not fed

@@ -246,3 +246,26 @@ def test_infini_serve_openai_survives_a_kill_with_persist_every(chat_export, tmp
                                               extra_body={"session": "keeper"}) for m in turns]
     assert [r.choices[0].message.content for r in replies] == [r.choices[0].message.content for r in want]
     assert [r.model_extra["session"] for r in replies] == [r.model_extra["session"] for r in want]
+
+
+def test_a_busy_session_a_full_server_and_a_session_of_another_model_are_refused(chat_export, tiny_fp32,
+                                                                                 openai_server, tmp_path):
+    server = openai_server(chat_export, max_streams=1, state_dir=tmp_path / "states")
+    api = client(server)
+    hello = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "temperature": 0}
+    long = api.chat.completions.create(**hello, max_tokens=1000, stream=True, extra_body={"session": "a",
+                                                                                           "ignore_eos": True})
+    next(iter(long))   # the first chunk: session "a" is being served
+    with pytest.raises(openai.ConflictError, match="session 'a' is serving another request"):
+        api.chat.completions.create(**hello, max_tokens=2, extra_body={"session": "a"})
+    with pytest.raises(openai.RateLimitError, match=r"this server holds 1 sessions \(its --max-streams\)"):
+        api.chat.completions.create(**hello, max_tokens=2, extra_body={"session": "b"})
+    assert streamed(long)[1] == "length"   # the long reply went on to its end
+    assert api.chat.completions.create(**hello, max_tokens=2).usage.completion_tokens == 2   # stateless: no slot
+    server.stop()   # session "a" persisted
+    other = openai_server(tiny_fp32, state_dir=tmp_path / "states")   # another model over the same state directory
+    code, answer = _post(other, "/completions", {"model": MODEL, "prompt": "x", "session": "a"})
+    assert code == 422 and answer["error"]["code"] == "unprocessable", answer
+    assert "model" in answer["error"]["message"], answer
+    code, answer = _post(other, "/chat/completions", {**hello, "session": "c"})
+    assert code == 400 and "no chat template" in answer["error"]["message"]
