@@ -187,54 +187,67 @@ def make_app(engine: Engine):
     """The Starlette application over ``engine``."""
     try:
         from starlette.applications import Starlette
-        from starlette.responses import JSONResponse, StreamingResponse
         from starlette.routing import Route
     except ImportError:
         raise MissingBackendError(f"the OpenAI-compatible server needs starlette and uvicorn: {INSTALL}") from None
 
-    created = int(time.time())
+    api = _Endpoints(engine)
+    routes = [Route("/v1/models", api.models), Route("/v1/models/{name:path}", api.model),
+              Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+              Route("/v1/sessions/{name:path}", api.session, methods=["GET", "DELETE"])]
+    return Starlette(routes=routes, exception_handlers={404: api.not_found, 405: api.not_allowed})
 
-    def error(e: BaseException) -> JSONResponse:
-        api = error_for(e)
-        return JSONResponse(api.body(), status_code=api.status)
 
-    async def read_json(request) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, f"the request body has {len(raw):,} bytes; at most {MAX_BODY:,} are read")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+class _Endpoints:
+    """The handlers: each turns a request into a job or a lookup, and any failure into OpenAI's error shape."""
 
-    async def models(request):
-        return JSONResponse({"object": "list", "data": [{"id": engine.model_name, "object": "model",
-                                                         "created": created, "owned_by": "infini-deploy"}]})
+    def __init__(self, engine: Engine):
+        self.engine, self.created = engine, int(time.time())
 
-    async def model(request):
+    async def models(self, request):
+        return _json({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request):
         name = request.path_params["name"]
-        if name != engine.model_name:
-            return error(ApiError(404, f"the model {name!r} does not exist on this server; it serves "
-                                       f"{engine.model_name!r}", "model", "model_not_found"))
-        return JSONResponse({"id": name, "object": "model", "created": created, "owned_by": "infini-deploy"})
+        if name != self.engine.model_name:
+            return _error(ApiError(404, f"the model {name!r} does not exist on this server; it serves "
+                                        f"{self.engine.model_name!r}", "model", "model_not_found"))
+        return _json(self._model_card())
 
-    async def completions(request):
-        return await endpoint(request, "completion")
+    async def completions(self, request):
+        return await self._generate(request, "completion")
 
-    async def chat_completions(request):
-        return await endpoint(request, "chat")
+    async def chat_completions(self, request):
+        return await self._generate(request, "chat")
 
-    async def endpoint(request, kind: str):
+    async def session(self, request):
+        name, engine = request.path_params["name"], self.engine
         try:
-            body = await read_json(request)
+            work = engine.delete_session if request.method == "DELETE" else engine.session_info
+            return _json(await asyncio.to_thread(work, name))
+        except BaseException as e:   # noqa: BLE001 (every failure is this request's error)
+            return _error(e)
+
+    async def not_found(self, request, exc):
+        return _error(ApiError(404, f"no route {request.method} {request.url.path}; this server answers /v1/models, "
+                                    "/v1/completions, /v1/chat/completions and /v1/sessions/{id}", code="not_found"))
+
+    async def not_allowed(self, request, exc):
+        return _error(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                               code="method_not_allowed"))
+
+    async def _generate(self, request, kind: str):
+        from starlette.responses import StreamingResponse
+
+        engine = self.engine
+        try:
+            body = await _read_json(request)
             fields = common(body, kind, engine.model_name, request.headers.get(SESSION_HEADER))
             job = Job(fields["session"], _prompt(engine, body, kind), fields["max_tokens"], fields["sampling"],
                       fields["stop"], chat=kind == "chat", ignore_eos=fields["ignore_eos"])
         except ApiError as e:
-            return error(e)
+            return _error(e)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         if fields["stream"]:
             return StreamingResponse(_events(engine, job, kind, rid, fields["include_usage"]),
@@ -242,31 +255,42 @@ def make_app(engine: Engine):
         try:
             result = await _in_thread(engine, job)
         except BaseException as e:   # noqa: BLE001 (every failure is this request's error)
-            return error(e)
-        return JSONResponse(_body(engine, kind, rid, job, result))
+            return _error(e)
+        return _json(_body(engine, kind, rid, job, result))
 
-    async def session(request):
-        name = request.path_params["name"]
-        try:
-            if request.method == "DELETE":
-                return JSONResponse(await asyncio.to_thread(engine.delete_session, name))
-            return JSONResponse(await asyncio.to_thread(engine.session_info, name))
-        except BaseException as e:   # noqa: BLE001
-            return error(e)
+    def _model_card(self) -> dict:
+        return {"id": self.engine.model_name, "object": "model", "created": self.created, "owned_by": "infini-deploy"}
 
-    async def not_found(request, exc):
-        return error(ApiError(404, f"no route {request.method} {request.url.path}; this server answers "
-                                   "/v1/models, /v1/completions, /v1/chat/completions and /v1/sessions/{id}",
-                              code="not_found"))
 
-    async def not_allowed(request, exc):
-        return error(ApiError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"))
+def _json(body: dict, status: int = 200):
+    from starlette.responses import JSONResponse
 
-    routes = [Route("/v1/models", models), Route("/v1/models/{name:path}", model),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/sessions/{name:path}", session, methods=["GET", "DELETE"])]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    return JSONResponse(body, status_code=status)
+
+
+def _error(e: BaseException):
+    api = error_for(e)
+    return _json(api.body(), api.status)
+
+
+async def _read_json(request) -> dict:
+    too_long = ApiError(413, f"the request body is longer than {MAX_BODY:,} bytes, the most this server reads")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise too_long
+    parts, size = [], 0
+    async for part in request.stream():   # read no more than MAX_BODY, whatever the header said
+        size += len(part)
+        if size > MAX_BODY:
+            raise too_long
+        parts.append(part)
+    raw = b"".join(parts)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
 
 
 def _prompt(engine: Engine, body: dict, kind: str):

@@ -180,6 +180,15 @@ def test_bad_requests_get_openai_errors_and_the_sessions_go_on(chat_export, open
         assert "\n" not in answer["error"]["message"]
     code, answer = _post(server, "/chat/completions", b'{"model": "tiny-chat", "messages": [', raw=True)
     assert code == 400 and "not valid JSON" in answer["error"]["message"]
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)   # a body past 16 MiB: refused
+    connection.putrequest("POST", "/v1/completions")                                # before it is sent
+    connection.putheader("Content-Length", str(17 << 20))
+    connection.endheaders()
+    reply = connection.getresponse()
+    assert reply.status == 413 and "longer than 16,777,216 bytes" in json.loads(reply.read())["error"]["message"]
+    connection.close()
     code, answer = _post(server, "/completions", {"model": MODEL, "prompt": [5, 300]})
     assert code == 400 and "token id 300 outside the vocabulary [0, 300)" in answer["error"]["message"]
     with pytest.raises(openai.NotFoundError, match="does not exist on this server"):
