@@ -422,6 +422,12 @@ def engine_from_export(export_dir, model_name: str | None = None, backend: str =
     params = {"backend": backend, "threads": str(threads or 0), "max_streams": str(max_streams),
               "state_dir": str(state_dir) if state_dir else "", "persist": persist, "idle_s": str(idle_s or 0)}
     pool = pool_from_export(Path(export_dir), params)
+    if pool.decode_runner is None:   # refused now rather than at every request
+        pool.close()
+        fix = ("it is an attend_previous model, whose exports have no decode step yet: serve a segment-local "
+               "export" if pool.runner.config.attend_previous else "export the model again with `infini export`")
+        raise BadInputError(f"{export_dir} has no decode graph for the {backend} backend, and the OpenAI API "
+                            f"generates: {fix}")
     return Engine(pool, model_tokenizer(str(export_dir)), model_name or Path(export_dir).resolve().name)
 
 

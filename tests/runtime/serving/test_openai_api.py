@@ -278,3 +278,17 @@ def test_a_busy_session_a_full_server_and_a_session_of_another_model_are_refused
     assert "model" in answer["error"]["message"], answer
     code, answer = _post(other, "/chat/completions", {**hello, "session": "c"})
     assert code == 400 and "no chat template" in answer["error"]["message"]
+
+
+@pytest.mark.slow
+def test_an_export_without_a_decode_step_is_refused_before_serving(tmp_path):
+    import dataclasses
+
+    from infini_deploy.errors import BadInputError
+    from infini_deploy.export.exporter import export_model
+    from infini_deploy.models import init_model, preset
+    from infini_deploy.runtime.serving.openai_api import engine_from_export
+
+    export_model(init_model(dataclasses.replace(preset("tiny"), attend_previous=True), seed=0), tmp_path / "ap")
+    with pytest.raises(BadInputError, match="no decode graph .* attend_previous model, whose exports have no decode"):
+        engine_from_export(tmp_path / "ap")
