@@ -135,3 +135,25 @@ def smollm2_export(smollm2, tmp_path_factory):
     save_checkpoint(model, root / "ckpt", tokenizer=tokenizer)
     export_model(model, root / "export", tokenizer=tokenizer)
     return root / "ckpt", root / "export"
+
+
+@pytest.fixture(scope="session")
+def chat_export(tmp_path_factory):
+    """The tiny preset with a 300-id BPE vocabulary and a ChatML template (tests/helpers.py), exported once."""
+    import dataclasses
+
+    from helpers import write_tiny_tokenizer
+    from infini_deploy.export.exporter import export_model
+    from infini_deploy.models import init_model, preset
+    from infini_deploy.models.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("chat-export")
+    tokenizer = load_tokenizer(write_tiny_tokenizer(root / "tokenizer"), 300)
+    # untied head and open gates: a random model whose replies depend on the conversation (a tied tiny model
+    # repeats its last token whatever came before)
+    model = init_model(dataclasses.replace(preset("tiny"), vocab_size=300, tie_embeddings=False), seed=0)
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            layer.self_attn.beta.copy_(torch.linspace(-1.0, 1.5, model.config.n_head) + i)
+    export_model(model, root / "tiny-chat", tokenizer=tokenizer)
+    return root / "tiny-chat"

@@ -91,3 +91,47 @@ def test_serve_start_serves_until_sigterm_and_stops_its_server(tiny_fp32, tmp_pa
                 proc.wait(90)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_serve_openai_flags_are_checked_before_anything_starts(tiny_fp32, tmp_path):
+    from helpers import one_line_error
+
+    one_line_error(invoke("serve", tiny_fp32, "--openai"), "--openai needs --start")
+    one_line_error(invoke("serve", tiny_fp32, "--openai", "--start", "--repo", tmp_path / "repo", "--max-batch", "4"),
+                   "--repo, --max-batch: Triton's options; --openai serves the export in this process")
+    one_line_error(invoke("serve", tiny_fp32, "--repo", tmp_path / "repo", "--port", "9000"), "--port needs --openai")
+    one_line_error(invoke("serve", tiny_fp32), "--repo DIR is required")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_openai_commands_serve_and_answer(chat_export, tmp_path):
+    """The README's `infini serve ... --openai --start` line and its `python -c` client, run on the tiny chat
+    export (the SmolLM2 conversion before them is the `real` tests' business): a session answers."""
+    import re
+    import shlex
+
+    pytest.importorskip("openai")
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"## Talk to it with any OpenAI client.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    serve_argv, client_line = shlex.split(lines[1]), lines[2]
+    assert serve_argv[:2] == ["infini", "serve"] and "--openai" in serve_argv and "--start" in serve_argv
+    model = serve_argv[2]
+    argv = [sys.executable, "-m", "infini_deploy.tools.entry", "serve", str(chat_export), *serve_argv[3:],
+            "--model-name", model, "--port", "0", "--threads", "1"]
+    argv[argv.index("sessions")] = str(tmp_path / "sessions")
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        while not seen or "serving the OpenAI API on" not in seen[-1]:
+            seen.append(process.stdout.readline())
+            assert seen[-1], "".join(seen)
+        port = re.search(r"127\.0\.0\.1:(\d+)", seen[-1]).group(1)
+        code = shlex.split(client_line)[2].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
+        assert list((tmp_path / "sessions").glob("*.safetensors"))   # --persist every: the session is on disk
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0

@@ -26,8 +26,10 @@ from .feed import bench_feed  # noqa: E402
 from .generate import bench_generate  # noqa: E402
 from .long import bench_long  # noqa: E402
 from .memory import bench_memory  # noqa: E402
+from .openai import bench_openai  # noqa: E402
 from .runners import bench_runners  # noqa: E402
 from .serve import bench_serve  # noqa: E402
 
-for command in (bench_runners, bench_long, bench_feed, bench_generate, bench_memory, bench_serve, bench_cpu):
+for command in (bench_runners, bench_long, bench_feed, bench_generate, bench_memory, bench_serve, bench_cpu,
+                bench_openai):
     bench.add_command(command)

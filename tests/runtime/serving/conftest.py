@@ -33,3 +33,21 @@ def serve(tmp_path, tmp_path_factory):
     for server in started:
         if server.process is not None and server.process.poll() is None:
             server.kill()
+
+
+@pytest.fixture
+def openai_server():
+    """openai_server(export_dir, **engine options) -> a started OpenAIServer on 127.0.0.1 (a free port), stopped
+    after the test."""
+    from infini_deploy.runtime.serving.openai_api import OpenAIServer, engine_from_export
+
+    started = []
+
+    def make(export_dir, **options):
+        server = OpenAIServer(engine_from_export(export_dir, "tiny-chat", threads=1, **options), port=0)
+        started.append(server)
+        return server.start()
+
+    yield make
+    for server in started:
+        server.stop()
