@@ -424,10 +424,8 @@ def engine_from_export(export_dir, model_name: str | None = None, backend: str =
     pool = pool_from_export(Path(export_dir), params)
     if pool.decode_runner is None:   # refused now rather than at every request
         pool.close()
-        fix = ("it is an attend_previous model, whose exports have no decode step yet: serve a segment-local "
-               "export" if pool.runner.config.attend_previous else "export the model again with `infini export`")
         raise BadInputError(f"{export_dir} has no decode graph for the {backend} backend, and the OpenAI API "
-                            f"generates: {fix}")
+                            "generates: export the model again with `infini export`")
     return Engine(pool, model_tokenizer(str(export_dir)), model_name or Path(export_dir).resolve().name)
 
 

@@ -281,8 +281,12 @@ def test_a_busy_session_a_full_server_and_a_session_of_another_model_are_refused
 
 
 @pytest.mark.slow
-def test_an_export_without_a_decode_step_is_refused_before_serving(tmp_path):
+def test_an_attend_previous_export_serves_and_one_without_a_decode_step_is_refused(tmp_path):
+    """attend_previous exports have decode and chunk steps that read past (runtime/stream.py carries it); an
+    export made before (segment.onnx only) cannot generate and is refused before serving."""
     import dataclasses
+    import json
+    import shutil
 
     from infini_deploy.errors import BadInputError
     from infini_deploy.export.exporter import export_model
@@ -290,5 +294,16 @@ def test_an_export_without_a_decode_step_is_refused_before_serving(tmp_path):
     from infini_deploy.runtime.serving.openai_api import engine_from_export
 
     export_model(init_model(dataclasses.replace(preset("tiny"), attend_previous=True), seed=0), tmp_path / "ap")
-    with pytest.raises(BadInputError, match="no decode graph .* attend_previous model, whose exports have no decode"):
-        engine_from_export(tmp_path / "ap")
+    engine = engine_from_export(tmp_path / "ap")
+    assert engine.pool.runner.config.attend_previous and engine.pool.decode_runner is not None
+    engine.pool.close()
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "ap", old)
+    manifest = json.loads((old / "infini.json").read_text())
+    for graph in ("decode", "chunk"):
+        del manifest["graphs"][graph]
+        manifest["files"].pop(f"{graph}.onnx")
+        (old / f"{graph}.onnx").unlink()
+    (old / "infini.json").write_text(json.dumps(manifest))
+    with pytest.raises(BadInputError, match="no decode graph .* export the model again with `infini export`"):
+        engine_from_export(old)
