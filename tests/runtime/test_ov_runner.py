@@ -260,3 +260,8 @@ def test_the_command_line_runs_openvino_and_refuses_in_one_line(tiny_fp32, tmp_p
     np.save(ids, np.array([1, 260], dtype=np.int64))
     one_line_error(invoke("run", tiny_fp32, "--backend", "openvino", "--text", ids, "--no-progress"),
                    "holds id 260, outside the vocabulary [0, 259]")
+    verified = tmp_path / "verify.json"
+    res = invoke("verify", tiny_fp32, "--segments", 3, "--json-out", verified)   # every backend here, OpenVINO too
+    assert res.exit_code == 0 and "openvino-cpu:" in res.output, res.output
+    worst_ov = json.loads(verified.read_text())["backends"]["openvino-cpu"]["worst"]
+    assert worst_ov["logits_max"] < 1e-4 and worst_ov["state_rel"] < 1e-5
