@@ -265,3 +265,24 @@ def test_the_command_line_runs_openvino_and_refuses_in_one_line(tiny_fp32, tmp_p
     assert res.exit_code == 0 and "openvino-cpu:" in res.output, res.output
     worst_ov = json.loads(verified.read_text())["backends"]["openvino-cpu"]["worst"]
     assert worst_ov["logits_max"] < 1e-4 and worst_ov["state_rel"] < 1e-5
+
+
+def test_a_graph_with_external_data_runs(copied):
+    """A graph of 2 GiB or more keeps its weights in segment.onnx.data: the inlined copy links that file."""
+    import onnx
+
+    proto = onnx.load(str(copied / "segment.onnx"))
+    onnx.save(proto, str(copied / "segment.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="segment.onnx.data", size_threshold=1024)
+    manifest = json.loads((copied / MANIFEST_FILE).read_text())
+    for name in ("segment.onnx", "segment.onnx.data"):
+        manifest["files"][name] = sha256_file(copied / name)
+    (copied / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert any(onnx.external_data_helper.uses_external_data(t)
+               for t in onnx.load(str(copied / "segment.onnx"), load_external_data=False).graph.initializer)
+    memory, norm = zero_state(2)
+    feed = {spec.TOKENS: tokens_of(40), spec.MEMORY: memory, spec.NORM: norm}
+    with OvRunner(copied) as ov, OrtRunner(copied) as ort:
+        got, want = ov.infer(dict(feed)), ort.infer(dict(feed))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5)
