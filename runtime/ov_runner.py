@@ -4,16 +4,18 @@ OpenVINO's ONNX frontend expands no ONNX local functions, and the memory block i
 
     FrontEnd API failed with OpConversionFailure: ... No conversion rule found for operations: infini.Memory
 
-so the graph is read with its local functions inlined (``onnx.inliner.inline_local_functions``), in memory: the
-file on disk and its sha256 stay as exported, and what OpenVINO compiles is the same body of standard ops that
-onnxruntime runs. No second definition of the memory block exists for OpenVINO.
+so the graph is read with its local functions inlined (``onnx.inliner.inline_local_functions``, into a
+temporary folder: :func:`model_from_onnx`): the file on disk and its sha256 stay as exported, and what OpenVINO
+compiles is the same body of standard ops that onnxruntime runs. No second definition of the memory block exists
+for OpenVINO.
 
 Precision: on a CPU with bf16 instructions (avx512_bf16, AMX) OpenVINO computes in bf16 by default without
 saying so (measured here: M 0.1-0.3 off after a few segments). ``precision="f32"`` (the default) pins
 INFERENCE_PRECISION_HINT to f32, which matches onnxruntime to float32 rounding. ``precision="bf16"`` asks for
 bf16 where the device has it (refused in one line where it does not): OpenVINO then runs the weights' MatMuls
-and, it decides itself, some of the memory block's in bf16; the state tensors stay float32 at the API and their
-sums float32 (docs/openvino.md has the measured drift).
+and, it decides itself, most of the memory block in bf16; the state tensors stay float32 at the API and their
+sums float32. Within tolerance on the presets, it costs SmolLM2 a fifth of its top-1 agreement: measured, not
+recommended (docs/openvino.md).
 
 The runner is stateless like the others (the Stream carries M and z): OpenVINO's stateful form (state as
 variables inside the compiled model) is not used yet (docs/openvino.md says why).
