@@ -2,7 +2,7 @@
 state against torch fp32 (top-1 agreement, perplexity, logits cosine per position), with no keep-precision marks
 ("none"), the memory block's nodes marked ("memory"), every node but the weights' MatMuls and Gathers marked
 ("all-but-weights"; marks go in through the IR's rt_info, `precise`, which has no Python binding), and OpenVINO's
-snippets disabled ("nosnippets"). Output: bf16_keep_precision.txt.
+snippets disabled ("nosnippets"). Its output, printed, is bf16_keep_precision.txt.
 
     python bf16_keep_precision.py EXPORT_FP32 CHECKPOINT none memory all-but-weights nosnippets
 """
@@ -12,7 +12,6 @@ import openvino as ov
 from infini_deploy.runtime.ov_runner import model_from_onnx, core
 from infini_deploy.runtime.inputs import iter_tokens
 from infini_deploy.runtime.open import model_tokenizer, load_model
-from infini_deploy.models import spec
 E, CKPT = sys.argv[1], sys.argv[2]   # the fp32 export, the checkpoint it came from (its tokenizer)
 ids = np.concatenate(list(iter_tokens(Path("/usr/share/common-licenses/GPL-3"), limit=3 * 512 + 1, tokenizer=model_tokenizer(CKPT))))
 ids = torch.from_numpy(ids.astype(np.int64)).view(1, -1)
