@@ -4,13 +4,13 @@ MODEL is a preset name (a freshly initialised model), a checkpoint folder (confi
 or an export folder (infini.json, its graphs, its checkpoint, engines once built). Opening checks what the
 manifest promises (hashes of the graphs, the engines and the checkpoint kept with them) before anything runs:
 
-    open_runner(MODEL, backend, graph)   one graph on one backend      torch | onnxruntime | tensorrt
+    open_runner(MODEL, backend, graph)   one graph on one backend      torch | onnxruntime | openvino | tensorrt
     open_stream(MODEL, backend)          a Stream over the segment, decode and chunk steps of one backend
     load_model(MODEL)                    the torch model (an export's own checkpoint, hash-checked)
     model_tokenizer(MODEL)               its tokenizer (bytes for a preset)
 
-Backends: ``auto`` is onnxruntime for an export folder and torch otherwise; onnxruntime and tensorrt need an
-export folder (tensorrt its engines and a GPU they run on); torch runs any MODEL.
+Backends: ``auto`` is onnxruntime for an export folder and torch otherwise; onnxruntime, openvino and tensorrt
+need an export folder (tensorrt its engines and a GPU they run on); torch runs any MODEL.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from ..models.manifest import CHECKPOINT_DIR, is_export_dir, load_manifest
 from ..models.model import InfiniTransformer, with_config
 from .torch_runner import TorchRunner
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+EXPORTED = ("onnxruntime", "openvino", "tensorrt")   # the backends that run an export folder's graphs
 AUTOCAST = ("auto", "bf16", "off")
 AUTOCAST_MIN_WIDTH = 256   # measured: tiny (64 wide) is 1.8x slower in bf16, small (256) 1.6-3x and SmolLM2 2.1x faster
 
@@ -38,7 +39,7 @@ def choose_backend(model: str, backend: str = "auto") -> str:
     exported = is_export_dir(model)
     if backend == "auto":
         return "onnxruntime" if exported else "torch"
-    if backend in ("onnxruntime", "tensorrt") and not exported:
+    if backend in EXPORTED and not exported:
         raise BadInputError(f"--backend {backend} needs an export folder (with infini.json); {model!r} is "
                             "not one: make one with `infini export`")
     return backend
@@ -121,8 +122,9 @@ def open_runner(model: str, backend: str = "auto", graph: str = "segment", devic
                 net: InfiniTransformer | None = None, compile: bool = False):
     """(runner of ``graph`` of MODEL on ``backend``, the backend's name). ``net``: the torch model to run
     instead of loading MODEL's (load_model with changes). ``autocast`` (torch): "bf16", "off", or "auto"
-    (:func:`fastest_autocast`). ``threads`` sets torch's intra-op threads and onnxruntime's. ``compile``
-    (torch): torch.compile the step."""
+    (:func:`fastest_autocast`); on openvino "bf16" is its bf16 inference precision and "auto"/"off" f32 (on a
+    CPU with bf16 OpenVINO would pick bf16 itself, memory path included: docs/openvino.md). ``threads`` sets
+    torch's intra-op threads, onnxruntime's and OpenVINO's. ``compile`` (torch): torch.compile the step."""
     backend = choose_backend(model, backend)
     if autocast not in AUTOCAST:
         raise BadInputError(f"autocast {autocast!r} is not known; available: {', '.join(AUTOCAST)}")
@@ -136,6 +138,11 @@ def open_runner(model: str, backend: str = "auto", graph: str = "segment", devic
         from .ort_runner import OrtRunner
 
         return OrtRunner(model, provider=device, threads=threads, graph=graph), backend
+    if backend == "openvino":
+        from .ov_runner import OvRunner
+
+        return OvRunner(model, device=device, threads=threads, graph=graph,
+                        precision="bf16" if autocast == "bf16" else "f32"), backend
     net = net if net is not None else load_model(model, seed)
     if autocast == "auto":
         autocast = fastest_autocast(net, device)
@@ -170,16 +177,19 @@ def open_stream(model: str, backend: str = "auto", device: str = "cpu", threads:
 
 
 def exported_runners(export_dir, threads: int | None = None) -> dict:
-    """Every backend that can run this export here: onnxruntime CPU, and CUDA and TensorRT when available
-    (TensorRT when the folder has an engine and a GPU it runs on is there)."""
+    """Every backend that can run this export here: onnxruntime CPU, and CUDA, OpenVINO (CPU, f32) and TensorRT
+    when available (TensorRT when the folder has an engine and a GPU it runs on is there)."""
     from .ort_runner import OrtRunner
+    from .ov_runner import OvRunner
     from .trt_runner import TrtRunner
 
     runners = {"onnxruntime-cpu": OrtRunner(export_dir, "cpu", threads)}
-    try:
-        runners["onnxruntime-cuda"] = OrtRunner(export_dir, "cuda", threads)
-    except MissingBackendError:
-        pass
+    for name, make in (("onnxruntime-cuda", lambda: OrtRunner(export_dir, "cuda", threads)),
+                       ("openvino-cpu", lambda: OvRunner(export_dir, "cpu", threads))):
+        try:
+            runners[name] = make()
+        except MissingBackendError:
+            pass
     if load_manifest(export_dir).tensorrt:
         try:
             runners["tensorrt"] = TrtRunner(export_dir)

@@ -192,14 +192,16 @@ def backend_options(threads_help: str = "Intra-op threads of torch and onnxrunti
     """--backend, --device, --threads, --autocast: where and how MODEL runs (runtime/open.py decides)."""
     return _group(
         click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="auto: onnxruntime for an export folder (infini.json), torch otherwise; tensorrt: the "
-                          "folder's engines (`infini build`), on a GPU they run on."),
+                     help="auto: onnxruntime for an export folder (infini.json), torch otherwise; openvino: the "
+                          "folder's graphs in OpenVINO on the CPU (docs/openvino.md); tensorrt: the folder's engines "
+                          "(`infini build`), on a GPU they run on."),
         device_option(),
         threads_option(threads_help),
         click.option("--autocast", type=click.Choice(AUTOCAST), default="auto", show_default=True,
                      help="torch: bf16 autocast of the weights' matmuls, the state float32. auto: bf16 on a CPU with "
                           "native bf16 (AMX or AVX-512 BF16) for a float32 model at least 256 wide, the fastest CPU "
-                          "path measured (docs/cpu.md); off: float32."))
+                          "path measured (docs/cpu.md); off: float32. openvino: bf16 is its bf16 inference precision "
+                          "(a CPU with bf16 instructions), auto and off f32."))
 
 
 def output_options(what: str = "figures"):

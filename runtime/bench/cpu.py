@@ -9,6 +9,10 @@ position, and the state's values do not change the work. The paths' outputs on t
 their accuracy against torch fp32 on identical input: top-1 agreement at every position, the logits'
 cosine at sampled positions, and the perplexity of the next token.
 
+OpenVINO runs the onnxruntime paths' exports (fp32, int8, int4: the same files) with its f32 inference
+precision, and the fp32 export with its bf16 one (``openvino-bf16``, where the CPU has bf16 instructions).
+Every JSON records the CPU (:func:`cpu_info`: model name and flags) and the runtimes' versions.
+
 llama.cpp (``llama-cpp-python``, an optional extra) prefills the first L tokens of the same stream into
 a context of L, in batches of 512, one process per format and length (its KV cache and its time per
 token grow with L; ours do not).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +35,7 @@ import torch
 
 from .measure import current_rss_bytes, peak_rss_bytes
 
-# name -> (backend, precision of the export or of the autocast, torch.compile / the --fused export)
+# name -> (backend, precision of the export or of the autocast / OpenVINO's bf16, torch.compile / the --fused export)
 PATHS = {
     "torch-fp32": ("torch", "fp32", False),
     "torch-bf16": ("torch", "bf16", False),
@@ -42,7 +47,13 @@ PATHS = {
     "onnxruntime-fused-fp32": ("onnxruntime", "fp32", True),
     "onnxruntime-fused-int8": ("onnxruntime", "int8", True),
     "onnxruntime-fused-int4": ("onnxruntime", "int4", True),
+    "openvino-fp32": ("openvino", "fp32", False),
+    "openvino-bf16": ("openvino", "bf16", False),     # the fp32 export, OpenVINO's bf16 inference precision
+    "openvino-int8": ("openvino", "int8", False),
+    "openvino-int4": ("openvino", "int4", False),
 }
+# the flags that decide which kernels the backends pick (the JSON keeps every flag; these are printed)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 REFERENCE = "torch-fp32"
 LLAMA_BATCH = 512                   # llama.cpp's default n_batch; its prefill is timed batch by batch
 LLAMA_FORMATS = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "f16": 1}   # llama_ftype values (llama.h)
@@ -81,6 +92,59 @@ def build_inputs(model, stream_ids: np.ndarray, contexts: list[int], path: Path)
         for name, t in zip(("memory", "norm", "past"), stream.state):   # past: attend_previous models
             tensors[f"{name}.{L}"] = t.contiguous()
     save_file(tensors, str(path))
+
+
+def export_precision(name: str) -> str:
+    """The precision of the export a PATHS entry runs (OpenVINO's bf16 runs the fp32 export)."""
+    backend, precision, _ = PATHS[name]
+    return "fp32" if backend == "openvino" and precision == "bf16" else precision
+
+
+def cpu_info() -> dict:
+    """This CPU: model name, logical CPUs, every /proc/cpuinfo flag, and which of ISA_FLAGS it has."""
+    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info.update(model=fields.get("model name", info["model"]), flags=fields.get("flags", "").split())
+    info["isa"] = [f for f in ISA_FLAGS if f in info["flags"]]
+    return info
+
+
+def unavailable(names: list[str]) -> dict[str, str]:
+    """The paths of ``names`` this machine cannot run, with why (one line): OpenVINO not installed, or its bf16
+    on a CPU without bf16 instructions."""
+    ov = [n for n in names if PATHS[n][0] == "openvino"]
+    if not ov:
+        return {}
+    from ...errors import InfiniError
+    from ..ov_runner import check_precision, core
+
+    try:
+        core()
+    except InfiniError as e:
+        return {n: str(e) for n in ov}
+    try:
+        check_precision("bf16", "CPU")
+    except InfiniError as e:
+        return {n: str(e) for n in ov if PATHS[n][1] == "bf16"}
+    return {}
+
+
+def versions() -> dict:
+    """The versions of the runtimes the paths use (None: not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("torch", "onnxruntime", "openvino", "llama-cpp-python"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def run_job(job: Job, timeout: float | None = None) -> dict:
@@ -154,8 +218,8 @@ def infini_worker(job: Job) -> dict:
 def _runner(job: Job, backend: str, precision: str, compiled: bool):
     from ..open import open_runner
 
-    model = job.export_dir if backend == "onnxruntime" else job.model
-    autocast = "off" if precision == "fp32" or backend == "onnxruntime" else precision
+    model = job.model if backend == "torch" else job.export_dir
+    autocast = "bf16" if precision == "bf16" and backend != "onnxruntime" else "off"   # OpenVINO: bf16 precision
     return open_runner(model, backend, threads=job.threads, seed=job.seed, autocast=autocast, compile=compiled)[0]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
 
 import click
@@ -24,7 +23,8 @@ from ..options import TEXT_OR_IDS, check_outputs, output_options, parse_counts, 
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated Infini paths, or 'all': torch-fp32, torch-bf16, torch-compile-fp32, "
                    "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int4, and "
-                   "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`).")
+                   "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`), openvino-fp32, openvino-bf16, "
+                   "openvino-int8, openvino-int4 (the same exports; 'all' leaves out what cannot run here).")
 @click.option("--segments", type=click.IntRange(1, 1000), default=4, show_default=True,
               help="Segments timed per context and path (the median is reported).")
 @click.option("--text", "text_file", type=TEXT_OR_IDS, default=None,
@@ -46,8 +46,8 @@ from ..options import TEXT_OR_IDS, check_outputs, output_options, parse_counts, 
 def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, llama_formats, exports_dir, timeout, seed,
         json_out, force, plot_out):
     """Every CPU path of MODEL (preset or checkpoint) on the same tokens and threads, each in its own process:
-    torch eager fp32 and bf16 autocast, torch.compile, onnxruntime fp32/int8/int4; and llama.cpp on the
-    same weights (--gguf) at the same context lengths while its KV cache fits."""
+    torch eager fp32 and bf16 autocast, torch.compile, onnxruntime fp32/int8/int4, OpenVINO fp32/bf16/int8/int4;
+    and llama.cpp on the same weights (--gguf) at the same context lengths while its KV cache fits."""
     import torch
 
     from ...errors import BadInputError
@@ -61,6 +61,10 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
     unknown = [n for n in names if n not in cb.PATHS]
     if unknown:
         raise BadInputError(f"--paths: unknown {unknown}; expected 'all' or any of {', '.join(cb.PATHS)}")
+    skipped = cb.unavailable(names) if path_names.strip() == "all" else {}   # a named one fails in its own line
+    for name, why in skipped.items():
+        click.echo(f"{name}: skipped: {why}")
+    names = [n for n in names if n not in skipped]
     formats = [f.lower() for f in parse_list(llama_formats, "--llama-formats", example="formats")]
     bad = [f for f in formats if f != "shipped" and f not in cb.LLAMA_FORMATS]
     if bad:
@@ -77,9 +81,13 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
         click.echo(f"contexts rounded to whole segments of {N}: {', '.join(f'{L:,}' for L in rounded)}")
     total = rounded[-1] + segments * N + 1
     ids = _stream_ids(model, text_file, total, cfg.vocab_size, seed)
+    cpu = cb.cpu_info()
+    click.echo(f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; {' '.join(cpu.get('isa', [])) or 'none'} "
+               f"of {', '.join(cb.ISA_FLAGS)}")
     result = {"model": model, "threads": threads, "contexts": rounded, "segments": segments, "segment_len": N,
               "tokens": str(text_file) if text_file else f"random ids in [0, {cfg.vocab_size})",
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "machine": cpu["model"], "cpu": cpu, "versions": cb.versions(),
+              "torch": torch.__version__, "skipped": skipped,
               "state_built_by": "torch, bf16 autocast", "paths": {}, "llama_cpp": {}}
     with scratch() as tmp:
         tmp = Path(tmp)
@@ -90,7 +98,8 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
         for name in names:
             backend, precision, flag = cb.PATHS[name]
             job = cb.Job("infini", name, str(inputs), str(tmp / name), threads, rounded, segments, model=model, seed=seed)
-            if backend == "onnxruntime":
+            if backend != "torch":
+                precision = cb.export_precision(name)
                 key = ("fused-" if flag else "") + precision
                 if key not in exports:
                     exports[key] = (exports_dir or tmp) / f"export-{key}"

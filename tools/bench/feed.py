@@ -41,7 +41,8 @@ def bench_feed(model, pieces, count, backend, device, threads, autocast, seed, j
     tokens = parse_count(count)
     with scratch() as tmp:
         source = model
-        if backend == "onnxruntime" and not is_export_dir(model):   # a checkpoint or preset: exported here first
+        # a checkpoint or preset on a backend that runs exports: exported here first
+        if backend in ("onnxruntime", "openvino") and not is_export_dir(model):
             source = str(export_to(model, Path(tmp) / "export", "fp32", seed))
         runner, backend = open_runner(source, backend, "segment", device, threads, seed, autocast)
         chunk, _ = open_runner(source, backend, "chunk", device, threads, seed, autocast, getattr(runner, "model", None))

@@ -32,3 +32,17 @@ def test_a_measurement_process_reports_its_own_peak_rss_not_its_parents():
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 400 << 20                      # ru_maxrss would report the parent's 600+ MiB here
     del ballast
+
+
+def test_openvino_paths_are_left_out_with_the_reason_when_openvino_is_missing(monkeypatch):
+    import sys
+
+    from infini_deploy.runtime import ov_runner
+    from infini_deploy.runtime.bench import cpu as cb
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    monkeypatch.setattr(ov_runner, "_CORE", None)
+    skipped = cb.unavailable(list(cb.PATHS))
+    assert set(skipped) == {n for n in cb.PATHS if n.startswith("openvino-")}
+    assert all(why.startswith("openvino is not installed: pip install openvino") for why in skipped.values())
+    assert cb.export_precision("openvino-bf16") == "fp32" and cb.export_precision("openvino-int4") == "int4"

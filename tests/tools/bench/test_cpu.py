@@ -50,3 +50,32 @@ def test_bench_cpu_refuses_unknown_paths_and_formats():
     assert res.exit_code == 2 and "--paths: unknown ['torch-fp64']" in res.output
     res = invoke("bench", "cpu", "tiny", "--llama-formats", "q2_k")
     assert res.exit_code == 2 and "--llama-formats: unknown ['q2_k']" in res.output
+
+
+def test_bench_cpu_runs_openvino_on_the_same_exports_and_records_the_cpu(tmp_path):
+    import pytest
+
+    pytest.importorskip("openvino")
+    from infini_deploy.runtime.ov_runner import core
+
+    has_bf16 = "BF16" in core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    out = tmp_path / "cpu.json"
+    paths = ["torch-fp32", "onnxruntime-fp32", "openvino-fp32"] + (["openvino-bf16"] if has_bf16 else [])
+    res = invoke("bench", "cpu", "tiny", "--context", "64", "--threads", "1", "--segments", "2",
+                 "--paths", ",".join(paths), "--json-out", out)
+    assert res.exit_code == 0, res.output
+    assert res.output.count("exporting fp32") == 1            # onnxruntime and OpenVINO time the same file
+    report = json.loads(out.read_text())
+    ov = report["paths"]["openvino-fp32"]
+    assert ov["backend"] == "openvino" and ov["label"] == "openvino-cpu-f32"
+    assert ov["rows"][0]["tokens_per_s"] > 0 and ov["rows"][0]["state_dtype"] == "float32"
+    acc = ov["accuracy_vs_torch-fp32"]
+    assert acc["top1_agreement"] == 1.0 and acc["logits_cosine_min"] > 0.99999
+    if has_bf16:
+        bf16 = report["paths"]["openvino-bf16"]
+        assert bf16["label"] == "openvino-cpu-bf16" and bf16["rows"][0]["state_dtype"] == "float32"
+        assert bf16["accuracy_vs_torch-fp32"]["logits_cosine_min"] < acc["logits_cosine_min"]   # really bf16
+    cpu = report["cpu"]
+    assert cpu["model"] and cpu["flags"] and set(cpu["isa"]) <= set(cpu["flags"])
+    assert report["versions"]["openvino"] and report["machine"] == cpu["model"]
+    assert "CPU: " in res.output
