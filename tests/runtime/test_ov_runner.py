@@ -223,18 +223,20 @@ def test_missing_openvino_says_what_to_install(tiny_fp32, monkeypatch):
 @pytest.mark.slow
 def test_attend_previous_stream_matches_torch(tmp_path_factory):
     """A model whose local attention sees the previous segment: the past input starts empty (0 keys), then
-    N, then SINKS + N; OpenVINO takes every length and streams what torch streams."""
+    N, then SINKS + N; OpenVINO takes every length, streams what torch streams and generates what it generates."""
     from infini_deploy.export.exporter import export_model
     from infini_deploy.models import init_model, preset
 
     folder = tmp_path_factory.mktemp("exports") / "tiny-past"
     export_model(init_model(preset("tiny", attend_previous=True), seed=0), folder, "fp32")
     tokens = tokens_of(64 * 3 + 17)
-    outs = {}
+    outs, generated = {}, {}
     for backend in ("torch", "openvino"):
         stream, _ = open_stream(str(folder), backend, batch=2)
         outs[backend] = (stream.feed(tokens, keep="all"), *stream.state)
-    assert type(stream).__name__ == "PastStream"
+        generated[backend] = stream.generate(tokens[:, :5], 64)   # decode steps reading past, over a boundary
+    assert len(stream.state) == 3 and stream.decode_runner is not None   # past carried; generation decodes
+    assert torch.equal(generated["openvino"], generated["torch"])
     for got, want in zip(outs["openvino"], outs["torch"]):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
