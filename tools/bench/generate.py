@@ -4,6 +4,7 @@ tokens/s, and the bytes a stream carries; for segment-local and attend_previous 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -55,8 +56,7 @@ def bench_generate(model, positions, repeat, new_tokens, backend, device, thread
         cfg = stream.config
         N = cfg.segment_len
         try:
-            places = sorted({N - int(p.strip()[2:] or 0) if p.strip().startswith("N") else int(p)
-                             for p in positions.split(",")})
+            places = sorted({_place(p.strip(), N) for p in positions.split(",")})
         except ValueError:
             raise BadInputError(f"--positions {positions!r}: expected places separated by commas, e.g. 1,N-1") from None
         if not places or places[0] < 0 or places[-1] > N - 1:
@@ -82,3 +82,9 @@ def bench_generate(model, positions, repeat, new_tokens, backend, device, thread
               "autocast": autocast, "positions": rows, **whole}
     if json_out:
         write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+
+
+def _place(text: str, N: int) -> int:
+    """A place in the segment: a number, or N-k (N the segment length)."""
+    match = re.fullmatch(r"N-(\d+)", text)
+    return N - int(match.group(1)) if match else int(text)

@@ -29,3 +29,5 @@ def test_bench_generate_times_the_positions_asked_and_counts_the_state(tmp_path,
 def test_bench_generate_refuses_a_place_outside_the_segment():
     res = invoke("bench", "generate", "tiny", "--positions", "1,64")
     one_line_error(res, "--positions '1,64': every place must be in [0, N-1] = [0, 63]")
+    res = invoke("bench", "generate", "tiny", "--positions", "N+1")
+    one_line_error(res, "--positions 'N+1': expected places separated by commas, e.g. 1,N-1")
