@@ -61,13 +61,13 @@ def load_export(export_dir) -> tuple:
 
 
 def load_model(model: str, seed: int = 0, segment_len: int | None = None, gate: float | None = None,
-               attend_previous: bool = False) -> InfiniTransformer:
+               attend_previous: bool | None = None) -> InfiniTransformer:
     """The torch model of MODEL (a preset is initialised with ``seed``). ``segment_len``, ``gate`` (every gate
-    logit beta set to it) and ``attend_previous`` rebuild it with those changes: checkpoints and presets only
-    (an export's graphs are fixed; changing its torch model would no longer be the export)."""
-    changes = {k: v for k, v in (("segment_len", segment_len), ("gate", gate)) if v is not None}
-    if attend_previous:
-        changes["attend_previous"] = True
+    logit beta set to it) and ``attend_previous`` (True or False; None keeps the model's) rebuild it with those
+    changes: checkpoints and presets only (an export's graphs are fixed; changing its torch model would no longer
+    be the export)."""
+    changes = {k: v for k, v in (("segment_len", segment_len), ("gate", gate), ("attend_previous", attend_previous))
+               if v is not None}
     if is_export_dir(model):
         if changes:
             raise BadInputError(f"{', '.join('--' + k.replace('_', '-') for k in changes)} change the model: give "
@@ -82,14 +82,14 @@ def load_model(model: str, seed: int = 0, segment_len: int | None = None, gate: 
 
 
 def changed_model(model: str, backend: str, seed: int = 0, segment_len: int | None = None, gate: float | None = None,
-                  attend_previous: bool = False) -> InfiniTransformer | None:
+                  attend_previous: bool | None = None) -> InfiniTransformer | None:
     """The torch model of MODEL with the changes asked (:func:`load_model`), or None when none is: for the
     ``net`` of :func:`open_stream`. The changes run on torch only (an export's graphs are fixed)."""
-    if segment_len is None and gate is None and not attend_previous:
+    if segment_len is None and gate is None and attend_previous is None:
         return None
     if backend not in ("auto", "torch"):
-        raise BadInputError(f"--segment-len, --gate and --attend-previous change the model: they run on torch, "
-                            f"not --backend {backend}")
+        raise BadInputError(f"--segment-len, --gate and --attend-previous/--segment-local change the model: they run "
+                            f"on torch, not --backend {backend}")
     return load_model(model, seed, segment_len, gate, attend_previous)
 
 

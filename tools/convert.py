@@ -29,9 +29,10 @@ def _list(ctx, _param, value):
 @click.option("--gate-init", type=float, default=None,
               help="Initial gate logit beta of every head [default: -6, sigmoid = 0.0025; docs/conversion.md].")
 @click.option("--attend-previous/--segment-local", "attend_previous", default=None,
-              help="The local attention also sees the previous segment's keys and values (constant memory; torch "
-                   "and onnxruntime, not TensorRT or serving yet; docs/onnx.md), or the segment alone (what "
-                   "TensorRT engines and the server run)  [default: segment-local, or the adapter's base's]")
+              help="The local attention also sees the previous segment's keys and values and the stream's first "
+                   "tokens (constant memory; it models language far better at the same N: docs/conversion.md), or "
+                   "the segment alone (the paper's variant, a smaller state)  [default: attend-previous, or the "
+                   "adapter's base's]")
 @click.option("--no-validate", is_flag=True, help="Skip the parity check against transformers.")
 @click.option("--adapter", type=click.Path(path_type=Path, exists=True), default=None,
               help="Apply an adapter of `infini train lm` or `infini train passkey` (folder or adapter.safetensors) "
@@ -53,10 +54,12 @@ def convert(src, out_dir, segment_len, update, gate_init, attend_previous, no_va
         gate_init = base.get("gate_init") if gate_init is None else gate_init
         if attend_previous is None:   # either flag overrides the adapter's base: attend_previous changes no weight
             attend_previous = base.get("attend_previous", False)
+    if attend_previous is None:
+        attend_previous = True
     update = update or "linear"
     gate = DEFAULT_GATE_INIT if gate_init is None else gate_init
     result = run(src, out_dir, segment_len, update, gate, validate=not no_validate, force=force, adapter=adapter,
-                 attend_previous=bool(attend_previous))
+                 attend_previous=attend_previous)
     cfg = result.model.config
     n = sum(p.numel() for p in result.model.parameters())
     click.echo(f"wrote {out_dir}: {n:,} parameters, {cfg.n_layer} layers, {cfg.n_head} query / {cfg.kv_heads} KV "

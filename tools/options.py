@@ -211,15 +211,16 @@ def output_options(what: str = "figures"):
 
 
 def model_change_options():
-    """--segment-len, --gate, --attend-previous: the same weights run another way (checkpoints and presets)."""
+    """--segment-len, --gate, --attend-previous/--segment-local: the same weights run another way (checkpoints and presets)."""
     return _group(
         click.option("--segment-len", type=click.IntRange(1, 1 << 20), default=None,
                      help="Run with this segment length instead of the model's (torch)."),
         click.option("--gate", type=GATE, default=None,
                      help="Set every gate logit beta to this number, or 'closed' (torch)."),
-        click.option("--attend-previous", is_flag=True,
-                     help="The local attention also sees the previous segment's keys and values (config "
-                          "attend_previous; docs/training.md). An export of such a model needs no flag."))
+        click.option("--attend-previous/--segment-local", "attend_previous", default=None,
+                     help="Run the local attention over the previous segment's keys and values too, or over the "
+                          "segment alone (config attend_previous; docs/conversion.md)  [default: the model's; an "
+                          "export's graphs are fixed]"))
 
 
 def server_options(what: str = "stream"):

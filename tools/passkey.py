@@ -14,8 +14,8 @@ from ..models.passkey import FILLERS
 from ..runtime.bench.measure import human_bytes
 from ..runtime.open import changed_model, model_tokenizer, open_stream
 from ..runtime.quality.passkey import passkey_eval, summarise
-from .options import (TEXT, backend_options, check_outputs, model_change_options, output_options, parse_counts,
-                      parse_list, progress_option, seed_option)
+from .options import (TEXT, backend_options, check_outputs, check_server_options, model_change_options,
+                      output_options, parse_counts, parse_list, progress_option, seed_option, server_options)
 
 
 def parse_depths(text: str) -> list[float]:
@@ -52,9 +52,12 @@ def length_label(n: int) -> str:
 @output_options("results")
 @backend_options()
 @progress_option()
+@server_options("stream the trials run on, one after another (reset before each)")
 def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, segment_len, gate, attend_previous,
-            json_out, force, backend, device, threads, autocast, progress):
+            json_out, force, backend, device, threads, autocast, progress, server, stream_id):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""
+    check_server_options(server, local=("backend", "device", "threads", "autocast", "batch", "segment_len", "gate",
+                                        "attend_previous"), remote=("stream_id",))
     check_outputs(force, {"--json-out": json_out}, folders={"MODEL": Path(model)})
     lengths = parse_counts(lengths, "--lengths")
     depths = parse_depths(depths)
@@ -67,23 +70,42 @@ def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files,
             raise BadInputError("--filler prose and --haystack FILE go together")
         haystack = Haystack.from_files(haystack_files)
     tokenizer = model_tokenizer(model)
-    net = changed_model(model, backend, seed, segment_len, gate, attend_previous)
-    stream, backend = open_stream(model, backend, device, threads, seed, autocast, batch, net)
-    label = getattr(stream, "label", None) or getattr(stream.runner, "label", backend)
+    if server is not None:
+        stream, backend, device = _remote_stream(model, server, stream_id)
+        label = f"the stream {stream.stream_id} served at {server}"
+    else:
+        net = changed_model(model, backend, seed, segment_len, gate, attend_previous)
+        stream, backend = open_stream(model, backend, device, threads, seed, autocast, batch, net)
+        label = getattr(stream, "label", None) or getattr(stream.runner, "label", backend)
     results = passkey_eval(stream, lengths, depths, trials, seed, filler, progress=progress,
                            on_result=_echo_trial if progress else None, tokenizer=tokenizer, haystack=haystack)
     rows = summarise(results)
     cfg = stream.config
+    where = label if server is not None else f"{label} on {device}, {torch.get_num_threads()} threads"
     click.echo(f"passkey retrieval: {model} ({cfg.update} rule, segment {cfg.segment_len}), {trials} trial(s) "
-               f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {label} on {device}, "
-               f"{torch.get_num_threads()} threads; accuracy %")
+               f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {where}; accuracy %")
     click.echo(format_table(rows, depths))
     if json_out:
         write_text(json_out, json.dumps({"model": model, "backend": backend, "runner": label, "device": device,
+                                        "server": server,
                                         "batch": batch, "threads": torch.get_num_threads(), "config": cfg.to_dict(),
                                         "seed": seed, "filler": filler,
                                         "haystack": [str(f) for f in haystack_files], "summary": rows,
                                         "trials": results}, indent=2) + "\n", force=force)
+
+
+def _remote_stream(model: str, server: str, stream_id: int | None):
+    """The served stream the trials run on, with the export MODEL's config (the model the server runs)."""
+    from ..models.manifest import is_export_dir, load_manifest
+    from ..runtime.serving.remote import RemoteStream
+
+    if not is_export_dir(model):
+        raise BadInputError(f"with --server, MODEL names the export the server runs (its tokenizer and config); "
+                            f"{model} is not an export folder")
+    stream = RemoteStream(server, stream_id=stream_id)   # a bad address is refused here, before any wait
+    stream.config = load_manifest(model).config
+    stream.open()                                         # a server that cannot be reached fails here, at once
+    return stream, "server", "server"
 
 
 def _echo_trial(r: dict) -> None:

@@ -55,7 +55,7 @@ def serve(pool: StreamPool, requests: list[Request]) -> list[Reply]:
         try:
             if r.reset:
                 pool.reset(r.sid)
-            stream = pool.open(r.sid, r.start)
+            stream = pool.open(r.sid, r.start or r.reset)   # RESET starts it empty, opened or not
             if r.expected is not None and stream.position != r.expected:
                 raise BadInputError(f"stream {r.sid} is at token {stream.position:,}, not at token {r.expected:,} "
                                     "where this client left it: another client is feeding the same stream id "

@@ -91,6 +91,12 @@ class RemoteStream:
         self._request(np.zeros(0, np.int64), "none", start=True, reset=reset)
         return self.position
 
+    batch = 1
+
+    def reset(self) -> None:
+        """Start the stream over, empty, at token 0 (the server forgets its memory and snapshot)."""
+        self._request(np.zeros(0, np.int64), "none", start=not self._started, reset=True)
+
     def feed(self, tokens, keep: str = "last"):
         """Feed tokens (n,) or (1, n); returns logits (1, n, V), (1, V) or None as ``Stream.feed`` does."""
         tokens = _as_tokens(tokens)
@@ -165,7 +171,7 @@ class RemoteStream:
         if not start and not self._started:   # open the sequence alone first: this request then names the
             self._request(np.zeros(0, np.int64), "none", start=True)   # position it expects
         before = self.position
-        expected = None if start else before
+        expected = None if start or reset else before
         inputs = self._inputs(tokens, keep, reset, max_new_tokens, sampling or {}, stop, expected)
         try:
             out = self._infer(inputs, start, end)

@@ -111,3 +111,17 @@ def test_convert_prints_the_parity_and_refuses_an_existing_folder(tmp_path, llam
                                                      "tokenizer_config.json"]
     again = CliRunner().invoke(cli, ["convert", str(llama), str(out)])
     assert again.exit_code == 2 and "exists; choose a new folder or pass --force" in again.output
+
+
+def test_convert_gives_attend_previous_by_default_and_segment_local_when_asked(tmp_path, llama):
+    """The default is the variant that remembers more and models language better (docs/conversion.md)."""
+    from infini_deploy.models.checkpoint import load_config
+
+    res = CliRunner().invoke(cli, ["convert", str(llama), str(tmp_path / "ap"), "--segment-len", "64", "--no-validate"])
+    assert res.exit_code == 0 and "the previous segment attended" in res.output, res.output
+    assert "of the previous segment's keys and values) per stream" in res.output
+    assert load_config(tmp_path / "ap").attend_previous is True
+    res = CliRunner().invoke(cli, ["convert", str(llama), str(tmp_path / "sl"), "--segment-len", "64", "--no-validate",
+                                   "--segment-local"])
+    assert res.exit_code == 0 and "previous segment" not in res.output, res.output
+    assert load_config(tmp_path / "sl").attend_previous is False

@@ -116,6 +116,33 @@ def test_an_attend_previous_stream_served_equals_the_local_one_and_survives_a_ki
     restarted.stop()
 
 
+def test_passkey_through_the_server_gives_the_in_process_answers(serve, previous_fp32, tmp_path):
+    """`infini passkey --server`: every trial on one served stream, reset before each (RemoteStream.reset), gives
+    the answers the export gives in process, trial for trial (an attend_previous model, N = 8, prompts of many
+    segments)."""
+    import json
+
+    from helpers import invoke, one_line_error
+
+    server = serve(previous_fp32, threads=1)
+    grid = ["--lengths", "400,700", "--depths", "0,1", "--trials", 3, "--seed", 4, "--no-progress"]
+    res = invoke("passkey", previous_fp32, *grid, "--server", server.url, "--stream-id", 77,
+                 "--json-out", tmp_path / "served.json")
+    assert res.exit_code == 0 and f"the stream 77 served at {server.url}" in res.output, res.output
+    res = invoke("passkey", previous_fp32, *grid, "--backend", "onnxruntime", "--threads", 1,
+                 "--json-out", tmp_path / "local.json")
+    assert res.exit_code == 0, res.output
+    served, near = (json.loads((tmp_path / f).read_text())["trials"] for f in ("served.json", "local.json"))
+    assert len(served) == len(near) == 12
+    assert [(t["length"], t["depth"], t["key"], t["generated"]) for t in served] == \
+        [(t["length"], t["depth"], t["key"], t["generated"]) for t in near]
+    left = RemoteStream(server.url, stream_id=77).open() - served[-1]["prompt_tokens"]   # reset: the last trial only
+    assert 1 <= left <= 16, left
+    one_line_error(invoke("passkey", previous_fp32, "--server", server.url, "--batch", 2),
+                   "--batch cannot go with --server")
+    server.stop()
+
+
 def test_with_persistence_at_end_only_the_client_is_told_what_was_lost(serve, tiny_fp32, tmp_path):
     state = tmp_path / "state"
     server = serve(tiny_fp32, threads=1, state_dir=str(state))
