@@ -28,9 +28,11 @@ import onnx
 import onnxscript
 from onnxscript import opset18 as op
 
+from ..models.manifest import FUSED_ATTENTION
+
 USES_ATTENTION_OP = {"float32": False, "float16": True, "bfloat16": True}
 CONTRIB = "com.microsoft"
-FUSED = "GroupQueryAttention (com.microsoft)"    # the manifest's ``attention`` of a fused export
+FUSED = FUSED_ATTENTION    # the manifest's ``attention`` of a fused export
 
 
 def _contrib_op(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
@@ -77,18 +79,31 @@ def causal_attention_decomposed(query, key, value, attn_mask=None, dropout_p=0.0
 
 def causal_attention_contrib(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                              scale=None, enable_gqa=False):
-    """Translation of ``aten.scaled_dot_product_attention`` into onnxruntime's GroupQueryAttention: a
-    first prompt (no past) of n tokens, causal. k and v arrive repeated to H heads (models/model.py)."""
-    if attn_mask is not None or not is_causal or dropout_p or enable_gqa:
-        raise NotImplementedError("only causal attention without a mask is exported (models/model.py)")
+    """Translation of ``aten.scaled_dot_product_attention`` into onnxruntime's GroupQueryAttention. k and v
+    arrive repeated to H heads (models/model.py).
+
+    Causal without a mask: a first prompt (no past) of n tokens. Under a mask: the segment step of an
+    ``attend_previous`` model (layers.local_attention), n queries against m = len(k) - n past keys and their own
+    under key j <= m + i, which is GroupQueryAttention's own rule for n new tokens after a past of m: the first m
+    keys and values go in as its past (the mask itself is not read; it is that rule by construction). Its CPU
+    kernel takes a past only at batch 1 when n > 1 (onnxruntime 1.32), so such a graph runs batch 1
+    (runtime/ort_runner.py refuses more in one line)."""
+    if is_causal == (attn_mask is not None) or dropout_p or enable_gqa:
+        raise NotImplementedError("causal attention, or the attend_previous mask, only (models/layers.py)")
     heads, d = query.shape[1], query.shape[-1]
     packed = op.Constant(value_ints=[0, 0, -1])
-    q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), packed) for t in (query, key, value))  # (B, n, H*d)
     n = op.Shape(query, start=2, end=3)                                                # [n]
+    total = op.Shape(key, start=2, end=3)                                              # [m + n]
     batch = op.Shape(query, start=0, end=1)                                            # [B]
-    seqlens_k = op.Cast(op.Expand(op.Sub(n, op.Constant(value_ints=[1])), batch), to=6)  # (B,) int32: n - 1
-    total = op.Cast(op.Squeeze(n), to=6)                                               # scalar int32: n
-    out, _, _ = GroupQueryAttention(q, k, v, None, None, seqlens_k, total, num_heads=heads, kv_num_heads=heads,
+    past_k = past_v = None
+    if attn_mask is not None:                                                          # the first m keys: past
+        m, axis = op.Sub(total, n), op.Constant(value_ints=[2])
+        past_k, past_v = (op.Slice(t, op.Constant(value_ints=[0]), m, axis) for t in (key, value))
+        key, value = (op.Slice(t, m, total, axis) for t in (key, value))
+    q, k, v = (op.Reshape(op.Transpose(t, perm=[0, 2, 1, 3]), packed) for t in (query, key, value))  # (B, n, H*d)
+    seqlens_k = op.Cast(op.Expand(op.Sub(total, op.Constant(value_ints=[1])), batch), to=6)  # (B,) int32: m + n - 1
+    out, _, _ = GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, op.Cast(op.Squeeze(total), to=6),
+                                    num_heads=heads, kv_num_heads=heads,
                                     scale=scale if scale is not None else 1.0 / math.sqrt(d))
     return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, d])), perm=[0, 2, 1, 3])
 

@@ -96,10 +96,6 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
                             f"export_model(..., precision={precision!r}) (export/quantize.py)")
     if fused and precision != "fp32":
         raise BadInputError(f"fused graphs are fp32 (and the int8/int4 graphs quantized from them); got {precision!r}")
-    if fused and model.config.attend_previous:
-        raise BadInputError("--fused (onnxruntime's GroupQueryAttention) cannot attend to the previous segment: "
-                            "its CPU kernel takes past keys only at batch 1 for more than one new token; export this "
-                            "attend_previous model without --fused")
     program = _trace(graph, cast_model(model, precision), precision, opset, fused)
     ir_model = program.model
     del program
@@ -160,7 +156,7 @@ def _trace(graph: str, model: InfiniTransformer, precision: str, opset: int, fus
         module, args = SegmentStep(model), (torch.zeros(2, cfg.segment_len, dtype=torch.int64), memory, norm)
         args = (*args, *_past(cfg, dims, batch))
         table = {torch.ops.infini.memory.default: memory_function.translate_memory,
-                 **(attention.decode_translations() if cfg.attend_previous   # the past's keys under a mask
+                 **(attention.decode_translations() if cfg.attend_previous and not fused   # the past under a mask
                     else attention.translations(PRECISIONS[precision], fused))}
     elif graph == "chunk":
         seq = torch.export.Dim(spec.SEQ, min=1, max=cfg.segment_len)

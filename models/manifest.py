@@ -53,6 +53,8 @@ class GraphEntry:
         return cls(d["file"], [TensorSpec.from_dict(s) for s in d["inputs"]],
                    [TensorSpec.from_dict(s) for s in d["outputs"]])
 
+FUSED_ATTENTION = "GroupQueryAttention (com.microsoft)"   # ``attention`` of an `infini export --fused` folder
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -61,7 +63,7 @@ class Manifest:
     opset: int
     graphs: dict[str, GraphEntry]       # "segment" -> its file and I/O
     files: dict[str, str]               # every file of the folder (graphs, checkpoint) -> sha256
-    attention: str = ""                 # "Attention op", "decomposed" or "GroupQueryAttention (com.microsoft)"
+    attention: str = ""                 # "Attention op", "decomposed" or FUSED_ATTENTION
     memory_op: dict = field(default_factory=dict)      # domain, op_type, version of the memory node
     versions: dict = field(default_factory=dict)       # torch, onnx, onnxruntime, onnxscript, infini_deploy
     validation: dict = field(default_factory=dict)     # the export-time comparison against torch

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
-from ..models.manifest import load_manifest
+from ..models.manifest import FUSED_ATTENTION, load_manifest
 from ..models.manifest_schema import check_identity
 from ..models import spec
 from .runner import TORCH_DTYPES, BaseRunner
@@ -121,6 +121,10 @@ class OrtRunner(BaseRunner):
         self.path = self.manifest.verify_graph(self.export_dir, entry.file)
         self.threads = threads
         self.session = None
+        # onnxruntime's GroupQueryAttention takes a past at batch 1 only when more than one token is new
+        # (onnxruntime 1.32): a fused attend_previous segment graph is run one batch row at a time
+        self.row_by_row = (graph == "segment" and self.manifest.attention == FUSED_ATTENTION
+                           and self.config.attend_previous)
 
     def activate_impl(self):
         emulate = self.manifest.precision == "bf16" and self.device.type == "cpu"
@@ -133,7 +137,14 @@ class OrtRunner(BaseRunner):
         if self._binding is not None:
             return self._binding.run(feed)
         arrays = {s.name: feed[s.name].detach().cpu().numpy() for s in self.input_specs}
-        outputs = self.session.run([s.name for s in self.output_specs], arrays)
+        batch = arrays[self.input_specs[0].name].shape[self.input_specs[0].shape.index(spec.BATCH)]
+        if self.row_by_row and batch > 1:
+            rows = [self.session.run([s.name for s in self.output_specs],
+                                     {s.name: np.take(arrays[s.name], [b], axis=s.shape.index(spec.BATCH))
+                                      for s in self.input_specs}) for b in range(batch)]
+            outputs = [np.concatenate(parts, axis=s.shape.index(spec.BATCH)) for s, parts in zip(self.output_specs, zip(*rows))]
+        else:
+            outputs = self.session.run([s.name for s in self.output_specs], arrays)
         # bf16 logits come back as float32 from the emulated graph: exact bf16 values, so the cast is lossless
         return {s.name: torch.from_numpy(np.ascontiguousarray(a)).to(TORCH_DTYPES[s.dtype])
                 for s, a in zip(self.output_specs, outputs)}

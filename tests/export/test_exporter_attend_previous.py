@@ -1,7 +1,7 @@
 """An attend_previous model exported: its segment graph carries ``past`` (the previous segment's keys and values
 and the stream's first SINKS tokens') as a third piece of state, its decode and chunk graphs read it, onnxruntime
-streams and generates through one Stream, a TensorRT-RTX engine builds, and --fused (no past in its attention
-yet) refuses it in one line.
+streams and generates through one Stream, a TensorRT-RTX engine builds, and --fused gives the past to
+onnxruntime's GroupQueryAttention.
 
 Checked against the float64 re-computation from the definition of tests/models/test_model_attend_previous.py."""
 
@@ -93,13 +93,33 @@ def test_the_feed_check_takes_an_empty_past_and_refuses_a_long_one(exported):
         runner.infer({**feed, spec.PAST: too_long})
 
 
-def test_fused_refuses_it_in_one_line(exported, tmp_path):
-    model, folder = exported
-    with pytest.raises(BadInputError, match="cannot attend to the previous segment: its CPU kernel takes past "
-                                            "keys only at batch 1 .* without --fused"):
-        export_model(model.float(), tmp_path / "fused", fused=True)
+def test_fused_takes_the_past_as_group_query_attention_s_own_and_streams_the_definition(exported, tmp_path):
+    """--fused: each layer's GroupQueryAttention takes the past keys and values as its past (no mask, no
+    Softmax); fp32 and int8 validate. Its CPU kernel takes a past at batch 1 only (n > 1), so a batch of 2 runs
+    row by row: the same numbers as the float64 definition over five segments, past empty, N, then SINKS + N."""
+    import onnx
+
+    from infini_deploy.export.attention import CONTRIB, FUSED
+
+    model, _ = exported
+    net = model.float()
+    fused, int8 = (export_model(net, tmp_path / name, precision, fused=True) for name, precision in
+                   (("fused", "fp32"), ("int8", "int8")))
     model.double()
-    assert not (tmp_path / "fused").exists()
+    assert fused.attention == int8.attention == FUSED
+    assert int8.validation["worst"]["top1_agreement"] == 1.0
+    nodes = onnx.load(str(tmp_path / "fused" / fused.graphs["segment"].file)).graph.node
+    gqa = [n for n in nodes if (n.domain, n.op_type) == (CONTRIB, "GroupQueryAttention")]
+    assert len(gqa) == model.config.n_layer and all(n.input[3] and n.input[4] for n in gqa)   # past_key, past_value
+    assert not any(n.op_type == "Softmax" for n in nodes)
+    runner = OrtRunner(tmp_path / "fused", threads=1)
+    assert runner.row_by_row and not OrtRunner(exported[1]).row_by_row
+    tokens = torch.randint(0, 260, (2, 45), generator=torch.Generator().manual_seed(0))
+    stream = Stream(runner, batch=2)
+    got = torch.cat([stream.feed(tokens[:, a:b], keep="all") for a, b in ((0, 3), (3, 20), (20, 21), (21, 45))], 1)
+    for row in range(2):
+        torch.testing.assert_close(got[row].double(), reference(model, tokens[row]), rtol=1e-4, atol=1e-5)
+    assert stream.segments == 5 and stream.state[2].shape[4] == SINKS + model.config.segment_len
 
 
 @pytest.mark.tensorrt
