@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from infini_deploy.errors import BadInputError, InfiniError, MissingBackendError
-from infini_deploy.models import init_model, preset
+from infini_deploy.models import init_model, preset, spec
 from infini_deploy.runtime import TorchRunner
 
 
@@ -88,6 +88,37 @@ def test_bf16_autocast_keeps_float32_outputs_and_state(tiny_model):
     cos = torch.nn.functional.cosine_similarity(ref[0], low[0], dim=-1)
     assert float(cos.min()) > 0.999
     assert float((ref[1] - low[1]).norm() / ref[1].norm()) < 0.02
+
+
+def test_bf16_runs_over_bf16_linear_weights_with_autocast_s_numbers_shared_by_the_steps(tiny_model):
+    """The Linear weights are held in bf16 once (what a decode step reads: 2 bytes a weight, not 4 read and
+    cast again every call), shared by a stream's runners, and the numbers are autocast's over float32 weights,
+    bit for bit; the model itself is untouched, and a changed weight is seen."""
+    from torch import nn
+
+    from infini_deploy.models.memory import autocast_context
+    from infini_deploy.runtime.torch_runner import half_linears
+
+    model = init_model(preset("tiny", n_kv_head=1), seed=3)
+    runners = [TorchRunner(model, graph=g, autocast="bf16").activate() for g in ("segment", "decode", "chunk")]
+    half = half_linears(model, torch.bfloat16)
+    assert all(r._fn.__self__ is half if g == "segment" else r._fn.args[0] is half
+               for r, g in zip(runners, ("segment", "decode", "chunk")))
+    linears = [m for m in half.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for p in model.parameters())               # the model as it was
+    assert half.embed_tokens.weight is model.embed_tokens.weight                     # shared, not copied
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    memory, norm = model.initial_state(2)
+    with torch.inference_mode(), autocast_context("bf16", "cpu"):
+        want = model.step(tokens, memory, norm)
+    got = runners[0].infer({spec.TOKENS: tokens, spec.MEMORY: memory, spec.NORM: norm})
+    for name, w in zip((spec.LOGITS, spec.MEMORY_OUT, spec.NORM_OUT), want):
+        assert torch.equal(got[name], w.float()), name
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)                                                 # training changed a weight
+    assert half_linears(model, torch.bfloat16) is not half
+    assert torch.equal(half_linears(model, torch.bfloat16).lm_head.weight, model.lm_head.weight.bfloat16())
 
 
 def test_the_memory_path_stays_float32_under_autocast():
