@@ -75,13 +75,14 @@ def block_chunk(block: Block, x, pos, *state, inplace: bool = False):
 
 
 def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_cache, d_memory, d_norm, past=None,
-               inplace: bool = False):
+               inplace: bool = False, logits_from: int = 0):
     """The chunk step, a pure function (see the module docstring); ``inplace`` as models/decode.decode_step.
 
     tokens: (B, n) int64; pos: (B,) int64, the tokens already in the segment (pos + n <= N); memory, norm:
     read only; the decode state as models/decode.decode_step takes it. Returns (logits (B, n, V), k_cache_out,
     v_cache_out, d_memory_out, d_norm_out): new tensors. Inputs are not checked here (runners check them).
-    ``past``: attend_previous models, as models/decode.decode_step takes it.
+    ``past``: attend_previous models, as models/decode.decode_step takes it. ``logits_from``: as
+    InfiniTransformer.step's (the logits of positions logits_from..n-1 only).
     """
     x = model.embed(tokens)                                                  # (B, n, D)
     outs = []
@@ -89,7 +90,7 @@ def chunk_step(model: InfiniTransformer, tokens, pos, memory, norm, k_cache, v_c
         x, *state = block_chunk(layer, x, pos, memory[i], norm[i], k_cache[i], v_cache[i], d_memory[i], d_norm[i],
                                 None if past is None else (past[i, 0], past[i, 1]), inplace=inplace)
         outs.append(state)
-    logits = model.lm_head(model.norm(x))                                    # (B, n, V)
+    logits = model.lm_head(model.norm(x[:, logits_from:] if logits_from else x))   # (B, n - logits_from, V)
     return (logits, *stacked(outs, k_cache, v_cache, inplace))
 
 

@@ -219,7 +219,7 @@ class InfiniTransformer(nn.Module):
         past = self.initial_past(batch, device)
         return (*self.initial_state(batch, device), *(() if past is None else (past,)))
 
-    def step(self, tokens, memory, norm, past=None):
+    def step(self, tokens, memory, norm, past=None, logits_from: int = 0):
         """The segment step, a pure function.
 
         tokens: (B, n) int64, n <= segment_len; memory: (L, B, H_kv, d, d) f32; norm: (L, B, H_kv, d) f32.
@@ -227,6 +227,8 @@ class InfiniTransformer(nn.Module):
         Inputs are not checked here (it is traced for export): runners check them.
         An ``attend_previous`` model takes ``past`` (L, 2, B, H_kv, m, d), the previous segment's keys and
         values without RoPE (:meth:`initial_past` at the start), and returns this segment's as a fourth output.
+        ``logits_from``: the logits of positions logits_from..n-1 only (n: none), the output head run on those
+        alone (a fifth of SmolLM2's work per token; runtime/runner.py); the exported graphs keep 0.
         """
         if (past is not None) != self.config.attend_previous:
             raise BadInputError("the segment step takes past (the previous segment's keys and values) exactly "
@@ -238,7 +240,7 @@ class InfiniTransformer(nn.Module):
             memories.append(m)
             norms.append(z)
             pasts.extend(kv)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x[:, logits_from:] if logits_from else x))
         if past is None:
             return logits, torch.stack(memories), torch.stack(norms)
         # past float32 in every precision, as M and z (its values are the weights' dtype: the cast is exact)

@@ -96,7 +96,17 @@ def _commit_rounds(plans: list[_Plan], keep: str) -> None:
 def _commit_round(group: list[_Plan], start: int, keep: str) -> None:
     """The segment at ``start`` of every plan in ``group`` (one past length), in one call."""
     N = group[0].stream.config.segment_len
-    logits, state = _run(group, [p.buf[:, start:start + N] for p in group])
+
+    def wanted(p):   # the first position of this segment whose logits the plan keeps (N: none)
+        if keep == "all":
+            return max(p.n_old - start, 0)
+        return N - 1 if keep == "last" and start + N == p.buf.shape[1] else N
+
+    # the logits of the whole segment, or none when no plan keeps any: a row's numbers must not depend on
+    # which rows the output head ran over (a GEMM of a few rows takes other kernels), so fed together or alone
+    # a stream gets the same bits
+    first = N if all(wanted(p) == N for p in group) else 0
+    logits, state = _run(group, [p.buf[:, start:start + N] for p in group], first)
     for p, (lg, *st) in zip(group, _split(group, logits, state)):
         try:
             if p.stream.check_finite:
@@ -106,7 +116,7 @@ def _commit_round(group: list[_Plan], start: int, keep: str) -> None:
             continue
         p.state = tuple(st)
         if keep == "all":
-            p.kept.append(lg[:, max(p.n_old - start, 0):])
+            p.kept.append(lg[:, wanted(p) - first:])
         elif keep == "last" and start + N == p.buf.shape[1]:
             p.kept.append(lg[:, -1])
 
@@ -167,10 +177,12 @@ def _stacked(states: list[tuple]) -> tuple:
     return tuple(torch.cat(parts, dim=axis) for parts, axis in zip(zip(*states), BATCH_AXIS))
 
 
-def _run(group: list[_Plan], segments: list[torch.Tensor]):
-    """The segment step over one segment of each plan, their rows stacked: (logits, state)."""
+def _run(group: list[_Plan], segments: list[torch.Tensor], logits_from: int = 0):
+    """The segment step over one segment of each plan, their rows stacked: (logits of the positions from
+    ``logits_from`` on, state)."""
     runner = group[0].stream.runner
-    out = runner.infer({spec.TOKENS: torch.cat(segments, dim=0), **segment_state(_stacked([p.state for p in group]))})
+    out = runner.infer({spec.TOKENS: torch.cat(segments, dim=0), **segment_state(_stacked([p.state for p in group]))},
+                       logits_from=logits_from)
     return out[spec.LOGITS], tuple(out[name] for name in STATE_OUT if name in out)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import BadInputError, InfiniError
 from ..models.config import InfiniConfig
-from ..models.spec import EMPTY_DIMS, TOKEN, TOKENS, TensorSpec
+from ..models.spec import EMPTY_DIMS, LOGITS, TOKEN, TOKENS, TensorSpec
 
 TORCH_DTYPES = {"int64": torch.int64, "int32": torch.int32, "float32": torch.float32, "float64": torch.float64,
                 "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,6 +28,7 @@ class BaseRunner:
     """
 
     name = "base"
+    partial_logits = False   # infer_impl takes logits_from (computes only those logits); else they are sliced
 
     def __init__(self, config: InfiniConfig, input_specs: list[TensorSpec], output_specs: list[TensorSpec],
                  device: str = "cpu"):
@@ -45,14 +46,25 @@ class BaseRunner:
         self.is_active = True
         return self
 
-    def infer(self, feed: dict, check: bool = True) -> dict[str, torch.Tensor]:
-        """feed: input name -> tensor. Returns output name -> tensor (on ``self.device``)."""
+    def infer(self, feed: dict, check: bool = True, logits_from: int = 0) -> dict[str, torch.Tensor]:
+        """feed: input name -> tensor. Returns output name -> tensor (on ``self.device``).
+
+        ``logits_from`` (the segment and chunk steps, n tokens): return the logits of positions logits_from..n-1
+        only (n: none; (B, 0, V)). A runner that can leave the others out (torch: the output head over those
+        positions alone) does; the graphs compute every position's and the rest is cut here."""
         if not self.is_active:
             raise InfiniError(f"{self.name} runner is not active: use `with runner:` or call activate() first")
         feed = {name: _as_tensor(name, value) for name, value in feed.items()}
         if check:
             check_feed(feed, self.input_specs)
-        return self.infer_impl(feed)
+        if not logits_from:
+            return self.infer_impl(feed)
+        if TOKENS not in feed:
+            raise BadInputError(f"logits_from={logits_from} is for the steps that take {TOKENS!r} (segment, chunk)")
+        if self.partial_logits:
+            return self.infer_impl(feed, logits_from)
+        out = self.infer_impl(feed)
+        return {**out, LOGITS: out[LOGITS][:, logits_from:]}
 
     def deactivate(self) -> None:
         if self.is_active:

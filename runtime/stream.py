@@ -263,7 +263,7 @@ class Stream:
         when the stream has one); logits of the last (B, V)."""
         logits, N = None, self.config.segment_len
         if self.chunk_runner is not None and self.pending.shape[1] - self._cached > 1:
-            logits = self._chunk(self.pending[:, self._cached:], self._cached)[:, -1]
+            logits = self._chunk(self.pending[:, self._cached:], self._cached, last_only=True)[:, -1]
             self._cached = self.pending.shape[1]
             if self._cached == N:
                 self._fold()
@@ -274,21 +274,23 @@ class Stream:
                 self._fold()
         return logits
 
-    def _chunk(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """The chunk step over (B, n) tokens at positions pos..pos+n-1: updates the cache, returns logits (B, n, V)."""
-        return self._cached_step(self.chunk_runner, spec.TOKENS, tokens, pos)
+    def _chunk(self, tokens: torch.Tensor, pos: int, last_only: bool = False) -> torch.Tensor:
+        """The chunk step over (B, n) tokens at positions pos..pos+n-1: updates the cache, returns logits (B, n, V)
+        (``last_only``: (B, 1, V), the output head over the last position alone)."""
+        return self._cached_step(self.chunk_runner, spec.TOKENS, tokens, pos, tokens.shape[1] - 1 if last_only else 0)
 
     def _decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         return self._cached_step(self.decode_runner, spec.TOKEN, token, pos)
 
-    def _cached_step(self, runner: BaseRunner, token_input: str, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+    def _cached_step(self, runner: BaseRunner, token_input: str, tokens: torch.Tensor, pos: int,
+                     logits_from: int = 0) -> torch.Tensor:
         """The decode or chunk step at ``pos`` over the in-segment cache: updates the cache, returns the logits."""
         feed = {token_input: tokens, spec.POS: torch.full((self.batch,), pos, dtype=torch.int64),
                 spec.MEMORY: self.memory, spec.NORM: self.norm}
         feed.update(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), self._cache))
         if self.past is not None:
             feed[spec.PAST] = self.past
-        out = runner.infer(feed)
+        out = runner.infer(feed, logits_from=logits_from)
         self._cache = tuple(out[name] for name in (spec.K_CACHE_OUT, spec.V_CACHE_OUT,
                                                    spec.D_MEMORY_OUT, spec.D_NORM_OUT))
         if self.check_finite:  # the pending update is state too: refuse it as soon as it breaks, not at the fold
@@ -299,7 +301,7 @@ class Stream:
         """The segment filled by decoding: M += dM, z += dz, and start a new segment. An attend_previous model
         commits it with its segment step instead (the next past comes from there)."""
         if self.past is not None:
-            self._commit()
+            self._commit(logits=False)
             return
         memory, norm = fold(self.memory, self.norm, self._cache[2], self._cache[3])
         if self.check_finite:
@@ -308,9 +310,11 @@ class Stream:
         self.segments += 1
         self._reset_cache()
 
-    def _commit(self) -> torch.Tensor:
-        """Commit the pending tokens (a full segment, or a partial one: flush) by the segment step; its logits."""
-        out = self.runner.infer({spec.TOKENS: self.pending, **segment_state(self.state)})
+    def _commit(self, logits: bool = True) -> torch.Tensor:
+        """Commit the pending tokens (a full segment, or a partial one: flush) by the segment step; its logits
+        (``logits=False``: none computed where the runner can leave them out, (B, 0, V))."""
+        out = self.runner.infer({spec.TOKENS: self.pending, **segment_state(self.state)},
+                                logits_from=0 if logits else self.pending.shape[1])
         memory, norm = out[spec.MEMORY_OUT], out[spec.NORM_OUT]
         if self.check_finite:
             check_state_finite(memory, norm, self.segments)

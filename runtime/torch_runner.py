@@ -34,6 +34,7 @@ class TorchRunner(BaseRunner):
     and return those tensors (no copy of the cache per token); everything else is a new tensor."""
 
     name = "torch"
+    partial_logits = True
 
     def __init__(self, model: InfiniTransformer, device: str = "cpu", graph: str = "segment",
                  autocast: str | None = None, compile: bool = False):
@@ -49,6 +50,7 @@ class TorchRunner(BaseRunner):
         if autocast and dtype != "float32":
             raise BadInputError(f"autocast {autocast!r} needs float32 weights; this model's are {dtype}")
         self.autocast, self.compile = autocast, compile
+        self.partial_logits = not compile   # a compiled step keeps one shape: every position's logits, then cut
         self._fn = None
         self.label = " ".join(["torch", *(["compile"] if compile else []), *([f"{autocast} autocast"] if autocast else [])])
 
@@ -59,10 +61,10 @@ class TorchRunner(BaseRunner):
               "chunk": partial(chunk_step, net, inplace=True)}[self.graph]   # the cache written where it is
         self._fn = torch.compile(fn, dynamic=False) if self.compile else fn
 
-    def infer_impl(self, feed):
+    def infer_impl(self, feed, logits_from: int = 0):
         args = [feed[s.name].to(self.device) for s in self.input_specs]  # spec order = argument order
         with torch.inference_mode(), autocast_context(self.autocast, self.device):
-            outputs = self._fn(*args)
+            outputs = self._fn(*args, logits_from=logits_from) if logits_from else self._fn(*args)
         return {s.name: out.to(TORCH_DTYPES[s.dtype]) for s, out in zip(self.output_specs, outputs)}
 
 

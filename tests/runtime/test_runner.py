@@ -3,7 +3,7 @@ import torch
 
 from infini_deploy.errors import BadInputError, InfiniError, MissingBackendError
 from infini_deploy.models import init_model, preset, spec
-from infini_deploy.runtime import TorchRunner
+from infini_deploy.runtime import Stream, TorchRunner
 
 
 @pytest.fixture
@@ -181,3 +181,44 @@ def test_the_torch_decode_and_chunk_steps_write_the_cache_in_place_with_the_pure
     for name, want in zip((spec.LOGITS, spec.K_CACHE_OUT, spec.V_CACHE_OUT, spec.D_MEMORY_OUT, spec.D_NORM_OUT), pure):
         assert torch.equal(out[name], want), name
     assert not torch.equal(cache[0], pure[1])   # the pure function left its input as it was
+
+
+def test_logits_only_where_asked_the_output_head_runs_on_those_positions_alone():
+    """Feeding computes no logits, keep="last" only the unfinished segment's, generation's prefill only the last
+    position's (the output head is a fifth of SmolLM2's work per token); the numbers are the full step's."""
+    from infini_deploy.models.decode import initial_decode_state
+
+    model = init_model(preset("tiny", n_kv_head=1), seed=3)
+    N = model.config.segment_len
+    rows = []
+    hook = model.lm_head.register_forward_hook(   # positions per batch row (of 2) the head ran on
+        lambda m, args, out: rows.append(args[0].numel() // args[0].shape[-1] // 2))
+    runner = TorchRunner(model).activate()
+    tokens = torch.randint(0, 256, (2, 3 * N + 5), generator=torch.Generator().manual_seed(2))
+    memory, norm = model.initial_state(2)
+    full = runner.infer({spec.TOKENS: tokens[:, :N], spec.MEMORY: memory, spec.NORM: norm})
+    part = runner.infer({spec.TOKENS: tokens[:, :N], spec.MEMORY: memory, spec.NORM: norm}, logits_from=N - 3)
+    assert rows == [N, 3] and part[spec.LOGITS].shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(part[spec.LOGITS], full[spec.LOGITS][:, -3:], rtol=1e-5, atol=1e-6)
+    assert torch.equal(part[spec.MEMORY_OUT], full[spec.MEMORY_OUT])
+    rows.clear()
+    Stream(runner, batch=2).feed(tokens, keep="none")
+    assert sum(rows) == 0                                         # three segments committed, no logits
+    Stream(runner, batch=2).feed(tokens, keep="last")
+    assert sum(rows) == 5                                         # the unfinished segment's only
+    rows.clear()
+    steps = Stream(runner, batch=2, decode_runner=TorchRunner(model, graph="decode").activate(),
+                   chunk_runner=TorchRunner(model, graph="chunk").activate())
+    out = steps.generate(tokens[:, :N + 9], 4)
+    assert rows == [0, 1, 1, 1, 1]   # prefill: a segment committed without logits, then the last position (chunk
+    #                                  step); then 3 decoded tokens' (B, V) each
+    with torch.no_grad():
+        forced = model(torch.cat((tokens[:, :N + 9], out), 1))[0]
+    assert torch.equal(forced[:, N + 8:-1].argmax(-1), out)
+    hook.remove()
+    decode = TorchRunner(model, graph="decode").activate()
+    cache = initial_decode_state(model.config, 1)
+    with pytest.raises(BadInputError, match="logits_from=1 is for the steps that take 'tokens'"):
+        decode.infer({spec.TOKEN: torch.zeros(1, dtype=torch.int64), spec.POS: torch.zeros(1, dtype=torch.int64),
+                      spec.MEMORY: memory[:, :1], spec.NORM: norm[:, :1],
+                      **dict(zip((spec.K_CACHE, spec.V_CACHE, spec.D_MEMORY, spec.D_NORM), cache))}, logits_from=1)
