@@ -46,19 +46,54 @@ def positions(start, n: int, device=None) -> torch.Tensor:
     return torch.arange(start, start + n, device=device)                                  # (n,)
 
 
-def rope(x: torch.Tensor, theta, pos: torch.Tensor | None = None, factor: float = 1.0) -> torch.Tensor:
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+_TABLES: dict = {}   # (frequencies, factor, d, device) -> (cos, sin, r, theta): positions 0..len-1
+
+
+def _cos_sin_table(theta, factor: float, d: int, device, length: int):
+    """cos and sin (L, r) of positions 0..L-1 (L >= length, grown by doubling), what :func:`rope` computes
+    for them, made once (outside inference mode, so training may use them too)."""
+    key = (theta if not isinstance(theta, torch.Tensor) else id(theta), factor, d, str(device))
+    held = _TABLES.get(key)
+    if held is not None and held[0].shape[0] >= length and (not isinstance(theta, torch.Tensor) or held[3] is theta):
+        return held[:3]
+    size = max(length, 2 * held[0].shape[0] if held is not None else 256)
+    with torch.inference_mode(False), torch.no_grad():
+        if isinstance(theta, torch.Tensor):
+            inv_freq = theta.to(device)
+        else:
+            inv_freq = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        angles = torch.arange(size, device=device, dtype=torch.float32)[:, None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+    _TABLES[key] = (cos, sin, 2 * inv_freq.shape[0], theta)
+    return _TABLES[key][:3]
+
+
+def rope(x: torch.Tensor, theta, pos: torch.Tensor | int | None = None, factor: float = 1.0) -> torch.Tensor:
     """Rotary embedding, Llama's rotate-half layout. x: (B, H, n, d).
 
     ``theta``: the base, a float (plain RoPE over all d dims), or a layer's inverse frequencies, a float32 tensor
     (r/2,) from :func:`rope_frequencies` (scaled RoPE; r < d turns the first r dims and passes the rest, Phi-4's
     partial rotary). ``factor`` scales cos and sin (YaRN's and LongRoPE's attention factor).
     ``pos``: the position of each of the n tokens, (n,) shared by the rows or (B, n) per row
-    (:func:`positions`); None means 0..n-1. The segment step uses segment-local positions, so it is the same
-    function for every segment; the memory path has no positions at all.
+    (:func:`positions`), or an int ``start`` for start..start+n-1; None means 0..n-1. The segment step uses
+    segment-local positions, so it is the same function for every segment; the memory path has no positions at
+    all. Run eagerly, the cos and sin of positions 0.. are computed once per layer's frequencies and kept
+    (:func:`_cos_sin_table`); traced (export, compile) they are computed in the graph.
     """
     n, d = x.shape[-2], x.shape[-1]
-    if pos is None:
-        pos = torch.arange(n, device=x.device)
+    if pos is None or isinstance(pos, int):
+        start = pos or 0
+        if not _tracing() and isinstance(start, int) and isinstance(n, int):
+            cos, sin, r = _cos_sin_table(theta, factor, d, x.device, start + n)
+            return _turn(x, cos[start:start + n], sin[start:start + n], r)
+        pos = positions(start, n, x.device)
     if isinstance(theta, torch.Tensor):
         inv_freq = theta.to(x.device)                                                        # (r/2,)
     else:
@@ -71,6 +106,12 @@ def rope(x: torch.Tensor, theta, pos: torch.Tensor | None = None, factor: float 
     cos, sin = angles.cos(), angles.sin()
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
+    return _turn(x, cos, sin, r)
+
+
+def _turn(x, cos, sin, r: int):
+    """x's first r dims turned by cos and sin (..., n, r) (rotate-half), the rest passed as they are."""
+    d = x.shape[-1]
     turned, kept = (x, None) if r == d else (x[..., :r], x[..., r:])
     x1, x2 = turned.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)

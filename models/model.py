@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import BadInputError
 from .config import SINKS, InfiniConfig
 from .kernels.ops import attention_op
-from .layers import RMSNorm, gate_activation, local_attention, positions, rope, rope_frequencies
+from .layers import RMSNorm, gate_activation, local_attention, rope, rope_frequencies
 from .memory import memory_op
 
 
@@ -83,7 +83,7 @@ class InfiniAttention(nn.Module):
         if past is not None:
             m = past[0].shape[2]
             keys, values = (torch.cat((p.to(t.dtype), t), dim=2) for p, t in zip(past, (k, v)))  # (B, H_kv, m+n, d)
-            a_dot = local_attention(self.rotate(q, positions(m, n, x.device)), self.rotate(keys), values, past=m,
+            a_dot = local_attention(self.rotate(q, m), self.rotate(keys), values, past=m,
                                     scale=cfg.query_scale)
             a, memory, norm = memory_op(q, k, v, a_dot, memory, norm, self.beta, cfg.update == "delta", cfg.eps)
             y = self.o_proj(a.transpose(1, 2).reshape(B, n, cfg.n_head * cfg.d_head))
