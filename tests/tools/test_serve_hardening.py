@@ -31,6 +31,10 @@ def test_a_bad_or_unreachable_server_address_fails_at_once_in_one_line(tiny_fp32
         (["generate", tiny_fp32, "--server", "127.0.0.1:1", "--prompt", "ab", "--device", "cpu"],
          "--device cannot go with --server"),
         (["run", tiny_fp32, "--stream-id", "3"], "--stream-id needs --server"),
+        (["passkey", tiny_fp32, "--server", "127.0.0.1:1"], "cannot reach a server at 127.0.0.1:1: Connection refused"),
+        (["passkey", "tiny", "--server", "127.0.0.1:1"], "with --server, MODEL names the export the server runs"),
+        (["passkey", tiny_fp32, "--server", "127.0.0.1:1", "--gate", "closed"], "--gate cannot go with --server"),
+        (["passkey", tiny_fp32, "--stream-id", "3"], "--stream-id needs --server"),
     ]:
         res = invoke(*args, "--no-progress")
         assert res.exit_code == 2 and message in res.output, (args, res.output)
