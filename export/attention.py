@@ -86,8 +86,8 @@ def causal_attention_contrib(query, key, value, attn_mask=None, dropout_p=0.0, i
     ``attend_previous`` model (layers.local_attention), n queries against m = len(k) - n past keys and their own
     under key j <= m + i, which is GroupQueryAttention's own rule for n new tokens after a past of m: the first m
     keys and values go in as its past (the mask itself is not read; it is that rule by construction). Its CPU
-    kernel takes a past only at batch 1 when n > 1 (onnxruntime 1.32), so such a graph runs batch 1
-    (runtime/ort_runner.py refuses more in one line)."""
+    kernel takes a past only at batch 1 when n > 1 (onnxruntime 1.32), so runtime/ort_runner.py runs such a
+    graph one batch row at a time."""
     if is_causal == (attn_mask is not None) or dropout_p or enable_gqa:
         raise NotImplementedError("causal attention, or the attend_previous mask, only (models/layers.py)")
     heads, d = query.shape[1], query.shape[-1]

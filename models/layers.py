@@ -88,7 +88,7 @@ def rope(x: torch.Tensor, theta, pos: torch.Tensor | int | None = None, factor: 
     (:func:`_cos_sin_table`); traced (export, compile) they are computed in the graph.
     """
     n, d = x.shape[-2], x.shape[-1]
-    if pos is None or isinstance(pos, int):
+    if pos is None or isinstance(pos, (int, torch.SymInt)):   # a start (symbolic in a trace)
         start = pos or 0
         if not _tracing() and isinstance(start, int) and isinstance(n, int):
             cos, sin, r = _cos_sin_table(theta, factor, d, x.device, start + n)

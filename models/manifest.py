@@ -53,6 +53,7 @@ class GraphEntry:
         return cls(d["file"], [TensorSpec.from_dict(s) for s in d["inputs"]],
                    [TensorSpec.from_dict(s) for s in d["outputs"]])
 
+
 FUSED_ATTENTION = "GroupQueryAttention (com.microsoft)"   # ``attention`` of an `infini export --fused` folder
 
 

@@ -137,14 +137,15 @@ class OrtRunner(BaseRunner):
         if self._binding is not None:
             return self._binding.run(feed)
         arrays = {s.name: feed[s.name].detach().cpu().numpy() for s in self.input_specs}
-        batch = arrays[self.input_specs[0].name].shape[self.input_specs[0].shape.index(spec.BATCH)]
-        if self.row_by_row and batch > 1:
-            rows = [self.session.run([s.name for s in self.output_specs],
-                                     {s.name: np.take(arrays[s.name], [b], axis=s.shape.index(spec.BATCH))
-                                      for s in self.input_specs}) for b in range(batch)]
-            outputs = [np.concatenate(parts, axis=s.shape.index(spec.BATCH)) for s, parts in zip(self.output_specs, zip(*rows))]
+        names = [s.name for s in self.output_specs]
+        batch = arrays[spec.TOKENS].shape[0] if self.row_by_row else 1
+        if batch > 1:   # one row at a time, each input and output cut and joined on its batch axis
+            rows = [self.session.run(names, {s.name: np.take(arrays[s.name], [b], axis=s.shape.index(spec.BATCH))
+                                             for s in self.input_specs}) for b in range(batch)]
+            outputs = [np.concatenate(parts, axis=s.shape.index(spec.BATCH))
+                       for s, parts in zip(self.output_specs, zip(*rows))]
         else:
-            outputs = self.session.run([s.name for s in self.output_specs], arrays)
+            outputs = self.session.run(names, arrays)
         # bf16 logits come back as float32 from the emulated graph: exact bf16 values, so the cast is lossless
         return {s.name: torch.from_numpy(np.ascontiguousarray(a)).to(TORCH_DTYPES[s.dtype])
                 for s, a in zip(self.output_specs, outputs)}

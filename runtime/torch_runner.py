@@ -68,7 +68,6 @@ class TorchRunner(BaseRunner):
         return {s.name: out.to(TORCH_DTYPES[s.dtype]) for s, out in zip(self.output_specs, outputs)}
 
 
-
 _HALVES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 

@@ -223,14 +223,14 @@ def model_change_options():
                           "export's graphs are fixed]"))
 
 
-def server_options(what: str = "stream"):
+def server_options(stream_help: str = "With --server: the stream to continue (default: a new one)."):
     """--server and --stream-id: run on a stream a Triton server holds (`infini serve`)."""
     return _group(
         click.option("--server", default=None, help="Run on the model a Triton server serves (`infini serve`), at "
                      "this HTTP address (host:port); MODEL then gives only the tokenizer (the export the server "
                      "runs)."),
         click.option("--stream-id", type=click.IntRange(1, 2**63 - 1), default=None,
-                     help=f"With --server: the {what} to continue (default: a new one)."))
+                     help=stream_help))
 
 
 def check_server_options(server, local: tuple[str, ...], remote: tuple[str, ...]) -> None:

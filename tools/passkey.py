@@ -52,7 +52,7 @@ def length_label(n: int) -> str:
 @output_options("results")
 @backend_options()
 @progress_option()
-@server_options("stream the trials run on, one after another (reset before each)")
+@server_options("With --server: the stream every trial runs on, reset before each (default: a new one).")
 def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files, segment_len, gate, attend_previous,
             json_out, force, backend, device, threads, autocast, progress, server, stream_id):
     """Passkey retrieval (the paper's Table 3): accuracy per length and depth, tokens/s, peak RSS."""

@@ -70,6 +70,8 @@ class RemoteStream:
     """A stream on a Triton server (``infini serve``). Batch 1; ``stream_id``: a positive integer naming it
     on every server behind ``url`` (None: a random new one)."""
 
+    batch = 1   # one row: the Stream API's batch
+
     def __init__(self, url: str, model: str = P.MODEL_NAME, stream_id: int | None = None,
                  request_tokens: int = REQUEST_TOKENS, retry_s: float = 120.0):
         if request_tokens < 1:
@@ -90,8 +92,6 @@ class RemoteStream:
         """Open (or resume) the stream on the server; returns its position."""
         self._request(np.zeros(0, np.int64), "none", start=True, reset=reset)
         return self.position
-
-    batch = 1
 
     def reset(self) -> None:
         """Start the stream over, empty, at token 0 (the server forgets its memory and snapshot)."""
