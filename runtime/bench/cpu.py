@@ -147,13 +147,14 @@ def versions() -> dict:
     return out
 
 
-def run_job(job: Job, timeout: float | None = None) -> dict:
-    """Run one job in a fresh process, threads pinned; returns its JSON (or {"error": ...})."""
+def run_job(job: Job, timeout: float | None = None, module: str = "infini_deploy.runtime.bench.cpu") -> dict:
+    """Run one job in a fresh process (``python -m module JOB.json``), threads pinned; returns its JSON (or
+    {"error": ...})."""
     job_file = Path(job.out + ".job.json")
     job_file.write_text(json.dumps(asdict(job)))
     env = dict(os.environ, OMP_NUM_THREADS=str(job.threads), MKL_NUM_THREADS=str(job.threads))
     try:
-        proc = subprocess.run([sys.executable, "-m", "infini_deploy.runtime.bench.cpu", str(job_file)], env=env,
+        proc = subprocess.run([sys.executable, "-m", module, str(job_file)], env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {timeout:.0f} s"}

@@ -22,6 +22,7 @@ def export_to(model: str, out: Path, precision: str, seed: int) -> Path:
 
 
 from .cpu import bench_cpu  # noqa: E402  (the commands import export_to from here)
+from .decode import bench_decode  # noqa: E402
 from .feed import bench_feed  # noqa: E402
 from .generate import bench_generate  # noqa: E402
 from .long import bench_long  # noqa: E402
@@ -31,5 +32,5 @@ from .runners import bench_runners  # noqa: E402
 from .serve import bench_serve  # noqa: E402
 
 for command in (bench_runners, bench_long, bench_feed, bench_generate, bench_memory, bench_serve, bench_cpu,
-                bench_openai):
+                bench_decode, bench_openai):
     bench.add_command(command)

@@ -80,7 +80,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
     if rounded != lengths:
         click.echo(f"contexts rounded to whole segments of {N}: {', '.join(f'{L:,}' for L in rounded)}")
     total = rounded[-1] + segments * N + 1
-    ids = _stream_ids(model, text_file, total, cfg.vocab_size, seed)
+    ids = stream_ids(model, text_file, total, cfg.vocab_size, seed)
     cpu = cb.cpu_info()
     click.echo(f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; {' '.join(cpu.get('isa', [])) or 'none'} "
                f"of {', '.join(cb.ISA_FLAGS)}")
@@ -103,7 +103,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
                 key = ("fused-" if flag else "") + precision
                 if key not in exports:
                     exports[key] = (exports_dir or tmp) / f"export-{key}"
-                    if _reusable(exports[key], net, precision, flag):
+                    if reusable_export(exports[key], net, precision, flag):
                         click.echo(f"reusing {exports[key]}")
                     else:
                         click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
@@ -126,7 +126,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
         click.echo(f"plot: {plot_out}")
 
 
-def _reusable(folder: Path, net, precision: str, fused: bool) -> bool:
+def reusable_export(folder: Path, net, precision: str, fused: bool) -> bool:
     """An export of these weights in this precision and attention (the folder's files are hash-checked by the
     runner that loads them)."""
     from ...errors import InfiniError
@@ -144,7 +144,7 @@ def _reusable(folder: Path, net, precision: str, fused: bool) -> bool:
             and m.weights_sha256 == weights_digest(net))
 
 
-def _stream_ids(model: str, text_file: Path | None, total: int, vocab: int, seed: int) -> np.ndarray:
+def stream_ids(model: str, text_file: Path | None, total: int, vocab: int, seed: int) -> np.ndarray:
     if text_file is None:
         return np.random.default_rng(seed).integers(0, vocab, total, dtype=np.int64)
     from ...runtime.inputs import iter_tokens
