@@ -43,6 +43,7 @@ PATHS = {
     "torch-compile-bf16": ("torch", "bf16", True),
     "onnxruntime-fp32": ("onnxruntime", "fp32", False),
     "onnxruntime-int8": ("onnxruntime", "int8", False),
+    "onnxruntime-int8w": ("onnxruntime", "int8w", False),
     "onnxruntime-int4": ("onnxruntime", "int4", False),
     "onnxruntime-fused-fp32": ("onnxruntime", "fp32", True),
     "onnxruntime-fused-int8": ("onnxruntime", "int8", True),

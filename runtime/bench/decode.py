@@ -39,6 +39,7 @@ PATHS = {
     "torch-bf16": ("torch", "bf16"),
     "onnxruntime-fp32": ("onnxruntime", "fp32"),
     "onnxruntime-int8": ("onnxruntime", "int8"),
+    "onnxruntime-int8w": ("onnxruntime", "int8w"),
     "onnxruntime-int4": ("onnxruntime", "int4"),
 }
 LLAMA_PREFILL_MAX = 4096      # contexts up to this are prefilled for real; longer ones tiled
@@ -49,12 +50,19 @@ BANDWIDTH_BYTES = 1 << 30     # the buffer read to measure bandwidth: far beyond
 # -- what a path reads per token -------------------------------------------------------------------------
 
 def graph_bytes(onnx_file: Path) -> int:
-    """Bytes of a graph's initializers (its weights, external data included): what one call reads at least."""
+    """Bytes of a graph's initializers (its weights, external data included) that one call reads whole: all
+    but the tables only a Gather reads (an embedding lookup reads one row a token)."""
     import onnx
 
     model = onnx.load(str(onnx_file), load_external_data=False)
+    readers: dict[str, set] = {}
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, set()).add("lookup" if node.op_type == "Gather" and i == 0 else "whole")
     total = 0
     for t in model.graph.initializer:
+        if readers.get(t.name) == {"lookup"}:
+            continue
         if t.data_location == onnx.TensorProto.EXTERNAL:
             total += int({e.key: e.value for e in t.external_data}.get("length", 0))
         else:

@@ -22,7 +22,7 @@ from ..options import TEXT_OR_IDS, check_outputs, output_options, parse_counts, 
                 "torch's].")
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated Infini paths, or 'all': torch-fp32, torch-bf16, torch-compile-fp32, "
-                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int4, and "
+                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int8w, onnxruntime-int4, and "
                    "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`), openvino-fp32, openvino-bf16, "
                    "openvino-int8, openvino-int4 (the same exports; 'all' leaves out what cannot run here).")
 @click.option("--segments", type=click.IntRange(1, 1000), default=4, show_default=True,

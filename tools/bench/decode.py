@@ -22,7 +22,7 @@ from .cpu import reusable_export, stream_ids
 @threads_option("Threads of every path (torch, onnxruntime, llama.cpp), pinned the same for all [default: torch's].")
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated paths, or 'all': torch-fp32, torch-bf16, onnxruntime-fp32, onnxruntime-int8, "
-                   "onnxruntime-int4.")
+                   "onnxruntime-int8w (8-bit weight-only), onnxruntime-int4.")
 @click.option("--gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="The same weights as a GGUF file, for llama.cpp (skipped without it).")
 @click.option("--llama-formats", default="shipped,q4_0,q8_0", show_default=True,
@@ -43,7 +43,7 @@ from .cpu import reusable_export, stream_ids
 def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn, new_tokens, exports_dir, timeout,
                  seed, json_out, force, plot_out):
     """Generation at a context already held, on MODEL (preset or checkpoint): time to first token after a turn
-    of --turn tokens and decode tokens/s over --new-tokens, for torch fp32/bf16 and onnxruntime fp32/int8/int4,
+    of --turn tokens and decode tokens/s over --new-tokens, for torch fp32/bf16 and onnxruntime fp32/int8/int8w/int4,
     and llama.cpp on --gguf with its KV cache at each context; the read bandwidth and each path's ceiling."""
     import torch
 

@@ -49,12 +49,21 @@ def test_bench_decode_reads_what_each_path_reads_per_token(tmp_path):
     assert torch_bytes(net, bf16=True) == fp32 - 2 * linears
     w = onnx.numpy_helper.from_array(np.ones((3, 5), np.float32), "w")
     b = onnx.numpy_helper.from_array(np.ones(7, np.int64), "b")
-    graph = onnx.helper.make_graph([], "g", [], [], initializer=[w, b])
+    table = onnx.numpy_helper.from_array(np.ones((11, 3), np.float32), "table")   # only looked up: a row a token
+    nodes = [onnx.helper.make_node("Gather", ["table", "ids"], ["x"]),
+             onnx.helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [2])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])],
+                                   initializer=[w, b, table])
     onnx.save(onnx.helper.make_model(graph), tmp_path / "m.onnx")
     assert graph_bytes(tmp_path / "m.onnx") == 3 * 5 * 4 + 7 * 8
     onnx.save(onnx.helper.make_model(graph), tmp_path / "x.onnx", save_as_external_data=True,
               all_tensors_to_one_file=True, location="x.data", size_threshold=0)
     assert graph_bytes(tmp_path / "x.onnx") == 3 * 5 * 4 + 7 * 8
+    nodes.append(onnx.helper.make_node("Transpose", ["table"], ["t"]))   # a tied head reads it whole
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", graph.input, graph.output,
+                                                            initializer=[w, b, table])), tmp_path / "t.onnx")
+    assert graph_bytes(tmp_path / "t.onnx") == 3 * 5 * 4 + 7 * 8 + 11 * 3 * 4
 
 
 def test_bench_decode_refuses_unknown_paths_and_formats():
