@@ -183,9 +183,10 @@ def build_engines(export_dir, options: BuildOptions = BuildOptions()) -> Manifes
         manifest = load_manifest(export_dir)
         if manifest.precision in QUANTIZED:
             raise BadInputError(
-                f"{export_dir} is an {manifest.precision} export, quantized for onnxruntime's CPU kernels: TensorRT "
-                "parses neither its DynamicQuantizeLinear/MatMulInteger (int8) nor MatMulNBits over float32 "
-                "activations (int4); build an engine from an fp32, fp16 or bf16 export (docs/quantization.md)")
+                f"{export_dir} is {'a' if manifest.precision == 'gguf' else 'an'} {manifest.precision} export, "
+                "quantized for onnxruntime's CPU kernels: TensorRT parses neither its DynamicQuantizeLinear/"
+                "MatMulInteger (int8) nor MatMulNBits over float32 activations (int4, gguf); build an engine from "
+                "an fp32, fp16 or bf16 export (docs/quantization.md)")
         if manifest.attention == FUSED:
             raise BadInputError(f"{export_dir} was exported with --fused: its local attention is onnxruntime's "
                                 f"contrib GroupQueryAttention, which TensorRT cannot parse; export without --fused "

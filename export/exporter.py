@@ -26,6 +26,7 @@ from . import attention, memory_function
 from .graph import (DEFAULT_OPSET, PRECISIONS, check_precision, export_chunk, export_decode, export_segment,
                     graph_files)
 from ..models.manifest import CHECKPOINT_DIR, MANIFEST_FILE, GraphEntry, Manifest, sha256_file
+from .gguf_exact import GgufWeights, check_weights_match, gguf_graph, gguf_record, read_gguf_weights
 from .quantize import QUANTIZED, quantize_graph
 
 SEGMENT_FILE = "segment.onnx"
@@ -36,8 +37,12 @@ DECODE_EXTRA = 8                           # decode validation: a segment's wort
 
 
 def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                 force: bool = False, validate: bool = True, tokenizer=None, fused: bool = False) -> Manifest:
+                 force: bool = False, validate: bool = True, tokenizer=None, fused: bool = False,
+                 gguf=None) -> Manifest:
     """Export ``model`` (float32 weights) to ``out_dir``; NumericalFaultError if onnxruntime disagrees.
+
+    ``gguf``: the GGUF file the model was converted from, for precision "gguf" (and only for it): the weight
+    MatMuls hold its Q4_0 / Q4_1 / Q8_0 blocks (export/gguf_exact.py); refused when none of them matches.
 
     ``fused``: the segment graph's local attention is onnxruntime's contrib GroupQueryAttention
     (export/attention.py): faster on onnxruntime, not parsed by TensorRT. fp32, int8 and int4 only.
@@ -48,11 +53,12 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     out = Path(out_dir)
     check_precision(precision, opset)
     if fused and precision not in ("fp32", *QUANTIZED):
-        raise BadInputError(f"--fused graphs are fp32, int8 or int4 (fp16/bf16 graphs already use the standard "
+        raise BadInputError(f"--fused graphs are fp32, int8, int4 or gguf (fp16/bf16 graphs already use the standard "
                             f"Attention op); got {precision!r}")
+    weights = _gguf_weights(model, precision, gguf)
     with atomic_folder(out, force, owned_export, "export folder") as tmp:
         started = time.perf_counter()
-        manifest = _write(model.eval(), tmp, precision, opset, tokenizer, fused)
+        manifest = _write(model.eval(), tmp, precision, opset, tokenizer, fused, weights)
         written = time.perf_counter()
         if validate:
             manifest = _validate(model, tmp, manifest, validation_text(tokenizer))
@@ -62,20 +68,36 @@ def export_model(model: InfiniTransformer, out_dir, precision: str = "fp32", ops
     return manifest
 
 
+def _gguf_weights(model: InfiniTransformer, precision: str, gguf) -> GgufWeights | None:
+    """The GGUF's blocks for precision "gguf", checked against the model's weights before any export."""
+    if (precision == "gguf") != (gguf is not None):
+        raise BadInputError("--precision gguf needs --gguf FILE.gguf (the file the model was converted from)"
+                            if gguf is None else f"--gguf is for --precision gguf; got --precision {precision}")
+    if gguf is None:
+        return None
+    weights = read_gguf_weights(gguf)
+    check_weights_match(weights, {n: p.detach().float().numpy() for n, p in model.state_dict().items()})
+    return weights
+
+
 def _write(model: InfiniTransformer, folder: Path, precision: str, opset: int, tokenizer=None,
-           fused: bool = False) -> Manifest:
+           fused: bool = False, weights: GgufWeights | None = None) -> Manifest:
     (folder / CHECKPOINT_DIR).mkdir()
     (folder / CHECKPOINT_DIR).chmod(0o755)
     checkpoint_files = write_checkpoint(model, folder / CHECKPOINT_DIR, tokenizer)
-    quantized = precision in QUANTIZED   # exported in float32, then quantized by onnxruntime's tools
-    quantization = {}
+    quantized = precision in QUANTIZED   # exported in float32, then quantized by onnxruntime's tools (or the GGUF's)
+    quantization, records = {}, {}
     steps = ((export_segment, SEGMENT_FILE), (export_decode, DECODE_FILE), (export_chunk, CHUNK_FILE))
     for export, file in steps:
         target = folder / (f".float32-{file}" if quantized else file)
         export(model, target, "fp32" if quantized else precision, opset,
                **({"fused": fused} if export is export_segment else {}))   # decode/chunk: masked cache attention
-        if quantized:
+        if weights is not None:
+            records[file] = gguf_graph(target, folder / file, weights)
+            quantization = gguf_record(weights, records)
+        elif quantized:
             quantization = quantize_graph(target, folder / file, precision)
+        if quantized:
             for name in graph_files(target):
                 (folder / name).unlink()
     files = [name for _, file in steps for name in graph_files(folder / file)]

@@ -25,7 +25,7 @@ import onnx
 
 from ..errors import MissingBackendError
 
-QUANTIZED = ("int8", "int4")
+QUANTIZED = ("int8", "int4", "gguf")   # gguf: export/gguf_exact.py
 INT8_KEEP_FLOAT = ("/down_proj/",)   # node-name parts of the weight MatMuls int8 leaves in float32
 INT4_BLOCK = 32
 INT4_ACCURACY = 4
@@ -73,7 +73,7 @@ def _quantize(src: Path, dst: Path, precision: str) -> dict:
             quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                              nodes_to_quantize=nodes, per_channel=True, reduce_range=True,
                              use_external_data_format=large, extra_options={"MatMulConstBOnly": True})
-            _save(onnx.load(str(out)), dst, metadata)
+            save_graph(onnx.load(str(out)), dst, metadata)
         return {"method": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per channel",
                 "activations": "int8 per tensor, dynamic", "nodes": len(nodes),
                 "float32": f"{len(kept)} MLP down projections (outlier activations)"}
@@ -83,14 +83,15 @@ def _quantize(src: Path, dst: Path, precision: str) -> dict:
                                          nodes_to_exclude=[n.name for n in model.graph.node
                                                            if n.op_type == "MatMul" and n.name not in nodes])
         quantizer.process()
-        _save(quantizer.model.model, dst, metadata)
+        save_graph(quantizer.model.model, dst, metadata)
         return {"method": "onnxruntime.quantization.MatMulNBitsQuantizer", "weights": f"int4 symmetric, blocks of "
                 f"{INT4_BLOCK}", "activations": f"float32 (accuracy level {INT4_ACCURACY}: int8 inside the kernel)",
                 "nodes": len(nodes)}
     raise ValueError(f"not a quantized precision: {precision!r}")
 
 
-def _save(model: onnx.ModelProto, dst: Path, metadata: dict) -> None:
+def save_graph(model: onnx.ModelProto, dst: Path, metadata: dict) -> None:
+    """Save ``model`` with the graph's metadata (its identity); weights past 1.9 GB go to DST.data."""
     onnx.helper.set_model_props(model, metadata)
     large = model.ByteSize() > 1_900_000_000
     onnx.save(model, str(dst), save_as_external_data=large, location=f"{dst.name}.data" if large else None)

@@ -36,8 +36,12 @@ def permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf_folder, path, truncate_to: int | None = None) -> Path:
-    """The HF folder's model and tokenizer as an F32 GGUF file, q/k permuted as llama.cpp stores them."""
+def write_gguf(hf_folder, path, truncate_to: int | None = None, quant: str | None = None,
+               embd_quant: str | None = None) -> Path:
+    """The HF folder's model and tokenizer as a GGUF file, q/k permuted as llama.cpp stores them: F32, or
+    with ``quant`` (a gguf.GGMLQuantizationType name: Q4_0, Q4_1, Q8_0) its projection matrices quantized
+    by gguf.quants (the embedding and an untied head in ``embd_quant``, default ``quant``; norms F32), the
+    way SmolLM2-135M-Instruct.Q4_1.gguf mixes Q4_1 projections with a Q8_0 embedding."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -45,6 +49,7 @@ def write_gguf(hf_folder, path, truncate_to: int | None = None) -> Path:
     cfg = json.loads((hf_folder / "config.json").read_text())
     sd = load_file(str(hf_folder / "model.safetensors"))
     w = gguf.GGUFWriter(str(path), "llama")
+    w = _Quantizing(w, quant, embd_quant or quant) if quant else w
     w.add_name("tiny test llama")
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
@@ -78,6 +83,25 @@ def write_gguf(hf_folder, path, truncate_to: int | None = None) -> Path:
         data = path.read_bytes()
         path.write_bytes(data[:truncate_to if truncate_to > 0 else len(data) + truncate_to])
     return path
+
+
+class _Quantizing:
+    """A GGUFWriter whose add_tensor stores 2-D tensors quantized (token_embd / output in ``embd``)."""
+
+    def __init__(self, writer, quant: str, embd: str):
+        self.writer, self.quant, self.embd = writer, quant, embd
+
+    def __getattr__(self, name):
+        return getattr(self.writer, name)
+
+    def add_tensor(self, name: str, tensor: np.ndarray) -> None:
+        import gguf
+
+        if tensor.ndim != 2:
+            return self.writer.add_tensor(name, tensor)
+        kind = gguf.GGMLQuantizationType[self.embd if name in ("token_embd.weight", "output.weight") else self.quant]
+        self.writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(tensor, np.float32), kind),
+                               raw_dtype=kind)
 
 
 def _add_tokenizer(w, folder: Path, extra: tuple = ()) -> None:

@@ -21,16 +21,19 @@ from .options import precision_option, seed_option
               help="ONNX opset (fp16/bf16: >= 23).")
 @click.option("--fused", is_flag=True,
               help="Local attention as onnxruntime's GroupQueryAttention (segment graph): faster on onnxruntime, "
-                   "not buildable by TensorRT. fp32, int8, int4.")
+                   "not buildable by TensorRT. fp32, int8, int4, gguf.")
+@click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None, metavar="FILE.gguf",
+              help="With --precision gguf: the GGUF file MODEL was converted from; its Q4_0/Q4_1/Q8_0 blocks become "
+                   "the weights, unchanged (docs/quantization.md).")
 @seed_option("Seed when MODEL is a preset.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is an export folder of ours.")
-def export(model, out_dir, precision, opset, fused, seed, force):
+def export(model, out_dir, precision, opset, fused, gguf, seed, force):
     """Export MODEL (a checkpoint folder or a preset name) to OUT_DIR: segment.onnx + decode.onnx + infini.json,
     validated."""
     from ..export.exporter import export_model
 
     manifest = export_model(load_model(model, seed), out_dir, precision, opset, force=force,
-                            tokenizer=resolve_tokenizer(model), fused=fused)
+                            tokenizer=resolve_tokenizer(model), fused=fused, gguf=gguf)
     quantized = f", {manifest.quantization['weights']} weights" if manifest.quantization else ""
     click.echo(f"wrote {out_dir} ({precision}{quantized}, opset {opset}, local attention: {manifest.attention}, "
                f"memory node {manifest.memory_op['domain']}::{manifest.memory_op['op_type']})")

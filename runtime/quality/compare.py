@@ -58,6 +58,10 @@ TOLERANCES = {
     # below what a sound quantization gives and far above a broken one (zeroed scales: refused).
     "int8": Tolerance(logits_rel=float("inf"), state_rel=0.05, cosine_min=0.995, top1_min=0.85),
     "int4": Tolerance(logits_rel=float("inf"), state_rel=0.25, cosine_min=0.95, top1_min=0.7),
+    # gguf: the GGUF's own weights, so only the kernel's int8 activations (accuracy level 4) cost anything:
+    # SmolLM2-135M Q4_1 on export/data/validation.txt cosine 0.997-0.998, top-1 91.5-92.4%, state 9-13%; tiny
+    # random Llamas cosine 0.9998, top-1 100%, state 2-3% (docs/quantization.md). Stricter than int4 on agreement.
+    "gguf": Tolerance(logits_rel=float("inf"), state_rel=0.25, cosine_min=0.99, top1_min=0.85),
 }
 # Half-precision exports may differ from torch fp32 by this many times what torch in the same precision
 # does (measured 1.9-2.3x for onnxruntime fp16 on SmolLM2; docs/onnx.md).

@@ -72,5 +72,5 @@ def test_a_fused_int8_export_validates_and_keeps_its_contrib_attention(exports):
 def test_fused_exports_are_refused_where_they_cannot_run(exports, model, tmp_path):
     with pytest.raises(BadInputError, match="exported with --fused: its local attention is onnxruntime's contrib"):
         build_engines(exports["fused"][1])
-    with pytest.raises(BadInputError, match="--fused graphs are fp32, int8 or int4"):
+    with pytest.raises(BadInputError, match="--fused graphs are fp32, int8, int4 or gguf"):
         export_model(model, tmp_path / "x", "fp16", opset=23, fused=True)
