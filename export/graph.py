@@ -31,7 +31,7 @@ PRECISIONS = spec.PRECISIONS
 # read it from the graph's folder). The margin leaves room for the graph itself.
 EXTERNAL_DATA_BYTES = (2 << 30) - (128 << 20)
 DEFAULT_OPSET = 23
-MIN_OPSET = {"fp32": 18, "fp16": 23, "bf16": 23, "int8": 18, "int4": 18, "gguf": 18}   # the Attention op needs 23
+MIN_OPSET = {"fp32": 18, "fp16": 23, "bf16": 23, "int8": 18, "int8w": 18, "int4": 18, "gguf": 18}   # the Attention op needs 23
 
 
 class SegmentStep(torch.nn.Module):
@@ -91,7 +91,7 @@ def _export(graph: str, model: InfiniTransformer, path: Path, precision: str, op
             fused: bool = False) -> onnx.ModelProto:
     """Trace, tidy, name, check and save one graph; returns the proto (without external weights)."""
     check_precision(precision, opset)
-    if precision in ("int8", "int4", "gguf"):
+    if precision in ("int8", "int8w", "int4", "gguf"):
         raise BadInputError(f"{precision} graphs are float32 graphs quantized afterwards: export with "
                             f"export_model(..., precision={precision!r}) (export/quantize.py, gguf_exact.py)")
     if fused and precision != "fp32":

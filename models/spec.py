@@ -42,7 +42,7 @@ GRAPHS = ("segment", "decode", "chunk")
 
 # export precision -> dtype of weights, activations and logits (the state is float32 in every precision)
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-              "int8": "float32", "int4": "float32",
+              "int8": "float32", "int8w": "float32", "int4": "float32",
               "gguf": "float32"}   # precision -> dtype of the graph's logits and activations
 # int8/int4: float32 graphs whose weight MatMuls onnxruntime quantized (export/quantize.py); gguf: whose weight
 # MatMuls hold a GGUF file's own blocks (export/gguf_exact.py); state float32

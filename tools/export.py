@@ -21,7 +21,7 @@ from .options import precision_option, seed_option
               help="ONNX opset (fp16/bf16: >= 23).")
 @click.option("--fused", is_flag=True,
               help="Local attention as onnxruntime's GroupQueryAttention (segment graph): faster on onnxruntime, "
-                   "not buildable by TensorRT. fp32, int8, int4, gguf.")
+                   "not buildable by TensorRT. fp32, int8, int8w, int4, gguf.")
 @click.option("--gguf", "gguf", type=click.Path(path_type=Path), default=None, metavar="FILE.gguf",
               help="With --precision gguf: the GGUF file MODEL was converted from; its Q4_0/Q4_1/Q8_0 blocks become "
                    "the weights, unchanged (docs/quantization.md).")

@@ -41,6 +41,7 @@ PATHS = {
     "onnxruntime-int8": ("onnxruntime", "int8"),
     "onnxruntime-int8w": ("onnxruntime", "int8w"),
     "onnxruntime-int4": ("onnxruntime", "int4"),
+    "onnxruntime-gguf": ("onnxruntime", "gguf"),     # the --gguf file's own blocks (export/gguf_exact.py)
 }
 LLAMA_PREFILL_MAX = 4096      # contexts up to this are prefilled for real; longer ones tiled
 LLAMA_TILE = 512              # tokens really prefilled before tiling
@@ -120,7 +121,7 @@ def infini_worker(job: Job) -> dict:
     source = job.model if backend == "torch" else job.export_dir
     rss_before = current_rss_bytes()
     opened, _ = open_stream(source, backend, "cpu", job.threads, job.seed,
-                            autocast=precision if backend == "torch" else "off")
+                            autocast="bf16" if backend == "torch" and precision == "bf16" else "off")
     runners = dict(decode_runner=opened.decode_runner, chunk_runner=opened.chunk_runner)
     (L,) = job.contexts
     turn = torch.tensor(job.extra["turn"], dtype=torch.int64)[None]

@@ -57,6 +57,7 @@ TOLERANCES = {
     # 0.998-1.000, top-1 92-99%, state 1.5-2.5%; int4 cosine 0.999, top-1 90-92%, state 7-13%. The gates sit
     # below what a sound quantization gives and far above a broken one (zeroed scales: refused).
     "int8": Tolerance(logits_rel=float("inf"), state_rel=0.05, cosine_min=0.995, top1_min=0.85),
+    "int8w": Tolerance(logits_rel=float("inf"), state_rel=0.05, cosine_min=0.995, top1_min=0.85),   # as int8
     "int4": Tolerance(logits_rel=float("inf"), state_rel=0.25, cosine_min=0.95, top1_min=0.7),
     # gguf: the GGUF's own weights, so only the kernel's int8 activations (accuracy level 4) cost anything:
     # SmolLM2-135M Q4_1 on export/data/validation.txt cosine 0.997-0.998, top-1 91.5-92.4%, state 9-13%; tiny

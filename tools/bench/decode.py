@@ -22,7 +22,8 @@ from .cpu import reusable_export, stream_ids
 @threads_option("Threads of every path (torch, onnxruntime, llama.cpp), pinned the same for all [default: torch's].")
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated paths, or 'all': torch-fp32, torch-bf16, onnxruntime-fp32, onnxruntime-int8, "
-                   "onnxruntime-int8w (8-bit weight-only), onnxruntime-int4.")
+                   "onnxruntime-int8w (8-bit weight-only), onnxruntime-int4, onnxruntime-gguf (the --gguf file's own "
+                   "blocks; with --gguf).")
 @click.option("--gguf", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="The same weights as a GGUF file, for llama.cpp (skipped without it).")
 @click.option("--llama-formats", default="shipped,q4_0,q8_0", show_default=True,
@@ -58,6 +59,10 @@ def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn
     unknown = [n for n in names if n not in db.PATHS]
     if unknown:
         raise BadInputError(f"--paths: unknown {unknown}; expected 'all' or any of {', '.join(db.PATHS)}")
+    if gguf is None and "onnxruntime-gguf" in names:
+        if path_names.strip() != "all":
+            raise BadInputError("--paths onnxruntime-gguf runs the --gguf file's own blocks: give --gguf FILE")
+        names.remove("onnxruntime-gguf")
     formats = [f.lower() for f in parse_list(llama_formats, "--llama-formats", example="formats")]
     bad = [f for f in formats if f != "shipped" and f not in cb.LLAMA_FORMATS]
     if bad:
@@ -94,7 +99,8 @@ def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn
                         click.echo(f"reusing {exports[precision]}")
                     else:
                         click.echo(f"exporting {precision} (not validated here: a timing run; `infini export` gates it)")
-                        export_model(net, exports[precision], precision, validate=False, force=True)
+                        export_model(net, exports[precision], precision, validate=False, force=True,
+                                     gguf=gguf if precision == "gguf" else None)
                 job.export_dir = str(exports[precision])
             result["paths"][name] = _rows(job, lengths, snapshots, turn_ids, new_tokens, timeout, cb, db)
         result["llama_cpp"] = _llama(gguf, formats, lengths, ids, turn_ids, new_tokens, threads, timeout, seed, tmp,

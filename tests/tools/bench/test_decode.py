@@ -14,7 +14,7 @@ def test_bench_decode_on_tiny_resumes_each_context_and_reports_ceilings(tmp_path
     monkeypatch.setitem(sys.modules, "llama_cpp", None)        # as on a machine without the optional extra
     out = tmp_path / "decode.json"
     res = invoke("bench", "decode", "tiny", "--context", "70,300", "--threads", "1", "--turn", "5",
-                 "--new-tokens", "6", "--paths", "torch-bf16,onnxruntime-fp32", "--json-out", out,
+                 "--new-tokens", "6", "--paths", "torch-fp32,torch-bf16,onnxruntime-fp32", "--json-out", out,
                  "--exports", tmp_path / "exports")
     assert res.exit_code == 0, res.output
     assert "llama.cpp: skipped: llama-cpp-python is not installed" in res.output
@@ -71,3 +71,6 @@ def test_bench_decode_refuses_unknown_paths_and_formats():
     assert res.exit_code == 2 and "--paths: unknown ['torch-fp64']" in res.output
     res = invoke("bench", "decode", "tiny", "--llama-formats", "q2_k")
     assert res.exit_code == 2 and "--llama-formats: unknown ['q2_k']" in res.output
+    res = invoke("bench", "decode", "tiny", "--paths", "onnxruntime-gguf")
+    assert res.exit_code == 2 and "--paths onnxruntime-gguf runs the --gguf file's own blocks: give --gguf FILE" \
+        in res.output
