@@ -45,6 +45,7 @@ PATHS = {
     "onnxruntime-int8": ("onnxruntime", "int8", False),
     "onnxruntime-int8w": ("onnxruntime", "int8w", False),
     "onnxruntime-int4": ("onnxruntime", "int4", False),
+    "onnxruntime-gguf": ("onnxruntime", "gguf", False),   # the --gguf file's own blocks (export/gguf_exact.py)
     "onnxruntime-fused-fp32": ("onnxruntime", "fp32", True),
     "onnxruntime-fused-int8": ("onnxruntime", "int8", True),
     "onnxruntime-fused-int4": ("onnxruntime", "int4", True),

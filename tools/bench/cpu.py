@@ -22,7 +22,8 @@ from ..options import TEXT_OR_IDS, check_outputs, output_options, parse_counts, 
                 "torch's].")
 @click.option("--paths", "path_names", default="all", show_default=True,
               help="Comma-separated Infini paths, or 'all': torch-fp32, torch-bf16, torch-compile-fp32, "
-                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int8w, onnxruntime-int4, and "
+                   "torch-compile-bf16, onnxruntime-fp32, onnxruntime-int8, onnxruntime-int8w, onnxruntime-int4, "
+                   "onnxruntime-gguf (with --gguf: the file's own blocks), and "
                    "onnxruntime-fused-{fp32,int8,int4} (`infini export --fused`), openvino-fp32, openvino-bf16, "
                    "openvino-int8, openvino-int4 (the same exports; 'all' leaves out what cannot run here).")
 @click.option("--segments", type=click.IntRange(1, 1000), default=4, show_default=True,
@@ -62,6 +63,10 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
     if unknown:
         raise BadInputError(f"--paths: unknown {unknown}; expected 'all' or any of {', '.join(cb.PATHS)}")
     skipped = cb.unavailable(names) if path_names.strip() == "all" else {}   # a named one fails in its own line
+    if gguf is None and "onnxruntime-gguf" in names:
+        if path_names.strip() != "all":
+            raise BadInputError("--paths onnxruntime-gguf runs the --gguf file's own blocks: give --gguf FILE")
+        skipped["onnxruntime-gguf"] = "no --gguf given (the file whose blocks it runs)"
     for name, why in skipped.items():
         click.echo(f"{name}: skipped: {why}")
     names = [n for n in names if n not in skipped]
@@ -107,7 +112,8 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
                         click.echo(f"reusing {exports[key]}")
                     else:
                         click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
-                        export_model(net, exports[key], precision, validate=False, fused=flag, force=True)
+                        export_model(net, exports[key], precision, validate=False, fused=flag, force=True,
+                                     gguf=gguf if precision == "gguf" else None)
                 job.export_dir = str(exports[key])
             r = cb.run_job(job, timeout)
             result["paths"][name] = r
