@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ..atomic import write_text
 from ..errors import BadInputError
 from ..runtime.open import changed_model, load_model, model_tokenizer, open_stream
 from .options import (TEXT_OR_IDS, backend_options, check_outputs, model_change_options, output_options, parse_count,
-                      plot_option, seed_option, tokens_option)
+                      plot_option, seed_option, tokens_option, write_json)
 
 
 @click.group("eval")
@@ -61,9 +59,8 @@ def ppl(model, files, count, segment_len, gate, attend_previous, reference, cont
         results[str(file)] = row
         _echo(file, row)
     if json_out:
-        write_text(json_out, json.dumps({"model": model, "backend": backend, "runner": label, "config": cfg.to_dict(),
-                                         "gate": gate, "tokens": limit, "files": results}, indent=1) + "\n",
-                   force=force)
+        write_json(json_out, {"model": model, "backend": backend, "runner": label, "config": cfg.to_dict(),
+                              "gate": gate, "tokens": limit, "files": results}, force)
     if plot_out:
         perplexity.plot(curves, plot_out, force)
 

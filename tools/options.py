@@ -257,6 +257,18 @@ def precision_option(help_text: str = "Precision of the export when MODEL is not
                         help=help_text)
 
 
+def write_json(path, result: dict, force: bool = False) -> None:
+    """Write a command's figures as JSON (atomically), with the CPU they were measured on (its model name and
+    flags: runtime/bench/measure.cpu_info) unless the result names it already: a figure without its machine
+    cannot be compared."""
+    import json
+
+    from ..atomic import write_text
+    from ..runtime.bench.measure import cpu_info
+
+    write_text(path, json.dumps({**result, "cpu": result.get("cpu") or cpu_info()}, indent=2) + "\n", force=force)
+
+
 def force_option(help_text: str = "Replace the output files if they exist."):
     return click.option("--force", is_flag=True, help=help_text)
 

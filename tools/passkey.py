@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import torch
 
-from ..atomic import write_text
 from ..errors import BadInputError
 from ..models.passkey import FILLERS
 from ..runtime.bench.measure import human_bytes
 from ..runtime.open import changed_model, model_tokenizer, open_stream
 from ..runtime.quality.passkey import passkey_eval, summarise
 from .options import (TEXT, backend_options, check_outputs, check_server_options, model_change_options,
-                      output_options, parse_counts, parse_list, progress_option, seed_option, server_options)
+                      output_options, parse_counts, parse_list, progress_option, seed_option, server_options, write_json)
 
 
 def parse_depths(text: str) -> list[float]:
@@ -86,12 +84,10 @@ def passkey(model, lengths, depths, trials, batch, seed, filler, haystack_files,
                f"per cell, {filler} filler{f' ({haystack.name})' if haystack else ''}, {where}; accuracy %")
     click.echo(format_table(rows, depths))
     if json_out:
-        write_text(json_out, json.dumps({"model": model, "backend": backend, "runner": label, "device": device,
-                                        "server": server,
-                                        "batch": batch, "threads": torch.get_num_threads(), "config": cfg.to_dict(),
-                                        "seed": seed, "filler": filler,
-                                        "haystack": [str(f) for f in haystack_files], "summary": rows,
-                                        "trials": results}, indent=2) + "\n", force=force)
+        write_json(json_out, {"model": model, "backend": backend, "runner": label, "device": device,
+                              "server": server, "batch": batch, "threads": torch.get_num_threads(),
+                              "config": cfg.to_dict(), "seed": seed, "filler": filler,
+                              "haystack": [str(f) for f in haystack_files], "summary": rows, "trials": results}, force)
 
 
 def _remote_stream(model: str, server: str, stream_id: int | None):

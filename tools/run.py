@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from importlib.resources import files
 from pathlib import Path
 
 import click
 import torch
 
-from ..atomic import write_text
 from ..errors import BadInputError
 from ..runtime.bench.measure import human_bytes, stream_throughput
 from ..runtime.inputs import count_tokens, iter_tokens
 from ..runtime.open import model_tokenizer, open_runner
 from ..runtime.stream import Stream
 from .options import (TEXT_OR_IDS, backend_options, check_outputs, check_server_options, output_options,
-                      parse_count, progress_option, seed_option, server_options, tokens_option)
+                      parse_count, progress_option, seed_option, server_options, tokens_option, write_json)
 
 SAMPLE_TEXT = files("infini_deploy.tools") / "data" / "sample.txt"
 
@@ -77,7 +75,7 @@ def run(model, text_file, count, backend, device, threads, autocast, seed, load_
                f"vs KV cache of a full-attention model of the same shape at {result['tokens']:,} tokens: "
                f"{human_bytes(result['kv_cache_bytes_fp32'])} fp32 / {human_bytes(result['kv_cache_bytes_fp16'])} fp16")
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
 
 
 def _run_remote(server, stream_id, end_stream, model, text_file, count, json_out, force, progress):
@@ -104,7 +102,7 @@ def _run_remote(server, stream_id, end_stream, model, text_file, count, json_out
                f"{stream.position:,}) in {seconds:.2f} s: {result['tokens_per_s']:,.0f} tokens/s; "
                + (f"persisted at token {persisted:,}" if persisted >= 0 else _not_persisted(stream)))
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
 
 
 def _not_persisted(stream) -> str:

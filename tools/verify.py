@@ -3,14 +3,12 @@ The comparison is runtime/quality/compare.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ..atomic import write_text
 from ..runtime.open import exported_runners, load_export, model_tokenizer
-from .options import TEXT_OR_IDS, check_outputs, output_options, seed_option, threads_option
+from .options import TEXT_OR_IDS, check_outputs, output_options, seed_option, threads_option, write_json
 
 
 @click.command()
@@ -57,10 +55,10 @@ def verify(export_dir, segments, batch, seed, text_file, every, threads, json_ou
     for name, backend_rows in rows.items():
         click.echo(format_table(name, summary_rows(backend_rows, every)))
     if json_out:
-        write_text(json_out, json.dumps({
+        write_json(json_out, {
             "export_dir": str(export_dir), "precision": manifest.precision, "segments": segments, "batch": batch,
             "seed": seed, "tokens": source, "tolerance": tolerance.__dict__,
-            "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, indent=1) + "\n", force=force)
+            "backends": {n: {"worst": worst(r), "rows": r} for n, r in rows.items()}}, force)
     for name, backend_rows in rows.items():
         check_tolerance(name, backend_rows, tolerance)
     if tolerance.cosine_min is not None:

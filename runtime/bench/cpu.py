@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .measure import current_rss_bytes, peak_rss_bytes
+from .measure import CPU_FLAGS, cpu_info, current_rss_bytes, peak_rss_bytes  # noqa: F401  (cpu_info: the parents')
 
 # name -> (backend, precision of the export or of the autocast / OpenVINO's bf16, torch.compile / the --fused export)
 PATHS = {
@@ -54,8 +53,6 @@ PATHS = {
     "openvino-int8": ("openvino", "int8", False),
     "openvino-int4": ("openvino", "int4", False),
 }
-# the flags that decide which kernels the backends pick (the JSON keeps every flag; these are printed)
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 REFERENCE = "torch-fp32"
 LLAMA_BATCH = 512                   # llama.cpp's default n_batch; its prefill is timed batch by batch
 LLAMA_FORMATS = {"q4_0": 2, "q4_1": 3, "q8_0": 7, "f16": 1}   # llama_ftype values (llama.h)
@@ -100,20 +97,6 @@ def export_precision(name: str) -> str:
     """The precision of the export a PATHS entry runs (OpenVINO's bf16 runs the fp32 export)."""
     backend, precision, _ = PATHS[name]
     return "fp32" if backend == "openvino" and precision == "bf16" else precision
-
-
-def cpu_info() -> dict:
-    """This CPU: model name, logical CPUs, every /proc/cpuinfo flag, and which of ISA_FLAGS it has."""
-    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(), "flags": []}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    info.update(model=fields.get("model name", info["model"]), flags=fields.get("flags", "").split())
-    info["isa"] = [f for f in ISA_FLAGS if f in info["flags"]]
-    return info
 
 
 def unavailable(names: list[str]) -> dict[str, str]:

@@ -14,27 +14,35 @@ from ...limits import human_bytes  # noqa: F401  (re-exported: the figures' one 
 from ..stream import Stream
 
 
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+# the flags that decide which kernels the backends pick (bf16 and int8 matmuls); every flag is kept beside them
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile",
+             "amx_bf16", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """This CPU: its model name, logical CPUs, the cores this process may use, every /proc/cpuinfo flag, and
+    which of CPU_FLAGS it has. Every JSON a command writes carries it (tools/options.write_json): figures from
+    machines that differ compare only as ratios."""
+    import platform
+
+    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+            "cores": len(os.sched_getaffinity(0)), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {**info, "isa": []}
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info.update(model=fields.get("model name", info["model"]), flags=fields.get("flags", "").split())
+    info["isa"] = [f for f in CPU_FLAGS if f in info["flags"]]
+    return info
 
 
 def machine() -> dict:
-    """The CPU a figure was measured on: its model name, the flags that pick the fast kernels (bf16 and int8
-    matmuls), and the cores this process may use. Figures from machines that differ compare only as ratios."""
-    import platform
-
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    cpu = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "flags": [f for f in CPU_FLAGS if f in flags], "cores": len(os.sched_getaffinity(0))}
+    """The CPU in short (its model name, the CPU_FLAGS it has, the cores this process may use), for a figure's
+    one-line record; :func:`cpu_info` has every flag."""
+    info = cpu_info()
+    return {"cpu": info["model"], "flags": info["isa"], "cores": info["cores"]}
 
 
 def peak_rss_bytes() -> int:

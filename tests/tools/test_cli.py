@@ -113,3 +113,24 @@ def test_run_picks_bf16_autocast_only_where_it_is_the_faster_cpu_path(tmp_path, 
     assert json.loads((tmp_path / "r.json").read_text())["autocast"] == "bf16"
     res = invoke("run", "tiny", "--tokens", "1k", "--no-progress", "--json-out", tmp_path / "t.json")
     assert res.exit_code == 0 and json.loads((tmp_path / "t.json").read_text())["autocast"] == "off"
+
+
+def test_every_json_names_the_cpu_it_was_measured_on(tmp_path, monkeypatch):
+    """A figure without its machine cannot be compared: `write_json` puts the CPU's model and flags in every JSON
+    a command writes (run here), read from /proc/cpuinfo."""
+    import builtins
+
+    from infini_deploy.runtime.bench.measure import cpu_info, machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f amx_tile\n\n"
+                       "processor\t: 1\nmodel name\t: Test CPU 9000\n")
+    real_open = builtins.open
+    monkeypatch.setattr("pathlib.Path.read_text", lambda self, *a, **k: real_open(
+        cpuinfo if str(self) == "/proc/cpuinfo" else self, *a, **k).read())
+    info = cpu_info()
+    assert info["model"] == "Test CPU 9000" and info["flags"] == ["fpu", "avx2", "avx512f", "amx_tile"]
+    assert info["isa"] == ["avx2", "avx512f", "amx_tile"] and machine()["flags"] == info["isa"]
+    res = invoke("run", "tiny", "--tokens", "1k", "--no-progress", "--json-out", tmp_path / "t.json")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t.json").read_text())["cpu"] == info

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ...atomic import write_text
 from ...export.cache import scratch
 from ..options import TEXT_OR_IDS, check_outputs, output_options, parse_counts, parse_list, plot_option, seed_option, \
-    threads_option
+    threads_option, write_json
 
 
 @click.command("cpu")
@@ -88,7 +86,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
     ids = stream_ids(model, text_file, total, cfg.vocab_size, seed)
     cpu = cb.cpu_info()
     click.echo(f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; {' '.join(cpu.get('isa', [])) or 'none'} "
-               f"of {', '.join(cb.ISA_FLAGS)}")
+               f"of {', '.join(cb.CPU_FLAGS)}")
     result = {"model": model, "threads": threads, "contexts": rounded, "segments": segments, "segment_len": N,
               "tokens": str(text_file) if text_file else f"random ids in [0, {cfg.vocab_size})",
               "machine": cpu["model"], "cpu": cpu, "versions": cb.versions(),
@@ -126,7 +124,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
                                      available_memory_bytes, human_bytes)
     _table(result, ref, human_bytes)
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
     if plot_out:
         cb.plot(result, plot_out, force)
         click.echo(f"plot: {plot_out}")

@@ -3,15 +3,14 @@ on the same GGUF, each in its own process, beside the machine's read bandwidth a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ...atomic import write_text
 from ...export.cache import scratch
-from ..options import check_outputs, output_options, parse_counts, parse_list, plot_option, seed_option, threads_option
+from ..options import (check_outputs, output_options, parse_counts, parse_list, plot_option, seed_option,
+                       threads_option, write_json)
 from .cpu import reusable_export, stream_ids
 
 
@@ -108,7 +107,7 @@ def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn
     _ceilings(result)
     _table(result)
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
     if plot_out:
         db.plot(result, plot_out, force)
         click.echo(f"plot: {plot_out}")

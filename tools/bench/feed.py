@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ...atomic import write_text
 from ...export.cache import scratch
-from ..options import (check_outputs, output_options, parse_count, seed_option, tokens_option)
+from ..options import (check_outputs, output_options, parse_count, seed_option, tokens_option, write_json)
 from ..options import backend_options
 from . import export_to
 
@@ -66,4 +64,4 @@ def bench_feed(model, pieces, count, backend, device, threads, autocast, seed, j
                            f"(last logits vs teacher-forced {row['logits_max_abs_vs_teacher_forced']:.1e})")
     result = {"model": model, "backend": backend, "threads": torch.get_num_threads(), "segment_len": N, "rows": rows}
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)

@@ -3,15 +3,13 @@ tokens/s, and the bytes a stream carries; for segment-local and attend_previous 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import click
 
-from ...atomic import write_text
 from ...export.cache import scratch
-from ..options import backend_options, check_outputs, model_change_options, output_options, seed_option
+from ..options import backend_options, check_outputs, model_change_options, output_options, seed_option, write_json
 from . import export_to
 
 
@@ -81,7 +79,7 @@ def bench_generate(model, positions, repeat, new_tokens, backend, device, thread
               "torch": torch.__version__, "segment_len": N, "attend_previous": cfg.attend_previous,
               "autocast": autocast, "positions": rows, **whole}
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
 
 
 def _place(text: str, N: int) -> int:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ...atomic import write_text
 from ...export.cache import scratch
-from ..options import (check_outputs, output_options, parse_count, precision_option, seed_option, threads_option, tokens_option)
+from ..options import (check_outputs, output_options, parse_count, precision_option, seed_option, threads_option,
+                       tokens_option, write_json)
 from . import export_to
 
 
@@ -54,7 +53,7 @@ def bench_long(model, count, batch, threads, precision, checkpoints, seed, json_
                f"start/end {human_bytes(result['rss_start_bytes'])} / {human_bytes(result['rss_end_bytes'])}; "
                f"state finite: {result['state_finite']}")
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
 
 
 def _fmt(values) -> str:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ...atomic import write_text
 from ...export.cache import scratch
 from ..options import (check_outputs, output_options, parse_count, plot_option,
-                       seed_option, threads_option)
+                       seed_option, threads_option, write_json)
 
 
 @click.command("memory")
@@ -82,7 +80,7 @@ def bench_memory(model, lengths, repeat, threads, kv_limit, backends, seed, json
         result["full_attention_torch"] = mb.baseline_rows(net, lengths, repeat, limit, seed,
                                                           show("full attention torch"))
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
     if plot_out:
         mb.plot(result, plot_out, force)
         click.echo(f"plot: {plot_out}")

@@ -3,14 +3,12 @@ time to first token and tokens/s per session at several concurrencies, and one l
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
-from ...atomic import write_text
-from ..options import check_outputs, output_options, threads_option
+from ..options import check_outputs, output_options, threads_option, write_json
 
 
 @click.command("openai")
@@ -57,6 +55,6 @@ def bench_openai(export_dir, sessions, turns, max_tokens, long_turns, long_max_t
                    f"({long['ratio_last_to_early']:.2f}x); server RSS {rss[0]['rss_bytes'] / 2**20:,.0f} MiB at turn "
                    f"{rss[0]['turn']}, {rss[-1]['rss_bytes'] / 2**20:,.0f} MiB at turn {rss[-1]['turn']}")
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
     if any(row["errors"] for row in result["concurrent"]):
         raise BadInputError(f"requests failed: {'; '.join(e for r in result['concurrent'] for e in r['errors'][:1])}")

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 import numpy as np
 
-from ...atomic import write_text
 from ...paths import check_output_path
 from ...export.cache import scratch
-from ..options import (check_outputs, output_options, parse_count, precision_option, seed_option, threads_option, tokens_option)
+from ..options import (check_outputs, output_options, parse_count, precision_option, seed_option, threads_option,
+                       tokens_option, write_json)
 from . import export_to
 
 
@@ -56,7 +55,7 @@ def bench_runners(model, count, batch, threads, precision, repeat, seed, profile
     click.echo(f"onnxruntime / torch: {result['ratio']:.2f}x ({result['precision']} export, {result['threads']} threads, "
                f"{result['tokens']:,} tokens)")
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
 
 
 def _profile(export_dir: Path, tokens, threads: int, prefix: str) -> dict:

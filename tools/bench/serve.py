@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
-from ...atomic import write_text
 from ...export.cache import scratch
-from ..options import (check_outputs, output_options, parse_count, seed_option, threads_option, tokens_option)
+from ..options import (check_outputs, output_options, parse_count, seed_option, threads_option, tokens_option,
+                       write_json)
 
 
 @click.command("serve")
@@ -61,7 +60,7 @@ def bench_serve(export_dir, streams, count, request_tokens, strategy, max_batch,
                f"{human_bytes(result['server_rss_end_bytes'])} at the end; "
                f"mismatched replies: {result['mismatched_replies']}; errors: {len(result['errors'])}")
     if json_out:
-        write_text(json_out, json.dumps(result, indent=2) + "\n", force=force)
+        write_json(json_out, result, force)
     if result["errors"] or result["mismatched_replies"]:
         from ...errors import NumericalFaultError
 
