@@ -49,7 +49,7 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
     and llama.cpp on the same weights (--gguf) at the same context lengths while its KV cache fits."""
     import torch
 
-    from ...errors import BadInputError
+    from ...errors import BadInputError, InfiniError
     from ...export.exporter import export_model
     from ...limits import available_memory_bytes, human_bytes
     from ...models.checkpoint import resolve_model
@@ -110,8 +110,15 @@ def bench_cpu(model, contexts, threads, path_names, segments, text_file, gguf, l
                         click.echo(f"reusing {exports[key]}")
                     else:
                         click.echo(f"exporting {key} (not validated here: a timing run; `infini export` gates it)")
-                        export_model(net, exports[key], precision, validate=False, fused=flag, force=True,
-                                     gguf=gguf if precision == "gguf" else None)
+                        try:
+                            export_model(net, exports[key], precision, validate=False, fused=flag, force=True,
+                                         gguf=gguf if precision == "gguf" else None)
+                        except InfiniError as e:   # a --gguf whose blocks are not MODEL's weights: that path only
+                            if precision != "gguf":
+                                raise
+                            result["paths"][name] = {"error": str(e)}
+                            _echo_path(name, result["paths"][name], human_bytes)
+                            continue
                 job.export_dir = str(exports[key])
             r = cb.run_job(job, timeout)
             result["paths"][name] = r

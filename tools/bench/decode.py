@@ -47,7 +47,7 @@ def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn
     and llama.cpp on --gguf with its KV cache at each context; the read bandwidth and each path's ceiling."""
     import torch
 
-    from ...errors import BadInputError
+    from ...errors import BadInputError, InfiniError
     from ...export.exporter import export_model
     from ...models.checkpoint import resolve_model
     from ...runtime.bench import cpu as cb
@@ -98,8 +98,15 @@ def bench_decode(model, contexts, threads, path_names, gguf, llama_formats, turn
                         click.echo(f"reusing {exports[precision]}")
                     else:
                         click.echo(f"exporting {precision} (not validated here: a timing run; `infini export` gates it)")
-                        export_model(net, exports[precision], precision, validate=False, force=True,
-                                     gguf=gguf if precision == "gguf" else None)
+                        try:
+                            export_model(net, exports[precision], precision, validate=False, force=True,
+                                         gguf=gguf if precision == "gguf" else None)
+                        except InfiniError as e:   # a --gguf whose blocks are not MODEL's weights: that path only
+                            if precision != "gguf":
+                                raise
+                            click.echo(f"{name}: skipped: {e}")
+                            result["paths"][name] = {"rows": [], "failed": [{"error": str(e)}]}
+                            continue
                 job.export_dir = str(exports[precision])
             result["paths"][name] = _rows(job, lengths, snapshots, turn_ids, new_tokens, timeout, cb, db)
         result["llama_cpp"] = _llama(gguf, formats, lengths, ids, turn_ids, new_tokens, threads, timeout, seed, tmp,

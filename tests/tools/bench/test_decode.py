@@ -74,3 +74,18 @@ def test_bench_decode_refuses_unknown_paths_and_formats():
     res = invoke("bench", "decode", "tiny", "--paths", "onnxruntime-gguf")
     assert res.exit_code == 2 and "--paths onnxruntime-gguf runs the --gguf file's own blocks: give --gguf FILE" \
         in res.output
+
+
+@pytest.mark.slow
+def test_a_gguf_of_other_weights_skips_its_path_with_the_reason(tmp_path, monkeypatch):
+    from llama_fixtures import tiny_llama, write_gguf
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    other = write_gguf(tiny_llama(tmp_path / "other", seed=8), tmp_path / "other.gguf", quant="Q4_0")
+    out = tmp_path / "decode.json"
+    res = invoke("bench", "decode", "tiny", "--context", "70", "--threads", "1", "--turn", "3", "--new-tokens", "3",
+                 "--paths", "onnxruntime-gguf", "--gguf", other, "--json-out", out)
+    assert res.exit_code == 0, res.output
+    assert "onnxruntime-gguf: skipped:" in res.output
+    (failed,) = json.loads(out.read_text())["paths"]["onnxruntime-gguf"]["failed"]
+    assert "holds one of this model's weights" in failed["error"]
