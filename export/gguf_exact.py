@@ -32,7 +32,6 @@ MatMulNBits too (Q8_0 in llama.cpp's files); the embedding lookup keeps its Gath
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BadInputError, IncompatibleArtifactError, MissingBackendError
+from ..models.manifest import sha256_file
 
 GGUF_FORMATS = ("Q4_0", "Q4_1", "Q8_0")   # llama.cpp block formats MatMulNBits holds exactly
 GGUF_BLOCK = 32
@@ -135,15 +135,7 @@ def read_gguf_weights(path) -> GgufWeights:
         found = ", ".join(k for k, n in others.items() if n) or "none"
         raise BadInputError(f"{path} holds no {', '.join(GGUF_FORMATS)} matrix (its matrices: {found}); "
                             f"--precision gguf keeps only those formats' blocks")
-    return GgufWeights(path, _sha256(path), tensors)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return GgufWeights(path, sha256_file(path), tensors)
 
 
 def check_weights_match(weights: GgufWeights, named_weights: dict) -> int:

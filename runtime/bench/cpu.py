@@ -316,7 +316,7 @@ def _field(reader, key):
 
 def plot(result: dict, path, force: bool = False) -> None:
     """tokens/s and peak RSS against context length, every path and llama.cpp format."""
-    from .measure import pyplot, save_png
+    from .measure import log_axes, pyplot, save_png
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -329,12 +329,7 @@ def plot(result: dict, path, force: bool = False) -> None:
         b.plot(xs, [r.get("peak_rss_bytes", r["rss_bytes"]) / 2**20 for r in p["rows"]], style,
                color=f"C{i % 10}", label=name)
     for ax, ylabel in ((a, "tokens/s"), (b, "peak RSS (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        log_axes(ax, "context (tokens)", ylabel)
     fig.suptitle(f"{result['model']}: {result['threads']} thread(s), {result['machine']}")
     fig.tight_layout()
     save_png(fig, path, force)

@@ -140,6 +140,7 @@ def infini_worker(job: Job) -> dict:
 
 
 def llama_worker(job: Job) -> dict:
+    import llama_cpp
     from llama_cpp import Llama
 
     (L,) = job.contexts
@@ -156,14 +157,13 @@ def llama_worker(job: Job) -> dict:
         tile_kv(llm, L)
         fill = f"tiled from a prefill of {LLAMA_TILE} tokens"
     fill_s = time.perf_counter() - started
-    warm = llm._ctx.ctx
-    import llama_cpp
-
-    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(warm), 0) == L - 1
+    ctx = llm._ctx.ctx
+    if llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) != L - 1:
+        raise RuntimeError(f"llama.cpp's KV cache does not end at position {L - 1} after filling it")
     vocab = llm.n_vocab()
 
     def greedy() -> int:
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(warm, -1), shape=(vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
         return int(logits.argmax())
 
     def generate(on_token):
@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
 
 def plot(result: dict, path, force: bool = False) -> None:
     """Decode tokens/s and time to first token against context, every path and llama.cpp format."""
-    from .measure import pyplot, save_png
+    from .measure import log_axes, pyplot, save_png
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -273,12 +273,7 @@ def plot(result: dict, path, force: bool = False) -> None:
         a.plot(xs, [r["decode_tokens_per_s"] for r in p["rows"]], style, color=f"C{i % 10}", label=name)
         b.plot(xs, [r["ttft_s"] for r in p["rows"]], style, color=f"C{i % 10}", label=name)
     for ax, ylabel in ((a, "decode tokens/s"), (b, f"time to first token (s), a turn of {result['turn']}")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        log_axes(ax, "context (tokens)", ylabel)
     bw = result.get("bandwidth", {}).get("bytes_per_s")
     fig.suptitle(f"{Path(result['model']).name}: {result['threads']} thread(s), {result['machine']}"
                  + (f", read bandwidth {bw / 1e9:.1f} GB/s" if bw else ""))

@@ -155,6 +155,16 @@ def pyplot():
     return plt
 
 
+def log_axes(ax, xlabel: str, ylabel: str) -> None:
+    """The benchmarks' axes: both scales logarithmic (x in powers of 2), labels, a light grid, a small legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def save_png(fig, path, force: bool = False) -> None:
     """Write ``fig`` to ``path`` as a PNG, atomically (atomic.py), and close it."""
     from ...atomic import atomic_file

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ...models.layers import rope
 from ...models.model import InfiniTransformer
 from ...limits import available_memory_bytes
-from .measure import current_rss_bytes, human_bytes, peak_rss_bytes, pyplot, save_png
+from .measure import current_rss_bytes, human_bytes, log_axes, peak_rss_bytes, pyplot, save_png
 
 
 class KVCacheBaseline:
@@ -158,12 +158,7 @@ def plot(result: dict, path, force: bool = False) -> None:
         b.plot([r["tokens"] for r in kv], [r["kv_cache_bytes"] / 2**20 for r in kv], "s-", color="C3",
                label="KV cache (fp32)")
     for ax, ylabel in ((a, "ms per segment"), (b, "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("stream length (tokens)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        log_axes(ax, "stream length (tokens)", ylabel)
     cfg = result["config"]
     fig.suptitle(f"{result['model']}: {cfg['n_layer']} layers, {cfg['n_head']} heads of {cfg['d_head']}, "
                  f"segment {cfg['segment_len']}; {result['threads']} thread(s), CPU")

@@ -164,18 +164,31 @@ def stream_ids(model: str, text_file: Path | None, total: int, vocab: int, seed:
     return np.concatenate(list(iter_tokens(text_file, limit=total, tokenizer=model_tokenizer(model))))
 
 
-def _llama(gguf, formats, contexts, threads, timeout, seed, inputs, tmp, cb, available, human_bytes) -> dict:
+def llama_skipped(gguf, cb) -> str | None:
+    """Why llama.cpp cannot run here (one line, also echoed), or None."""
     why = cb.llama_available() or (None if gguf else "no --gguf given (the same weights as a GGUF file)")
     if why:
         click.echo(f"llama.cpp: skipped: {why}")
-        return {"skipped": why}
-    out = {}
+    return why
+
+
+def llama_ggufs(gguf, formats, threads, tmp, cb):
+    """(name, format, GGUF path) of each llama.cpp format: the file as shipped, or requantised by llama.cpp's own
+    quantizer when its turn comes."""
     for fmt in formats:
-        name = f"llama.cpp {fmt}"
         path = str(gguf)
         if fmt != "shipped":
             path = str(tmp / f"model-{fmt}.gguf")
             cb.requantize(str(gguf), path, fmt, threads)
+        yield f"llama.cpp {fmt}", fmt, path
+
+
+def _llama(gguf, formats, contexts, threads, timeout, seed, inputs, tmp, cb, available, human_bytes) -> dict:
+    why = llama_skipped(gguf, cb)
+    if why:
+        return {"skipped": why}
+    out = {}
+    for name, fmt, path in llama_ggufs(gguf, formats, threads, tmp, cb):
         rows, peak = [], 0
         for L in contexts:
             kv = cb.llama_kv_bytes(path, L)

@@ -11,7 +11,7 @@ import numpy as np
 from ...export.cache import scratch
 from ..options import (check_outputs, output_options, parse_counts, parse_list, plot_option, seed_option,
                        threads_option, write_json)
-from .cpu import reusable_export, stream_ids
+from .cpu import llama_ggufs, llama_skipped, reusable_export, stream_ids
 
 
 @click.command("decode")
@@ -156,17 +156,11 @@ def _rows(job, lengths, snapshots, turn_ids, new_tokens, timeout, cb, db) -> dic
 def _llama(gguf, formats, lengths, ids, turn_ids, new_tokens, threads, timeout, seed, tmp, cb, db) -> dict:
     from ...limits import available_memory_bytes, human_bytes
 
-    why = cb.llama_available() or (None if gguf else "no --gguf given (the same weights as a GGUF file)")
+    why = llama_skipped(gguf, cb)
     if why:
-        click.echo(f"llama.cpp: skipped: {why}")
         return {"skipped": why}
     out = {}
-    for fmt in formats:
-        name = f"llama.cpp {fmt}"
-        path = str(gguf)
-        if fmt != "shipped":
-            path = str(tmp / f"model-{fmt}.gguf")
-            cb.requantize(str(gguf), path, fmt, threads)
+    for name, fmt, path in llama_ggufs(gguf, formats, threads, tmp, cb):
         rows, failed = [], []
         for L in lengths:
             kv = cb.llama_kv_bytes(path, L)
