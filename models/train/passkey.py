@@ -3,7 +3,8 @@
 Each step draws a batch of passkey prompts and their answers (passkey_rows.py) and runs them through the
 model, which backpropagates through the memory of every segment; the loop is the one every trainer runs
 (loop.py). Loss (passkey_loss.py): the language-model loss on every token plus ``answer_weight`` times the
-mean cross-entropy on the answer's digits. The all-token part teaches the local circuits (the filler's
+mean cross-entropy on the answer's digits, and with ``distill`` that weight times the mean KL to the model's
+full-attention source beyond the local window (distill.py): what the memory should recover. The all-token part teaches the local circuits (the filler's
 grammar, and copying the key inside the needle, "12345. Remember it. 12345") that retrieval through the
 memory builds on; the answer part is the task itself, which would otherwise be 5 tokens out of thousands.
 The state stays float32 (the model keeps it so).
@@ -24,20 +25,27 @@ from ..model import InfiniTransformer
 from ..passkey import PasskeyPrompt
 from .loop import TrainResult, gate_values, make_optimizer, run_steps
 from .passkey_loss import dilution, late_dilution, loss_fn, segment_losses
-from .passkey_rows import TrainConfig, curriculum_at, curriculum_growth, make_batch
+from .distill import beyond_local
+from .passkey_rows import IGNORE, TrainConfig, curriculum_at, curriculum_growth, make_batch
 
 
 def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progress: bool = True,
-          on_log=None, tokenizer=None, stop: signals.StopRequest | None = None) -> TrainResult:
+          on_log=None, tokenizer=None, stop: signals.StopRequest | None = None, teacher=None) -> TrainResult:
     """Train ``model`` in place on passkey prompts. Deterministic for ``cfg.seed`` on CPU
     (unless ``max_minutes`` stops it or shortens the schedule).
 
     ``stop`` (signals.stop_requests): once set, training ends after the current step with ``stopped``
-    "interrupted"; set before the first step is done, it raises Interrupted (there is nothing to keep)."""
+    "interrupted"; set before the first step is done, it raises Interrupted (there is nothing to keep).
+
+    ``teacher`` (distill.Teacher) with ``cfg.distill`` > 0: its full-attention log-probabilities teach every
+    position beyond the local window (distill.py)."""
     haystack = _check_prompts_fit(model, cfg, tokenizer)
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"passkey-train/{cfg.seed}")
     model.to(device)
+    if cfg.distill and teacher is None:
+        raise BadInputError("--distill needs a teacher: the model's full-attention source (a converted model)")
+    teacher = teacher.to(device) if cfg.distill else None
     last = {}
 
     def step(step: int, frac: float):
@@ -48,7 +56,10 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
         # dilution grows with the curriculum: retrieval is found on short prompts first
         share = cfg.dilute * curriculum_growth(frac, cfg)
         by_segment = cfg.checkpointing or cfg.dilute_late > 0
-        late = None
+        late, distill = None, None
+        if teacher is not None:
+            mask = beyond_local(model.config, tokens.shape, tokens.device) & (targets != IGNORE)
+            distill = (cfg.distill, teacher.log_probs(tokens), mask)
         with autocast_context(cfg.autocast, device):
             memory, norm = dilution(model, cfg, rng, device, share, haystack, tokenizer) if cfg.dilute else (None, None)
             if memory is not None and cfg.dilute_late > 0:
@@ -57,12 +68,14 @@ def train(model: InfiniTransformer, cfg: TrainConfig, device: str = "cpu", progr
             if not by_segment:
                 logits, memory, norm, *_ = model(tokens, memory, norm)
         if by_segment:
-            loss, ans_loss, acc, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg, late)
+            loss, ans_loss, acc, kl, memory, norm = segment_losses(model, tokens, targets, answer, memory, norm, cfg,
+                                                                   late, distill)
         else:
-            loss, ans_loss, acc = loss_fn(logits, targets, answer, cfg.answer_weight)
+            loss, ans_loss, acc, kl = loss_fn(logits, targets, answer, cfg.answer_weight, distill)
         last.update(segments=n_seg, norm_max=norm.detach().abs().max().item(),
                     memory_max=memory.detach().abs().max().item())
-        return loss, {"answer_loss": ans_loss.detach(), "answer_accuracy": acc}
+        return loss, {"answer_loss": ans_loss.detach(), "answer_accuracy": acc,
+                      **({"distill": kl.detach()} if teacher is not None else {})}
 
     def describe():
         return {"segments": last["segments"], "gates": gate_values(model), "norm_max": last["norm_max"],

@@ -12,11 +12,14 @@ import torch.nn.functional as F
 from ..memory import autocast_context
 from ..model import InfiniTransformer, scan_segments
 from ..passkey import filler_ids
+from .distill import kl_sum
 from .passkey_rows import IGNORE, TrainConfig
 
 
-def loss_fn(logits, targets, answer, answer_weight: float):
-    """(total loss, answer loss, answer accuracy: the share of rows with every digit right)."""
+def loss_fn(logits, targets, answer, answer_weight: float, distill=None):
+    """(total loss, answer loss, answer accuracy: the share of rows with every digit right, distillation loss).
+    ``distill``: (weight, teacher log-probabilities (B, T, V), mask (B, T)) adds ``weight`` times the mean
+    KL to the teacher over the masked positions (distill.py)."""
     V = logits.shape[-1]
     lm = F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1), ignore_index=IGNORE)
     ans_logits = logits[answer].float()
@@ -27,16 +30,23 @@ def loss_fn(logits, targets, answer, answer_weight: float):
         per_row = torch.zeros(answer.shape[0], device=logits.device)
         per_row.index_add_(0, answer.nonzero()[:, 0], 1 - right)
         acc = (per_row == 0).float().mean()
-    return lm + answer_weight * ans, ans, acc
+    kl = lm * 0
+    if distill is not None:
+        weight, teacher_logp, mask = distill
+        kl = kl_sum(logits, teacher_logp, mask) / max(1, int(mask.sum()))
+        lm = lm + weight * kl
+    return lm + answer_weight * ans, ans, acc, kl
 
 
-def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig, late=None):
+def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, norm, cfg: TrainConfig, late=None,
+                   distill=None):
     """loss_fn, one segment at a time, each under gradient checkpointing (model.scan_segments): a 135M-parameter
     model trains on rows of several segments in the memory one segment needs. Same loss as loss_fn up to
     summation order.
 
     ``late``: (memory, norm, at) adds a state to each row's memory just before its segment ``at`` ((B,) int64;
-    a row with ``at`` < 0 gets nothing): the filler a long stream writes after the needle (:func:`late_dilution`)."""
+    a row with ``at`` < 0 gets nothing): the filler a long stream writes after the needle (:func:`late_dilution`).
+    ``distill``: as :func:`loss_fn`'s. Returns (loss, answer loss, answer accuracy, distillation loss, memory, norm)."""
     B = tokens.shape[0]
     if memory is None:
         memory, norm = model.initial_state(B, tokens.device)
@@ -47,7 +57,12 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
         rows = (late[2] >= 0).nonzero()[:, 0]
         marks[rows, late[2][rows] * seg] = 1.0
 
-    def one(tokens, targets, answer, marks, memory, norm, *past):
+    weight, teacher_logp, kl_mask = distill if distill is not None else (0.0, None, None)
+    extra = () if distill is None else (teacher_logp, kl_mask)
+
+    def one(tokens, targets, answer, marks, *rest):
+        teacher_logp, kl_mask = rest[:len(extra)] if extra else (None, None)
+        memory, norm, *past = rest[len(extra):]
         if late is not None:
             flag = marks[:, 0]
             memory = memory + late[0] * flag.view(1, B, 1, 1, 1)
@@ -59,17 +74,21 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
         lm = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
         ans_logits, ans_targets = logits[answer], targets[answer]
         ans = F.cross_entropy(ans_logits, ans_targets, reduction="sum") if len(ans_targets) else lm * 0
+        kl = kl_sum(logits, teacher_logp, kl_mask) if teacher_logp is not None else lm * 0
         with torch.no_grad():
             wrong = torch.zeros(tokens.shape[0], device=tokens.device)
             wrong.index_add_(0, answer.nonzero()[:, 0], (ans_logits.argmax(-1) != ans_targets).float())
-        return lm, ans, wrong, memory, norm, *past
+        return lm, ans, kl, wrong, memory, norm, *past
 
-    (lm, ans, wrong), (memory, norm, *_) = scan_segments(one, seg, (tokens, targets, answer, marks),
-                                                         (memory, norm, *([] if past is None else [past])),
-                                                         checkpointing=True)
+    (lm, ans, kl, wrong), (memory, norm, *_) = scan_segments(one, seg, (tokens, targets, answer, marks, *extra),
+                                                             (memory, norm, *([] if past is None else [past])),
+                                                             checkpointing=True)
     n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
     lm, ans = lm / n_lm, ans / n_ans
-    return lm + cfg.answer_weight * ans, ans, (wrong == 0).float().mean(), memory, norm
+    if distill is not None:
+        kl = kl / max(1, int(kl_mask.sum()))
+    loss = lm + cfg.answer_weight * ans + weight * kl
+    return loss, ans, (wrong == 0).float().mean(), kl, memory, norm
 
 
 def state_after(model: InfiniTransformer, tokens, checkpointing: bool, start=None):

@@ -54,6 +54,7 @@ class TrainConfig:
     dilute_late: float = 0.0        # share of diluted rows whose filler state is added after the needle instead
                                     # (the needle written on a young memory: depth 0 of a long stream)
     checkpointing: bool = False     # recompute each segment in backward: activations of one segment, not all
+    distill: float = 0.0            # weight of the KL to the full-attention teacher beyond the local window
 
     def __post_init__(self):
         if self.min_segments < 2 or self.max_segments < self.min_segments:
@@ -64,6 +65,8 @@ class TrainConfig:
             raise BadInputError(f"--dilute must be in [0, 1], got {self.dilute}")
         if not 0 <= self.dilute_late <= 1:
             raise BadInputError(f"--dilute-late must be in [0, 1], got {self.dilute_late}")
+        if self.distill < 0:
+            raise BadInputError(f"--distill must be at least 0, got {self.distill}")
         lo, hi = self.dilute_tokens
         if not 0 < lo <= hi:
             raise BadInputError(f"--dilute-tokens must satisfy 0 < min <= max, got {lo:g} {hi:g}")

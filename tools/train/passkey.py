@@ -46,6 +46,9 @@ from ..options import TEXT, Number, device_option, progress_option, seed_option,
 @click.option("--dilute-late", type=Number(0, 1), default=0.0, show_default=True,
               help="Share of the diluted rows whose simulated state is added after their needle instead of before "
                    "the row: the needle written on a young memory, as at depth 0 of a long stream (docs/training.md).")
+@click.option("--distill", type=Number(0, 1e6), default=0.0, show_default=True,
+              help="Weight of the KL to the --init model's full attention (its transformers source) at every position "
+                   "beyond the local window: the memory learns what full attention knows (docs/training.md).")
 @click.option("--init", "init_from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Start from this checkpoint's weights and config (fine-tuning) instead of --preset at random.")
 @click.option("--trainable", type=click.Choice(["gates", "qkv", "lora", "all"]), default="all", show_default=True,
@@ -72,7 +75,7 @@ from ..options import TEXT, Number, device_option, progress_option, seed_option,
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it is a checkpoint of ours.")
 @progress_option()
 def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments, max_segments, memory_only, answer_weight,
-            boundary, dilute, dilute_tokens, dilute_segments, dilute_old_memory, dilute_late, init_from, trainable, lora_rank, init_adapter, autocast,
+            boundary, dilute, dilute_tokens, dilute_segments, dilute_old_memory, dilute_late, distill, init_from, trainable, lora_rank, init_adapter, autocast,
             haystack_files,
             seed, device,
             update, max_minutes, threads, checkpointing, force, progress):
@@ -124,7 +127,11 @@ def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments,
                       max_minutes=max_minutes,
                       filler="prose" if haystack_files else "varied",
                       haystack_files=tuple(str(f) for f in haystack_files),
-                      autocast=None if autocast == "off" else autocast, checkpointing=checkpointing)
+                      autocast=None if autocast == "off" else autocast, checkpointing=checkpointing,
+                      distill=distill)
+    teacher = None
+    if distill:
+        teacher = _teacher(model, init_from, max_segments, cfg.autocast)
 
     if init_adapter is not None and (init_from is None or trainable == "all"):
         raise BadInputError("--init-adapter needs --init (the adapter's base) and a --trainable set other than all")
@@ -140,7 +147,9 @@ def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments,
         gates = (" ".join(f"{g:.2f}" for g in flat) if len(flat) <= 16    # a big model: its spread, not 270 numbers
                  else f"mean {sum(flat) / len(flat):.3f} max {max(flat):.3f}")
         msg = (f"step {e['step']}: loss {e['loss']:.3f}, answer loss {e['answer_loss']:.3f}, "
-               f"retrieval acc {e['answer_accuracy']:.2f}, {e['segments']} seg, gates {gates}, "
+               f"retrieval acc {e['answer_accuracy']:.2f}, "
+               + (f"distill {e['distill']:.3f}, " if "distill" in e else "")
+               + f"{e['segments']} seg, gates {gates}, "
                f"|z| max {e['norm_max']:.1f}, {e['seconds']:.0f}s")
         if progress:
             from tqdm import tqdm
@@ -153,7 +162,7 @@ def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments,
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with stop_requests() as stop:   # a signal now stops training after its step; what it learned is saved
             result = run_training(model, cfg, device=device, progress=progress, on_log=on_log, tokenizer=tokenizer,
-                                  stop=stop)
+                                  stop=stop, teacher=teacher)
         model = model.float().cpu()
         if trainable != "all":
             from ...models.adapter import base_options, save_adapter
@@ -177,3 +186,19 @@ def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments,
     click.echo(f"trained {result.steps_done} steps in {result.seconds / 60:.1f} min ({result.stopped}); "
                f"last loss {last.get('loss', float('nan')):.3f}, retrieval acc {last.get('answer_accuracy', 0):.2f}; "
                f"checkpoint in {out_dir}")
+
+
+def _teacher(model, init_from, max_segments: int, autocast):
+    """The full-attention teacher of --distill: the --init model (a converted one) as its transformers source."""
+    from ...models.train.distill import Teacher
+
+    if init_from is None:
+        raise BadInputError("--distill needs --init: a converted model, whose full-attention source is the teacher")
+    context = int(getattr(model, "metadata", {}).get("context") or 0)
+    if not context:
+        raise BadInputError(f"--distill: {init_from} does not record its trained context (convert it again)")
+    rows = max_segments * model.config.segment_len
+    if rows > context:
+        raise BadInputError(f"--distill: rows of up to {rows:,} tokens (--max-segments {max_segments}) exceed the "
+                            f"teacher's trained context of {context:,}; lower --max-segments")
+    return Teacher(model, context, autocast)

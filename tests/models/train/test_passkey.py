@@ -111,8 +111,8 @@ def test_one_nan_step_is_skipped_and_training_goes_on(monkeypatch):
 
     def flaky(*args):
         calls["n"] += 1
-        total, ans, acc = real(*args)
-        return (total * float("nan") if calls["n"] == 2 else total), ans, acc
+        total, ans, acc, kl = real(*args)
+        return (total * float("nan") if calls["n"] == 2 else total), ans, acc, kl
 
     monkeypatch.setattr(training, "loss_fn", flaky)
     result = train(_model(), _small(steps=4), progress=False)
@@ -320,9 +320,9 @@ def test_checkpointed_segments_give_the_loss_and_gradients_of_the_whole_row():
     norm0 = torch.rand(CFG.state_shape(2)[1])
     params = [model.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.beta]
     logits, memory, norm = model(tokens, memory0, norm0)
-    whole, whole_ans, whole_acc = loss_fn(logits, targets, answer, cfg.answer_weight)
+    whole, whole_ans, whole_acc, _ = loss_fn(logits, targets, answer, cfg.answer_weight)
     g_whole = torch.autograd.grad(whole, params)
-    split, split_ans, split_acc, memory_s, norm_s = segment_losses(model, tokens, targets, answer, memory0, norm0, cfg)
+    split, split_ans, split_acc, _, memory_s, norm_s = segment_losses(model, tokens, targets, answer, memory0, norm0, cfg)
     g_split = torch.autograd.grad(split, params)
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(split_ans, whole_ans, rtol=1e-6, atol=1e-6)
@@ -371,7 +371,7 @@ def test_a_late_state_is_added_just_before_its_segment():
     m_add = torch.rand(CFG.state_shape(2)[0]) * 0.1
     n_add = torch.rand(CFG.state_shape(2)[1])
     at = torch.tensor([2, -1])
-    _, _, _, memory, norm = segment_losses(model, tokens, targets, answer, None, None, cfg, (m_add, n_add, at))
+    _, _, _, _, memory, norm = segment_losses(model, tokens, targets, answer, None, None, cfg, (m_add, n_add, at))
     seg = CFG.segment_len
     memory_ref, norm_ref = model.initial_state(2, "cpu")
     with torch.no_grad():
@@ -384,7 +384,7 @@ def test_a_late_state_is_added_just_before_its_segment():
             _, memory_ref, norm_ref = model.step(tokens[:, j:j + seg], memory_ref, norm_ref)
     torch.testing.assert_close(memory, memory_ref)
     torch.testing.assert_close(norm, norm_ref)
-    _, _, _, memory_none, _ = segment_losses(model, tokens, targets, answer, None, None, cfg)
+    _, _, _, _, memory_none, _ = segment_losses(model, tokens, targets, answer, None, None, cfg)
     torch.testing.assert_close(memory[:, 1], memory_none[:, 1])          # row 1 got nothing
     assert not torch.allclose(memory[:, 0], memory_none[:, 0], atol=1e-3)
 
@@ -421,7 +421,7 @@ def test_training_with_late_dilution_adds_the_state_after_the_needle(monkeypatch
     real = training.segment_losses
 
     def record(*args):
-        late = args[-1]
+        late = args[-2]
         seen.append(None if late is None else late[2].tolist())
         return real(*args)
 

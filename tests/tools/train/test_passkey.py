@@ -132,3 +132,30 @@ def test_train_passkey_init_adapter_trains_on_with_the_previous_segment_attended
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), tuned.state_dict().values()))
     with pytest.raises(IncompatibleArtifactError, match="was trained on a base model"):   # applying stays exact
         apply_adapter(load_checkpoint(base), tmp_path / "s2")
+
+
+def test_train_passkey_distills_from_the_converted_models_full_attention(tmp_path):
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[2]))
+    from llama_fixtures import tiny_llama
+
+    from infini_deploy.models.convert import convert
+
+    convert(tiny_llama(tmp_path / "src"), tmp_path / "conv", segment_len=128)
+    common = ["--init", str(tmp_path / "conv"), "--batch", "2", "--threads", "1", "--trainable", "lora",
+              "--min-segments", "4", "--max-segments", "4", "--no-progress"]
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "d"), "--steps", "2", "--distill", "2", *common])
+    assert r.exit_code == 0, r.output
+    assert "distill " in r.output
+    log = json.loads((tmp_path / "d" / "train_log.json").read_text())
+    assert log["train_config"]["distill"] == 2.0 and all(e["distill"] > 0 for e in log["log"])
+    # the rows must fit the teacher's context (512 for the tiny source), and a preset has no source to teach
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "x"), "--steps", "1", "--distill", "1",
+                                 *common[:-3], "--max-segments", "5", "--no-progress"])
+    assert r.exit_code == 2 and "exceed the teacher's trained context of 512; lower --max-segments" in r.output
+    r = CliRunner().invoke(cli, ["train", "passkey", str(tmp_path / "y"), "--preset", "tiny", "--steps", "1",
+                                 "--distill", "1"])
+    assert r.exit_code == 2 and "--distill needs --init" in r.output
