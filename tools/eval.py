@@ -71,7 +71,8 @@ def _reference(model: str, ids, context: int | None) -> dict:
 
     if not (Path(model).is_dir() or is_export_dir(model)):
         raise BadInputError("--reference needs a checkpoint or export folder of a converted model, not a preset")
-    return full_attention_nll(*_full_attention(model, context), ids)
+    net, context = _full_attention(model, context)
+    return full_attention_nll(net, ids, context)
 
 
 def _echo(file: Path, row: dict) -> None:
