@@ -4,9 +4,9 @@ Each step draws a batch of passkey prompts and their answers (passkey_rows.py) a
 model, which backpropagates through the memory of every segment; the loop is the one every trainer runs
 (loop.py). Loss (passkey_loss.py): the language-model loss on every token plus ``answer_weight`` times the
 mean cross-entropy on the answer's digits, and with ``distill`` that weight times the mean KL to the model's
-full-attention source beyond the local window (distill.py): what the memory should recover. The all-token part teaches the local circuits (the filler's
-grammar, and copying the key inside the needle, "12345. Remember it. 12345") that retrieval through the
-memory builds on; the answer part is the task itself, which would otherwise be 5 tokens out of thousands.
+full-attention source beyond the local window (distill.py): what the memory should recover. The all-token
+part teaches the local circuits (the filler's grammar, and copying the key inside the needle, "12345. Remember
+it. 12345") that retrieval through the memory builds on; the answer part is the task itself, which would otherwise be 5 tokens out of thousands.
 The state stays float32 (the model keeps it so).
 """
 

@@ -57,11 +57,10 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
         rows = (late[2] >= 0).nonzero()[:, 0]
         marks[rows, late[2][rows] * seg] = 1.0
 
-    weight, teacher_logp, kl_mask = distill if distill is not None else (0.0, None, None)
-    extra = () if distill is None else (teacher_logp, kl_mask)
+    extra = tuple(distill[1:]) if distill is not None else ()   # (teacher log-probs, mask), split by segment
 
     def one(tokens, targets, answer, marks, *rest):
-        teacher_logp, kl_mask = rest[:len(extra)] if extra else (None, None)
+        teacher_logp, kl_mask = rest[:2] if extra else (None, None)
         memory, norm, *past = rest[len(extra):]
         if late is not None:
             flag = marks[:, 0]
@@ -85,7 +84,9 @@ def segment_losses(model: InfiniTransformer, tokens, targets, answer, memory, no
                                                              checkpointing=True)
     n_lm, n_ans = max(1, int((targets != IGNORE).sum())), max(1, int(answer.sum()))
     lm, ans = lm / n_lm, ans / n_ans
+    weight = 0.0
     if distill is not None:
+        weight, _, kl_mask = distill
         kl = kl / max(1, int(kl_mask.sum()))
     loss = lm + cfg.answer_weight * ans + weight * kl
     return loss, ans, (wrong == 0).float().mean(), kl, memory, norm

@@ -114,6 +114,11 @@ def wonderwords_keys() -> tuple[list[str], list[str]]:
     return sorted(set(adjs)), sorted(set(nouns))
 
 
+def _step(task: NiahTask, length: int) -> int:
+    """RULER's haystack increment: 500 essay words, or 25 sentences (5 below 4K tokens)."""
+    return 500 if task.haystack == "essay" else (25 if length >= 4096 else 5)
+
+
 class Samples:
     """RULER niah samples in a model's tokens: ``sample(task, length, index)`` -> dict (input, outputs, ...)."""
 
@@ -190,7 +195,7 @@ class Samples:
         if (name, length) in self._haystack_sizes:
             return self._haystack_sizes[(name, length)]
         task = TASKS[name]
-        step = 500 if task.haystack == "essay" else (25 if length >= 4096 else 5)
+        step = _step(task, length)
         rng = random.Random(f"ruler-size/{name}/{length}/{self.seed}")
         per_unit = self.count(self.text(task, step, rng)[0]) / step
         lo, hi, best = step, max(int(length / per_unit * 3), step * 2), None
@@ -211,7 +216,7 @@ class Samples:
         expected values), depths (%), prompt_tokens; the same for the same seed on any machine."""
         task = TASKS[name]
         size = self.haystack_size(name, length)
-        step = 500 if task.haystack == "essay" else 25
+        step = _step(task, length)
         digest = hashlib.sha256(f"ruler/{name}/{length}/{self.seed}/{index}".encode()).hexdigest()
         while True:
             rng = random.Random(int(digest[:16], 16))
@@ -231,11 +236,7 @@ def generate(stream, tokenizer, text: str, max_new_tokens: int, progress: bool =
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     stops = [i for i in getattr(tokenizer, "stop_ids", ()) if i < stream.config.vocab_size]
     out = stream.generate(ids[None], max_new_tokens, stop_tokens=stops, total=len(ids), progress=progress)[0]
-    out = out.tolist()
-    n = len(out)
-    while out and out[-1] in stops:
-        out.pop()
-    return tokenizer.decode(out), n
+    return _continuation(tokenizer, out.tolist(), stops)
 
 
 def reference_generate(model, tokenizer, text: str, max_new_tokens: int) -> tuple[str, int]:
@@ -247,7 +248,11 @@ def reference_generate(model, tokenizer, text: str, max_new_tokens: int) -> tupl
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=stops or None, pad_token_id=stops[0] if stops else 0)
-    new = out[0, ids.shape[1]:].tolist()
+    return _continuation(tokenizer, out[0, ids.shape[1]:].tolist(), stops)
+
+
+def _continuation(tokenizer, new: list[int], stops) -> tuple[str, int]:
+    """(the generated text without its trailing stop tokens, tokens generated)."""
     n = len(new)
     while new and new[-1] in stops:
         new.pop()

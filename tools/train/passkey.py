@@ -129,12 +129,11 @@ def train_passkey(out_dir, preset_name, steps, batch, lr, beta_lr, min_segments,
                       haystack_files=tuple(str(f) for f in haystack_files),
                       autocast=None if autocast == "off" else autocast, checkpointing=checkpointing,
                       distill=distill)
-    teacher = None
-    if distill:
-        teacher = _teacher(model, init_from, max_segments, cfg.autocast)
 
     if init_adapter is not None and (init_from is None or trainable == "all"):
         raise BadInputError("--init-adapter needs --init (the adapter's base) and a --trainable set other than all")
+    # the base's copy, before any adapter is added (and after the refusals that cost nothing)
+    teacher = _teacher(model, init_from, max_segments, cfg.autocast) if distill else None
     base_ident = {"weights_sha256": weights_digest(model), "config_digest": model.config.digest()}
     lt.prepare(model, lt.LMTrainConfig(trainable=trainable, lora_rank=lora_rank, seed=seed))
     if init_adapter is not None:
